@@ -1,0 +1,76 @@
+"""seqdeploy plugin ``ten``: Temporal Eigenstate Network (ARCHITECTURES.md section 1)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from seqdeploy.architecture import BATCH, SEQ, Architecture, TensorSpec
+from seqdeploy.bench import OpBenchmark
+from seqdeploy.hookspecs import hookimpl
+
+
+class Ten(Architecture):
+    name = "ten"
+    description = "Temporal Eigenstate Network: complex diagonal recurrence (EigenScan)"
+    presets = {
+        "tiny": {"vocab": 256, "d_model": 64, "n_layers": 2, "k": 16, "seq_len": 256,
+                 "bench_batch": 8},
+        "base": {"vocab": 50000, "d_model": 1024, "n_layers": 8, "k": 128, "seq_len": 2048,
+                 "bench_batch": 16},
+    }
+    ops = ("eigen_scan",)
+    state_map = {"h_re": "h_re_out", "h_im": "h_im_out"}
+    fp32_parameters = ("nu", "theta")
+    gpu_preset = "base"
+
+    def build(self, config: dict[str, Any]) -> torch.nn.Module:
+        from seqdeploy_ten.model import TenModel
+
+        return TenModel(config["vocab"], config["d_model"], config["n_layers"], config["k"])
+
+    def input_specs(self, config):
+        state = (BATCH, config["n_layers"], config["k"])
+        return [TensorSpec("input_ids", "int64", (BATCH, SEQ), "token ids", (0, config["vocab"])),
+                TensorSpec("h_re", "float", state, "initial state, real part"),
+                TensorSpec("h_im", "float", state, "initial state, imaginary part")]
+
+    def output_specs(self, config):
+        state = (BATCH, config["n_layers"], config["k"])
+        return [TensorSpec("logits", "float", (BATCH, SEQ, config["vocab"])),
+                TensorSpec("h_re_out", "float", state, "final state, real part"),
+                TensorSpec("h_im_out", "float", state, "final state, imaginary part")]
+
+    def make_inputs(self, config, batch, seq_len, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        shape = (batch, config["n_layers"], config["k"])
+        return {"input_ids": torch.randint(0, config["vocab"], (batch, seq_len), generator=g),
+                "h_re": 0.5 * torch.randn(shape, generator=g),
+                "h_im": 0.5 * torch.randn(shape, generator=g)}
+
+    def op_benchmarks(self, config, batch, seq_len, dtype, device):
+        from seqdeploy_ten.model import EIGEN_SCAN
+
+        k = config["k"]
+        g = torch.Generator(device=device).manual_seed(3)
+        x_re, x_im = (torch.randn(batch, seq_len, k, generator=g, device=device, dtype=dtype)
+                      for _ in range(2))
+        magnitude = torch.empty(k, device=device).uniform_(0.9, 0.999, generator=g)
+        nu = torch.log(-torch.log(magnitude))
+        theta = torch.rand(k, generator=g, device=device) * 3.14159
+        h_re, h_im = (torch.zeros(batch, k, device=device, dtype=dtype) for _ in range(2))
+        moved = 4 * x_re.numel() * x_re.element_size()
+        return [OpBenchmark("eigen_scan", lambda: EIGEN_SCAN.torch_op(x_re, x_im, nu, theta, h_re, h_im),
+                            moved, f"B={batch} T={seq_len} K={k} {str(dtype)[6:]}")]
+
+
+@hookimpl
+def register_architectures(register):
+    register(Ten())
+
+
+@hookimpl
+def register_ops(register):
+    from seqdeploy_ten.model import EIGEN_SCAN
+
+    register(EIGEN_SCAN)

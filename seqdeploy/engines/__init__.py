@@ -1,0 +1,1 @@
+"""Inference engines. Each is a built-in plugin registered through ``register_engines``."""

@@ -1,0 +1,84 @@
+"""ONNX Runtime: the CUDA execution provider when onnxruntime-gpu is present and a GPU is
+there, else the CPU provider. Custom nodes run their model-local fallback functions."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from seqdeploy.engines.base import Engine, Session
+from seqdeploy.errors import ArtifactError, EngineUnavailable
+from seqdeploy.precision import ONNX_FILES
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EngineUnavailable("onnxruntime is not installed (pip install onnxruntime or "
+                                "onnxruntime-gpu)") from None
+    return onnxruntime
+
+
+def providers_for(device: str) -> list[str]:
+    ort = _ort()
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise EngineUnavailable("onnxruntime has no CUDAExecutionProvider here "
+                                    "(install onnxruntime-gpu, or use --device cpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def ort_device(device: str) -> str:
+    """ORT runs on CUDA only when onnxruntime-gpu offers it; else on the CPU, and says so."""
+    if device == "cuda" and "CUDAExecutionProvider" not in _ort().get_available_providers():
+        return "cpu"
+    return device
+
+
+class OrtSession(Session):
+    def __init__(self, arch, config, precision, device, session):
+        super().__init__("ort", arch, config, precision, device)
+        self.session = session
+        self.provider = session.get_providers()[0]
+
+    def prepare(self, inputs):
+        return {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+                for k, v in inputs.items()}
+
+    def _run(self, inputs) -> dict[str, torch.Tensor]:
+        feeds = self.prepare(inputs) if any(isinstance(v, torch.Tensor) for v in inputs.values()) else inputs
+        names = [s.name for s in self.output_specs]
+        outputs = self.session.run(names, feeds)
+        return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(names, outputs)}
+
+    def synchronize(self) -> None:  # session.run returns host arrays: already synchronous
+        pass
+
+    def describe(self) -> str:
+        return f"ort[{self.provider}] ({self.precision}, {self.device})"
+
+
+class OrtEngine(Engine):
+    name = "ort"
+    description = "ONNX Runtime (CUDA EP with onnxruntime-gpu, else CPU); fallback functions"
+    needs_onnx = True
+
+    def check(self, device: str) -> None:
+        _ort()
+
+    def load(self, artifact, registry, precision: str, device: str) -> Session:
+        ort = _ort()
+        device = ort_device(device)
+        name = ONNX_FILES[precision]
+        path = artifact.path(name)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ArtifactError(f"{path}: onnxruntime cannot load it ({first})") from None
+        arch = registry.architecture(artifact.manifest["arch"])
+        return OrtSession(arch, artifact.manifest["config"], precision, device, session)

@@ -1,0 +1,263 @@
+"""The stages: export, optimize (FP16), validate and bench, on an artifact folder.
+
+Each stage is a function of (registry, artifact, options) returning a JSON-able result and
+writing its files through :class:`~seqdeploy.artifacts.Artifact`. The CLI is a thin layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+import torch
+
+from seqdeploy.architecture import SEQ, Architecture
+from seqdeploy.artifacts import Artifact
+from seqdeploy.bench import bench_op, hbm_bandwidth_gbs, time_fn
+from seqdeploy.checkpoint import load_checkpoint, save_checkpoint
+from seqdeploy.engines.base import Session, resolve_device
+from seqdeploy.engines.torch import WEIGHTS, load_model
+from seqdeploy.errors import EngineUnavailable, SeqdeployError
+from seqdeploy.export import export_onnx
+from seqdeploy.parity import Check, check_outputs
+from seqdeploy.plugins import Registry
+from seqdeploy.precision import ONNX_FILES, cast_inputs, fp32_islands
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def io_manifest(arch: Architecture, config: dict[str, Any]) -> dict[str, Any]:
+    def specs(items):
+        return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape),
+                 "dynamic_axes": {str(k): v for k, v in s.dynamic_axes().items()}} for s in items]
+
+    return {"inputs": specs(arch.input_specs(config)), "outputs": specs(arch.output_specs(config)),
+            "state_map": dict(arch.state_map)}
+
+
+# -- export ----------------------------------------------------------------------------------
+def export(registry: Registry, arch_name: str, preset: str, out_root: Path,
+           checkpoint: Path | None = None, seed: int = 0, progress: Progress = _quiet) -> Artifact:
+    """Build the model (seeded init, or a checkpoint), write weights and fp32 ONNX."""
+    arch = registry.architecture(arch_name)
+    config = arch.config(preset)
+    missing_ops = [o for o in arch.ops if o not in registry.ops]
+    if missing_ops:
+        raise SeqdeployError(f"{arch_name}: ops not registered: {', '.join(missing_ops)}")
+    torch.manual_seed(seed)
+    model = arch.build(config).eval()
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    directory = Path(out_root) / arch_name / preset
+    ops = {o: {"onnx": f"{registry.ops[o].onnx_name}", "version": registry.ops[o].version}
+           for o in arch.ops}
+    artifact = Artifact.create(directory, arch_name, preset, config, io=io_manifest(arch, config),
+                               ops=ops, checkpoint=str(checkpoint) if checkpoint else None,
+                               seed=seed)
+    progress("writing weights")
+    artifact.write(WEIGHTS, lambda p: save_checkpoint(model, p), kind="weights")
+    progress("exporting fp32 ONNX")
+    _export_precision(registry, artifact, arch, model, "fp32")
+    return artifact
+
+
+def _export_precision(registry, artifact, arch, model, precision: str) -> dict[str, Any]:
+    proto, summary = export_onnx(arch, artifact.manifest["config"], model, precision, registry)
+    if precision == "fp16":
+        summary["fp32_islands"] = fp32_islands(proto)
+    artifact.manifest.setdefault("onnx", {})[precision] = summary
+    artifact.write(ONNX_FILES[precision], lambda p: onnx.save_model(proto, str(p)),
+                   kind="onnx", precision=precision)
+    return summary
+
+
+# -- optimize --------------------------------------------------------------------------------
+def optimize_fp16(registry: Registry, artifact: Artifact, progress: Progress = _quiet) -> dict:
+    """Write ``model.fp16.onnx``: the artifact's weights under the FP16 precision policy."""
+    arch = registry.architecture(artifact.manifest["arch"])
+    model = load_model(artifact, registry, "fp32", "cpu")
+    progress("exporting fp16 ONNX")
+    return _export_precision(registry, artifact, arch, model, "fp16")
+
+
+# -- sessions --------------------------------------------------------------------------------
+def open_session(registry: Registry, artifact: Artifact, engine_name: str, precision: str,
+                 device: str) -> Session:
+    engine = registry.engine(engine_name)
+    engine.check(device)
+    if engine.needs_onnx and not artifact.has(ONNX_FILES[precision]):
+        hint = "seqdeploy optimize --fp16" if precision == "fp16" else "seqdeploy export"
+        raise SeqdeployError(f"{artifact.dir}: no {ONNX_FILES[precision]}; run `{hint}` first")
+    return engine.load(artifact, registry, precision, device)
+
+
+# -- validate --------------------------------------------------------------------------------
+@dataclass
+class Case:
+    name: str
+    batch: int
+    seq_len: int
+    split: int | None = None  # split the sequence at this step and pass the state across
+
+
+def validation_cases(arch: Architecture, config: dict[str, Any], long_seq: int = 4096) -> list[Case]:
+    preset_t = arch.seq_len(config)
+    limit = arch.max_seq_len(config)
+    long_t = min(long_seq, limit) if limit else long_seq
+    cases = [Case("B1-T1", 1, 1), Case("B2-T63", 2, 63), Case(f"B2-T{preset_t}", 2, preset_t),
+             Case(f"B1-T{long_t}", 1, long_t)]
+    if arch.state_map:
+        cut = preset_t // 2 + 1
+        cases.append(Case(f"B2-T{preset_t}-split{cut}", 2, preset_t, split=cut))
+    seen, unique = set(), []
+    for c in cases:
+        if c.name not in seen:
+            seen.add(c.name)
+            unique.append(c)
+    return unique
+
+
+def run_split(session: Session, arch: Architecture, inputs: dict[str, torch.Tensor],
+              cut: int) -> dict[str, torch.Tensor]:
+    """Run ``inputs`` as two calls, [0, cut) then [cut, T), passing the state across."""
+    seq_inputs = {s.name for s in session.input_specs if SEQ in s.shape}
+    seq_axis = {s.name: s.shape.index(SEQ) for s in session.output_specs if SEQ in s.shape}
+    first = {k: (v.narrow(1, 0, cut) if k in seq_inputs else v) for k, v in inputs.items()}
+    out1 = session.run(first)
+    second = {k: (v.narrow(1, cut, v.shape[1] - cut) if k in seq_inputs else v)
+              for k, v in inputs.items()}
+    for state_in, state_out in arch.state_map.items():
+        second[state_in] = out1[state_out].to(inputs[state_in].dtype)
+    out2 = session.run(second)
+    return {k: (torch.cat([out1[k], out2[k].to(out1[k].device)], dim=seq_axis[k])
+                if k in seq_axis else out2[k]) for k in out2}
+
+
+def validate(registry: Registry, artifact: Artifact, engines: list[str], precisions: list[str],
+             device: str = "auto", long_seq: int = 4096, progress: Progress = _quiet) -> dict:
+    """Parity of every (engine, precision) against the fp32 ``torch-ref`` reference, at every
+    validation case. Writes ``parity.json``; ``result["passed"]`` says whether all passed."""
+    device = resolve_device(device)
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    sessions = []
+    for engine_name in engines:
+        for precision in precisions:
+            sessions.append(open_session(registry, artifact, engine_name, precision, device))
+    reference = open_session(registry, artifact, "torch-ref", "fp32", device)
+    checks: list[Check] = []
+    cases = validation_cases(arch, config, long_seq)
+    for i, case in enumerate(cases):
+        progress(f"[{i + 1}/{len(cases)}] {case.name}: reference")
+        inputs = arch.make_inputs(config, case.batch, case.seq_len, seed=1000 + i)
+        ref_out = {k: v.cpu() for k, v in reference.run(inputs).items()}
+        for session in sessions:
+            progress(f"[{i + 1}/{len(cases)}] {case.name}: {session.describe()}")
+            cast = cast_inputs(inputs, session.input_specs, session.precision)
+            if case.split:
+                out = run_split(session, arch, cast, case.split)
+            else:
+                out = session.run(cast)
+            limits = arch.parity_limits(session.precision, config)
+            checks.extend(check_outputs(session.engine, session.precision, case.name, ref_out,
+                                        {k: v.cpu() for k, v in out.items()}, limits))
+            del out
+        del ref_out
+    failed = [c for c in checks if not c.passed]
+    result = {"arch": arch.name, "preset": artifact.manifest["preset"], "device": device,
+              "reference": "torch-ref fp32",
+              "sessions": [s.describe() for s in sessions],
+              "passed": not failed, "checks": [c.as_dict() for c in checks]}
+    artifact.write_json("parity.json", result)
+    return result
+
+
+# -- bench -----------------------------------------------------------------------------------
+def bench(registry: Registry, artifact: Artifact, engines: list[str], precision: str,
+          shapes: list[tuple[int, int]], device: str = "auto", ops: bool = True,
+          progress: Progress = _quiet) -> dict:
+    """Time each engine at each (batch, T); report tokens/s, peak memory and, per recurrence
+    op, achieved GB/s against the HBM bandwidth measured in the same run."""
+    device = resolve_device(device)
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    hbm = hbm_bandwidth_gbs(device)
+    rows = []
+    for engine_name in engines:
+        progress(f"loading {engine_name} ({precision})")
+        session = open_session(registry, artifact, engine_name, precision, device)
+        for batch, seq_len in shapes:
+            progress(f"{session.describe()}: B={batch} T={seq_len}")
+            inputs = cast_inputs(arch.make_inputs(config, batch, seq_len, seed=7),
+                                 session.input_specs, precision)
+            session.run(inputs)           # checked once; then time the raw path
+            prepared = session.prepare(inputs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            timing = time_fn(lambda: session._run(prepared), device)
+            peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+            rows.append({"engine": engine_name, "session": session.describe(),
+                         "precision": precision, "batch": batch, "seq_len": seq_len,
+                         **timing.summary(),
+                         "tokens_per_s": batch * seq_len / (timing.median_ms * 1e-3),
+                         "peak_mem_bytes": peak if session.engine.startswith("torch") else None})
+        del session
+    op_rows = []
+    if ops:
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        for batch, seq_len in shapes:
+            for case in arch.op_benchmarks(config, batch, seq_len, dtype, device):
+                progress(f"op {case.op} {case.shape}")
+                op_rows.append(bench_op(case, device, hbm))
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
+    result = {"arch": arch.name, "preset": artifact.manifest["preset"], "device": device,
+              "gpu": gpu, "precision": precision, "hbm_gb_s": hbm, "engines": rows, "ops": op_rows}
+    artifact.write_json("bench.json", result)
+    return result
+
+
+def plot_bench(artifact: Artifact, result: dict) -> Path:
+    """Tokens/s per engine and shape as a bar chart, written to ``bench.png``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SeqdeployError("--plot needs matplotlib (pip install matplotlib)") from None
+    rows = result["engines"]
+    labels = [f"{r['engine']}\nB={r['batch']} T={r['seq_len']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(rows)), 3.5))
+    ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows], color="#3a6ea5")
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens / s (log)")
+    ax.set_title(f"{result['arch']}/{result['preset']} {result['precision']} on "
+                 f"{result['gpu'] or 'CPU'}")
+    fig.tight_layout()
+
+    def save(path):
+        fig.savefig(path, dpi=120, format="png")
+
+    path = artifact.write("bench.png", save, kind="plot")
+    plt.close(fig)
+    return path
+
+
+def engines_available(registry: Registry, names: list[str], device: str) -> tuple[list[str], dict[str, str]]:
+    """Split engine names into those that can run here and {name: reason} for the rest."""
+    ok, skipped = [], {}
+    for name in names:
+        try:
+            registry.engine(name).check(resolve_device(device))
+            ok.append(name)
+        except EngineUnavailable as exc:
+            skipped[name] = str(exc)
+    return ok, skipped
+
