@@ -36,14 +36,26 @@ class Timing:
 
 
 def time_fn(fn: Callable[[], Any], device: str, warmup: int = 3, min_repeats: int = 10,
-            max_repeats: int = 500, budget_s: float = 3.0) -> Timing:
+            max_repeats: int = 500, budget_s: float = 3.0, cuda_graph: bool = False) -> Timing:
     """Time ``fn`` until the running median moves less than 2% between rounds of 10
-    (or ``max_repeats`` / ``budget_s`` run out). Each sample is one call, synchronised."""
+    (or ``max_repeats`` / ``budget_s`` run out). Each sample is one call, synchronised.
+
+    ``cuda_graph=True`` captures ``fn`` once and times graph replays: GPU time without the
+    Python launch overhead, which otherwise dominates kernels of a few microseconds."""
     cuda = device == "cuda"
     for _ in range(warmup):
         fn()
     if cuda:
         torch.cuda.synchronize()
+    if cuda and cuda_graph:
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            fn()                                  # allocations settle outside the capture
+            with torch.cuda.graph(graph):
+                fn()
+        torch.cuda.synchronize()
+        fn = graph.replay
     samples: list[float] = []
     start_all = time.perf_counter()
     last_median = None
@@ -93,7 +105,7 @@ class OpBenchmark:
 
 
 def bench_op(case: OpBenchmark, device: str, hbm_gbs: float | None) -> dict[str, Any]:
-    timing = time_fn(case.call, device)
+    timing = time_fn(case.call, device, cuda_graph=True)
     gbs = case.bytes_moved / (timing.median_ms * 1e-3) / 1e9
     result = {"op": case.op, "shape": case.shape, "bytes": case.bytes_moved,
               **timing.summary(), "gb_s": gbs}

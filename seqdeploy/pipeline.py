@@ -186,6 +186,8 @@ def bench(registry: Registry, artifact: Artifact, engines: list[str], precision:
     device = resolve_device(device)
     arch = registry.architecture(artifact.manifest["arch"])
     config = artifact.manifest["config"]
+    for name in engines:             # unknown or unusable engines fail before any work
+        registry.engine(name).check(device)
     hbm = hbm_bandwidth_gbs(device)
     rows = []
     for engine_name in engines:

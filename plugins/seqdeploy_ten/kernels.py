@@ -1,18 +1,21 @@
 """Triton kernel for ``eigen_scan``: chunk-parallel, one pass over HBM.
 
-The grid is (chunk of T, batch row, block of K), chunk-major. Each program owns
-``BLOCK_T`` steps of ``BLOCK_K`` channels and runs in three steps:
+The grid is (chunk of T, batch row, block of K), chunk-major. Each program owns a
+``[BLOCK_K, BLOCK_T]`` tile (T is the inner axis, held in each thread's registers):
 
-1. the chunk's end state from a zero start, ``S = sum_s lam^(BLOCK_T-1-s) x_s``, as an
-   unrolled register loop over its rows (only relative powers of lam; never ``lam^-t``);
-2. a chained look-back: wait until the previous chunk has published its end state ``h``
-   (the first chunk takes ``h0``), then publish ``S + lam^BLOCK_T h`` for the next one;
-3. the recurrence again from ``h``, writing ``y``. Its second read of the chunk's ``x`` hits
-   cache, so HBM traffic stays at one read of ``x`` and one write of ``y``.
+1. it loads the tile once and scans it from a zero state with ``tl.associative_scan``,
+   composing the affine maps ``h -> lam h + x``; the cumulative ``lam^(t+1)`` is a power
+   relative to the chunk (never ``lam^-t``);
+2. a decoupled look-back gives the state entering the chunk: publish the chunk's aggregate
+   at once, then walk back over earlier chunks, combining their aggregates with relative
+   powers of ``lam^BLOCK_T``, until one has published its inclusive end state (the first
+   chunk starts from ``h0``); then publish this chunk's inclusive end state;
+3. ``y = local scan + lam^(t+1) h`` is written once.
 
-State and arithmetic are fp32 whatever the input dtype. A chunk only waits on a program with
-a smaller id, which the hardware (and the interpreter, which runs ids in order) has already
-started, so the chain cannot deadlock.
+HBM traffic is one read of ``x`` and one write of ``y``; no ``T*K*K`` intermediate exists.
+State and arithmetic are fp32 whatever the input dtype. A chunk only waits on programs with
+smaller ids, which the hardware (and the interpreter, which runs ids in order) has already
+started, so the look-back cannot deadlock.
 """
 from __future__ import annotations
 
@@ -22,9 +25,62 @@ import triton.language as tl
 
 
 @triton.jit
+def _look_back(carry_ptr, flag_ptr, h0r_ptr, h0i_ptr, s_re, s_im, p_re, p_im, chunk, slot,
+               n_slots, b, offs_k, mask_k, B, K, sh_b, publish, BLOCK_K: tl.constexpr):
+    """The state entering ``chunk``, by decoupled look-back. Publishes this chunk's aggregate
+    ``s`` at once (flag 1) and its inclusive end state ``s + p h`` (flag 2) when known, where
+    ``p = lam^BLOCK_T``. Walking back, aggregates are combined with growing relative powers
+    of ``p`` until a predecessor with an inclusive state is found. Per chunk, the carry buffer
+    holds four planes: aggregate re/im, inclusive re/im."""
+    state = b * K + offs_k
+    plane = B * K
+    mine = carry_ptr + chunk.to(tl.int64) * 4 * plane
+    my_flag = flag_ptr + chunk * n_slots + slot
+    if chunk == 0:
+        h_re = tl.load(h0r_ptr + b * sh_b + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        h_im = tl.load(h0i_ptr + b * sh_b + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    else:
+        if publish:
+            tl.store(mine + state, s_re, mask=mask_k)
+            tl.store(mine + plane + state, s_im, mask=mask_k)
+            tl.debug_barrier()   # every thread's values are stored before the flag is raised
+            tl.atomic_xchg(my_flag, 1, sem="release")
+        h_re = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        h_im = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        m_re = tl.full((BLOCK_K,), 1.0, dtype=tl.float32)
+        m_im = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        j = chunk - 1
+        done = 0
+        while done == 0:
+            flag = tl.atomic_add(flag_ptr + j * n_slots + slot, 0, sem="acquire")
+            if flag != 0:
+                # flag 1: aggregate, keep walking back; flag 2: inclusive state, stop
+                src = carry_ptr + j.to(tl.int64) * 4 * plane + (flag - 1) * 2 * plane
+                v_re = tl.load(src + state, mask=mask_k, other=0.0, volatile=True)
+                v_im = tl.load(src + plane + state, mask=mask_k, other=0.0, volatile=True)
+                h_re, h_im = h_re + m_re * v_re - m_im * v_im, h_im + m_re * v_im + m_im * v_re
+                m_re, m_im = m_re * p_re - m_im * p_im, m_re * p_im + m_im * p_re
+                j = j - 1
+                done = (flag == 2).to(tl.int32)
+    if publish:
+        tl.store(mine + 2 * plane + state, s_re + p_re * h_re - p_im * h_im, mask=mask_k)
+        tl.store(mine + 3 * plane + state, s_im + p_re * h_im + p_im * h_re, mask=mask_k)
+        tl.debug_barrier()
+        tl.atomic_xchg(my_flag, 2, sem="release")
+    return h_re, h_im
+
+
+@triton.jit
+def _compose(a_re, a_im, b_re, b_im, c_re, c_im, d_re, d_im):
+    # apply (a, b) first, then (c, d):  h -> c (a h + b) + d
+    return (c_re * a_re - c_im * a_im, c_re * a_im + c_im * a_re,
+            c_re * b_re - c_im * b_im + d_re, c_re * b_im + c_im * b_re + d_im)
+
+
+@triton.jit
 def _eigen_scan_kernel(xr_ptr, xi_ptr, nu_ptr, th_ptr, h0r_ptr, h0i_ptr, yr_ptr, yi_ptr,
-                       carry_ptr, flag_ptr, B, T, K, sx_b, sx_t, sy_b, sy_t, sh_b,
-                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+                            carry_ptr, flag_ptr, B, T, K, sx_b, sx_t, sy_b, sy_t, sh_b,
+                            BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n_kb = tl.cdiv(K, BLOCK_K)
     n_slots = B * n_kb
@@ -39,59 +95,35 @@ def _eigen_scan_kernel(xr_ptr, xi_ptr, nu_ptr, th_ptr, h0r_ptr, h0i_ptr, yr_ptr,
     lam_re = mag * tl.cos(th)
     lam_im = mag * tl.sin(th)
     t0 = chunk * BLOCK_T
-    zero_k = tl.zeros((BLOCK_K,), dtype=tl.int32)   # row masks as vectors (interpreter-safe)
-    x_r = xr_ptr + b * sx_b + t0.to(tl.int64) * sx_t + offs_k
-    x_i = xi_ptr + b * sx_b + t0.to(tl.int64) * sx_t + offs_k
-
-    # 1. end state of the chunk from a zero start
-    s_re = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    s_im = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for i in tl.static_range(BLOCK_T):
-        m = mask_k & (zero_k + i < T - t0)
-        xr = tl.load(x_r + i * sx_t, mask=m, other=0.0).to(tl.float32)
-        xi = tl.load(x_i + i * sx_t, mask=m, other=0.0).to(tl.float32)
-        s_re, s_im = lam_re * s_re - lam_im * s_im + xr, lam_re * s_im + lam_im * s_re + xi
-
-    # 2. chained look-back for the state entering the chunk
-    state = b * K + offs_k
-    if chunk == 0:
-        h_re = tl.load(h0r_ptr + b * sh_b + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        h_im = tl.load(h0i_ptr + b * sh_b + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    else:
-        flag_prev = flag_ptr + (chunk - 1) * n_slots + slot
-        ready = tl.atomic_add(flag_prev, 0, sem="acquire")
-        while ready == 0:
-            ready = tl.atomic_add(flag_prev, 0, sem="acquire")
-        prev = carry_ptr + (chunk - 1).to(tl.int64) * 2 * B * K
-        h_re = tl.load(prev + state, mask=mask_k, other=0.0, volatile=True)
-        h_im = tl.load(prev + B * K + state, mask=mask_k, other=0.0, volatile=True)
-    if t0 + BLOCK_T < T:
-        # lam^BLOCK_T, a relative power, straight from nu and theta
-        pmag = tl.exp(-rate * BLOCK_T)
-        p_re = pmag * tl.cos(th * BLOCK_T)
-        p_im = pmag * tl.sin(th * BLOCK_T)
-        mine = carry_ptr + chunk.to(tl.int64) * 2 * B * K
-        tl.store(mine + state, s_re + p_re * h_re - p_im * h_im, mask=mask_k)
-        tl.store(mine + B * K + state, s_im + p_re * h_im + p_im * h_re, mask=mask_k)
-        tl.debug_barrier()   # every thread's carry is stored before the flag is raised
-        tl.atomic_xchg(flag_ptr + chunk * n_slots + slot, 1, sem="release")
-
-    # 3. the recurrence from the true entering state; x comes from cache this time
-    y_r = yr_ptr + b * sy_b + t0.to(tl.int64) * sy_t + offs_k
-    y_i = yi_ptr + b * sy_b + t0.to(tl.int64) * sy_t + offs_k
-    for i in tl.static_range(BLOCK_T):
-        m = mask_k & (zero_k + i < T - t0)
-        xr = tl.load(x_r + i * sx_t, mask=m, other=0.0).to(tl.float32)
-        xi = tl.load(x_i + i * sx_t, mask=m, other=0.0).to(tl.float32)
-        h_re, h_im = lam_re * h_re - lam_im * h_im + xr, lam_re * h_im + lam_im * h_re + xi
-        tl.store(y_r + i * sy_t, h_re.to(yr_ptr.dtype.element_ty), mask=m)
-        tl.store(y_i + i * sy_t, h_im.to(yi_ptr.dtype.element_ty), mask=m)
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    # the tile is [K, T]: T is the scanned axis, kept inside each thread's registers
+    mask = mask_k[:, None] & (offs_t < T)[None, :]
+    x_off = b * sx_b + offs_t[None, :].to(tl.int64) * sx_t + offs_k[:, None]
+    x_re = tl.load(xr_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+    x_im = tl.load(xi_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+    a_re = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32) + lam_re[:, None]
+    a_im = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32) + lam_im[:, None]
+    # local scan from a zero start: pw = lam^(t+1) relative to the chunk, s = local sums
+    pw_re, pw_im, s_re, s_im = tl.associative_scan((a_re, a_im, x_re, x_im), 1, _compose)
+    last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[None, :]
+    agg_re = tl.sum(tl.where(last, s_re, 0.0), axis=1)
+    agg_im = tl.sum(tl.where(last, s_im, 0.0), axis=1)
+    p_re = tl.sum(tl.where(last, pw_re, 0.0), axis=1)      # lam^BLOCK_T
+    p_im = tl.sum(tl.where(last, pw_im, 0.0), axis=1)
+    h_re, h_im = _look_back(carry_ptr, flag_ptr, h0r_ptr, h0i_ptr, agg_re, agg_im, p_re, p_im,
+                            chunk, slot, n_slots, b, offs_k, mask_k, B, K, sh_b,
+                            t0 + BLOCK_T < T, BLOCK_K)
+    y_re = s_re + pw_re * h_re[:, None] - pw_im * h_im[:, None]
+    y_im = s_im + pw_re * h_im[:, None] + pw_im * h_re[:, None]
+    y_off = b * sy_b + offs_t[None, :].to(tl.int64) * sy_t + offs_k[:, None]
+    tl.store(yr_ptr + y_off, y_re.to(yr_ptr.dtype.element_ty), mask=mask)
+    tl.store(yi_ptr + y_off, y_im.to(yi_ptr.dtype.element_ty), mask=mask)
 
 
 def launch_config(B: int, T: int, K: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_K, num_warps), tuned on an H200 (benchmarks/eigen_scan.py --sweep)."""
-    block_k = min(64, triton.next_power_of_2(K))
-    block_t = 32 if T >= 32 else triton.next_power_of_2(T)
+    block_k = min(32, triton.next_power_of_2(K))
+    block_t = 32 if T >= 32 else max(2, triton.next_power_of_2(T))
     return block_t, block_k, 1
 
 
@@ -112,7 +144,7 @@ def triton_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im, out=None, block_t=Non
     bt, bk, nw = block_t or bt, block_k or bk, num_warps or nw
     n_chunks = triton.cdiv(T, bt)
     n_slots = B * triton.cdiv(K, bk)
-    carry = torch.empty(max(n_chunks - 1, 1) * 2 * B * K, dtype=torch.float32, device=x_re.device)
+    carry = torch.empty(max(n_chunks - 1, 1) * 4 * B * K, dtype=torch.float32, device=x_re.device)
     flags = torch.zeros(max(n_chunks - 1, 1) * n_slots, dtype=torch.int32, device=x_re.device)
     _eigen_scan_kernel[(n_chunks * n_slots,)](
         x_re, x_im, nu, theta, h0_re, h0_im, y_re, y_im, carry, flags, B, T, K,
