@@ -196,8 +196,10 @@ def doctor(ctx):
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="safetensors weights to export (default: seeded random init).")
 @click.option("--seed", default=0, show_default=True, help="Init seed when no checkpoint.")
+@click.option("--streaming", is_flag=True,
+              help="Also write the one-step graph model.step.onnx (x_t, state -> y_t, state').")
 @click.pass_context
-def export(ctx, arch, preset, checkpoint, seed):
+def export(ctx, arch, preset, checkpoint, seed, streaming):
     """Export ARCH to ONNX (fp32) with custom seqdeploy nodes and fallback functions."""
     from seqdeploy import pipeline
 
@@ -205,8 +207,9 @@ def export(ctx, arch, preset, checkpoint, seed):
     preset = _preset(registry, arch, preset, _device(ctx))
     with _Progress(f"export {arch}/{preset}") as progress:
         artifact = pipeline.export(registry, arch, preset, Path(ctx.obj["out"]),
-                                   checkpoint=checkpoint, seed=seed, progress=progress)
-    summary = artifact.manifest["onnx"]["fp32"]
+                                   checkpoint=checkpoint, seed=seed, streaming=streaming,
+                                   progress=progress)
+    summary = artifact.manifest["onnx"]["model.onnx"]
     click.echo(f"exported {artifact.dir}: opset {summary['opset']}, custom nodes "
                f"{summary['custom_nodes']}, control flow in main graph: {summary['control_flow']}")
 
@@ -372,7 +375,8 @@ def predict(ctx, arch, preset, inputs_path, engine, precision, output_path):
 @click.option("--plot/--no-plot", default=True, show_default=True)
 @click.pass_context
 def run(ctx, archs, preset, long_seq, plot):
-    """Every stage: export, FP16, validate (every usable engine, fp32+fp16), bench."""
+    """Every stage: export (with the one-step graph when the model streams), FP16,
+    validate (every usable engine, fp32+fp16), bench."""
     from seqdeploy import pipeline
 
     registry = _registry(ctx)
@@ -385,7 +389,8 @@ def run(ctx, archs, preset, long_seq, plot):
     for arch in archs:
         chosen = _preset(registry, arch, preset, device)
         click.echo(f"== {arch}/{chosen} on {device}")
-        ctx.invoke(export, arch=arch, preset=chosen, checkpoint=None, seed=0)
+        streaming = bool(registry.architecture(arch).state_map)
+        ctx.invoke(export, arch=arch, preset=chosen, checkpoint=None, seed=0, streaming=streaming)
         ctx.invoke(optimize, arch=arch, preset=chosen, fp16=True)
         ok = _validate(ctx, arch, chosen, engines, ["fp32", "fp16"], long_seq) and ok
         _bench(ctx, arch, chosen, ["torch-ref", *engines], "fp16" if device == "cuda" else "fp32",

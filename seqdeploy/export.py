@@ -8,6 +8,7 @@ opset) are attached afterwards as model-local ``FunctionProto``s.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import warnings
@@ -75,24 +76,37 @@ def _quiet():
 
 
 def export_onnx(arch: Architecture, config: dict[str, Any], model: torch.nn.Module,
-                precision: str, registry: "Registry") -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Export ``model`` (already loaded with its weights) at ``precision`` to ``path``.
+                precision: str, registry: "Registry",
+                streaming: bool = False) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Export ``model`` (already loaded with its weights) at ``precision``.
 
-    The model is cast with the FP16 policy on a copy; the file is checked with
-    ``onnx.checker`` (``full_check=True``); the caller writes it atomically.
-    Returns a summary (opset, node counts, IO).
+    ``streaming=True`` exports the one-step graph instead: every sequence axis is dropped
+    (``x_t, state -> y_t, state'``; see :mod:`seqdeploy.streaming`). The model is cast with
+    the FP16 policy on a copy; the result passes ``onnx.checker`` (``full_check=True``) and
+    the caller writes it atomically. Returns the proto and a summary (opset, node counts).
     """
     import copy
 
+    from seqdeploy.streaming import StepModule, step_specs
+
     model = cast_model(copy.deepcopy(model).cpu().eval(), precision, arch.fp32_parameters)
     in_specs, out_specs = arch.input_specs(config), arch.output_specs(config)
-    inputs = cast_inputs(arch.make_inputs(config, EXPORT_BATCH, EXPORT_SEQ, seed=0), in_specs, precision)
+    inputs = cast_inputs(arch.make_inputs(config, EXPORT_BATCH, 1 if streaming else EXPORT_SEQ, seed=0),
+                         in_specs, precision)
+    if streaming:
+        model = StepModule(model, in_specs, out_specs)
+        inputs = model.squeeze_inputs(inputs)
+        in_specs, out_specs = step_specs(in_specs), step_specs(out_specs)
     batch = torch.export.Dim(BATCH, min=1)
     seq_max = arch.max_seq_len(config)
     seq = torch.export.Dim(SEQ, min=1, **({"max": seq_max} if seq_max else {}))
     dims = {BATCH: batch, SEQ: seq}
-    dynamic_shapes = {s.name: {axis: dims[d] for axis, d in s.dynamic_axes().items()} or None
-                      for s in in_specs}
+    # positional, in input order: forward's own argument names may differ from the specs'
+    dynamic_shapes = tuple({axis: dims[d] for axis, d in s.dynamic_axes().items()} or None
+                           for s in in_specs)
+    params = list(inspect.signature(model.forward).parameters.values())
+    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        dynamic_shapes = (dynamic_shapes,)        # forward(*inputs): one tuple argument
     table = {op.torch_op._opoverload if hasattr(op.torch_op, "_opoverload") else op.torch_op: op.translation
              for op in registry.ops.values()}
     try:
@@ -110,4 +124,4 @@ def export_onnx(arch: Architecture, config: dict[str, Any], model: torch.nn.Modu
     proto.producer_name = "seqdeploy"
     onnx.checker.check_model(proto, full_check=True)
     return proto, {"opset": default_opset(proto), "precision": precision, "ops": used,
-                   **graph_summary(proto)}
+                   "streaming": streaming, **graph_summary(proto)}

@@ -23,8 +23,10 @@ from seqdeploy.export import export_onnx
 from seqdeploy.parity import Check, check_outputs
 from seqdeploy.plugins import Registry
 from seqdeploy.precision import ONNX_FILES, cast_inputs, fp32_islands
+from seqdeploy.streaming import STEP_FILES, Stream
 
 Progress = Callable[[str], None]
+STREAM_STEPS = 48  # length of the step-at-a-time validation case
 
 
 def _quiet(_: str) -> None:
@@ -42,8 +44,10 @@ def io_manifest(arch: Architecture, config: dict[str, Any]) -> dict[str, Any]:
 
 # -- export ----------------------------------------------------------------------------------
 def export(registry: Registry, arch_name: str, preset: str, out_root: Path,
-           checkpoint: Path | None = None, seed: int = 0, progress: Progress = _quiet) -> Artifact:
-    """Build the model (seeded init, or a checkpoint), write weights and fp32 ONNX."""
+           checkpoint: Path | None = None, seed: int = 0, streaming: bool = False,
+           progress: Progress = _quiet) -> Artifact:
+    """Build the model (seeded init, or a checkpoint), write weights and fp32 ONNX; with
+    ``streaming``, also the one-step graph ``model.step.onnx``."""
     arch = registry.architecture(arch_name)
     config = arch.config(preset)
     missing_ops = [o for o in arch.ops if o not in registry.ops]
@@ -63,16 +67,24 @@ def export(registry: Registry, arch_name: str, preset: str, out_root: Path,
     artifact.write(WEIGHTS, lambda p: save_checkpoint(model, p), kind="weights")
     progress("exporting fp32 ONNX")
     _export_precision(registry, artifact, arch, model, "fp32")
+    if streaming:
+        if not arch.state_map:
+            raise SeqdeployError(f"{arch_name} has no recurrent state: it cannot stream")
+        progress("exporting the fp32 one-step graph")
+        _export_precision(registry, artifact, arch, model, "fp32", streaming=True)
     return artifact
 
 
-def _export_precision(registry, artifact, arch, model, precision: str) -> dict[str, Any]:
-    proto, summary = export_onnx(arch, artifact.manifest["config"], model, precision, registry)
+def _export_precision(registry, artifact, arch, model, precision: str,
+                      streaming: bool = False) -> dict[str, Any]:
+    proto, summary = export_onnx(arch, artifact.manifest["config"], model, precision, registry,
+                                 streaming=streaming)
     if precision == "fp16":
         summary["fp32_islands"] = fp32_islands(proto)
-    artifact.manifest.setdefault("onnx", {})[precision] = summary
-    artifact.write(ONNX_FILES[precision], lambda p: onnx.save_model(proto, str(p)),
-                   kind="onnx", precision=precision)
+    name = (STEP_FILES if streaming else ONNX_FILES)[precision]
+    artifact.manifest.setdefault("onnx", {})[name] = summary
+    artifact.write(name, lambda p: onnx.save_model(proto, str(p)), kind="onnx",
+                   precision=precision, streaming=streaming)
     return summary
 
 
@@ -82,7 +94,11 @@ def optimize_fp16(registry: Registry, artifact: Artifact, progress: Progress = _
     arch = registry.architecture(artifact.manifest["arch"])
     model = load_model(artifact, registry, "fp32", "cpu")
     progress("exporting fp16 ONNX")
-    return _export_precision(registry, artifact, arch, model, "fp16")
+    summary = _export_precision(registry, artifact, arch, model, "fp16")
+    if artifact.has(STEP_FILES["fp32"]):
+        progress("exporting the fp16 one-step graph")
+        _export_precision(registry, artifact, arch, model, "fp16", streaming=True)
+    return summary
 
 
 # -- sessions --------------------------------------------------------------------------------
@@ -120,6 +136,26 @@ def validation_cases(arch: Architecture, config: dict[str, Any], long_seq: int =
             seen.add(c.name)
             unique.append(c)
     return unique
+
+
+def run_steps(stream: Stream, arch: Architecture, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Feed ``inputs`` one time step at a time through ``stream``; stack the step outputs
+    back along their sequence axis (the final state is the last step's)."""
+    seq_in = {s.name: s.shape.index(SEQ) for s in arch.input_specs(stream.config) if SEQ in s.shape}
+    seq_out = {s.name: s.shape.index(SEQ) for s in arch.output_specs(stream.config) if SEQ in s.shape}
+    states = {k: v for k, v in inputs.items() if k in arch.state_map}
+    batch = next(iter(inputs.values())).shape[0]
+    stream.reset(batch=batch, state=states)
+    steps = next(inputs[k].shape[a] for k, a in seq_in.items())
+    collected: dict[str, list[torch.Tensor]] = {k: [] for k in seq_out}
+    last: dict[str, torch.Tensor] = {}
+    for t in range(steps):
+        feeds = {k: inputs[k].select(a, t) for k, a in seq_in.items()}
+        last = stream.step(feeds)
+        for k in seq_out:
+            collected[k].append(last[k].cpu())
+    return {**{k: v.cpu() for k, v in last.items()},
+            **{k: torch.stack(v, dim=seq_out[k]) for k, v in collected.items()}}
 
 
 def run_split(session: Session, arch: Architecture, inputs: dict[str, torch.Tensor],
@@ -168,6 +204,21 @@ def validate(registry: Registry, artifact: Artifact, engines: list[str], precisi
                                         {k: v.cpu() for k, v in out.items()}, limits))
             del out
         del ref_out
+    if artifact.has(STEP_FILES["fp32"]):
+        # streaming: one step at a time must equal the full-sequence reference run
+        steps = min(arch.seq_len(config), STREAM_STEPS)
+        name = f"B2-T{steps}-steps"
+        progress(f"{name}: reference")
+        inputs = arch.make_inputs(config, 2, steps, seed=999)
+        ref_out = {k: v.cpu() for k, v in reference.run(inputs).items()}
+        for session in sessions:
+            if session.engine == "ort" and not artifact.has(STEP_FILES[session.precision]):
+                continue
+            progress(f"{name}: {session.describe()} one step at a time")
+            stream = Stream(registry, artifact, session.engine, session.precision, device)
+            out = run_steps(stream, arch, cast_inputs(inputs, session.input_specs, session.precision))
+            checks.extend(check_outputs(session.engine, session.precision, name, ref_out, out,
+                                        arch.parity_limits(session.precision, config)))
     failed = [c for c in checks if not c.passed]
     result = {"arch": arch.name, "preset": artifact.manifest["preset"], "device": device,
               "reference": "torch-ref fp32",

@@ -280,11 +280,14 @@ def test_run_end_to_end_on_cpu(tmp_path):
     folder = tmp_path / "ten" / "tiny"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest["files"]) == {"model.safetensors", "model.onnx", "model.fp16.onnx",
+                                      "model.step.onnx", "model.step.fp16.onnx",
                                       "parity.json", "bench.json", "bench.png"}
     parity = json.loads((folder / "parity.json").read_text())
     assert parity["passed"]
     assert {(c["engine"], c["precision"]) for c in parity["checks"]} == \
         {("torch", "fp32"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16")}
+    stepped = {(c["engine"], c["precision"]) for c in parity["checks"] if c["case"].endswith("-steps")}
+    assert stepped == {("torch", "fp32"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16")}
     bench = json.loads((folder / "bench.json").read_text())
     assert {r["engine"] for r in bench["engines"]} == {"torch-ref", "torch", "ort"}
     assert all(r["tokens_per_s"] > 0 for r in bench["engines"])

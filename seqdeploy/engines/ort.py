@@ -38,6 +38,21 @@ def ort_device(device: str) -> str:
     return device
 
 
+def open_inference_session(path, device: str):
+    """An ``InferenceSession`` on ``path`` (already checksum-verified) for ``device``;
+    returns it with the device ORT really runs on."""
+    ort = _ort()
+    device = ort_device(device)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ArtifactError(f"{path}: onnxruntime cannot load it ({first})") from None
+    return session, device
+
+
 class OrtSession(Session):
     def __init__(self, arch, config, precision, device, session):
         super().__init__("ort", arch, config, precision, device)
@@ -70,16 +85,6 @@ class OrtEngine(Engine):
         _ort()
 
     def load(self, artifact, registry, precision: str, device: str) -> Session:
-        ort = _ort()
-        device = ort_device(device)
-        name = ONNX_FILES[precision]
-        path = artifact.path(name)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(str(path), options, providers=providers_for(device))
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ArtifactError(f"{path}: onnxruntime cannot load it ({first})") from None
+        session, device = open_inference_session(artifact.path(ONNX_FILES[precision]), device)
         arch = registry.architecture(artifact.manifest["arch"])
         return OrtSession(arch, artifact.manifest["config"], precision, device, session)

@@ -1,0 +1,183 @@
+"""Streaming inference: feed one step at a time, the state carried between calls.
+
+The one-step graph is the model with every sequence axis dropped: for ``cfc``,
+``(x [B, in], h [B, L, H]) -> (y [B, out], h_out [B, L, H])``. ``seqdeploy export --streaming``
+writes it as ``model.step.onnx`` (and ``optimize --fp16`` as ``model.step.fp16.onnx``).
+
+    stream = open_stream("exported/cfc/tiny", engine="ort")
+    stream.reset(batch=4)                      # zero state, or reset(state={"h": h0})
+    for x_t in frames:                         # x_t: [4, in]
+        y_t = stream.step({"x": x_t})["y"]
+
+On CUDA the ``torch`` stream captures the step once as a CUDA graph and replays it, so a
+step costs one graph launch instead of one Python launch per kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from seqdeploy.architecture import SEQ, TensorSpec, check_inputs
+from seqdeploy.errors import SeqdeployError
+
+if TYPE_CHECKING:
+    from seqdeploy.artifacts import Artifact
+    from seqdeploy.plugins import Registry
+
+STEP_FILES = {"fp32": "model.step.onnx", "fp16": "model.step.fp16.onnx"}
+
+
+def step_specs(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """The same tensors with their sequence axis removed."""
+    return [replace(s, shape=tuple(d for d in s.shape if d != SEQ)) for s in specs]
+
+
+class StepModule(nn.Module):
+    """Wraps a sequence model as a one-step model: inputs and outputs lose their seq axis."""
+
+    def __init__(self, model: nn.Module, in_specs: list[TensorSpec], out_specs: list[TensorSpec]):
+        super().__init__()
+        self.model = model
+        self.in_axes = [s.shape.index(SEQ) if SEQ in s.shape else None for s in in_specs]
+        self.out_axes = [s.shape.index(SEQ) if SEQ in s.shape else None for s in out_specs]
+        self.in_names = [s.name for s in in_specs]
+
+    def squeeze_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Turn T=1 example inputs into step inputs."""
+        return {n: (inputs[n].squeeze(a) if a is not None else inputs[n])
+                for n, a in zip(self.in_names, self.in_axes)}
+
+    def forward(self, *inputs):
+        args = [x.unsqueeze(a) if a is not None else x for x, a in zip(inputs, self.in_axes)]
+        outputs = self.model(*args)
+        return tuple(y.squeeze(a) if a is not None else y for y, a in zip(outputs, self.out_axes))
+
+
+class Stream:
+    """A stateful one-step session. ``step`` takes the non-state inputs of one time step
+    and returns all outputs of that step; the state outputs become the next step's state."""
+
+    def __init__(self, registry: "Registry", artifact: "Artifact", engine: str, precision: str,
+                 device: str):
+        self.arch = registry.architecture(artifact.manifest["arch"])
+        if not self.arch.state_map:
+            raise SeqdeployError(f"{self.arch.name} has no recurrent state: it cannot stream")
+        self.config = artifact.manifest["config"]
+        self.engine, self.precision, self.device = engine, precision, device
+        self.input_specs = step_specs(self.arch.input_specs(self.config))
+        self.output_specs = step_specs(self.arch.output_specs(self.config))
+        self.state_specs = [s for s in self.input_specs if s.name in self.arch.state_map]
+        self.feed_specs = [s for s in self.input_specs if s.name not in self.arch.state_map]
+        self.state: dict[str, torch.Tensor] = {}
+        self._runner = self._open(registry, artifact)
+
+    # -- engines ---------------------------------------------------------------------------
+    def _open(self, registry, artifact):
+        if self.engine in ("torch", "torch-ref"):
+            from seqdeploy.engines.torch import load_model
+            from seqdeploy.ops import reference_ops
+
+            model = load_model(artifact, registry, self.precision, self.device)
+            step = StepModule(model, self.arch.input_specs(self.config),
+                              self.arch.output_specs(self.config))
+            reference = self.engine == "torch-ref"
+
+            def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+                with (reference_ops() if reference else _null()), torch.inference_mode():
+                    return list(step(*(inputs[s.name].to(self.device) for s in self.input_specs)))
+
+            return run
+        if self.engine == "ort":
+            from seqdeploy.engines.ort import open_inference_session
+
+            if not artifact.has(STEP_FILES[self.precision]):
+                raise SeqdeployError(f"{artifact.dir}: no {STEP_FILES[self.precision]}; export "
+                                     f"with `seqdeploy export {self.arch.name} --streaming`"
+                                     + (" and run `optimize --fp16`" if self.precision == "fp16" else ""))
+            session, self.device = open_inference_session(artifact.path(STEP_FILES[self.precision]),
+                                                           self.device)
+            names = [s.name for s in self.output_specs]
+
+            def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+                feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+                return [torch.from_numpy(o) for o in session.run(names, feeds)]
+
+            return run
+        raise SeqdeployError(f"streaming supports the torch, torch-ref and ort engines, not {self.engine!r}")
+
+    # -- state -----------------------------------------------------------------------------
+    def reset(self, batch: int = 1, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Start a new sequence: zero state for ``batch`` rows, or the given state."""
+        self.state = {}
+        self._graph = None
+        for spec in self.state_specs:
+            shape = tuple(batch if isinstance(d, str) else d for d in spec.shape)
+            value = (state or {}).get(spec.name)
+            self.state[spec.name] = (torch.zeros(shape, dtype=spec.torch_dtype(self.precision))
+                                     if value is None else value.to(spec.torch_dtype(self.precision)))
+        check_inputs(self.state_specs, self.state, self.precision)
+        self.state = {k: v.to(self._state_device()) for k, v in self.state.items()}
+
+    def _state_device(self) -> str:
+        return self.device if self.engine != "ort" else "cpu"
+
+    def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One time step. ``inputs`` hold the non-state inputs without a time axis."""
+        if not self.state:
+            first = next(iter(inputs.values()), None)
+            self.reset(batch=int(first.shape[0]) if first is not None and first.dim() else 1)
+        check_inputs(self.feed_specs, inputs, self.precision)
+        outputs = self._step({**inputs, **self.state})
+        for state_in, state_out in self.arch.state_map.items():
+            self.state[state_in] = outputs[state_out]
+        return outputs
+
+    def _step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        names = [s.name for s in self.output_specs]
+        if self.engine == "torch" and self.device == "cuda":
+            return self._graph_step(feeds)
+        return dict(zip(names, self._runner(feeds)))
+
+    def _graph_step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Replay a CUDA graph of the step; static buffers are rebuilt when shapes change."""
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(feeds.items()))
+        if getattr(self, "_graph", None) is None or self._graph_key != key:
+            self._static_in = {k: v.to(self.device).clone() for k, v in feeds.items()}
+            self._runner(self._static_in)          # warm up: compile kernels, settle allocator
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._static_out = self._runner(self._static_in)
+            self._graph, self._graph_key = graph, key
+        for k, v in feeds.items():
+            self._static_in[k].copy_(v, non_blocking=True)
+        self._graph.replay()
+        names = [s.name for s in self.output_specs]
+        # clone: the next replay overwrites the static outputs
+        return {n: o.clone() for n, o in zip(names, self._static_out)}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def open_stream(artifact_dir: str | Path, engine: str = "torch", precision: str = "fp32",
+                device: str = "auto", registry: "Registry | None" = None) -> Stream:
+    """Open a streaming session on an exported artifact folder (``exported/<arch>/<preset>``)."""
+    from seqdeploy.artifacts import Artifact
+    from seqdeploy.engines.base import resolve_device
+    from seqdeploy.plugins import load_registry
+
+    registry = registry or load_registry()
+    artifact = Artifact.load(Path(artifact_dir))
+    device = resolve_device(device)
+    registry.engine(engine).check(device)
+    return Stream(registry, artifact, engine, precision, device)

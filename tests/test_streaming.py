@@ -1,0 +1,91 @@
+"""Streaming: the one-step graph and the Python step API, on every architecture that streams.
+Feeding steps one at a time must equal the full-sequence run, on torch and on ort."""
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from conftest import run_cli
+
+from seqdeploy import pipeline
+from seqdeploy.artifacts import Artifact
+from seqdeploy.errors import InputError, SeqdeployError
+from seqdeploy.parity import compare
+from seqdeploy.plugins import load_registry
+from seqdeploy.precision import cast_inputs
+from seqdeploy.streaming import STEP_FILES, open_stream, step_specs
+
+STREAMING_ARCHS = [name for name, arch in sorted(load_registry().architectures.items())
+                   if arch.state_map]
+
+
+@pytest.fixture(scope="module", params=STREAMING_ARCHS)
+def streamed(request, tmp_path_factory):
+    registry = load_registry()
+    root = tmp_path_factory.mktemp(f"stream-{request.param}")
+    artifact = pipeline.export(registry, request.param, "tiny", root, streaming=True)
+    pipeline.optimize_fp16(registry, artifact)
+    return registry, artifact
+
+
+def test_step_graph_has_no_time_axis_and_one_node_per_layer(streamed):
+    registry, artifact = streamed
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    for precision in ("fp32", "fp16"):
+        model = onnx.load(str(artifact.path(STEP_FILES[precision])))
+        onnx.checker.check_model(model, full_check=True)
+        assert not [n for n in model.graph.node if n.op_type in ("Loop", "Scan")]
+        custom = [n for n in model.graph.node if n.domain == "seqdeploy"]
+        assert len(custom) == config.get("n_layers", config.get("layers", len(custom)))
+        specs = step_specs(arch.input_specs(config))
+        for value, spec in zip(model.graph.input, specs):
+            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            assert dims == list(spec.shape) and "seq" not in dims
+
+
+@pytest.mark.parametrize("engine,precision,limit", [("torch", "fp32", 1e-5), ("ort", "fp32", 1e-5),
+                                                     ("torch", "fp16", 5e-3), ("ort", "fp16", 5e-3)])
+def test_steps_equal_full_sequence(streamed, engine, precision, limit):
+    registry, artifact = streamed
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    inputs = arch.make_inputs(config, 3, 21, seed=4)
+    full = pipeline.open_session(registry, artifact, "torch-ref", "fp32", "cpu").run(inputs)
+    stream = open_stream(artifact.dir, engine=engine, precision=precision, device="cpu",
+                         registry=registry)
+    stepped = pipeline.run_steps(stream, arch, cast_inputs(inputs, arch.input_specs(config), precision))
+    for name, ref in full.items():
+        assert compare(ref, stepped[name]).rel_l2 < limit, name
+    # the state carried by the stream is the full run's final state
+    for state_in, state_out in arch.state_map.items():
+        assert compare(full[state_out], stream.state[state_in]).rel_l2 < limit
+
+
+def test_stream_api_checks_inputs_and_resets(streamed):
+    registry, artifact = streamed
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    stream = open_stream(artifact.dir, engine="torch", device="cpu", registry=registry)
+    feeds = {k: v.select(1, 0) for k, v in arch.make_inputs(config, 2, 1).items()
+             if k not in arch.state_map}
+    first = stream.step(feeds)                       # zero state, batch taken from the input
+    stream.step(feeds)
+    stream.reset(batch=2)
+    assert all(torch.equal(a, b) for a, b in zip(first.values(), stream.step(feeds).values()))
+    bad = {k: v.unsqueeze(1) for k, v in feeds.items()}
+    with pytest.raises(InputError, match="expected shape"):
+        stream.step(bad)
+
+
+def test_streaming_needs_the_step_graph_for_ort(tmp_path, registry):
+    artifact = pipeline.export(registry, "ten", "tiny", tmp_path)        # no --streaming
+    with pytest.raises(SeqdeployError, match="--streaming"):
+        open_stream(artifact.dir, engine="ort", device="cpu", registry=registry)
+
+
+def test_cli_export_streaming(tmp_path, capsys):
+    code, out, err = run_cli(["--out", tmp_path, "--device", "cpu", "export", "ten", "--preset",
+                              "tiny", "--streaming"], capsys)
+    assert code == 0, err
+    assert Artifact.load(tmp_path / "ten" / "tiny").has("model.step.onnx")
