@@ -1,0 +1,200 @@
+"""cfc_scan on the GPU at the seed's four benchmark points, fp16, in one run:
+
+- the Triton kernel (through the registered op ``seqdeploy::cfc_scan``);
+- the seed's formulation: a ``torch.jit.script`` step function called in a Python loop;
+- ``torch.compile`` of that loop (default mode);
+- cuDNN's tanh RNN (``torch.nn.RNN``) at the same B, T, H: not the same cell (no leak), but
+  the same work per step (one [B, H] x [H, H] GEMM plus a pointwise tail), so it is the
+  vendor's yardstick for a fused sequential recurrence.
+
+Each is timed eagerly (Python launch overhead included) and replayed from a CUDA graph where
+it can be captured. Then the streaming case: one step (B=1, T=1, H=256) per call.
+
+    python benchmarks/cfc_scan.py [--sweep] [--json out.json]
+
+``--sweep`` also times the kernel's launch configurations (block_b, num_warps, w_resident,
+block_k) at every point. All numbers come from this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from seqdeploy.bench import time_fn
+from seqdeploy_cfc.kernels import W_RESIDENT_BYTES, launch_config, triton_cfc_scan
+from seqdeploy_cfc.ops import cfc_scan, naive_cfc_scan
+
+POINTS = [(32, 10, 256), (64, 50, 256), (128, 100, 256), (256, 50, 512)]   # (B, T, H)
+DTYPE = torch.float16
+BUDGET_S = 1.0   # per timing; keeps the whole default run well under three minutes
+
+
+@torch.jit.script
+def seed_step(h, x_t, w_rec, alpha, gain):
+    return alpha * h + gain * torch.tanh(x_t + h @ w_rec)
+
+
+def seed_loop(xw, h, w_rec, alpha, gain):
+    """The seed's formulation: the scripted step in a Python loop over T."""
+    ys = []
+    for t in range(xw.shape[1]):
+        h = seed_step(h, xw[:, t], w_rec, alpha, gain)
+        ys.append(h)
+    return torch.stack(ys, 1)
+
+
+def python_loop(xw, h, w_rec, alpha, gain):
+    """The same loop with the step in plain Python, which is what dynamo traces."""
+    ys = []
+    for t in range(xw.shape[1]):
+        h = alpha * h + gain * torch.tanh(xw[:, t] + h @ w_rec)
+        ys.append(h)
+    return torch.stack(ys, 1)
+
+
+def make(B, T, H, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    xw = torch.randn(B, T, H, device="cuda", generator=g).to(DTYPE)
+    h0 = (0.5 * torch.randn(B, H, device="cuda", generator=g)).to(DTYPE)
+    w_rec = (torch.randn(H, H, device="cuda", generator=g) / math.sqrt(H)).to(DTYPE)
+    tau = F.softplus(2.0 * torch.randn(H, device="cuda", generator=g)) + 0.01
+    return xw, h0, w_rec, tau
+
+
+def rel_err(out, ref):
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def timed(fn, graph: bool):
+    """Median ms, or None with the reason when ``fn`` cannot be captured in a CUDA graph."""
+    try:
+        return time_fn(fn, "cuda", budget_s=BUDGET_S, cuda_graph=graph).median_ms, ""
+    except Exception as exc:  # noqa: BLE001 - report what cannot be captured, keep going
+        torch.cuda.synchronize()
+        return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
+
+
+def sweep(args_, ref, B, T, H):
+    xw = args_[0]
+    out = torch.empty_like(xw)
+    block_h = max(16, 1 << (H - 1).bit_length())
+    fits = block_h * block_h * xw.element_size() <= W_RESIDENT_BYTES   # else it cannot compile
+    modes = ([(True, None)] if fits else []) + [(False, 32), (False, 64)]
+    rows = []
+    for block_b in (16, 32, 64):
+        for num_warps in (4, 8):
+            for resident, block_k in modes:
+                label = (f"B={B} T={T} H={H} block_b={block_b} warps={num_warps} "
+                         f"{'resident' if resident else f'streamed block_k={block_k}'}")
+                call = lambda: triton_cfc_scan(*args_, 1.0, out=out, block_b=block_b,  # noqa: E731
+                                               num_warps=num_warps, w_resident=resident,
+                                               block_k=block_k)
+                try:
+                    out.fill_(math.nan)
+                    call()
+                    err = rel_err(out, ref)
+                    ms = time_fn(call, "cuda", budget_s=0.3, cuda_graph=True).median_ms
+                except Exception as exc:  # noqa: BLE001 - report configs that fail
+                    print(f"  {label}: failed {type(exc).__name__}: {exc}"[:200], flush=True)
+                    continue
+                rows.append({"block_b": block_b, "num_warps": num_warps, "w_resident": resident,
+                             "block_k": block_k, "ms": ms, "err": err})
+                print(f"  {label}: {ms:.4f} ms err {err:.1e}", flush=True)
+    rows.sort(key=lambda r: r["ms"])
+    return rows
+
+
+@torch.no_grad()   # one grad mode throughout, so torch.compile does not recompile per mode
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch configs")
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    print(f"GPU {torch.cuda.get_device_name()}  dtype {str(DTYPE)[6:]}", flush=True)
+    compiled = torch.compile(python_loop, dynamic=False)   # one static graph per point
+    results = []
+    for B, T, H in POINTS:
+        args_ = make(B, T, H)
+        xw, h0, w_rec, tau = args_
+        alpha = torch.exp(-1.0 / tau).to(DTYPE)
+        gain = (-torch.expm1(-1.0 / tau)).to(DTYPE)
+        ref = naive_cfc_scan(*args_, 1.0)
+        row = {"B": B, "T": T, "H": H, "config": launch_config(B, H, DTYPE)}
+
+        out = torch.full_like(xw, math.nan)
+        triton_cfc_scan(*args_, 1.0, out=out)
+        row["kernel_err"] = rel_err(out, ref)
+        kernel = lambda: cfc_scan(*args_, 1.0)  # noqa: E731
+        seed = lambda: seed_loop(xw, h0, w_rec, alpha, gain)  # noqa: E731
+        row["seed_err"] = rel_err(seed(), ref)
+        t0 = time.perf_counter()
+        row["compile_err"] = rel_err(compiled(xw, h0, w_rec, alpha, gain), ref)
+        row["compile_s"] = time.perf_counter() - t0
+        comp = lambda: compiled(xw, h0, w_rec, alpha, gain)  # noqa: E731
+        rnn = torch.nn.RNN(H, H, nonlinearity="tanh", batch_first=True).cuda().half()
+        h_rnn = h0[None].contiguous()
+        cudnn = lambda: rnn(xw, h_rnn)  # noqa: E731
+        for name, fn in [("kernel", kernel), ("seed", seed), ("compile", comp),
+                         ("cudnn", cudnn)]:
+            for graph in (False, True):
+                key = f"{name}_ms" + ("_graph" if graph else "")
+                row[key], why = timed(fn, graph)
+                if why:
+                    row[key + "_error"] = why
+                shown = "n/a" if row[key] is None else f"{row[key]:.4f} ms"
+                print(f"  B={B} T={T} H={H} {key}: {shown} {why}", flush=True)
+        for base in ("cudnn", "compile", "seed"):
+            for suffix in ("", "_graph"):
+                k, b = row[f"kernel_ms{suffix}"], row[f"{base}_ms{suffix}"]
+                row[f"speedup_vs_{base}{suffix}"] = b / k if k and b else None
+        if args.sweep:
+            row["sweep"] = sweep(args_, ref, B, T, H)
+            print(f"  sweep B={B} T={T} H={H}: best {row['sweep'][:3]}", flush=True)
+        results.append(row)
+        del args_, out, rnn
+        torch.cuda.empty_cache()
+
+    # streaming: one step per call, the latency a per-token server sees
+    xw, h0, w_rec, tau = make(1, 1, 256, seed=1)
+    alpha, gain = torch.exp(-1.0 / tau).to(DTYPE), (-torch.expm1(-1.0 / tau)).to(DTYPE)
+    rnn = torch.nn.RNN(256, 256, nonlinearity="tanh", batch_first=True).cuda().half()
+    stream = {
+        "kernel_us": time_fn(lambda: cfc_scan(xw, h0, w_rec, tau, 1.0), "cuda",
+                             budget_s=BUDGET_S).median_ms * 1e3,
+        "seed_step_us": time_fn(lambda: seed_step(h0, xw[:, 0], w_rec, alpha, gain), "cuda",
+                                budget_s=BUDGET_S).median_ms * 1e3,
+        "cudnn_us": time_fn(lambda: rnn(xw, h0[None]), "cuda", budget_s=BUDGET_S).median_ms * 1e3,
+    }
+
+    def fmt(v, spec=".4f"):
+        return "n/a" if v is None else format(v, spec)
+
+    print("\nms per call, fp16; 'graph' = CUDA-graph replay (no Python launch overhead)")
+    print(f"{'B':>4} {'T':>4} {'H':>4} | {'kernel':>8} {'seed':>8} {'compile':>8} {'cudnn':>8} | "
+          f"{'kernel g':>8} {'seed g':>8} {'comp g':>8} {'cudnn g':>8} | {'x cudnn':>7} {'x comp':>7} "
+          f"{'x cudnn g':>9} {'x comp g':>8} | {'err':>7}")
+    for r in results:
+        print(f"{r['B']:>4} {r['T']:>4} {r['H']:>4} | {fmt(r['kernel_ms']):>8} {fmt(r['seed_ms']):>8} "
+              f"{fmt(r['compile_ms']):>8} {fmt(r['cudnn_ms']):>8} | {fmt(r['kernel_ms_graph']):>8} "
+              f"{fmt(r['seed_ms_graph']):>8} {fmt(r['compile_ms_graph']):>8} {fmt(r['cudnn_ms_graph']):>8} | "
+              f"{fmt(r['speedup_vs_cudnn'], '.2f'):>7} {fmt(r['speedup_vs_compile'], '.2f'):>7} "
+              f"{fmt(r['speedup_vs_cudnn_graph'], '.2f'):>9} "
+              f"{fmt(r['speedup_vs_compile_graph'], '.2f'):>8} | {r['kernel_err']:>7.1e}")
+    print("x = other's time / kernel's time (> 1: the kernel is faster)")
+    print(f"streaming B=1 T=1 H=256, eager per step: kernel {stream['kernel_us']:.1f} us, "
+          f"seed step {stream['seed_step_us']:.1f} us, cuDNN RNN {stream['cudnn_us']:.1f} us")
+    print(f"total {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"gpu": torch.cuda.get_device_name(), "dtype": str(DTYPE)[6:],
+                       "points": results, "streaming": stream}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""``seqdeploy::cfc_scan``: the closed-form continuous-time (liquid) recurrence of ``cfc``.
+
+Layout: ``xw [B, T, H]`` (the input projection ``x W_in + b``, hoisted over all steps),
+``h0 [B, H]``, ``w_rec [H, H]``, ``tau [H]`` (fp32, > 0) and the float attribute ``dt``.
+Returns ``y [B, T, H]`` in the dtype of ``xw``; the final state is ``y[:, -1]``.
+
+    h_t = alpha * h_{t-1} + (1 - alpha) * tanh(xw_t + h_{t-1} w_rec),   alpha = exp(-dt / tau)
+
+The recurrence is nonlinear in ``h``, so it is strictly sequential in T: there is no parallel
+or chunked form. Forms, side by side: ``naive_cfc_scan`` (float64 loop, tests only),
+``reference_cfc_scan`` (the step loop a user writes: the ``torch-ref`` engine),
+``cpu_cfc_scan`` (the same loop with one fused GEMM per step into a preallocated output: the
+CPU kernel) and the Triton kernel (``kernels.py``: all T steps in one launch, the CUDA kernel).
+"""
+from __future__ import annotations
+
+import torch
+
+from seqdeploy.ops import CustomOp, make_schema, register_schema
+
+
+def decay(tau: torch.Tensor, dt: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha, 1 - alpha)`` in fp32, ``[H]`` each. ``1 - alpha`` comes from ``expm1``: for
+    ``tau >> dt`` it is tiny, and ``1 - exp(...)`` would lose its leading digits."""
+    rate = -dt / tau.float()
+    return torch.exp(rate), -torch.expm1(rate)
+
+
+def naive_cfc_scan(xw, h0, w_rec, tau, dt: float) -> torch.Tensor:
+    """Float64 step loop, written independently of the other forms. Returns float64
+    ``[B, T, H]``."""
+    alpha = torch.exp(-dt / tau.double())
+    w = w_rec.double()
+    h = h0.double()
+    ys = []
+    for t in range(xw.shape[1]):
+        h = alpha * h + (1.0 - alpha) * torch.tanh(xw[:, t].double() + h @ w)
+        ys.append(h)
+    return torch.stack(ys, dim=1)
+
+
+def reference_cfc_scan(xw, h0, w_rec, tau, dt: float) -> torch.Tensor:
+    """The step loop a user would write: fp32 state, one matmul per time index."""
+    alpha, gain = decay(tau, dt)
+    w, h, x = w_rec.float(), h0.float(), xw.float()
+    ys = []
+    for t in range(x.shape[1]):
+        h = alpha * h + gain * torch.tanh(x[:, t] + h @ w)
+        ys.append(h)
+    return torch.stack(ys, 1).to(xw.dtype)
+
+
+def cpu_cfc_scan(xw, h0, w_rec, tau, dt: float) -> torch.Tensor:
+    """The step loop with no per-step allocation: ``addmm`` fuses ``xw_t + h w_rec``, and
+    each new state is written straight into a time-major fp32 output buffer."""
+    B, T, H = xw.shape
+    alpha, gain = decay(tau, dt)
+    w, x = w_rec.float(), xw.float()
+    y = torch.empty(T, B, H, dtype=torch.float32, device=xw.device)   # y[t] is contiguous
+    z = torch.empty(B, H, dtype=torch.float32, device=xw.device)
+    h = h0.float()
+    for t in range(T):
+        torch.addmm(x[:, t], h, w, out=z)
+        z.tanh_()
+        torch.mul(h, alpha, out=y[t])
+        y[t].addcmul_(z, gain)
+        h = y[t]
+    return y.transpose(0, 1).to(xw.dtype).contiguous()
+
+
+@torch.library.custom_op("seqdeploy::cfc_scan", mutates_args=())
+def cfc_scan(xw: torch.Tensor, h0: torch.Tensor, w_rec: torch.Tensor, tau: torch.Tensor,
+             dt: float) -> torch.Tensor:
+    """CPU (and any non-CUDA device): the allocation-free step loop."""
+    device = xw.device
+    y = cpu_cfc_scan(*(a.cpu() for a in (xw, h0, w_rec, tau)), dt)
+    return y.to(device)
+
+
+@cfc_scan.register_fake
+def _(xw, h0, w_rec, tau, dt):
+    return torch.empty_like(xw, memory_format=torch.contiguous_format)
+
+
+@cfc_scan.register_kernel("cuda")
+def _(xw, h0, w_rec, tau, dt):
+    from seqdeploy_cfc.kernels import triton_cfc_scan
+
+    return triton_cfc_scan(xw, h0, w_rec, tau, dt)
+
+
+INPUTS = ("xw", "h0", "w_rec", "tau")
+OUTPUTS = ("y",)
+
+
+def cfc_scan_op() -> CustomOp:
+    from seqdeploy_cfc.onnx import cfc_scan_function, cfc_scan_translation
+
+    schema = make_schema("CfCScan", INPUTS, OUTPUTS, doc=__doc__.split("\n\n")[0],
+                         float_attrs=("dt",), float_inputs=("tau",))
+    register_schema(schema)
+    return CustomOp(name="cfc_scan", onnx_name="CfCScan", torch_op=cfc_scan,
+                    reference=reference_cfc_scan, schema=schema,
+                    translation=cfc_scan_translation, fallback=cfc_scan_function,
+                    doc="liquid recurrence h_t = a h_{t-1} + (1-a) tanh(xw_t + h_{t-1} W)")

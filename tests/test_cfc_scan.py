@@ -1,0 +1,343 @@
+"""cfc_scan: float64 naive loop vs step-loop reference vs CPU op vs Triton vs the ONNX fallback,
+then the `cfc` model through the whole pipeline.
+
+Triton runs through its interpreter on CPU-only machines and for real on a GPU. Outputs are
+poisoned with NaN before each kernel runs, so an unwritten element fails the test.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, gpu, run_cli
+from onnx import TensorProto, helper
+
+from seqdeploy.ops import DOMAIN, reference_ops
+from seqdeploy_cfc.kernels import W_RESIDENT_BYTES, triton_cfc_scan
+from seqdeploy_cfc.onnx import cfc_scan_function
+from seqdeploy_cfc.ops import cfc_scan, cpu_cfc_scan, naive_cfc_scan, reference_cfc_scan
+
+# Max rel-L2 against the float64 loop run on the same (already rounded) inputs. Measured
+# (T=512, H=64, spectral radius of w_rec ~1 and ~1.5): fp32 2e-7; fp16 1.9e-4 for the fp32-state CPU forms
+# (the rounding of y itself) and 2.8e-4 for Triton, bf16 1.5e-3 and 3.1e-3. Triton's excess is
+# h rounded to the input dtype for the tensor-core dot and fed back through tanh every step.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make(B, T, H, dtype, device="cpu", seed=0, strided=False, w_scale=1.0):
+    """Inputs of the op: ``xw, h0, w_rec`` in ``dtype``, ``tau`` fp32 (spread over 0.01..~10).
+
+    ``strided``: ``xw`` is the first H columns of a wider projection and ``h0`` is one layer
+    of a ``[B, L, H]`` state, as the model passes them."""
+    g = torch.Generator().manual_seed(seed)
+    cast = lambda t: t.to(dtype).to(device)  # noqa: E731
+    if strided:   # slice after the cast, which would otherwise make them contiguous
+        xw = cast(torch.randn(B, T, H + 5, generator=g))[..., :H]
+        h0 = cast(0.5 * torch.randn(B, 3, H, generator=g))[:, 1]
+    else:
+        xw = cast(torch.randn(B, T, H, generator=g))
+        h0 = cast(0.5 * torch.randn(B, H, generator=g))
+    w_rec = torch.randn(H, H, generator=g) * (w_scale / math.sqrt(H))
+    tau = F.softplus(2.0 * torch.randn(H, generator=g)) + 0.01
+    return xw, h0, cast(w_rec), tau.to(device)
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    y = out.double().cpu()
+    assert torch.isfinite(y).all(), "NaN/Inf in output (unwritten or overflowed)"
+    return float((y - ref).norm() / ref.norm())
+
+
+def poisoned(like: torch.Tensor) -> torch.Tensor:
+    return torch.full(like.shape, math.nan, dtype=like.dtype, device=like.device)
+
+
+def cpu(args):
+    return [a.cpu() for a in args]
+
+
+# -- the oracle ------------------------------------------------------------------------------
+def test_naive_loop_matches_closed_form():
+    """With w_rec = 0 and a constant input, h_t = a^t h0 + (1 - a^t) tanh(c)."""
+    B, T, H = 2, 40, 3
+    tau = torch.tensor([0.3, 2.0, 50.0], dtype=torch.float64)
+    c = torch.tensor([0.7, -1.5, 3.0], dtype=torch.float64)
+    h0 = torch.tensor([[0.2, -0.4, 0.9], [-1.0, 0.0, 0.5]], dtype=torch.float64)
+    dt = 0.5
+    y = naive_cfc_scan(c.expand(B, T, H), h0, torch.zeros(H, H, dtype=torch.float64), tau, dt)
+    a_t = torch.exp(-dt / tau)[None, :] ** torch.arange(1, T + 1, dtype=torch.float64)[:, None]
+    expected = a_t[None] * h0[:, None] + (1 - a_t[None]) * torch.tanh(c)
+    assert torch.allclose(y, expected, rtol=1e-12, atol=1e-12)
+
+
+# -- every form against the oracle -----------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,T,H,strided", [(2, 1, 16, False), (3, 63, 20, True), (2, 300, 7, False)])
+def test_cpu_forms_match_naive(B, T, H, strided, dtype):
+    args = make(B, T, H, dtype, strided=strided)
+    ref = naive_cfc_scan(*args, 0.7)
+    assert rel_l2(reference_cfc_scan(*args, 0.7), ref) < TOL[dtype]
+    assert rel_l2(cpu_cfc_scan(*args, 0.7), ref) < TOL[dtype]
+    out = cfc_scan(*args, 0.7)               # the registered op: the step loop on CPU
+    assert out.dtype == dtype and out.shape == (B, T, H) and out.is_contiguous()
+    assert rel_l2(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("w_resident", [True, False], ids=["w-resident", "w-streamed"])
+@pytest.mark.parametrize("B,T,H,strided", [(2, 1, 16, False), (3, 63, 20, True),
+                                           (19, 37, 40, False)])
+def test_triton_matches_naive(B, T, H, strided, w_resident, dtype):
+    """Odd H (padded to a power of two >= 16), B above one 16-row block, both homes of w_rec
+    (the streamed one with two contraction slices at H=40: block_k 32 of block_h 64)."""
+    args = make(B, T, H, dtype, DEVICE, strided=strided)
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), w_resident=w_resident)
+    assert out.dtype == dtype
+    assert rel_l2(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("block_b,num_warps,block_k", [(32, 2, 16), (64, 4, 64)])
+def test_triton_launch_variants_agree(block_b, num_warps, block_k):
+    """The --sweep knobs change the tiling, not the result."""
+    args = make(40, 9, 48, torch.float32, DEVICE, seed=4)
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    for w_resident in (True, False):
+        out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), block_b=block_b,
+                              num_warps=num_warps, w_resident=w_resident, block_k=block_k)
+        assert rel_l2(out, ref) < TOL[torch.float32]
+
+
+def test_triton_long_sequence():
+    """T = 1000 (in the interpreter with few units: it emulates every element)."""
+    B, T, H = (2, 1000, 24) if DEVICE == "cpu" else (8, 4096, 256)
+    args = make(B, T, H, torch.float32, DEVICE, seed=5, w_scale=1.5)
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]))
+    assert rel_l2(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("form", ["reference", "cpu", "triton"])
+def test_split_sequence_equals_full(form):
+    """In fp32 the state handed across the cut is the exact fp32 state, and every form runs
+    the same operations step by step: two calls equal one, bit for bit."""
+    fn = {"reference": reference_cfc_scan, "cpu": cpu_cfc_scan,
+          "triton": lambda *a: triton_cfc_scan(*a, out=poisoned(a[0]))}[form]
+    device = DEVICE if form == "triton" else "cpu"
+    xw, h0, w_rec, tau = make(2, 97, 12, torch.float32, device, seed=3)
+    full = fn(xw, h0, w_rec, tau, 1.0)
+    cut = 40
+    a = fn(xw[:, :cut], h0, w_rec, tau, 1.0)
+    b = fn(xw[:, cut:], a[:, -1], w_rec, tau, 1.0)
+    assert torch.equal(torch.cat([a, b], 1), full)
+
+
+def test_gain_keeps_its_digits_for_large_tau():
+    """With w_rec = 0, h0 = 0 and T = 1, y = (1 - a) tanh(xw): the gain ``1 - exp(-dt/tau)``
+    of every form must be -expm1 accurate (2e-6 leaves room for the GPU's approximate exp)
+    from dt/tau = 100 (a underflows) down to 1e-6, where ``1 - exp`` in fp32 would be off by
+    percents."""
+    tau = torch.logspace(-2, 6, 48)
+    H, dt = tau.numel(), 1.0
+    xw = torch.full((1, 1, H), 0.5)
+    h0 = torch.zeros(1, H)
+    w_rec = torch.zeros(H, H)
+    expected = -torch.expm1(-dt / tau.double()) * math.tanh(0.5)
+    forms = {"reference": reference_cfc_scan(xw, h0, w_rec, tau, dt),
+             "cpu": cpu_cfc_scan(xw, h0, w_rec, tau, dt),
+             "triton": triton_cfc_scan(*(a.to(DEVICE) for a in (xw, h0, w_rec, tau)), dt,
+                                       out=poisoned(xw.to(DEVICE)))}
+    for name, y in forms.items():
+        err = ((y[0, 0].double().cpu() - expected) / expected).abs().max()
+        assert err < 2e-6, (name, float(err))
+
+
+# -- torch integration ---------------------------------------------------------------------
+def test_fake_tensor_and_export_see_one_opaque_op():
+    args = make(2, 9, 4, torch.float32)
+
+    class Wrap(torch.nn.Module):
+        def forward(self, xw, h0, w_rec, tau):
+            return cfc_scan(xw, h0, w_rec, tau, 0.5)
+
+    program = torch.export.export(Wrap(), tuple(args))
+    calls = [n for n in program.graph.nodes if n.op == "call_function"]
+    assert [str(n.target) for n in calls] == ["seqdeploy.cfc_scan.default"]
+    assert calls[0].args[-1] == 0.5                       # dt is carried as a constant
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    half = [a.half() for a in args[:3]] + [args[3]]     # tau stays fp32
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) for a in half]
+        y = cfc_scan(*fake, 1.0)
+        assert y.shape == (2, 9, 4) and y.dtype == torch.float16
+
+
+def test_torch_compile_keeps_the_op_whole():
+    args = make(2, 33, 4, torch.float32)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(lambda *a: cfc_scan(*a, 1.0), backend=backend, fullgraph=True)
+    out = compiled(*args)
+    assert "seqdeploy.cfc_scan.default" in seen
+    assert rel_l2(out, naive_cfc_scan(*args, 1.0)) < TOL[torch.float32]
+
+
+def test_model_uses_reference_under_reference_ops(monkeypatch):
+    """The torch-ref engine's switch reaches this op: the model calls it through CustomOp."""
+    from seqdeploy_cfc import CfC
+    from seqdeploy_cfc.model import CFC_SCAN
+
+    arch = CfC()
+    config = arch.config("tiny")
+    torch.manual_seed(0)
+    model = arch.build(config).eval()
+    inputs = arch.make_inputs(config, 2, 17, seed=1)
+    calls = []
+    monkeypatch.setattr(CFC_SCAN, "reference", lambda *a: calls.append(1) or reference_cfc_scan(*a))
+    with torch.no_grad():
+        kernel = model(inputs["x"], inputs["h"])
+        with reference_ops():
+            ref = model(inputs["x"], inputs["h"])
+    assert len(calls) == config["n_layers"]
+    for k, r in zip(kernel, ref):
+        assert rel_l2(k, r.double()) < TOL[torch.float32]
+
+
+def test_model_streams_state_across_calls():
+    from seqdeploy_cfc import CfC
+
+    arch = CfC()
+    config = arch.config("tiny")
+    torch.manual_seed(0)
+    model = arch.build(config).eval()
+    inputs = arch.make_inputs(config, 3, 30, seed=2)
+    x, h = inputs["x"], inputs["h"]
+    with torch.no_grad():
+        y, h_out = model(x, h)
+        y1, h1 = model(x[:, :11], h)
+        y2, h2 = model(x[:, 11:], h1)
+    assert torch.equal(torch.cat([y1, y2], 1), y) and torch.equal(h2, h_out)
+    assert h_out.shape == (3, config["n_layers"], config["hidden"])
+
+
+def test_presets_and_op_benchmark():
+    from seqdeploy_cfc import CfC
+
+    arch = CfC()
+    assert arch.bench_shapes(arch.config("seed")) == [(32, 10), (64, 50), (128, 100)]
+    assert arch.bench_shapes(arch.config("seed512")) == [(256, 50)]
+    config = arch.config("tiny")
+    (case,) = arch.op_benchmarks(config, 3, 5, torch.float32, "cpu")
+    assert case.op == "cfc_scan" and case.bytes_moved == 4 * (2 * 3 * 5 * 16 + 16 * 16 + 3 * 16 + 16)
+    assert case.call().shape == (3, 5, 16)
+
+
+# -- ONNX ----------------------------------------------------------------------------------
+def single_node_model(dtype: int, dt: float) -> onnx.ModelProto:
+    """One CfCScan node plus the fallback function, opset 20, dynamic B and T."""
+    dims = {"xw": ["B", "T", "H"], "h0": ["B", "H"], "w_rec": ["H", "H"], "tau": ["H"], "y": ["B", "T", "H"]}
+    info = lambda n, t: helper.make_tensor_value_info(n, t, dims[n])  # noqa: E731
+    node = helper.make_node("CfCScan", ["xw", "h0", "w_rec", "tau"], ["y"], domain=DOMAIN, dt=dt,
+                            plugin_namespace="seqdeploy", plugin_version="1")
+    graph = helper.make_graph([node], "cfc", [info("xw", dtype), info("h0", dtype),
+                                              info("w_rec", dtype), info("tau", TensorProto.FLOAT)],
+                              [info("y", dtype)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
+                                                    helper.make_opsetid(DOMAIN, 1)])
+    model.functions.append(cfc_scan_function(20))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run_ort(model: onnx.ModelProto, xw, h0, w_rec, tau) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"xw": xw.numpy(), "h0": h0.numpy(), "w_rec": w_rec.numpy(), "tau": tau.numpy()}
+    return torch.from_numpy(np.ascontiguousarray(session.run(None, feeds)[0]))
+
+
+def test_fallback_function_is_standard_ops_with_a_scan():
+    fn = cfc_scan_function(20)
+    assert {n.domain for n in fn.node} <= {"", "ai.onnx"}
+    assert [n.op_type for n in fn.node].count("Scan") == 1
+    assert list(fn.attribute) == ["plugin_namespace", "plugin_version", "dt"]
+    (dt_node,) = [n for n in fn.node if n.op_type == "Constant" and n.attribute[0].ref_attr_name]
+    assert dt_node.attribute[0].ref_attr_name == "dt"
+
+
+# bf16 is left out: ORT's CPU provider has no bf16 kernels for these ops
+@pytest.mark.parametrize("dtype,onnx_dtype", [(torch.float32, TensorProto.FLOAT),
+                                              (torch.float16, TensorProto.FLOAT16)], ids=str)
+@pytest.mark.parametrize("B,T,H", [(1, 1, 5), (3, 63, 20)])
+def test_onnx_fallback_matches_naive(B, T, H, dtype, onnx_dtype):
+    xw, h0, w_rec, tau = make(B, T, H, dtype, seed=7)
+    y = run_ort(single_node_model(onnx_dtype, 0.7), xw, h0, w_rec, tau)
+    assert y.dtype == dtype and y.shape == (B, T, H)
+    assert rel_l2(y, naive_cfc_scan(xw, h0, w_rec, tau, 0.7)) < TOL[dtype]
+
+
+def test_onnx_fallback_gain_keeps_its_digits():
+    """The function's Kahan expm1 (ONNX has no Expm1), over dt/tau from 100 to 1e-6."""
+    tau = torch.logspace(-2, 6, 48)
+    H = tau.numel()
+    y = run_ort(single_node_model(TensorProto.FLOAT, 1.0), torch.full((1, 1, H), 0.5),
+                torch.zeros(1, H), torch.zeros(H, H), tau)
+    expected = -torch.expm1(-1.0 / tau.double()) * math.tanh(0.5)
+    assert ((y[0, 0].double() - expected) / expected).abs().max() < 1e-6
+
+
+# -- the whole pipeline ----------------------------------------------------------------------
+def test_run_end_to_end_on_cpu(tmp_path, capsys):
+    code, out, err = run_cli(["--out", tmp_path, "--device", "cpu", "run", "cfc", "--preset", "tiny",
+                              "--long-seq", "256"], capsys)
+    assert code == 0, err[-2000:]
+    folder = tmp_path / "cfc" / "tiny"
+    parity = json.loads((folder / "parity.json").read_text())
+    assert parity["passed"]
+    assert {(c["engine"], c["precision"]) for c in parity["checks"]} == \
+        {("torch", "fp32"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16")}
+    assert {"B1-T1", "B2-T63", "B2-T64", "B1-T256", "B2-T64-split33"} <= \
+        {c["case"] for c in parity["checks"]}
+    for name in ("model.onnx", "model.fp16.onnx"):
+        model = onnx.load(str(folder / name))
+        custom = [n for n in model.graph.node if n.domain == DOMAIN]
+        assert [n.op_type for n in custom] == ["CfCScan", "CfCScan"]        # n_layers = 2
+        assert all({a.name: a for a in n.attribute}["dt"].f == 1.0 for n in custom)
+        assert not [n for n in model.graph.node if n.op_type in ("Loop", "Scan")]
+        assert [f.name for f in model.functions] == ["CfCScan"]
+    bench = json.loads((folder / "bench.json").read_text())
+    assert {r["engine"] for r in bench["engines"]} == {"torch-ref", "torch", "ort"}
+    assert [o["op"] for o in bench["ops"]] == ["cfc_scan"]
+
+
+# -- GPU -------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H", [(64, 256), (40, 512), (5, 20)])
+def test_cuda_dispatch_runs_triton_at_512(B, H, dtype):
+    """The registered op on CUDA is the Triton kernel (w_rec on chip at H=256 in fp16/bf16,
+    streamed from L2 at H=512 and in fp32); repeated launches agree exactly."""
+    args = make(B, 512, H, dtype, "cuda", seed=9, strided=True)
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    out = cfc_scan(*args, 1.0)
+    assert out.is_cuda and out.dtype == dtype
+    assert rel_l2(out, ref) < TOL[dtype]
+    assert torch.equal(out, cfc_scan(*args, 1.0))
+    too_big = H * H * args[2].element_size() > W_RESIDENT_BYTES   # cannot stay on one SM
+    for w_resident in (True, False):   # both homes of w_rec, whichever the default picked
+        if w_resident and too_big:
+            continue
+        y = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), w_resident=w_resident)
+        assert rel_l2(y, ref) < TOL[dtype]
