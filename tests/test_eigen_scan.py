@@ -72,23 +72,21 @@ def test_cpu_forms_match_naive(B, T, K, dtype):
     assert rel_l2(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("method", ["lookback", "two_pass"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,T,K,strided", [(2, 1, 16, False), (3, 63, 20, True), (2, 130, 8, False)])
-def test_triton_matches_naive(B, T, K, strided, dtype, method):
+def test_triton_matches_naive(B, T, K, strided, dtype):
     args = make(B, T, K, dtype, DEVICE, strided=strided)
     ref = naive_eigen_scan(*[a.cpu() for a in args])
-    out = triton_eigen_scan(*args, out=poisoned(args[0]), method=method)
+    out = triton_eigen_scan(*args, out=poisoned(args[0]))
     assert rel_l2(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("method", ["lookback", "two_pass"])
-def test_triton_long_sequence(method):
+def test_triton_long_sequence():
     """T = 4096 (in the interpreter with few channels: it emulates every element)."""
     B, T, K = (1, 4096, 8) if DEVICE == "cpu" else (4, 4096, 128)
     args = make(B, T, K, torch.float32, DEVICE, seed=5)
     ref = naive_eigen_scan(*[a.cpu() for a in args])
-    out = triton_eigen_scan(*args, out=poisoned(args[0]), method=method)
+    out = triton_eigen_scan(*args, out=poisoned(args[0]))
     assert rel_l2(out, ref) < TOL[torch.float32]
 
 
@@ -98,12 +96,11 @@ def test_vectorised_long_sequence_all_dtypes():
         assert rel_l2(vectorised_eigen_scan(*args), naive_eigen_scan(*args)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("form", ["vectorised", "triton", "triton2", "reference"])
+@pytest.mark.parametrize("form", ["vectorised", "triton", "reference"])
 def test_split_sequence_equals_full(form):
     fn = {"vectorised": vectorised_eigen_scan, "reference": reference_eigen_scan,
-          "triton": lambda *a: triton_eigen_scan(*a, out=poisoned(a[0]), method="lookback"),
-          "triton2": lambda *a: triton_eigen_scan(*a, out=poisoned(a[0]), method="two_pass")}[form]
-    device = DEVICE if form.startswith("triton") else "cpu"
+          "triton": lambda *a: triton_eigen_scan(*a, out=poisoned(a[0]))}[form]
+    device = DEVICE if form == "triton" else "cpu"
     x_re, x_im, nu, theta, h_re, h_im = make(2, 97, 12, torch.float32, device, seed=3)
     full = fn(x_re, x_im, nu, theta, h_re, h_im)
     cut = 40
@@ -163,10 +160,9 @@ def test_torch_compile_keeps_the_op_whole():
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_dispatch_runs_triton_long(dtype):
-    """The registered op on CUDA is the Triton kernel; many chunks exercise the look-back
-    (this size is past the two-pass limit)."""
-    args = make(3, 16384, 128, dtype, "cuda", seed=9, strided=True)
+def test_cuda_dispatch_runs_triton_at_4096(dtype):
+    """The registered op on CUDA is the Triton kernel; many chunks exercise the look-back."""
+    args = make(3, 4096, 128, dtype, "cuda", seed=9, strided=True)
     ref = naive_eigen_scan(*[a.cpu() for a in args])
     out = eigen_scan(*args)
     assert out[0].is_cuda

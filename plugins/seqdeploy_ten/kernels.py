@@ -13,12 +13,6 @@ The grid is (chunk of T, batch row, block of K), chunk-major. Each program owns 
 3. ``y = local scan + lam^(t+1) h`` is written once.
 
 HBM traffic is one read of ``x`` and one write of ``y``; no ``T*K*K`` intermediate exists.
-
-Small problems (x fits in L2, at most 128 chunks) take a two-pass path instead: pass 1 writes
-each chunk's total from a zero state, pass 2 forms each chunk's entering state from all
-earlier totals in one vector load (weights are tabulated relative powers ``lam^(BLOCK_T j)``)
-and re-scans its tile, whose ``x`` still sits in L2. No program waits on another, which
-matters when every program is resident at once and a look-back walk would be serial.
 State and arithmetic are fp32 whatever the input dtype. A chunk only waits on programs with
 smaller ids, which the hardware (and the interpreter, which runs ids in order) has already
 started, so the look-back cannot deadlock.
@@ -84,11 +78,10 @@ def _compose(a_re, a_im, b_re, b_im, c_re, c_im, d_re, d_im):
 
 
 @triton.jit
-def _scan_tile(xr_ptr, xi_ptr, nu_ptr, th_ptr, pid, B, T, K, sx_b, sx_t,
-               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Load program ``pid``'s ``[BLOCK_K, BLOCK_T]`` tile (T is the inner axis, held in each
-    thread's registers) and scan it from a zero state: ``pw = lam^(t+1)`` relative to the
-    chunk, ``s`` the local sums. The grid is chunk-major: pid = (chunk, batch row, K block)."""
+def _eigen_scan_kernel(xr_ptr, xi_ptr, nu_ptr, th_ptr, h0r_ptr, h0i_ptr, yr_ptr, yi_ptr,
+                            carry_ptr, flag_ptr, B, T, K, sx_b, sx_t, sy_b, sy_t, sh_b,
+                            BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
     n_kb = tl.cdiv(K, BLOCK_K)
     n_slots = B * n_kb
     chunk = pid // n_slots
@@ -99,102 +92,32 @@ def _scan_tile(xr_ptr, xi_ptr, nu_ptr, th_ptr, pid, B, T, K, sx_b, sx_t,
     rate = tl.exp(tl.load(nu_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32))
     th = tl.load(th_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     mag = tl.exp(-rate)
-    offs_t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    lam_re = mag * tl.cos(th)
+    lam_im = mag * tl.sin(th)
+    t0 = chunk * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    # the tile is [K, T]: T is the scanned axis, kept inside each thread's registers
     mask = mask_k[:, None] & (offs_t < T)[None, :]
     x_off = b * sx_b + offs_t[None, :].to(tl.int64) * sx_t + offs_k[:, None]
     x_re = tl.load(xr_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
     x_im = tl.load(xi_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-    a_re = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32) + (mag * tl.cos(th))[:, None]
-    a_im = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32) + (mag * tl.sin(th))[:, None]
+    a_re = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32) + lam_re[:, None]
+    a_im = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32) + lam_im[:, None]
+    # local scan from a zero start: pw = lam^(t+1) relative to the chunk, s = local sums
     pw_re, pw_im, s_re, s_im = tl.associative_scan((a_re, a_im, x_re, x_im), 1, _compose)
-    return chunk, slot, n_slots, b, offs_k, mask_k, offs_t, mask, rate, th, pw_re, pw_im, s_re, s_im
-
-
-@triton.jit
-def _last_column(v, BLOCK_T: tl.constexpr):
-    return tl.sum(tl.where((tl.arange(0, BLOCK_T) == BLOCK_T - 1)[None, :], v, 0.0), axis=1)
-
-
-@triton.jit
-def _store_tile(yr_ptr, yi_ptr, b, offs_k, offs_t, mask, sy_b, sy_t, pw_re, pw_im, s_re, s_im,
-                h_re, h_im):
-    """``y = s + lam^(t+1) h``: the local scan shifted by the state entering the chunk."""
+    last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[None, :]
+    agg_re = tl.sum(tl.where(last, s_re, 0.0), axis=1)
+    agg_im = tl.sum(tl.where(last, s_im, 0.0), axis=1)
+    p_re = tl.sum(tl.where(last, pw_re, 0.0), axis=1)      # lam^BLOCK_T
+    p_im = tl.sum(tl.where(last, pw_im, 0.0), axis=1)
+    h_re, h_im = _look_back(carry_ptr, flag_ptr, h0r_ptr, h0i_ptr, agg_re, agg_im, p_re, p_im,
+                            chunk, slot, n_slots, b, offs_k, mask_k, B, K, sh_b,
+                            t0 + BLOCK_T < T, BLOCK_K)
     y_re = s_re + pw_re * h_re[:, None] - pw_im * h_im[:, None]
     y_im = s_im + pw_re * h_im[:, None] + pw_im * h_re[:, None]
     y_off = b * sy_b + offs_t[None, :].to(tl.int64) * sy_t + offs_k[:, None]
     tl.store(yr_ptr + y_off, y_re.to(yr_ptr.dtype.element_ty), mask=mask)
     tl.store(yi_ptr + y_off, y_im.to(yi_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _eigen_scan_kernel(xr_ptr, xi_ptr, nu_ptr, th_ptr, h0r_ptr, h0i_ptr, yr_ptr, yi_ptr,
-                       carry_ptr, flag_ptr, B, T, K, sx_b, sx_t, sy_b, sy_t, sh_b,
-                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Single pass: local scan, decoupled look-back for the entering state, store."""
-    chunk, slot, n_slots, b, offs_k, mask_k, offs_t, mask, rate, th, pw_re, pw_im, s_re, s_im = \
-        _scan_tile(xr_ptr, xi_ptr, nu_ptr, th_ptr, tl.program_id(0), B, T, K, sx_b, sx_t,
-                   BLOCK_T, BLOCK_K)
-    h_re, h_im = _look_back(carry_ptr, flag_ptr, h0r_ptr, h0i_ptr,
-                            _last_column(s_re, BLOCK_T), _last_column(s_im, BLOCK_T),
-                            _last_column(pw_re, BLOCK_T), _last_column(pw_im, BLOCK_T),
-                            chunk, slot, n_slots, b, offs_k, mask_k, B, K, sh_b,
-                            (chunk + 1) * BLOCK_T < T, BLOCK_K)
-    _store_tile(yr_ptr, yi_ptr, b, offs_k, offs_t, mask, sy_b, sy_t, pw_re, pw_im, s_re, s_im,
-                h_re, h_im)
-
-
-@triton.jit
-def _chunk_totals_kernel(xr_ptr, xi_ptr, nu_ptr, th_ptr, tot_ptr, pow_ptr, B, T, K, sx_b, sx_t,
-                         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Two-pass, pass 1: each chunk's total from a zero state, planes [chunk, re/im, B, K];
-    programs of batch row 0 also tabulate lam^(BLOCK_T * chunk), planes [chunk, re/im, K]."""
-    chunk, slot, n_slots, b, offs_k, mask_k, offs_t, mask, rate, th, pw_re, pw_im, s_re, s_im = \
-        _scan_tile(xr_ptr, xi_ptr, nu_ptr, th_ptr, tl.program_id(0), B, T, K, sx_b, sx_t,
-                   BLOCK_T, BLOCK_K)
-    plane = B * K
-    dst = tot_ptr + chunk.to(tl.int64) * 2 * plane + b * K + offs_k
-    tl.store(dst, _last_column(s_re, BLOCK_T), mask=mask_k)
-    tl.store(dst + plane, _last_column(s_im, BLOCK_T), mask=mask_k)
-    span = (chunk * BLOCK_T).to(tl.float32)
-    first_row = mask_k & ((offs_k * 0 + b) == 0)     # as a vector (interpreter-safe)
-    tl.store(pow_ptr + chunk * 2 * K + offs_k, tl.exp(-rate * span) * tl.cos(th * span), mask=first_row)
-    tl.store(pow_ptr + chunk * 2 * K + K + offs_k, tl.exp(-rate * span) * tl.sin(th * span),
-             mask=first_row)
-
-
-@triton.jit
-def _chunk_apply_kernel(xr_ptr, xi_ptr, nu_ptr, th_ptr, h0r_ptr, h0i_ptr, yr_ptr, yi_ptr,
-                        tot_ptr, pow_ptr, B, T, K, sx_b, sx_t, sy_b, sy_t, sh_b,
-                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr):
-    """Two-pass, pass 2: the entering state of chunk c is
-    ``sum_{j<c} lam^(BLOCK_T (c-1-j)) total_j + lam^(BLOCK_T c) h0``, all terms loaded at once;
-    then the tile is scanned again (its x is still in L2) and stored."""
-    chunk, slot, n_slots, b, offs_k, mask_k, offs_t, mask, rate, th, pw_re, pw_im, s_re, s_im = \
-        _scan_tile(xr_ptr, xi_ptr, nu_ptr, th_ptr, tl.program_id(0), B, T, K, sx_b, sx_t,
-                   BLOCK_T, BLOCK_K)
-    plane = B * K
-    js = tl.arange(0, N_CHUNKS)
-    before = (js < chunk)[:, None] & mask_k[None, :]
-    tot = tot_ptr + js[:, None].to(tl.int64) * 2 * plane + b * K + offs_k[None, :]
-    t_re = tl.load(tot, mask=before, other=0.0)
-    t_im = tl.load(tot + plane, mask=before, other=0.0)
-    pw = pow_ptr + (chunk - 1 - js)[:, None] * 2 * K + offs_k[None, :]
-    w_re = tl.load(pw, mask=before, other=0.0)
-    w_im = tl.load(pw + K, mask=before, other=0.0)
-    own = pow_ptr + chunk * 2 * K + offs_k
-    q_re = tl.load(own, mask=mask_k, other=0.0)
-    q_im = tl.load(own + K, mask=mask_k, other=0.0)
-    h0_re = tl.load(h0r_ptr + b * sh_b + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    h0_im = tl.load(h0i_ptr + b * sh_b + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    h_re = tl.sum(w_re * t_re - w_im * t_im, axis=0) + q_re * h0_re - q_im * h0_im
-    h_im = tl.sum(w_re * t_im + w_im * t_re, axis=0) + q_re * h0_im + q_im * h0_re
-    _store_tile(yr_ptr, yi_ptr, b, offs_k, offs_t, mask, sy_b, sy_t, pw_re, pw_im, s_re, s_im,
-                h_re, h_im)
-
-
-# two passes when the chunk totals fit one load and x stays in L2 (H200: 50 MB) between them
-TWO_PASS_MAX_CHUNKS = 128
-TWO_PASS_MAX_BYTES = 24 << 20
 
 
 def launch_config(B: int, T: int, K: int, device: torch.device) -> tuple[int, int, int]:
@@ -205,12 +128,9 @@ def launch_config(B: int, T: int, K: int, device: torch.device) -> tuple[int, in
 
 
 def triton_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im, out=None, block_t=None, block_k=None,
-                      num_warps=None, method="auto"):
-    """Launch the kernel(s). ``x_*`` may be strided views with unit stride over K (e.g. halves
-    of one [B, T, 2K] projection). ``out``: optional preallocated ``(y_re, y_im)``.
-
-    ``method``: ``"lookback"`` (one pass, any size), ``"two_pass"`` (small problems: totals,
-    then apply; x is re-read from L2) or ``"auto"``."""
+                      num_warps=None):
+    """Launch the kernel. ``x_*`` may be strided views with unit stride over K (e.g. halves
+    of one [B, T, 2K] projection). ``out``: optional preallocated ``(y_re, y_im)``."""
     B, T, K = x_re.shape
     if x_re.stride(2) != 1 or x_im.stride(2) != 1 or x_re.stride()[:2] != x_im.stride()[:2]:
         x_re, x_im = x_re.contiguous(), x_im.contiguous()
@@ -224,26 +144,10 @@ def triton_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im, out=None, block_t=Non
     bt, bk, nw = block_t or bt, block_k or bk, num_warps or nw
     n_chunks = triton.cdiv(T, bt)
     n_slots = B * triton.cdiv(K, bk)
-    if method == "auto":
-        small = 2 * x_re.numel() * x_re.element_size() <= TWO_PASS_MAX_BYTES
-        method = "two_pass" if small and n_chunks <= TWO_PASS_MAX_CHUNKS else "lookback"
-    grid = (n_chunks * n_slots,)
-    strides = (x_re.stride(0), x_re.stride(1))
-    if method == "two_pass":
-        totals = torch.empty(n_chunks * 2 * B * K, dtype=torch.float32, device=x_re.device)
-        powers = torch.empty(n_chunks * 2 * K, dtype=torch.float32, device=x_re.device)
-        _chunk_totals_kernel[grid](x_re, x_im, nu, theta, totals, powers, B, T, K, *strides,
-                                   BLOCK_T=bt, BLOCK_K=bk, num_warps=nw)
-        _chunk_apply_kernel[grid](x_re, x_im, nu, theta, h0_re, h0_im, y_re, y_im, totals, powers,
-                                  B, T, K, *strides, y_re.stride(0), y_re.stride(1), h0_re.stride(0),
-                                  BLOCK_T=bt, BLOCK_K=bk, N_CHUNKS=triton.next_power_of_2(n_chunks),
-                                  num_warps=nw)
-        return y_re, y_im
-    if method != "lookback":
-        raise ValueError(f"unknown method {method!r}")
     carry = torch.empty(max(n_chunks - 1, 1) * 4 * B * K, dtype=torch.float32, device=x_re.device)
     flags = torch.zeros(max(n_chunks - 1, 1) * n_slots, dtype=torch.int32, device=x_re.device)
-    _eigen_scan_kernel[grid](x_re, x_im, nu, theta, h0_re, h0_im, y_re, y_im, carry, flags, B, T, K,
-                             *strides, y_re.stride(0), y_re.stride(1), h0_re.stride(0),
-                             BLOCK_T=bt, BLOCK_K=bk, num_warps=nw)
+    _eigen_scan_kernel[(n_chunks * n_slots,)](
+        x_re, x_im, nu, theta, h0_re, h0_im, y_re, y_im, carry, flags, B, T, K,
+        x_re.stride(0), x_re.stride(1), y_re.stride(0), y_re.stride(1), h0_re.stride(0),
+        BLOCK_T=bt, BLOCK_K=bk, num_warps=nw)
     return y_re, y_im
