@@ -253,8 +253,9 @@ def single_node_model(dtype: int, dt: float) -> onnx.ModelProto:
     graph = helper.make_graph([node], "cfc", [info("xw", dtype), info("h0", dtype),
                                               info("w_rec", dtype), info("tau", TensorProto.FLOAT)],
                               [info("y", dtype)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
-                                                    helper.make_opsetid(DOMAIN, 1)])
+    # IR 10, as the exporter writes: onnx 1.23's default (14) is newer than ORT 1.30 reads
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 20),
+                                                                   helper.make_opsetid(DOMAIN, 1)])
     model.functions.append(cfc_scan_function(20))
     onnx.checker.check_model(model, full_check=True)
     return model
