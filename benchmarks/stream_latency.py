@@ -5,7 +5,8 @@ synchronised, as a real-time caller sees it.
 
 Exports ARCH/PRESET with its one-step graph into a temporary folder, opens
 ``seqdeploy.streaming.open_stream(..., engine="torch")`` at B=1 and times ``step`` (each call
-followed by a CUDA synchronise). Prints the median / p90 / p99 microseconds per step.
+followed by a CUDA synchronise), with and without per-step value checks (NaN / range, which
+synchronise). Prints the median / p90 / p99 microseconds per step.
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         artifact = pipeline.export(registry, args.arch, args.preset, root, streaming=True)
         config = artifact.manifest["config"]
-        for precision in ("fp32", "fp16"):
-            stream = open_stream(artifact.dir, engine="torch", precision=precision, registry=registry)
+        for precision, check in (("fp32", True), ("fp16", True), ("fp32", False), ("fp16", False)):
+            stream = open_stream(artifact.dir, engine="torch", precision=precision, registry=registry,
+                                 check_values=check)
             inputs = arch.make_inputs(config, 1, args.steps, seed=1)
             dtype = torch.float16 if precision == "fp16" else torch.float32
             frames = [{k: v.select(1, t).to(dtype if v.is_floating_point() else v.dtype).cuda()
@@ -53,11 +55,13 @@ def main():
                 torch.cuda.synchronize()
                 samples.append((time.perf_counter() - t0) * 1e6)
             xs = sorted(samples)
-            results[precision] = {"median_us": statistics.median(xs), "p90_us": xs[int(0.9 * len(xs))],
+            key = f"{precision}{'' if check else '-nocheck'}"
+            results[key] = {"median_us": statistics.median(xs), "p90_us": xs[int(0.9 * len(xs))],
                                   "p99_us": xs[int(0.99 * len(xs))], "steps": len(xs)}
-            print(f"{args.arch}/{args.preset} torch {precision} B=1: step median "
-                  f"{results[precision]['median_us']:.1f} us, p90 {results[precision]['p90_us']:.1f} us, "
-                  f"p99 {results[precision]['p99_us']:.1f} us over {len(xs)} steps", flush=True)
+            r = results[key]
+            print(f"{args.arch}/{args.preset} torch {precision} B=1 check_values={check}: step median "
+                  f"{r['median_us']:.1f} us, p90 {r['p90_us']:.1f} us, p99 {r['p99_us']:.1f} us "
+                  f"over {len(xs)} steps", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"gpu": torch.cuda.get_device_name(), "arch": args.arch, "preset": args.preset,

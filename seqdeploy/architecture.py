@@ -130,11 +130,13 @@ def resolve_shape(spec: TensorSpec, batch: int, seq_len: int) -> tuple[int, ...]
     return tuple(batch if d == BATCH else seq_len if d == SEQ else int(d) for d in spec.shape)
 
 
-def check_inputs(specs: list[TensorSpec], inputs: dict[str, Any], precision: str) -> None:
+def check_inputs(specs: list[TensorSpec], inputs: dict[str, Any], precision: str,
+                 values: bool = True) -> None:
     """Raise :class:`InputError` with one line naming the first problem found.
 
-    Checks names, rank, static dims, consistent batch/seq dims, dtype, finiteness of floats and
-    the value range of integer inputs (``TensorSpec.bounds``).
+    Checks names, rank, static dims, consistent batch/seq dims and dtype; with ``values`` also
+    finiteness of floats and the value range of integer inputs (``TensorSpec.bounds``), which
+    on a GPU costs a device synchronisation.
     """
     names = [s.name for s in specs]
     missing = [n for n in names if n not in inputs]
@@ -164,6 +166,8 @@ def check_inputs(specs: list[TensorSpec], inputs: dict[str, Any], precision: str
         if tensor.dtype != dtype:
             raise InputError(f"input {spec.name}: expected dtype {str(dtype).replace('torch.', '')}, "
                              f"got {str(tensor.dtype).replace('torch.', '')}")
+        if not values:
+            continue
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InputError(f"input {spec.name}: contains NaN or Inf")
         if spec.bounds is not None and tensor.numel():

@@ -154,7 +154,8 @@ def run_steps(stream: Stream, arch: Architecture, inputs: dict[str, torch.Tensor
         last = stream.step(feeds)
         for k in seq_out:
             collected[k].append(last[k].cpu())
-    return {**{k: v.cpu() for k, v in last.items()},
+    final = {arch.state_map[k]: v.cpu() for k, v in stream.state.items()}
+    return {**{k: v.cpu() for k, v in last.items()}, **final,
             **{k: torch.stack(v, dim=seq_out[k]) for k, v in collected.items()}}
 
 

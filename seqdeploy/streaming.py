@@ -7,10 +7,11 @@ writes it as ``model.step.onnx`` (and ``optimize --fp16`` as ``model.step.fp16.o
     stream = open_stream("exported/cfc/tiny", engine="ort")
     stream.reset(batch=4)                      # zero state, or reset(state={"h": h0})
     for x_t in frames:                         # x_t: [4, in]
-        y_t = stream.step({"x": x_t})["y"]
+        y_t = stream.step({"x": x_t})["y"]     # stream.state holds h after this step
 
 On CUDA the ``torch`` stream captures the step once as a CUDA graph and replays it, so a
-step costs one graph launch instead of one Python launch per kernel.
+step costs one graph launch instead of one Python launch per kernel. Value checks (NaN,
+token range) synchronise with the GPU; latency-critical loops pass ``check_values=False``.
 """
 from __future__ import annotations
 
@@ -58,11 +59,11 @@ class StepModule(nn.Module):
 
 
 class Stream:
-    """A stateful one-step session. ``step`` takes the non-state inputs of one time step
-    and returns all outputs of that step; the state outputs become the next step's state."""
+    """A stateful one-step session. ``step`` takes the non-state inputs of one time step and
+    returns that step's other outputs; the state outputs become the next step's state."""
 
     def __init__(self, registry: "Registry", artifact: "Artifact", engine: str, precision: str,
-                 device: str):
+                 device: str, check_values: bool = True):
         self.arch = registry.architecture(artifact.manifest["arch"])
         if not self.arch.state_map:
             raise SeqdeployError(f"{self.arch.name} has no recurrent state: it cannot stream")
@@ -72,7 +73,10 @@ class Stream:
         self.output_specs = step_specs(self.arch.output_specs(self.config))
         self.state_specs = [s for s in self.input_specs if s.name in self.arch.state_map]
         self.feed_specs = [s for s in self.input_specs if s.name not in self.arch.state_map]
-        self.state: dict[str, torch.Tensor] = {}
+        self.check_values = check_values
+        self._state: dict[str, torch.Tensor] = {}
+        self._graph = None
+        self._graph_batch = None
         self._runner = self._open(registry, artifact)
 
     # -- engines ---------------------------------------------------------------------------
@@ -112,53 +116,69 @@ class Stream:
     # -- state -----------------------------------------------------------------------------
     def reset(self, batch: int = 1, state: dict[str, torch.Tensor] | None = None) -> None:
         """Start a new sequence: zero state for ``batch`` rows, or the given state."""
-        self.state = {}
-        self._graph = None
+        values = {}
         for spec in self.state_specs:
             shape = tuple(batch if isinstance(d, str) else d for d in spec.shape)
             value = (state or {}).get(spec.name)
-            self.state[spec.name] = (torch.zeros(shape, dtype=spec.torch_dtype(self.precision))
-                                     if value is None else value.to(spec.torch_dtype(self.precision)))
-        check_inputs(self.state_specs, self.state, self.precision)
-        self.state = {k: v.to(self._state_device()) for k, v in self.state.items()}
+            values[spec.name] = (torch.zeros(shape, dtype=spec.torch_dtype(self.precision))
+                                 if value is None else value.to(spec.torch_dtype(self.precision)))
+        check_inputs(self.state_specs, values, self.precision)
+        device = self.device if self.engine != "ort" else "cpu"
+        if self._graph is not None and self._graph_batch == batch:
+            for k, v in values.items():            # the captured graph reads these buffers
+                self._state[k].copy_(v)
+        else:
+            self._graph = None
+            self._state = {k: v.to(device) for k, v in values.items()}
 
-    def _state_device(self) -> str:
-        return self.device if self.engine != "ort" else "cpu"
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the current state (what the next step starts from)."""
+        return {k: v.clone() for k, v in self._state.items()}
 
-    def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One time step. ``inputs`` hold the non-state inputs without a time axis."""
-        if not self.state:
+    def step(self, inputs: dict[str, torch.Tensor], check_values: bool | None = None
+             ) -> dict[str, torch.Tensor]:
+        """One time step. ``inputs`` hold the non-state inputs without a time axis; returns the
+        step's non-state outputs (the state lives on in :attr:`state`).
+
+        Names, shapes and dtypes are always checked. Values (NaN, token range) are checked
+        unless ``check_values=False`` (default: the stream's ``check_values``): on a GPU that
+        check synchronises with the device on every step."""
+        check = self.check_values if check_values is None else check_values
+        check_inputs(self.feed_specs, inputs, self.precision, values=check)
+        if not self._state:
             first = next(iter(inputs.values()), None)
             self.reset(batch=int(first.shape[0]) if first is not None and first.dim() else 1)
-        check_inputs(self.feed_specs, inputs, self.precision)
-        outputs = self._step({**inputs, **self.state})
+        if self.engine == "torch" and self.device == "cuda":
+            return self._graph_step(inputs)
+        outputs = dict(zip((s.name for s in self.output_specs), self._runner({**inputs, **self._state})))
         for state_in, state_out in self.arch.state_map.items():
-            self.state[state_in] = outputs[state_out]
+            self._state[state_in] = outputs.pop(state_out)
         return outputs
 
-    def _step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        names = [s.name for s in self.output_specs]
-        if self.engine == "torch" and self.device == "cuda":
-            return self._graph_step(feeds)
-        return dict(zip(names, self._runner(feeds)))
-
-    def _graph_step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Replay a CUDA graph of the step; static buffers are rebuilt when shapes change."""
-        key = tuple((k, tuple(v.shape)) for k, v in sorted(feeds.items()))
-        if getattr(self, "_graph", None) is None or self._graph_key != key:
-            self._static_in = {k: v.to(self.device).clone() for k, v in feeds.items()}
-            self._runner(self._static_in)          # warm up: compile kernels, settle allocator
+    def _graph_step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Replay a CUDA graph of the step. The graph reads the inputs and state from static
+        buffers and writes the new state back into the state buffers itself, so a step is
+        one copy in, one replay and one copy out. Recaptured when the batch size changes."""
+        batch = int(next(iter(self._state.values())).shape[0])
+        if self._graph is None or self._graph_batch != batch:
+            self._static_in = {k: v.to(self.device).clone() for k, v in inputs.items()}
+            feeds = {**self._static_in, **self._state}
+            self._runner(feeds)                    # warm up: compile kernels, settle allocator
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
+            names = [s.name for s in self.output_specs]
             with torch.cuda.graph(graph):
-                self._static_out = self._runner(self._static_in)
-            self._graph, self._graph_key = graph, key
-        for k, v in feeds.items():
+                outs = dict(zip(names, self._runner(feeds)))
+                for state_in, state_out in self.arch.state_map.items():
+                    self._state[state_in].copy_(outs.pop(state_out))
+            self._static_out = outs
+            self._graph, self._graph_batch = graph, batch
+        for k, v in inputs.items():
             self._static_in[k].copy_(v, non_blocking=True)
         self._graph.replay()
-        names = [s.name for s in self.output_specs]
         # clone: the next replay overwrites the static outputs
-        return {n: o.clone() for n, o in zip(names, self._static_out)}
+        return {k: v.clone() for k, v in self._static_out.items()}
 
 
 class _null:
@@ -170,7 +190,8 @@ class _null:
 
 
 def open_stream(artifact_dir: str | Path, engine: str = "torch", precision: str = "fp32",
-                device: str = "auto", registry: "Registry | None" = None) -> Stream:
+                device: str = "auto", registry: "Registry | None" = None,
+                check_values: bool = True) -> Stream:
     """Open a streaming session on an exported artifact folder (``exported/<arch>/<preset>``)."""
     from seqdeploy.artifacts import Artifact
     from seqdeploy.engines.base import resolve_device
@@ -180,4 +201,4 @@ def open_stream(artifact_dir: str | Path, engine: str = "torch", precision: str 
     artifact = Artifact.load(Path(artifact_dir))
     device = resolve_device(device)
     registry.engine(engine).check(device)
-    return Stream(registry, artifact, engine, precision, device)
+    return Stream(registry, artifact, engine, precision, device, check_values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from conftest import run_cli
+from conftest import gpu, run_cli
 
 from seqdeploy import pipeline
 from seqdeploy.artifacts import Artifact
@@ -89,3 +89,22 @@ def test_cli_export_streaming(tmp_path, capsys):
                               "tiny", "--streaming"], capsys)
     assert code == 0, err
     assert Artifact.load(tmp_path / "ten" / "tiny").has("model.step.onnx")
+
+
+@gpu
+@pytest.mark.parametrize("precision,limit", [("fp32", 1e-5), ("fp16", 5e-3)])
+def test_cuda_graph_stream_equals_full_sequence(streamed, precision, limit):
+    """The torch stream on CUDA replays a captured graph; resets and a new batch size
+    (which recaptures) must keep it exact."""
+    registry, artifact = streamed
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    full_session = pipeline.open_session(registry, artifact, "torch-ref", "fp32", "cpu")
+    stream = open_stream(artifact.dir, engine="torch", precision=precision, device="cuda",
+                         registry=registry, check_values=False)
+    for batch, seed in ((3, 4), (3, 5), (2, 6)):
+        inputs = arch.make_inputs(config, batch, 17, seed=seed)
+        full = full_session.run(inputs)
+        stepped = pipeline.run_steps(stream, arch, cast_inputs(inputs, arch.input_specs(config), precision))
+        for name, ref in full.items():
+            assert compare(ref, stepped[name]).rel_l2 < limit, (batch, seed, name)
