@@ -126,10 +126,6 @@ class Architecture:
                 "streaming": bool(self.state_map)}
 
 
-def resolve_shape(spec: TensorSpec, batch: int, seq_len: int) -> tuple[int, ...]:
-    return tuple(batch if d == BATCH else seq_len if d == SEQ else int(d) for d in spec.shape)
-
-
 def check_inputs(specs: list[TensorSpec], inputs: dict[str, Any], precision: str,
                  values: bool = True) -> None:
     """Raise :class:`InputError` with one line naming the first problem found.

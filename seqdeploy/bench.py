@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -113,7 +113,3 @@ def bench_op(case: OpBenchmark, device: str, hbm_gbs: float | None) -> dict[str,
         result["hbm_fraction"] = gbs / hbm_gbs
         result["roofline_ms"] = case.bytes_moved / (hbm_gbs * 1e9) * 1e3
     return result
-
-
-def as_dict(obj) -> dict:
-    return asdict(obj)

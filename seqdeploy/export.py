@@ -12,7 +12,6 @@ import inspect
 import io
 import logging
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx

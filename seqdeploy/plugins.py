@@ -69,9 +69,6 @@ class Registry:
             raise SeqdeployError(f"unknown engine {name!r} (known: {known})")
         return self.engines[name]
 
-    def ops_by_onnx_name(self) -> dict[str, CustomOp]:
-        return {op.onnx_name: op for op in self.ops.values()}
-
 
 def _one_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()

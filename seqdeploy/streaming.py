@@ -15,9 +15,10 @@ token range) synchronise with the GPU; latency-critical loops pass ``check_value
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -91,7 +92,7 @@ class Stream:
             reference = self.engine == "torch-ref"
 
             def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-                with (reference_ops() if reference else _null()), torch.inference_mode():
+                with (reference_ops() if reference else contextlib.nullcontext()), torch.inference_mode():
                     return list(step(*(inputs[s.name].to(self.device) for s in self.input_specs)))
 
             return run
@@ -179,14 +180,6 @@ class Stream:
         self._graph.replay()
         # clone: the next replay overwrites the static outputs
         return {k: v.clone() for k, v in self._static_out.items()}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def open_stream(artifact_dir: str | Path, engine: str = "torch", precision: str = "fp32",

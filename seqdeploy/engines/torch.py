@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 
@@ -58,9 +57,3 @@ class TorchReferenceEngine(TorchEngine):
     description = "PyTorch model with every op on its step-loop reference (the baseline)"
     reference = True
 
-
-def session_from_model(arch, config: dict[str, Any], model: torch.nn.Module, precision: str,
-                       device: str, reference: bool = False) -> TorchSession:
-    """A session around an in-memory model (used before any artifact exists)."""
-    name = TorchReferenceEngine.name if reference else TorchEngine.name
-    return TorchSession(name, arch, config, precision, device, model, reference)
