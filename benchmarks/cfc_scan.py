@@ -1,6 +1,7 @@
 """cfc_scan on the GPU at the seed's four benchmark points, fp16, in one run:
 
-- the Triton kernel (through the registered op ``seqdeploy::cfc_scan``);
+- the Triton kernel (through the registered op ``seqdeploy::cfc_scan``, which runs the design
+  ``launch_config`` picks: ``rows`` or ``split``, printed per point);
 - the seed's formulation: a ``torch.jit.script`` step function called in a Python loop;
 - ``torch.compile`` of that loop (default mode);
 - cuDNN's tanh RNN (``torch.nn.RNN``) at the same B, T, H: not the same cell (no leak), but
@@ -10,10 +11,13 @@
 Each is timed eagerly (Python launch overhead included) and replayed from a CUDA graph where
 it can be captured. Then the streaming case: one step (B=1, T=1, H=256) per call.
 
-    python benchmarks/cfc_scan.py [--sweep] [--json out.json]
+    python benchmarks/cfc_scan.py [--sweep [--sweep-budget S]] [--engines kernel,cudnn]
+                                  [--json out.json]
 
-``--sweep`` also times the kernel's launch configurations (block_b, num_warps, w_resident,
-block_k) at every point. All numbers come from this run.
+``--sweep`` also times the kernel's launch configurations at every point, both designs:
+``rows`` (block_b, num_warps, w_resident, block_k) and ``split`` (block_b, block_n, num_warps,
+w_resident), the defaults first, within ``--sweep-budget`` seconds in all (configurations
+past a point's share are listed as skipped). All numbers come from this run.
 """
 from __future__ import annotations
 
@@ -26,12 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from seqdeploy.bench import time_fn
-from seqdeploy_cfc.kernels import W_RESIDENT_BYTES, launch_config, triton_cfc_scan
+from seqdeploy_cfc.kernels import (W_RESIDENT_BYTES, launch_config, sm_count, split_grid,
+                                   split_tile_defaults, triton_cfc_scan)
 from seqdeploy_cfc.ops import cfc_scan, naive_cfc_scan
 
 POINTS = [(32, 10, 256), (64, 50, 256), (128, 100, 256), (256, 50, 512)]   # (B, T, H)
 DTYPE = torch.float16
 BUDGET_S = 1.0   # per timing; keeps the whole default run well under three minutes
+SWEEP_BUDGET_S = 90.0   # all sweep points together (compiles included): about 3 min in all
+ENGINES = ("kernel", "seed", "compile", "cudnn")
 
 
 @torch.jit.script
@@ -79,32 +86,88 @@ def timed(fn, graph: bool):
         return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
 
 
-def sweep(args_, ref, B, T, H):
-    xw = args_[0]
-    out = torch.empty_like(xw)
+def rows_configs(B, H):
+    """``rows`` launches to time: the default first."""
     block_h = max(16, 1 << (H - 1).bit_length())
-    fits = block_h * block_h * xw.element_size() <= W_RESIDENT_BYTES   # else it cannot compile
-    modes = ([(True, None)] if fits else []) + [(False, 32), (False, 64)]
-    rows = []
-    for block_b in (16, 32, 64):
+    fits = block_h * block_h * DTYPE.itemsize <= W_RESIDENT_BYTES   # else it cannot compile
+    modes = [(True, 32), (False, 32)] if fits else [(False, 32), (False, 64)]
+    default = launch_config(B, H, DTYPE, "cuda", method="rows")
+    configs = [{"block_b": default["block_b"], "num_warps": default["num_warps"],
+                "w_resident": default["w_resident"], "block_k": default["block_k"]}]
+    for block_b in (16, 32):
         for num_warps in (4, 8):
             for resident, block_k in modes:
-                label = (f"B={B} T={T} H={H} block_b={block_b} warps={num_warps} "
-                         f"{'resident' if resident else f'streamed block_k={block_k}'}")
-                call = lambda: triton_cfc_scan(*args_, 1.0, out=out, block_b=block_b,  # noqa: E731
-                                               num_warps=num_warps, w_resident=resident,
-                                               block_k=block_k)
-                try:
-                    out.fill_(math.nan)
-                    call()
-                    err = rel_err(out, ref)
-                    ms = time_fn(call, "cuda", budget_s=0.3, cuda_graph=True).median_ms
-                except Exception as exc:  # noqa: BLE001 - report configs that fail
-                    print(f"  {label}: failed {type(exc).__name__}: {exc}"[:200], flush=True)
-                    continue
-                rows.append({"block_b": block_b, "num_warps": num_warps, "w_resident": resident,
-                             "block_k": block_k, "ms": ms, "err": err})
-                print(f"  {label}: {ms:.4f} ms err {err:.1e}", flush=True)
+                configs.append({"block_b": block_b, "num_warps": num_warps,
+                                "w_resident": resident, "block_k": block_k})
+    return unique(configs)
+
+
+def split_configs(B, H, sms):
+    """``split`` launches to time whose grid fits on the SMs: the default first, then every
+    block_b x block_n (with the default's rules for num_warps and w_resident), then the
+    default tiling with the other warp count and with w_rec streamed. A block_b above 16
+    that holds the whole batch is left out (fewer programs, same work each)."""
+    default = launch_config(B, H, DTYPE, "cuda", method="split")
+    block_h = max(16, 1 << (H - 1).bit_length())
+    keys = ("block_b", "block_n", "num_warps", "w_resident")
+    first = {k: default[k] for k in keys}
+    configs = [first]
+    for block_b in (16, 32, 64):
+        if block_b > 16 and block_b >= B:
+            continue
+        for block_n in (16, 32, 64, 128):
+            n_bb, n_nb = split_grid(B, H, block_b, block_n)
+            if block_n > block_h or n_nb < 2 or n_bb * n_nb > sms:
+                continue
+            configs.append({"block_b": block_b, "block_n": block_n,
+                            **split_tile_defaults(block_b, block_n, H, DTYPE)})
+    configs.append({**first, "num_warps": 12 - first["num_warps"]})
+    configs.append({**first, "w_resident": not first["w_resident"]})
+    return unique(configs)
+
+
+def unique(configs):
+    seen, out = set(), []
+    for c in configs:
+        key = tuple(sorted(c.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def sweep(args_, ref, B, T, H, deadline):
+    """Time launch configurations of both designs until ``deadline`` (perf_counter): the two
+    defaults first, then the split variants (the new design, the one to tune), then rows."""
+    xw = args_[0]
+    out = torch.empty_like(xw)
+    splits = [("split", c) for c in split_configs(B, H, sm_count(xw.device))]
+    rows_ = [("rows", c) for c in rows_configs(B, H)]
+    order = splits[:1] + rows_[:1] + splits[1:] + rows_[1:]
+    rows, skipped = [], 0
+    for method, cfg in order:
+        label = f"B={B} T={T} H={H} {method} " + " ".join(f"{k}={v}" for k, v in cfg.items())
+        if time.perf_counter() > deadline:
+            skipped += 1
+            continue
+        call = lambda: triton_cfc_scan(*args_, 1.0, out=out, method=method, **cfg)  # noqa: E731
+        try:
+            out.fill_(math.nan)
+            call()
+            err = rel_err(out, ref)
+            ms = time_fn(call, "cuda", budget_s=0.2, cuda_graph=True).median_ms
+        except Exception as exc:  # noqa: BLE001 - report configs that fail, keep sweeping
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001 - a broken context fails every later config too
+                pass
+            print(f"  {label}: failed {type(exc).__name__}: {exc}"[:240], flush=True)
+            continue
+        rows.append({"method": method, **cfg, "ms": ms, "err": err})
+        print(f"  {label}: {ms:.4f} ms err {err:.1e}", flush=True)
+    if skipped:
+        print(f"  B={B} T={T} H={H}: {skipped} of {len(order)} configs skipped (sweep budget; "
+              "raise --sweep-budget)", flush=True)
     rows.sort(key=lambda r: r["ms"])
     return rows
 
@@ -113,9 +176,16 @@ def sweep(args_, ref, B, T, H):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="also sweep launch configs")
+    parser.add_argument("--sweep-budget", type=float, default=SWEEP_BUDGET_S,
+                        help="seconds for the whole sweep (default %(default)s)")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="comma-separated subset of %(default)s (e.g. kernel,cudnn to skip "
+                             "torch.compile's compile time)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
+    engines = [e for e in ENGINES if e in args.engines.split(",")]
     start = time.perf_counter()
+    sweep_left = args.sweep_budget
     print(f"GPU {torch.cuda.get_device_name()}  dtype {str(DTYPE)[6:]}", flush=True)
     compiled = torch.compile(python_loop, dynamic=False)   # one static graph per point
     results = []
@@ -125,7 +195,9 @@ def main():
         alpha = torch.exp(-1.0 / tau).to(DTYPE)
         gain = (-torch.expm1(-1.0 / tau)).to(DTYPE)
         ref = naive_cfc_scan(*args_, 1.0)
-        row = {"B": B, "T": T, "H": H, "config": launch_config(B, H, DTYPE)}
+        row = {"B": B, "T": T, "H": H, "config": launch_config(B, H, DTYPE, xw.device)}
+        print(f"  B={B} T={T} H={H} registered op runs method={row['config']['method']} "
+              f"{row['config']}", flush=True)
 
         out = torch.full_like(xw, math.nan)
         triton_cfc_scan(*args_, 1.0, out=out)
@@ -133,9 +205,10 @@ def main():
         kernel = lambda: cfc_scan(*args_, 1.0)  # noqa: E731
         seed = lambda: seed_loop(xw, h0, w_rec, alpha, gain)  # noqa: E731
         row["seed_err"] = rel_err(seed(), ref)
-        t0 = time.perf_counter()
-        row["compile_err"] = rel_err(compiled(xw, h0, w_rec, alpha, gain), ref)
-        row["compile_s"] = time.perf_counter() - t0
+        if "compile" in engines:
+            t0 = time.perf_counter()
+            row["compile_err"] = rel_err(compiled(xw, h0, w_rec, alpha, gain), ref)
+            row["compile_s"] = time.perf_counter() - t0
         comp = lambda: compiled(xw, h0, w_rec, alpha, gain)  # noqa: E731
         rnn = torch.nn.RNN(H, H, nonlinearity="tanh", batch_first=True).cuda().half()
         h_rnn = h0[None].contiguous()
@@ -143,6 +216,9 @@ def main():
         for name, fn in [("kernel", kernel), ("seed", seed), ("compile", comp),
                          ("cudnn", cudnn)]:
             for graph in (False, True):
+                if name not in engines:
+                    row[f"{name}_ms" + ("_graph" if graph else "")] = None
+                    continue
                 key = f"{name}_ms" + ("_graph" if graph else "")
                 row[key], why = timed(fn, graph)
                 if why:
@@ -154,8 +230,13 @@ def main():
                 k, b = row[f"kernel_ms{suffix}"], row[f"{base}_ms{suffix}"]
                 row[f"speedup_vs_{base}{suffix}"] = b / k if k and b else None
         if args.sweep:
-            row["sweep"] = sweep(args_, ref, B, T, H)
-            print(f"  sweep B={B} T={T} H={H}: best {row['sweep'][:3]}", flush=True)
+            t0 = time.perf_counter()
+            share = sweep_left / (len(POINTS) - len(results))
+            row["sweep"] = sweep(args_, ref, B, T, H, t0 + share)
+            sweep_left -= time.perf_counter() - t0
+            for method in ("split", "rows"):
+                best = [r for r in row["sweep"] if r["method"] == method][:3]
+                print(f"  sweep B={B} T={T} H={H} best {method}: {best}", flush=True)
         results.append(row)
         del args_, out, rnn
         torch.cuda.empty_cache()
@@ -178,15 +259,28 @@ def main():
     print("\nms per call, fp16; 'graph' = CUDA-graph replay (no Python launch overhead)")
     print(f"{'B':>4} {'T':>4} {'H':>4} | {'kernel':>8} {'seed':>8} {'compile':>8} {'cudnn':>8} | "
           f"{'kernel g':>8} {'seed g':>8} {'comp g':>8} {'cudnn g':>8} | {'x cudnn':>7} {'x comp':>7} "
-          f"{'x cudnn g':>9} {'x comp g':>8} | {'err':>7}")
+          f"{'x cudnn g':>9} {'x comp g':>8} | {'err':>7} {'method':>6}")
     for r in results:
         print(f"{r['B']:>4} {r['T']:>4} {r['H']:>4} | {fmt(r['kernel_ms']):>8} {fmt(r['seed_ms']):>8} "
               f"{fmt(r['compile_ms']):>8} {fmt(r['cudnn_ms']):>8} | {fmt(r['kernel_ms_graph']):>8} "
               f"{fmt(r['seed_ms_graph']):>8} {fmt(r['compile_ms_graph']):>8} {fmt(r['cudnn_ms_graph']):>8} | "
               f"{fmt(r['speedup_vs_cudnn'], '.2f'):>7} {fmt(r['speedup_vs_compile'], '.2f'):>7} "
               f"{fmt(r['speedup_vs_cudnn_graph'], '.2f'):>9} "
-              f"{fmt(r['speedup_vs_compile_graph'], '.2f'):>8} | {r['kernel_err']:>7.1e}")
+              f"{fmt(r['speedup_vs_compile_graph'], '.2f'):>8} | {r['kernel_err']:>7.1e} "
+              f"{r['config']['method']:>6}")
     print("x = other's time / kernel's time (> 1: the kernel is faster)")
+    if args.sweep:
+        print("\nsweep, best per design (CUDA-graph ms) against cuDNN graph:")
+        for r in results:
+            for method in ("split", "rows"):
+                best = next((c for c in r.get("sweep", []) if c["method"] == method), None)
+                if best is None:
+                    print(f"{r['B']:>4} {r['T']:>4} {r['H']:>4} {method:>5}: none ran")
+                    continue
+                knobs = " ".join(f"{k}={v}" for k, v in best.items()
+                                 if k not in ("method", "ms", "err"))
+                print(f"{r['B']:>4} {r['T']:>4} {r['H']:>4} {method:>5}: {best['ms']:.4f} ms "
+                      f"(cudnn {fmt(r['cudnn_ms_graph'])}) {knobs}")
     print(f"streaming B=1 T=1 H=256, eager per step: kernel {stream['kernel_us']:.1f} us, "
           f"seed step {stream['seed_step_us']:.1f} us, cuDNN RNN {stream['cudnn_us']:.1f} us")
     print(f"total {time.perf_counter() - start:.0f} s")

@@ -2,7 +2,10 @@
 then the `cfc` model through the whole pipeline.
 
 Triton runs through its interpreter on CPU-only machines and for real on a GPU. Outputs are
-poisoned with NaN before each kernel runs, so an unwritten element fails the test.
+poisoned with NaN before each kernel runs, so an unwritten element fails the test. The split
+kernel (programs meet at a barrier every step) cannot run in the interpreter, which runs
+programs one after another: on CPU it runs only where no program waits on another (one
+column block, or one step per launch), and its real launches are GPU tests.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from conftest import DEVICE, gpu, run_cli
 from onnx import TensorProto, helper
 
 from seqdeploy.ops import DOMAIN, reference_ops
-from seqdeploy_cfc.kernels import W_RESIDENT_BYTES, triton_cfc_scan
+from seqdeploy_cfc import kernels
+from seqdeploy_cfc.kernels import W_RESIDENT_BYTES, launch_config, triton_cfc_scan
 from seqdeploy_cfc.onnx import cfc_scan_function
 from seqdeploy_cfc.ops import cfc_scan, cpu_cfc_scan, naive_cfc_scan, reference_cfc_scan
 
@@ -98,7 +102,8 @@ def test_triton_matches_naive(B, T, H, strided, w_resident, dtype):
     (the streamed one with two contraction slices at H=40: block_k 32 of block_h 64)."""
     args = make(B, T, H, dtype, DEVICE, strided=strided)
     ref = naive_cfc_scan(*cpu(args), 1.0)
-    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), w_resident=w_resident)
+    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), w_resident=w_resident,
+                          method="rows")
     assert out.dtype == dtype
     assert rel_l2(out, ref) < TOL[dtype]
 
@@ -110,7 +115,8 @@ def test_triton_launch_variants_agree(block_b, num_warps, block_k):
     ref = naive_cfc_scan(*cpu(args), 1.0)
     for w_resident in (True, False):
         out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), block_b=block_b,
-                              num_warps=num_warps, w_resident=w_resident, block_k=block_k)
+                              num_warps=num_warps, w_resident=w_resident, block_k=block_k,
+                              method="rows")
         assert rel_l2(out, ref) < TOL[torch.float32]
 
 
@@ -123,14 +129,108 @@ def test_triton_long_sequence():
     assert rel_l2(out, ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("form", ["reference", "cpu", "triton"])
+# -- the split kernel ------------------------------------------------------------------------
+def run_split(args, dt, out, **overrides):
+    """The split kernel through its launcher, which (unlike ``triton_cfc_scan``) lets the
+    interpreter run it where no program waits on another: one column block, or one step."""
+    B, T, H = args[0].shape
+    xw, h0, w_rec, tau, y = kernels._prepare(*args, out)
+    config = launch_config(B, H, xw.dtype, method="split")
+    config.update(overrides)
+    kernels._launch_split(xw, h0, w_rec, tau, y, dt, config)
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("w_resident", [True, False], ids=["w-resident", "w-streamed"])
+@pytest.mark.parametrize("B,T,H,strided", [(2, 1, 16, False), (3, 63, 20, True),
+                                           (19, 37, 40, False)])
+def test_split_kernel_one_column_block_matches_naive(B, T, H, strided, w_resident, dtype):
+    """The split kernel's arithmetic, with block_n = block_h: one column block per batch
+    block, so each barrier waits only on the program itself and the interpreter can run it
+    (19 rows: two batch blocks, two counters; H=40: two contraction slices when streamed)."""
+    args = make(B, T, H, dtype, DEVICE, strided=strided)
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    out = run_split(args, 1.0, poisoned(args[0]), block_n=kernels._block_h(H),
+                    w_resident=w_resident, num_warps=4)
+    assert out.dtype == dtype
+    assert rel_l2(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("w_resident", [True, False], ids=["w-resident", "w-streamed"])
+def test_split_kernel_column_blocks_one_step_per_call(w_resident, dtype):
+    """Several column blocks (H=40 in blocks of 16: the last one partial) and batch blocks,
+    one step per launch, so no barrier is waited on and the interpreter can run it; in fp32
+    the state handed from call to call is exact, so 6 chained calls are the 6-step scan."""
+    B, T, H = 19, 6, 40
+    args = make(B, T, H, dtype, DEVICE, seed=6, strided=True)
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    xw, h, w_rec, tau = args
+    steps = []
+    for t in range(T if dtype == torch.float32 else 1):
+        y = run_split((xw[:, t:t + 1], h, w_rec, tau), 1.0, poisoned(xw[:, :1]), block_n=16,
+                      w_resident=w_resident, num_warps=4)
+        steps.append(y)
+        h = y[:, 0]
+    out = torch.cat(steps, 1)
+    assert rel_l2(out, ref[:, :out.shape[1]]) < TOL[dtype]
+
+
+def test_split_refused_where_it_could_hang():
+    """In the interpreter (and on CPU tensors) programs run one after another, so a program
+    would wait forever for a sibling: the split kernel says so instead of hanging."""
+    args = make(20, 5, 40, torch.float32)            # CPU tensors, whatever the machine has
+    with pytest.raises(RuntimeError, match="interpreter"):
+        triton_cfc_scan(*args, 1.0, method="split")
+    with pytest.raises(RuntimeError, match="interpreter"):
+        run_split(args, 1.0, poisoned(args[0]), block_n=16)     # 3 column blocks, 5 steps
+    with pytest.raises(ValueError, match="method"):
+        triton_cfc_scan(*args, 1.0, method="columns")
+    assert launch_config(20, 40, torch.float32, "cpu")["method"] == "rows"
+
+
+def test_launch_config_picks_split_where_rows_loses(monkeypatch):
+    """On a 132-SM GPU (an H200): rows wherever it keeps w_rec on chip (it measured faster than
+    split at every H=256 seed point), split wherever rows would stream w_rec from L2, never a
+    split grid with more programs than SMs (the barrier's co-residency condition)."""
+    monkeypatch.setattr(kernels, "sm_count",
+                        lambda device: 132 if torch.device(device).type == "cuda" else None)
+
+    def pick(B, H, dtype=torch.float16):
+        config = launch_config(B, H, dtype, "cuda")
+        if config["method"] == "split":
+            n_bb, n_nb = kernels.split_grid(B, H, config["block_b"], config["block_n"])
+            assert n_nb >= 2 and n_bb * n_nb <= 132
+        return config
+
+    for B in (32, 64, 128):
+        assert pick(B, 256)["method"] == "rows"
+    for B, H in [(256, 512), (1, 512)]:
+        for dtype in DTYPES:
+            assert pick(B, H, dtype)["method"] == "split", (B, H, dtype)
+    seed512 = pick(256, 512)
+    assert (seed512["block_b"], seed512["block_n"], seed512["w_resident"]) == (16, 64, True)
+    assert pick(256, 512, torch.float32)["block_b"] == 32           # 8 x 16 programs
+    assert pick(8192, 512)["method"] == "rows"                      # no split grid fits
+    assert pick(4096, 32)["method"] == "rows"                       # w_rec fits, H small
+    assert launch_config(256, 512, torch.float16, "cpu")["method"] == "rows"
+    assert launch_config(256, 512, torch.float16)["method"] == "rows"
+
+
+@pytest.mark.parametrize("form", ["reference", "cpu", "triton",
+                                  pytest.param("triton-split", marks=gpu)])
 def test_split_sequence_equals_full(form):
     """In fp32 the state handed across the cut is the exact fp32 state, and every form runs
-    the same operations step by step: two calls equal one, bit for bit."""
+    the same operations step by step: two calls equal one, bit for bit. (The split kernel's
+    dot reads h back from y, which in fp32 is the state itself.)"""
     fn = {"reference": reference_cfc_scan, "cpu": cpu_cfc_scan,
-          "triton": lambda *a: triton_cfc_scan(*a, out=poisoned(a[0]))}[form]
-    device = DEVICE if form == "triton" else "cpu"
-    xw, h0, w_rec, tau = make(2, 97, 12, torch.float32, device, seed=3)
+          "triton": lambda *a: triton_cfc_scan(*a, out=poisoned(a[0])),
+          "triton-split": lambda *a: triton_cfc_scan(*a, out=poisoned(a[0]), method="split",
+                                                     block_n=16)}[form]
+    device = DEVICE if form.startswith("triton") else "cpu"
+    H = 48 if form == "triton-split" else 12      # three column blocks of 16
+    xw, h0, w_rec, tau = make(2, 97, H, torch.float32, device, seed=3)
     full = fn(xw, h0, w_rec, tau, 1.0)
     cut = 40
     a = fn(xw[:, :cut], h0, w_rec, tau, 1.0)
@@ -153,6 +253,10 @@ def test_gain_keeps_its_digits_for_large_tau():
              "cpu": cpu_cfc_scan(xw, h0, w_rec, tau, dt),
              "triton": triton_cfc_scan(*(a.to(DEVICE) for a in (xw, h0, w_rec, tau)), dt,
                                        out=poisoned(xw.to(DEVICE)))}
+    if DEVICE == "cuda":   # three column blocks of 16
+        forms["triton-split"] = triton_cfc_scan(*(a.cuda() for a in (xw, h0, w_rec, tau)), dt,
+                                                out=poisoned(xw.cuda()), method="split",
+                                                block_n=16)
     for name, y in forms.items():
         err = ((y[0, 0].double().cpu() - expected) / expected).abs().max()
         assert err < 2e-6, (name, float(err))
@@ -328,8 +432,10 @@ def test_run_end_to_end_on_cpu(tmp_path, capsys):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,H", [(64, 256), (40, 512), (5, 20)])
 def test_cuda_dispatch_runs_triton_at_512(B, H, dtype):
-    """The registered op on CUDA is the Triton kernel (w_rec on chip at H=256 in fp16/bf16,
-    streamed from L2 at H=512 and in fp32); repeated launches agree exactly."""
+    """The registered op on CUDA is the Triton kernel ``launch_config`` picks (split at
+    B=64 H=256 and at H=512, rows at H=20); repeated launches agree exactly, and every design
+    it could have picked agrees with the oracle: rows with w_rec on chip (where it fits) or
+    streamed from L2, and split."""
     args = make(B, 512, H, dtype, "cuda", seed=9, strided=True)
     ref = naive_cfc_scan(*cpu(args), 1.0)
     out = cfc_scan(*args, 1.0)
@@ -340,5 +446,54 @@ def test_cuda_dispatch_runs_triton_at_512(B, H, dtype):
     for w_resident in (True, False):   # both homes of w_rec, whichever the default picked
         if w_resident and too_big:
             continue
-        y = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), w_resident=w_resident)
+        y = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), w_resident=w_resident,
+                            method="rows")
         assert rel_l2(y, ref) < TOL[dtype]
+    y = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split")
+    assert rel_l2(y, ref) < TOL[dtype]
+
+
+SPLIT_SHAPES = [(32, 10, 256), (64, 50, 256), (128, 100, 256), (256, 50, 512), (20, 33, 200)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,T,H", SPLIT_SHAPES)
+def test_split_matches_naive(B, T, H, dtype):
+    """The split kernel at the seed's four points and an odd shape (H=200: a partial last
+    column block, padded rows, strided inputs), NaN-poisoned; repeated launches agree bit
+    for bit (a read of y before its writer's store would show up as a NaN or a mismatch)."""
+    args = make(B, T, H, dtype, "cuda", seed=11, strided=H == 200)
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split")
+    assert out.dtype == dtype
+    assert rel_l2(out, ref) < TOL[dtype]
+    for _ in range(5):
+        assert torch.equal(triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split"),
+                           out)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("block_b,block_n,num_warps,w_resident",
+                         [(16, 16, 4, True), (16, 64, 8, True), (32, 32, 4, False),
+                          (64, 32, 8, True), (16, 128, 8, False)])
+def test_split_launch_variants_agree(block_b, block_n, num_warps, w_resident, dtype):
+    """The --sweep knobs of the split kernel change the tiling, not the result (70 rows:
+    a partial batch block; H=192: a partial column block at every block_n but 16, 64)."""
+    args = make(70, 21, 192, dtype, "cuda", seed=12)
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split", block_b=block_b,
+                          block_n=block_n, num_warps=num_warps, w_resident=w_resident)
+    assert rel_l2(out, ref) < TOL[dtype]
+
+
+@gpu
+def test_split_refuses_more_programs_than_sms():
+    """More programs than SMs could leave some unscheduled while the rest wait for them at
+    the barrier: an explicit request is refused, and the default falls back to rows."""
+    sms = kernels.sm_count("cuda")
+    args = make(16 * sms, 2, 64, torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="SMs"):
+        triton_cfc_scan(*args, 1.0, method="split", block_b=16, block_n=16)
+    assert launch_config(16 * sms, 512, torch.float16, "cuda")["method"] == "rows"

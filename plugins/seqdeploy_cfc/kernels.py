@@ -1,16 +1,14 @@
-"""Triton kernel for ``cfc_scan``: all T steps in one launch.
+"""Triton kernels for ``cfc_scan``: all T steps in one launch.
 
-The recurrence is nonlinear, so there is no scan to parallelise over T. Instead the grid runs
-over blocks of ``BLOCK_B`` batch rows; each program owns all H columns of its rows and walks
-the T steps itself:
+The recurrence is nonlinear, so there is no scan to parallelise over T: every launch walks the
+T steps in order, and each step is one ``h_{t-1} @ w_rec`` on the tensor cores (``tl.dot``,
+fp32 accumulation), then ``tanh`` and the blend with ``alpha`` in fp32. ``xw`` is read once
+(the next step's tile is prefetched while this step computes) and ``y`` is written once. Two
+designs share that step and differ in how the work of one step is spread over the GPU.
 
-- the state ``h [BLOCK_B, BLOCK_H]`` stays in fp32 registers for the whole sequence;
-- each step is one ``h @ w_rec`` on the tensor cores (``tl.dot``, fp32 accumulation), then
-  ``tanh`` and the blend with ``alpha``;
-- ``xw`` is read once (the next step's rows are prefetched while this step computes) and
-  ``y`` is written once.
-
-Where ``w_rec`` lives depends on its size (``W_RESIDENT``):
+**rows** (``_cfc_scan_kernel``): one program per ``BLOCK_B`` batch rows, owning all H
+columns; programs never talk to each other. The state ``h [BLOCK_B, BLOCK_H]`` stays in fp32
+registers for the whole sequence. Where ``w_rec`` lives depends on its size (``W_RESIDENT``):
 
 - small enough (``launch_config``: <= 128 KiB, i.e. H <= 256 in fp16/bf16): loaded once before
   the loop and kept on chip;
@@ -20,11 +18,52 @@ Where ``w_rec`` lives depends on its size (``W_RESIDENT``):
   wrote: ``y`` holds ``h`` rounded to the input dtype, exactly the operand the resident path
   feeds to ``tl.dot``, so both paths compute the same thing.
 
-``tl.dot`` needs every dimension >= 16, so ``BLOCK_B >= 16`` and ``BLOCK_H`` is H rounded up
-to a power of two >= 16; padded rows and columns are masked (padded columns stay exactly 0).
-The kernel also runs under the Triton interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
+Its limits: B = 64 gives 4 programs on a 132-SM GPU, each of which reads all of ``w_rec``
+(from shared memory, or from L2 at H = 512) every step.
+
+**split** (``_cfc_split_kernel``): a persistent grid of (batch block of ``BLOCK_B`` rows) x
+(column block of ``BLOCK_N`` of H). Program ``(pb, pn)`` loads its slice
+``w_rec[:, n-block]`` (``[BLOCK_H, BLOCK_N]``, 64 KiB at H = 512, BLOCK_N = 64 in fp16) once
+into shared memory and keeps it there for the whole loop (``W_RESIDENT``; where the dot's
+register tiles would spill, it re-reads the slice each step in ``[BLOCK_K, BLOCK_N]`` pieces
+instead, served from L1/L2). It holds the fp32 state of its own columns in registers and
+writes ``y[rows, t, n-block]``. The dot needs all of ``h_{t-1}`` of its rows, which the
+sibling programs (same ``pb``, on other SMs) wrote: it is read from ``y[rows, t-1, :]`` past
+L1 (``.cg``: L1 is not coherent across SMs), rounded to the input dtype as in the streamed
+rows path (step 0 reads ``h0``). Between steps the siblings meet at a barrier: each stores its
+slice of ``y_t``, runs ``tl.debug_barrier()`` (every thread's stores come before what
+follows), then one thread adds 1 to ``counter[pb]`` with release semantics and spins on
+acquire reads of it until all ``n_col_blocks`` siblings have arrived for step t, and a second
+``tl.debug_barrier()`` holds every thread until then. The counter only grows, so step t waits
+for ``count >= (t + 1) * n_col_blocks`` (a sibling already past it counts too) and needs no
+reset inside a launch; the counters are a fresh zeroed buffer per launch (a memset node under
+CUDA graphs). No barrier follows the last step.
+
+Why the barrier cannot deadlock: a program waits only on its siblings, and only for them to
+finish the same step, which needs nothing but the previous barrier; by induction over t,
+every barrier opens once all programs of the batch block are running. A sibling cannot run
+more than one step ahead (it waits for this program at the next barrier) and never
+overwrites what is read: ``y_t`` is written once. ``triton_cfc_scan`` launches the split
+kernel only with at most as many programs as the GPU has SMs (each program fits on one SM, or
+the launch fails instead), so all programs are resident together. It cannot rule out SMs
+held by other work that itself waits on this kernel (e.g. two split launches on concurrent
+streams, each partly resident), or an SM count cut below the reported one (MPS limits).
+
+The Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) runs programs one after the
+other, so a program would spin forever on a sibling that has not started: the split kernel
+is refused there (``triton_cfc_scan(method="split")`` raises). The CPU tests still run it
+through ``_launch_split`` where no program waits on another: one column block per batch
+block, or a single step (no barrier; chained one step per call, fp32 reproduces the whole
+sequence, since then the state is exactly y).
+
+``tl.dot`` needs every dimension >= 16, so ``BLOCK_B >= 16``, ``BLOCK_N >= 16`` and
+``BLOCK_H`` is H rounded up to a power of two >= 16; padded rows and columns are masked
+(padded columns stay exactly 0). fp32 inputs use ``input_precision="ieee"``.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -34,6 +73,10 @@ import triton.language as tl
 W_RESIDENT_BYTES = 128 * 1024
 #: below this ``dt / tau`` the series form of ``1 - exp(-r)`` is used (see ``_one_minus_exp_neg``)
 SERIES_BELOW = 0.5
+#: int32 slots between two batch blocks' counters: one 128-byte line each, so the atomics
+#: of different batch blocks do not contend for one L2 line
+COUNTER_STRIDE = 32
+METHODS = ("rows", "split")
 
 
 @triton.jit
@@ -57,20 +100,21 @@ def _one_minus_exp_neg(r, SERIES_BELOW: tl.constexpr):
 
 
 @triton.jit
-def _streamed_matmul(a_ptr, sa_b, w_ptr, sw_k, rows, mask_b, cols, mask_h, H,
-                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                     DOT_F32: tl.constexpr):
-    """``a [BLOCK_B, H] @ w [H, BLOCK_H]`` with both operands read in ``BLOCK_K`` slices of
-    the contraction axis. ``a`` was written earlier in this launch, so it is read past L1
-    (``.cg``); ``w`` is re-read every step and served from L2."""
-    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+def _streamed_matmul(a_ptr, sa_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """``a [BLOCK_B, H] @ w [H, cols]`` (``BLOCK_N`` columns) with both operands read in
+    ``BLOCK_K`` slices of the contraction axis. ``a`` was written earlier in this launch
+    (by this program, or by its siblings in the split kernel), so it is read past L1
+    (``.cg``); ``w`` is re-read every step and served from L2 (or L1, for a split slice)."""
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for k0 in tl.static_range(0, BLOCK_H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask_k = ks < H
         a = tl.load(a_ptr + rows[:, None] * sa_b + ks[None, :],
                     mask=mask_b[:, None] & mask_k[None, :], other=0.0, cache_modifier=".cg")
         w = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :],
-                    mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if DOT_F32:
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
@@ -84,6 +128,7 @@ def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                      W_RESIDENT: tl.constexpr, DOT_F32: tl.constexpr,
                      SERIES_BELOW: tl.constexpr):
+    """The rows design: one program per ``BLOCK_B`` rows, all H columns."""
     pid = tl.program_id(0)
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
@@ -125,59 +170,289 @@ def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
         else:
             if t == 0:
                 acc = _streamed_matmul(h0_ptr, sh_b, w_ptr, sw_k, rows, mask_b, cols, mask_h, H,
-                                       BLOCK_B, BLOCK_H, BLOCK_K, DOT_F32)
+                                       BLOCK_B, BLOCK_H, BLOCK_H, BLOCK_K, DOT_F32)
             else:
                 acc = _streamed_matmul(y_ptr + (t - 1) * sy_t, sy_b, w_ptr, sw_k, rows, mask_b,
-                                       cols, mask_h, H, BLOCK_B, BLOCK_H, BLOCK_K, DOT_F32)
+                                       cols, mask_h, H, BLOCK_B, BLOCK_H, BLOCK_H, BLOCK_K,
+                                       DOT_F32)
         h = alpha * h + gain * _tanh(x + acc)
         tl.store(y_ptrs + t * sy_t, h.to(out_ty), mask=mask)
         if not W_RESIDENT:
             tl.debug_barrier()   # every thread's y_t is stored before any thread reads it back
 
 
-def launch_config(B: int, H: int, dtype: torch.dtype) -> dict[str, int | bool]:
-    """Default ``block_b``, ``num_warps``, ``w_resident`` and ``block_k`` (benchmarks/cfc_scan.py
-    --sweep measures the alternatives). Blocks of 16 rows (the smallest ``tl.dot`` tile) spread
-    the batch over the most SMs, since each step's latency, not bandwidth, bounds the kernel."""
-    block_h = max(16, triton.next_power_of_2(H))
+@triton.jit
+def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, count_ptr, dt, B, T, H,
+                      sx_b, sx_t, sh_b, sw_k, sy_b, sy_t,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_F32: tl.constexpr,
+                      SERIES_BELOW: tl.constexpr, COUNTER_STRIDE: tl.constexpr):
+    """The split design: program (pb, pn) computes columns ``pn*BLOCK_N ...`` of rows
+    ``pb*BLOCK_B ...`` for every step; siblings (same pb) meet at a barrier after each step.
+    The grid is 1-D with pn fastest, so siblings have adjacent ids."""
+    pid = tl.program_id(0)
+    n_nb = tl.cdiv(H, BLOCK_N)
+    pb = pid // n_nb
+    pn = pid % n_nb
+    rows = (pb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)      # this program's columns of h and y
+    ks = tl.arange(0, BLOCK_H)                       # the contraction axis: all of h
+    mask_b = rows < B
+    mask_n = cols < H
+    mask_k = ks < H
+    mask = mask_b[:, None] & mask_n[None, :]
+    mask_hk = mask_b[:, None] & mask_k[None, :]
+    out_ty = y_ptr.dtype.element_ty
+
+    r = dt / tl.load(tau_ptr + cols, mask=mask_n, other=1.0).to(tl.float32)
+    alpha = tl.exp(-r)[None, :]
+    gain = _one_minus_exp_neg(r, SERIES_BELOW)[None, :]
+
+    # fp32 state of this program's own columns: the blend never sees the rounded y
+    h = tl.load(h0_ptr + rows[:, None] * sh_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if W_RESIDENT:
+        w = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if DOT_F32:
+            w = w.to(tl.float32)
+        else:
+            w = w.to(out_ty)
+
+    count = count_ptr + pb * COUNTER_STRIDE
+    x_ptrs = xw_ptr + rows[:, None] * sx_b + cols[None, :]
+    y_ptrs = y_ptr + rows[:, None] * sy_b + cols[None, :]
+    step = rows * 0                       # per-row time index: masks stay vectors
+    x_next = tl.load(x_ptrs, mask=mask & (step < T)[:, None], other=0.0)
+    # num_stages=1: a pipelined loop could issue the load of y[:, t-1] ahead of the barrier
+    for t in tl.range(0, T, num_stages=1):
+        x = x_next.to(tl.float32)
+        # issued before the dot and the barrier wait, so its latency hides behind them
+        x_next = tl.load(x_ptrs + (t + 1) * sx_t, mask=mask & (step + t + 1 < T)[:, None],
+                         other=0.0)
+        if W_RESIDENT:
+            if t == 0:
+                hp = tl.load(h0_ptr + rows[:, None] * sh_b + ks[None, :], mask=mask_hk,
+                             other=0.0)
+            else:
+                # written by the siblings in step t-1 (on other SMs): past L1
+                hp = tl.load(y_ptr + (t - 1) * sy_t + rows[:, None] * sy_b + ks[None, :],
+                             mask=mask_hk, other=0.0, cache_modifier=".cg")
+            if DOT_F32:
+                acc = tl.dot(hp.to(tl.float32), w, input_precision="ieee")
+            else:
+                acc = tl.dot(hp.to(out_ty), w)
+        else:
+            if t == 0:
+                acc = _streamed_matmul(h0_ptr, sh_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H,
+                                       BLOCK_B, BLOCK_H, BLOCK_N, BLOCK_K, DOT_F32)
+            else:
+                acc = _streamed_matmul(y_ptr + (t - 1) * sy_t, sy_b, w_ptr, sw_k, rows, mask_b,
+                                       cols, mask_n, H, BLOCK_B, BLOCK_H, BLOCK_N, BLOCK_K,
+                                       DOT_F32)
+        h = alpha * h + gain * _tanh(x + acc)
+        tl.store(y_ptrs + t * sy_t, h.to(out_ty), mask=mask)
+        if t + 1 < T:   # nothing reads y after the last step: no barrier there
+            # every thread's slice of y_t is stored before the one thread that runs the
+            # (scalar) atomic publishes it; release orders those stores before the count
+            tl.debug_barrier()
+            tl.atomic_add(count, 1, sem="release")
+            target = (t + 1) * n_nb
+            seen = tl.atomic_add(count, 0, sem="acquire")
+            while seen < target:
+                seen = tl.atomic_add(count, 0, sem="acquire")
+            # all threads leave the wait before any of them loads y_t
+            tl.debug_barrier()
+
+
+def _interpreting() -> bool:
+    # triton.jit reads the variable when a kernel is decorated (at import): the kernel
+    # objects say what this process runs, whatever the variable says now
+    return not isinstance(_cfc_split_kernel, triton.runtime.JITFunction) or \
+        os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int | None:
+    """SMs of a CUDA device (the most split programs that are surely co-resident), else None."""
+    device = torch.device(device)
+    if device.type != "cuda" or _interpreting() or not torch.cuda.is_available():
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _block_h(H: int) -> int:
+    return max(16, triton.next_power_of_2(H))
+
+
+def _rows_config(B: int, H: int, dtype: torch.dtype) -> dict:
+    block_h = _block_h(H)
     dot_bytes = 4 if dtype == torch.float32 else 2
-    return {"block_b": 16,
+    return {"method": "rows", "block_b": 16,
             "num_warps": 4 if block_h <= 128 else 8,
             "w_resident": block_h * block_h * dot_bytes <= W_RESIDENT_BYTES,
-            "block_k": min(32, block_h)}
+            "block_k": min(32, block_h), "block_n": block_h}
 
 
-def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_warps=None,
-                    w_resident=None, block_k=None) -> torch.Tensor:
-    """Launch the kernel. ``xw [B, T, H]`` and ``h0 [B, H]`` may be strided views with unit
-    stride over H (``h0`` is typically ``h[:, layer]`` of a ``[B, L, H]`` state); ``h0`` and
-    ``w_rec [H, H]`` share the dtype of ``xw`` (fp32, fp16 or bf16), ``tau [H]`` is fp32.
-    ``out``: an optional preallocated ``y [B, T, H]`` in the dtype of ``xw``, unit stride over
-    H. The other keywords override :func:`launch_config`."""
+def split_tile_defaults(block_b: int, block_n: int, H: int, dtype: torch.dtype) -> dict:
+    """``w_resident`` and ``num_warps`` for a split tiling. Register limits, from ptxas for
+    sm_90 (no spills at these sizes, spills just above): with ``w_rec`` resident, the dot's
+    operand tiles are all in registers within a step, so the resident slice is kept to
+    ``block_b * block_h * block_n <= 2^20`` (fp16/bf16: mma fed from shared memory) or
+    ``2^18`` (fp32: ``input_precision="ieee"`` is an FMA loop over register tiles); above
+    that, w is streamed in ``block_k`` slices, which needs few registers."""
+    block_h = _block_h(H)
+    volume = block_b * block_h * block_n
+    if dtype == torch.float32:
+        # 16 rows with 8 warps made ptxas spill heavily at H=256..512; 4 warps did not
+        return {"w_resident": volume <= 2 ** 18, "num_warps": 4 if block_b == 16 else 8}
+    return {"w_resident": volume <= 2 ** 20 and block_h * block_n * 2 <= W_RESIDENT_BYTES,
+            "num_warps": 4 if block_b * block_h <= 16 * 256 else 8}
+
+
+def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None) -> dict:
+    block_h = _block_h(H)
+    # w slice [block_h, block_n] on chip: 64 KiB at H=512 in fp16 (block_n 64) and in fp32
+    # (block_n 32); narrower slices at H <= 256, where more programs share the short step
+    block_n = min(32 if dtype == torch.float32 or block_h < 512 else 64, block_h)
+    n_nb = triton.cdiv(H, block_n)
+    # 16 rows per block (the smallest dot tile, the most programs) unless the grid would
+    # outgrow the GPU; 64 rows is the largest block tried
+    block_b = 16
+    while sms is not None and block_b < 64 and triton.cdiv(B, block_b) * n_nb > sms:
+        block_b *= 2
+    return {"method": "split", "block_b": block_b, "block_k": min(32, block_h),
+            "block_n": block_n, **split_tile_defaults(block_b, block_n, H, dtype)}
+
+
+def split_grid(B: int, H: int, block_b: int, block_n: int) -> tuple[int, int]:
+    """(batch blocks, column blocks) of the split kernel."""
+    return triton.cdiv(B, block_b), triton.cdiv(H, block_n)
+
+
+def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str | None = None
+                  ) -> dict:
+    """Default launch for ``[B, *, H]`` inputs of ``dtype`` on ``device``: ``method``,
+    ``block_b``, ``block_n`` (columns per program: all of ``block_h`` for rows), ``num_warps``,
+    ``w_resident`` and ``block_k`` (benchmarks/cfc_scan.py --sweep measures the alternatives).
+
+    ``split`` is chosen on a CUDA device when its grid fits on the SMs, H spans at least two
+    column blocks, and ``rows`` could not keep ``w_rec`` on chip (it would re-read all of it
+    from L2 every step, in every program). Otherwise ``rows``, which has no barrier to pay
+    for: on the H200, rows beat split at H=256 for every seed batch (e.g. 0.089 against
+    0.095 ms at B=64 T=50, 0.165 against 0.186 ms at B=128 T=100), and split won 6.5x at
+    H=512 (0.125 against 0.814 ms at B=256 T=50). ``method`` forces one design (its defaults
+    are returned)."""
+    if method not in (None, *METHODS):
+        raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
+    rows = _rows_config(B, H, dtype)
+    sms = sm_count(device) if device is not None else None
+    if method == "rows":
+        return rows
+    split = _split_config(B, H, dtype, sms)
+    if method == "split":
+        return split
+    n_bb, n_nb = split_grid(B, H, split["block_b"], split["block_n"])
+    wins = not rows["w_resident"]
+    if sms is not None and n_bb * n_nb <= sms and n_nb >= 2 and wins:
+        return split
+    return rows
+
+
+def _launch_rows(xw, h0, w_rec, tau, y, dt, cfg):
     B, T, H = xw.shape
+    block_h = _block_h(H)
+    _cfc_scan_kernel[(triton.cdiv(B, cfg["block_b"]),)](
+        xw, h0, w_rec, tau, y, float(dt), B, T, H,
+        xw.stride(0), xw.stride(1), h0.stride(0), w_rec.stride(0), y.stride(0), y.stride(1),
+        BLOCK_B=cfg["block_b"], BLOCK_H=block_h, BLOCK_K=min(cfg["block_k"], block_h),
+        W_RESIDENT=cfg["w_resident"], DOT_F32=_dot_f32(xw), SERIES_BELOW=SERIES_BELOW,
+        num_warps=cfg["num_warps"])
+
+
+def _launch_split(xw, h0, w_rec, tau, y, dt, cfg):
+    """Launch the split kernel, refusing the launches that could hang: more programs than
+    SMs, or (in the interpreter, which runs programs one by one) any launch where a program
+    waits on a sibling: more than one column block per batch block and more than one step.
+    Inputs as prepared by ``triton_cfc_scan``."""
+    B, T, H = xw.shape
+    block_h = _block_h(H)
+    block_b, block_n = cfg["block_b"], min(cfg["block_n"], block_h)
+    if block_b < 16 or block_n < 16:
+        raise ValueError(f"split needs block_b and block_n >= 16 (tl.dot), got {block_b}, "
+                         f"{block_n}")
+    n_bb, n_nb = split_grid(B, H, block_b, block_n)
+    if T * n_nb >= 2 ** 31:
+        raise ValueError(f"T * column blocks = {T * n_nb} overflows the int32 step counter")
+    if _interpreting() or not xw.is_cuda:
+        if n_nb > 1 and T > 1:   # with one column block or one step, nobody waits on another
+            raise RuntimeError(
+                "cfc_scan method='split' cannot run in the Triton interpreter: it runs programs "
+                "one after another, and a program would wait forever at the per-step barrier for "
+                f"a sibling that has not started ({n_nb} column blocks per batch block); use "
+                "method='rows' (the default on CPU)")
+    else:
+        sms = sm_count(xw.device)
+        if n_bb * n_nb > sms:
+            raise RuntimeError(
+                f"cfc_scan method='split': {n_bb} x {n_nb} = {n_bb * n_nb} programs exceed the "
+                f"{sms} SMs, so not all would be resident and the per-step barrier could "
+                "deadlock; raise block_b / block_n or use method='rows'")
+    counters = torch.zeros(n_bb * COUNTER_STRIDE, dtype=torch.int32, device=xw.device)
+    _cfc_split_kernel[(n_bb * n_nb,)](
+        xw, h0, w_rec, tau, y, counters, float(dt), B, T, H,
+        xw.stride(0), xw.stride(1), h0.stride(0), w_rec.stride(0), y.stride(0), y.stride(1),
+        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_K=min(cfg["block_k"], block_h),
+        W_RESIDENT=cfg["w_resident"], DOT_F32=_dot_f32(xw), SERIES_BELOW=SERIES_BELOW,
+        COUNTER_STRIDE=COUNTER_STRIDE, num_warps=cfg["num_warps"])
+
+
+def _dot_f32(xw) -> bool:
+    # The interpreter multiplies bf16 tiles as their raw uint16 bits (triton 3.9), so on CPU
+    # tensors a bf16 dot runs on fp32 copies of the bf16 values: the same products, exactly.
+    return xw.dtype == torch.float32 or (xw.dtype == torch.bfloat16 and not xw.is_cuda)
+
+
+def _prepare(xw, h0, w_rec, tau, out):
     if xw.stride(2) != 1:
         xw = xw.contiguous()
-    # the op's contract (ONNX type T) gives xw, h0 and w_rec one dtype; the kernel relies on
-    # it, since the dot's operands are h0 or y (streamed path) and w_rec as stored
+    # the op's contract (ONNX type T) gives xw, h0 and w_rec one dtype; the kernels rely on
+    # it, since the dot's operands are h0 or y and w_rec as stored
     h0, w_rec = h0.to(xw.dtype), w_rec.to(xw.dtype)
     if h0.stride(1) != 1:
         h0 = h0.contiguous()
     w_rec, tau = w_rec.contiguous(), tau.float().contiguous()
-    y = torch.empty(B, T, H, dtype=xw.dtype, device=xw.device) if out is None else out
-    cfg = launch_config(B, H, xw.dtype)
-    block_b = block_b or cfg["block_b"]
-    num_warps = num_warps or cfg["num_warps"]
-    w_resident = cfg["w_resident"] if w_resident is None else w_resident
-    block_h = max(16, triton.next_power_of_2(H))
-    block_k = min(block_k or cfg["block_k"], block_h)
-    # The interpreter multiplies bf16 tiles as their raw uint16 bits (triton 3.9), so on CPU
-    # tensors a bf16 dot runs on fp32 copies of the bf16 values: the same products, exactly.
-    dot_f32 = xw.dtype == torch.float32 or (xw.dtype == torch.bfloat16 and not xw.is_cuda)
+    y = torch.empty(xw.shape, dtype=xw.dtype, device=xw.device) if out is None else out
+    return xw, h0, w_rec, tau, y
+
+
+def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_warps=None,
+                    w_resident=None, block_k=None, method=None, block_n=None) -> torch.Tensor:
+    """Launch one of the kernels. ``xw [B, T, H]`` and ``h0 [B, H]`` may be strided views with
+    unit stride over H (``h0`` is typically ``h[:, layer]`` of a ``[B, L, H]`` state); ``h0``
+    and ``w_rec [H, H]`` share the dtype of ``xw`` (fp32, fp16 or bf16), ``tau [H]`` is fp32.
+    ``out``: an optional preallocated ``y [B, T, H]`` in the dtype of ``xw``, unit stride over
+    H. ``method``: ``None`` (``launch_config`` picks), ``"rows"`` or ``"split"`` (CUDA only;
+    raises where it could deadlock). The other keywords override :func:`launch_config`'s
+    defaults for the method that runs (``block_n`` only matters to ``split``)."""
+    if method not in (None, *METHODS):
+        raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
+    if method == "split" and (not xw.is_cuda or _interpreting()):
+        raise RuntimeError(
+            "cfc_scan method='split' needs a CUDA device and compiled Triton: in the interpreter "
+            "(CPU tensors, TRITON_INTERPRET=1) programs run one after another, so one would wait "
+            "forever at the per-step barrier for a sibling that has not started; use "
+            "method='rows' (the default there)")
+    B, T, H = xw.shape
+    xw, h0, w_rec, tau, y = _prepare(xw, h0, w_rec, tau, out)
+    cfg = launch_config(B, H, xw.dtype, xw.device, method)
+    overrides = {"block_b": block_b, "num_warps": num_warps, "w_resident": w_resident,
+                 "block_k": block_k, "block_n": block_n}
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
     if B == 0 or T == 0:
         return y
-    _cfc_scan_kernel[(triton.cdiv(B, block_b),)](
-        xw, h0, w_rec, tau, y, float(dt), B, T, H,
-        xw.stride(0), xw.stride(1), h0.stride(0), w_rec.stride(0), y.stride(0), y.stride(1),
-        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, W_RESIDENT=w_resident,
-        DOT_F32=dot_f32, SERIES_BELOW=SERIES_BELOW, num_warps=num_warps)
+    (_launch_split if cfg["method"] == "split" else _launch_rows)(xw, h0, w_rec, tau, y, dt, cfg)
     return y
