@@ -123,6 +123,14 @@ def _streamed_matmul(a_ptr, sa_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H,
 
 
 @triton.jit
+def _decays(tau_ptr, cols, mask, dt, SERIES_BELOW: tl.constexpr):
+    """``alpha = exp(-dt/tau)`` and ``1 - alpha`` in fp32, as [1, columns] rows, once per
+    program; padded columns get tau = 1 (finite, unused)."""
+    r = dt / tl.load(tau_ptr + cols, mask=mask, other=1.0).to(tl.float32)
+    return tl.exp(-r)[None, :], _one_minus_exp_neg(r, SERIES_BELOW)[None, :]
+
+
+@triton.jit
 def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
                      sx_b, sx_t, sh_b, sw_k, sy_b, sy_t,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -137,10 +145,7 @@ def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
     mask = mask_b[:, None] & mask_h[None, :]
     out_ty = y_ptr.dtype.element_ty
 
-    # decays in fp32, once per program; padded columns get tau = 1 (finite, unused)
-    r = dt / tl.load(tau_ptr + cols, mask=mask_h, other=1.0).to(tl.float32)
-    alpha = tl.exp(-r)[None, :]
-    gain = _one_minus_exp_neg(r, SERIES_BELOW)[None, :]
+    alpha, gain = _decays(tau_ptr, cols, mask_h, dt, SERIES_BELOW)
 
     h = tl.load(h0_ptr + rows[:, None] * sh_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if W_RESIDENT:
@@ -204,9 +209,7 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, count_ptr, dt, B, T
     mask_hk = mask_b[:, None] & mask_k[None, :]
     out_ty = y_ptr.dtype.element_ty
 
-    r = dt / tl.load(tau_ptr + cols, mask=mask_n, other=1.0).to(tl.float32)
-    alpha = tl.exp(-r)[None, :]
-    gain = _one_minus_exp_neg(r, SERIES_BELOW)[None, :]
+    alpha, gain = _decays(tau_ptr, cols, mask_n, dt, SERIES_BELOW)
 
     # fp32 state of this program's own columns: the blend never sees the rounded y
     h = tl.load(h0_ptr + rows[:, None] * sh_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
