@@ -32,17 +32,29 @@ def sha256_file(path: Path) -> str:
 def atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)``, then move the finished file into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         writer(Path(tmp))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; artifacts are shared files
         os.replace(tmp, path)
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -93,9 +105,15 @@ class Artifact:
             manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{path}: corrupt manifest ({exc.__class__.__name__}: {exc})") from None
-        for key in ("arch", "preset", "config", "files"):
-            if key not in manifest:
-                raise ArtifactError(f"{path}: corrupt manifest (no {key!r})")
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"{path}: corrupt manifest (not a JSON object)")
+        for key, kind in (("arch", str), ("preset", str), ("config", dict), ("files", dict)):
+            if not isinstance(manifest.get(key), kind):
+                raise ArtifactError(f"{path}: corrupt manifest ({key!r} missing or not a {kind.__name__})")
+        for name, entry in manifest["files"].items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                    and isinstance(entry.get("bytes"), int)):
+                raise ArtifactError(f"{path}: corrupt manifest (entry for {name!r})")
         if manifest.get("format") != FORMAT_VERSION:
             raise ArtifactError(f"{path}: manifest format {manifest.get('format')!r} is not "
                                 f"{FORMAT_VERSION}; re-export")

@@ -48,7 +48,12 @@ def _artifact(ctx: click.Context, arch_name: str, preset: str | None):
 
     registry = _registry(ctx)
     preset = _preset(registry, arch_name, preset, _device(ctx))
-    return Artifact.load(Path(ctx.obj["out"]) / arch_name / preset)
+    artifact = Artifact.load(Path(ctx.obj["out"]) / arch_name / preset)
+    found = (artifact.manifest["arch"], artifact.manifest["preset"])
+    if found != (arch_name, preset):
+        raise SeqdeployError(f"{artifact.dir}: the manifest says {found[0]}/{found[1]}, not "
+                             f"{arch_name}/{preset}")
+    return artifact
 
 
 class _Progress:
@@ -261,7 +266,8 @@ def _validate(ctx, arch: str, preset, engines, precisions, long_seq) -> bool:
 @click.option("--preset")
 @click.option("--engine", "engines", multiple=True, help="Engines (default: torch,ort).")
 @click.option("--precision", "precisions", multiple=True, help="fp32, fp16 (default: both).")
-@click.option("--long-seq", default=4096, show_default=True, help="T of the long-sequence case.")
+@click.option("--long-seq", default=4096, show_default=True, type=click.IntRange(min=2),
+              help="T of the long-sequence case.")
 @click.pass_context
 def validate(ctx, archs, preset, engines, precisions, long_seq):
     """Numerical parity of each engine against the PyTorch reference; exit 1 on any failure."""
@@ -354,10 +360,16 @@ def predict(ctx, arch, preset, inputs_path, engine, precision, output_path):
 
     artifact = _artifact(ctx, arch, preset)
     try:
-        with np.load(inputs_path) as data:
-            inputs = {k: torch.from_numpy(np.array(data[k])) for k in data.files}
+        data = np.load(inputs_path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise SeqdeployError(f"{inputs_path}: not a readable .npz ({exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise SeqdeployError(f"{inputs_path}: not an .npz archive (one array per model input)")
+    with data:
+        try:
+            inputs = {k: torch.from_numpy(np.array(data[k])) for k in data.files}
+        except (TypeError, ValueError) as exc:
+            raise SeqdeployError(f"{inputs_path}: an array has an unsupported dtype ({exc})") from None
     session = pipeline.open_session(_registry(ctx), artifact, engine, precision, _device(ctx))
     outputs = session.run(inputs)
     for name, value in outputs.items():
@@ -371,7 +383,7 @@ def predict(ctx, arch, preset, inputs_path, engine, precision, output_path):
 @cli.command()
 @click.argument("archs", nargs=-1)
 @click.option("--preset", help="Preset for every ARCH (default: fits the hardware).")
-@click.option("--long-seq", default=4096, show_default=True)
+@click.option("--long-seq", default=4096, show_default=True, type=click.IntRange(min=2))
 @click.option("--plot/--no-plot", default=True, show_default=True)
 @click.pass_context
 def run(ctx, archs, preset, long_seq, plot):
@@ -439,8 +451,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:   # usage errors too: one line, not a usage block
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -10,7 +10,8 @@ writes it as ``model.step.onnx`` (and ``optimize --fp16`` as ``model.step.fp16.o
         y_t = stream.step({"x": x_t})["y"]     # stream.state holds h after this step
 
 On CUDA the ``torch`` stream captures the step once as a CUDA graph and replays it, so a
-step costs one graph launch instead of one Python launch per kernel. Value checks (NaN,
+step costs one graph launch instead of one Python launch per kernel; the graph's state
+buffers are the stream's own copies. Value checks (NaN,
 token range) synchronise with the GPU; latency-critical loops pass ``check_values=False``.
 """
 from __future__ import annotations
@@ -24,13 +25,14 @@ import torch
 from torch import nn
 
 from seqdeploy.architecture import SEQ, TensorSpec, check_inputs
-from seqdeploy.errors import SeqdeployError
+from seqdeploy.errors import InputError, SeqdeployError
 
 if TYPE_CHECKING:
     from seqdeploy.artifacts import Artifact
     from seqdeploy.plugins import Registry
 
 STEP_FILES = {"fp32": "model.step.onnx", "fp16": "model.step.fp16.onnx"}
+STREAM_ENGINES = ("torch", "torch-ref", "ort")
 
 
 def step_specs(specs: list[TensorSpec]) -> list[TensorSpec]:
@@ -112,17 +114,27 @@ class Stream:
                 return [torch.from_numpy(o) for o in session.run(names, feeds)]
 
             return run
-        raise SeqdeployError(f"streaming supports the torch, torch-ref and ort engines, not {self.engine!r}")
+        raise SeqdeployError(f"streaming supports the {', '.join(STREAM_ENGINES)} engines, "
+                             f"not {self.engine!r}")
 
     # -- state -----------------------------------------------------------------------------
     def reset(self, batch: int = 1, state: dict[str, torch.Tensor] | None = None) -> None:
-        """Start a new sequence: zero state for ``batch`` rows, or the given state."""
+        """Start a new sequence: zero state for ``batch`` rows, or the given state (copied;
+        the caller's tensors are never written)."""
+        state = dict(state or {})
+        unknown = sorted(set(state) - {s.name for s in self.state_specs})
+        if unknown:
+            raise InputError(f"unknown state(s) {', '.join(unknown)} (the state is "
+                             f"{', '.join(s.name for s in self.state_specs)})")
         values = {}
         for spec in self.state_specs:
             shape = tuple(batch if isinstance(d, str) else d for d in spec.shape)
-            value = (state or {}).get(spec.name)
+            value = state.get(spec.name)
             values[spec.name] = (torch.zeros(shape, dtype=spec.torch_dtype(self.precision))
                                  if value is None else value.to(spec.torch_dtype(self.precision)))
+            if tuple(values[spec.name].shape) != shape:
+                raise InputError(f"state {spec.name}: expected shape {list(shape)} for batch "
+                                 f"{batch}, got {list(values[spec.name].shape)}")
         check_inputs(self.state_specs, values, self.precision)
         device = self.device if self.engine != "ort" else "cpu"
         if self._graph is not None and self._graph_batch == batch:
@@ -130,7 +142,7 @@ class Stream:
                 self._state[k].copy_(v)
         else:
             self._graph = None
-            self._state = {k: v.to(device) for k, v in values.items()}
+            self._state = {k: v.to(device, copy=True) for k, v in values.items()}
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
@@ -150,6 +162,8 @@ class Stream:
         if not self._state:
             first = next(iter(inputs.values()), None)
             self.reset(batch=int(first.shape[0]) if first is not None and first.dim() else 1)
+        # the feeds must match the state's batch (a captured graph would broadcast them)
+        check_inputs(self.input_specs, {**inputs, **self._state}, self.precision, values=False)
         if self.engine == "torch" and self.device == "cuda":
             return self._graph_step(inputs)
         outputs = dict(zip((s.name for s in self.output_specs), self._runner({**inputs, **self._state})))
@@ -190,6 +204,8 @@ def open_stream(artifact_dir: str | Path, engine: str = "torch", precision: str 
     from seqdeploy.engines.base import resolve_device
     from seqdeploy.plugins import load_registry
 
+    if precision not in STEP_FILES:
+        raise SeqdeployError(f"unknown precision {precision!r} (fp32 or fp16)")
     registry = registry or load_registry()
     artifact = Artifact.load(Path(artifact_dir))
     device = resolve_device(device)

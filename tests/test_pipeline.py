@@ -263,6 +263,45 @@ def test_interrupted_write_leaves_nothing_that_loads(tmp_path):
     assert os.listdir(tmp_path) == ["model.onnx"]
 
 
+def test_artifacts_are_readable_by_others_under_the_umask(ten_copy):
+    mode = (ten_copy / "ten" / "tiny" / "model.onnx").stat().st_mode & 0o777
+    mask = os.umask(0)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "ten", "--preset", "tiny", "--batch", "0"], "Invalid value for '--batch'"),
+    (["validate", "ten", "--preset", "tiny", "--long-seq", "-5"], "Invalid value for '--long-seq'"),
+    (["export", "ten", "--preset", "tiny", "--seed", "abc"], "Invalid value for '--seed'"),
+])
+def test_usage_errors_are_one_line(ten_copy, capsys, args, message):
+    code, out, err = run_cli(["--out", ten_copy, *ROOT_ARGS, *args], capsys)
+    assert code == 2 and err.startswith("error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_output_and_foreign_files_are_one_line(ten_copy, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(["--out", blocker / "sub", *ROOT_ARGS, "export", "ten", "--preset", "tiny"],
+                           capsys)
+    assert code == 2 and err.startswith("error: cannot write") and len(err.strip().splitlines()) == 1
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    code, _, err = run_cli(["--out", ten_copy, *ROOT_ARGS, "predict", "ten", "--preset", "tiny",
+                            "--inputs", tmp_path / "plain.npy"], capsys)
+    assert code == 2 and "not an .npz archive" in err
+    manifest = ten_copy / "ten" / "tiny" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["arch"] = "cfc"
+    manifest.write_text(json.dumps(data))
+    code, _, err = run_cli(["--out", ten_copy, *ROOT_ARGS, "bench", "ten", "--preset", "tiny"], capsys)
+    assert code == 2 and "the manifest says cfc/tiny" in err
+    manifest.write_text(json.dumps({**data, "files": {"model.onnx": {"bytes": 1}}}))
+    code, _, err = run_cli(["--out", ten_copy, *ROOT_ARGS, "bench", "ten", "--preset", "tiny"], capsys)
+    assert code == 2 and "corrupt manifest (entry for 'model.onnx')" in err
+
+
 def test_file_not_in_manifest_is_refused(ten_copy):
     artifact = art(ten_copy)
     del artifact.manifest["files"]["model.fp16.onnx"]

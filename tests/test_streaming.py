@@ -108,3 +108,26 @@ def test_cuda_graph_stream_equals_full_sequence(streamed, precision, limit):
         stepped = pipeline.run_steps(stream, arch, cast_inputs(inputs, arch.input_specs(config), precision))
         for name, ref in full.items():
             assert compare(ref, stepped[name]).rel_l2 < limit, (batch, seed, name)
+
+
+def test_stream_state_is_copied_and_batch_checked(streamed):
+    registry, artifact = streamed
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    stream = open_stream(artifact.dir, engine="torch", device="cpu", registry=registry)
+    inputs = arch.make_inputs(config, 3, 1, seed=2)
+    state = {k: v for k, v in inputs.items() if k in arch.state_map}
+    kept = {k: v.clone() for k, v in state.items()}
+    feeds = {k: v.select(1, 0) for k, v in inputs.items() if k not in arch.state_map}
+    stream.reset(batch=3, state=state)
+    stream.step(feeds)
+    assert all(torch.equal(state[k], kept[k]) for k in state)       # caller's tensors untouched
+    one_row = {k: v[:1] for k, v in feeds.items()}
+    with pytest.raises(InputError, match="batch is 3 but .* has 1|batch is 1 but .* has 3"):
+        stream.step(one_row)
+    with pytest.raises(InputError, match="unknown state"):
+        stream.reset(batch=3, state={"nosuch": torch.zeros(1)})
+    with pytest.raises(InputError, match="expected shape"):
+        stream.reset(batch=2, state=state)
+    with pytest.raises(SeqdeployError, match="unknown precision"):
+        open_stream(artifact.dir, precision="bf16", device="cpu", registry=registry)

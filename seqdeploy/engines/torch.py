@@ -8,6 +8,7 @@ import torch
 
 from seqdeploy.checkpoint import load_checkpoint
 from seqdeploy.engines.base import Engine, Session
+from seqdeploy.errors import ArtifactError
 from seqdeploy.ops import reference_ops
 from seqdeploy.precision import cast_model
 
@@ -17,7 +18,11 @@ WEIGHTS = "model.safetensors"
 def load_model(artifact, registry, precision: str, device: str) -> torch.nn.Module:
     """Rebuild the artifact's model, load its checksummed weights, apply the precision policy."""
     arch = registry.architecture(artifact.manifest["arch"])
-    model = arch.build(artifact.manifest["config"])
+    try:
+        model = arch.build(artifact.manifest["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{artifact.dir}: the manifest's config does not build a "
+                            f"{arch.name} model ({type(exc).__name__}: {exc})") from None
     load_checkpoint(model, artifact.path(WEIGHTS))
     cast_model(model, precision, arch.fp32_parameters)
     return model.to(device).eval()
