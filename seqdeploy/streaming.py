@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from seqdeploy.architecture import SEQ, TensorSpec, check_inputs
+from seqdeploy.architecture import BATCH, SEQ, TensorSpec, check_inputs
 from seqdeploy.errors import InputError, SeqdeployError
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class Stream:
         self._state: dict[str, torch.Tensor] = {}
         self._graph = None
         self._graph_batch = None
+        self._batch = None
         self._runner = self._open(registry, artifact)
 
     # -- engines ---------------------------------------------------------------------------
@@ -136,6 +137,7 @@ class Stream:
                 raise InputError(f"state {spec.name}: expected shape {list(shape)} for batch "
                                  f"{batch}, got {list(values[spec.name].shape)}")
         check_inputs(self.state_specs, values, self.precision)
+        self._batch = batch
         device = self.device if self.engine != "ort" else "cpu"
         if self._graph is not None and self._graph_batch == batch:
             for k, v in values.items():            # the captured graph reads these buffers
@@ -163,7 +165,11 @@ class Stream:
             first = next(iter(inputs.values()), None)
             self.reset(batch=int(first.shape[0]) if first is not None and first.dim() else 1)
         # the feeds must match the state's batch (a captured graph would broadcast them)
-        check_inputs(self.input_specs, {**inputs, **self._state}, self.precision, values=False)
+        for spec in self.feed_specs:
+            if BATCH in spec.shape and inputs[spec.name].shape[spec.shape.index(BATCH)] != self._batch:
+                raise InputError(f"input {spec.name}: batch is {self._batch} in the stream's state "
+                                 f"but {inputs[spec.name].shape[spec.shape.index(BATCH)]} here; "
+                                 f"reset(batch=...) first")
         if self.engine == "torch" and self.device == "cuda":
             return self._graph_step(inputs)
         outputs = dict(zip((s.name for s in self.output_specs), self._runner({**inputs, **self._state})))
