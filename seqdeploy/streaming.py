@@ -78,8 +78,7 @@ class Stream:
         self.feed_specs = [s for s in self.input_specs if s.name not in self.arch.state_map]
         self.check_values = check_values
         self._state: dict[str, torch.Tensor] = {}
-        self._graph = None
-        self._graph_batch = None
+        self._graph = None          # captured for self._batch rows; reset() drops it on a change
         self._batch = None
         self._runner = self._open(registry, artifact)
 
@@ -137,9 +136,10 @@ class Stream:
                 raise InputError(f"state {spec.name}: expected shape {list(shape)} for batch "
                                  f"{batch}, got {list(values[spec.name].shape)}")
         check_inputs(self.state_specs, values, self.precision)
+        keep_graph = self._graph is not None and self._batch == batch
         self._batch = batch
         device = self.device if self.engine != "ort" else "cpu"
-        if self._graph is not None and self._graph_batch == batch:
+        if keep_graph:
             for k, v in values.items():            # the captured graph reads these buffers
                 self._state[k].copy_(v)
         else:
@@ -181,8 +181,7 @@ class Stream:
         """Replay a CUDA graph of the step. The graph reads the inputs and state from static
         buffers and writes the new state back into the state buffers itself, so a step is
         one copy in, one replay and one copy out. Recaptured when the batch size changes."""
-        batch = int(next(iter(self._state.values())).shape[0])
-        if self._graph is None or self._graph_batch != batch:
+        if self._graph is None:
             self._static_in = {k: v.to(self.device).clone() for k, v in inputs.items()}
             feeds = {**self._static_in, **self._state}
             self._runner(feeds)                    # warm up: compile kernels, settle allocator
@@ -194,7 +193,7 @@ class Stream:
                 for state_in, state_out in self.arch.state_map.items():
                     self._state[state_in].copy_(outs.pop(state_out))
             self._static_out = outs
-            self._graph, self._graph_batch = graph, batch
+            self._graph = graph
         for k, v in inputs.items():
             self._static_in[k].copy_(v, non_blocking=True)
         self._graph.replay()
