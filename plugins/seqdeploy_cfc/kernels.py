@@ -131,6 +131,16 @@ def _decays(tau_ptr, cols, mask, dt, SERIES_BELOW: tl.constexpr):
 
 
 @triton.jit
+def _load_w(w_ptr, sw_k, ks, mask_k, cols, mask_n, DOT_F32: tl.constexpr, out_ty: tl.constexpr):
+    """``w_rec[ks, cols]``, kept on chip for the whole loop, in the dot's operand dtype."""
+    w = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :], mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0)
+    if DOT_F32:
+        return w.to(tl.float32)
+    return w.to(out_ty)
+
+
+@triton.jit
 def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
                      sx_b, sx_t, sh_b, sw_k, sy_b, sy_t,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -149,12 +159,7 @@ def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
 
     h = tl.load(h0_ptr + rows[:, None] * sh_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if W_RESIDENT:
-        w = tl.load(w_ptr + cols[:, None] * sw_k + cols[None, :],
-                    mask=mask_h[:, None] & mask_h[None, :], other=0.0)
-        if DOT_F32:
-            w = w.to(tl.float32)
-        else:
-            w = w.to(out_ty)
+        w = _load_w(w_ptr, sw_k, cols, mask_h, cols, mask_h, DOT_F32, out_ty)
 
     x_ptrs = xw_ptr + rows[:, None] * sx_b + cols[None, :]
     y_ptrs = y_ptr + rows[:, None] * sy_b + cols[None, :]
@@ -214,12 +219,7 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, count_ptr, dt, B, T
     # fp32 state of this program's own columns: the blend never sees the rounded y
     h = tl.load(h0_ptr + rows[:, None] * sh_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if W_RESIDENT:
-        w = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if DOT_F32:
-            w = w.to(tl.float32)
-        else:
-            w = w.to(out_ty)
+        w = _load_w(w_ptr, sw_k, ks, mask_k, cols, mask_n, DOT_F32, out_ty)
 
     count = count_ptr + pb * COUNTER_STRIDE
     x_ptrs = xw_ptr + rows[:, None] * sx_b + cols[None, :]
