@@ -82,11 +82,14 @@ def _(xw, h0, w_rec, tau, dt):
     return torch.empty_like(xw, memory_format=torch.contiguous_format)
 
 
-@cfc_scan.register_kernel("cuda")
-def _(xw, h0, w_rec, tau, dt):
+def cuda_cfc_scan(xw, h0, w_rec, tau, dt: float) -> torch.Tensor:
+    """CUDA: the Triton kernel (imported on first use: CPU-only runs never load it)."""
     from seqdeploy_cfc.kernels import triton_cfc_scan
 
     return triton_cfc_scan(xw, h0, w_rec, tau, dt)
+
+
+cfc_scan.register_kernel("cuda")(cuda_cfc_scan)
 
 
 INPUTS = ("xw", "h0", "w_rec", "tau")
@@ -102,4 +105,5 @@ def cfc_scan_op() -> CustomOp:
     return CustomOp(name="cfc_scan", onnx_name="CfCScan", torch_op=cfc_scan,
                     reference=reference_cfc_scan, schema=schema,
                     translation=cfc_scan_translation, fallback=cfc_scan_function,
-                    doc="liquid recurrence h_t = a h_{t-1} + (1-a) tanh(xw_t + h_{t-1} W)")
+                    doc="liquid recurrence h_t = a h_{t-1} + (1-a) tanh(xw_t + h_{t-1} W)",
+                    eager={"cuda": cuda_cfc_scan})

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from seqdeploy.launch import Launcher
+
 
 @triton.jit
 def _look_back(carry_ptr, flag_ptr, h0r_ptr, h0i_ptr, s_re, s_im, p_re, p_im, chunk, slot,
@@ -127,6 +129,9 @@ def launch_config(B: int, T: int, K: int, device: torch.device) -> tuple[int, in
     return block_t, block_k, 1
 
 
+_launcher = Launcher(_eigen_scan_kernel, tensors=10)
+
+
 def triton_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im, out=None, block_t=None, block_k=None,
                       num_warps=None):
     """Launch the kernel. ``x_*`` may be strided views with unit stride over K (e.g. halves
@@ -134,8 +139,10 @@ def triton_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im, out=None, block_t=Non
     B, T, K = x_re.shape
     if x_re.stride(2) != 1 or x_im.stride(2) != 1 or x_re.stride()[:2] != x_im.stride()[:2]:
         x_re, x_im = x_re.contiguous(), x_im.contiguous()
-    nu, theta = nu.contiguous(), theta.contiguous()
-    h0_re, h0_im = h0_re.contiguous(), h0_im.contiguous()
+    if not (nu.is_contiguous() and theta.is_contiguous()):
+        nu, theta = nu.contiguous(), theta.contiguous()
+    if not (h0_re.is_contiguous() and h0_im.is_contiguous()):
+        h0_re, h0_im = h0_re.contiguous(), h0_im.contiguous()
     if out is None:
         out = (torch.empty(B, T, K, dtype=x_re.dtype, device=x_re.device),
                torch.empty(B, T, K, dtype=x_re.dtype, device=x_re.device))
@@ -146,8 +153,8 @@ def triton_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im, out=None, block_t=Non
     n_slots = B * triton.cdiv(K, bk)
     carry = torch.empty(max(n_chunks - 1, 1) * 4 * B * K, dtype=torch.float32, device=x_re.device)
     flags = torch.zeros(max(n_chunks - 1, 1) * n_slots, dtype=torch.int32, device=x_re.device)
-    _eigen_scan_kernel[(n_chunks * n_slots,)](
-        x_re, x_im, nu, theta, h0_re, h0_im, y_re, y_im, carry, flags, B, T, K,
-        x_re.stride(0), x_re.stride(1), y_re.stride(0), y_re.stride(1), h0_re.stride(0),
-        BLOCK_T=bt, BLOCK_K=bk, num_warps=nw)
+    _launcher((n_chunks * n_slots,),
+              (x_re, x_im, nu, theta, h0_re, h0_im, y_re, y_im, carry, flags, B, T, K,
+               x_re.stride(0), x_re.stride(1), y_re.stride(0), y_re.stride(1), h0_re.stride(0)),
+              {"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=nw)
     return y_re, y_im

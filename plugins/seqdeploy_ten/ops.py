@@ -105,11 +105,14 @@ def _(x_re, x_im, nu, theta, h0_re, h0_im):
         torch.empty_like(x_re, memory_format=torch.contiguous_format)
 
 
-@eigen_scan.register_kernel("cuda")
-def _(x_re, x_im, nu, theta, h0_re, h0_im):
+def cuda_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im):
+    """CUDA: the Triton kernel (imported on first use: CPU-only runs never load it)."""
     from seqdeploy_ten.kernels import triton_eigen_scan
 
     return triton_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im)
+
+
+eigen_scan.register_kernel("cuda")(cuda_eigen_scan)
 
 
 INPUTS = ("x_re", "x_im", "nu", "theta", "h0_re", "h0_im")
@@ -125,4 +128,5 @@ def eigen_scan_op() -> CustomOp:
     return CustomOp(name="eigen_scan", onnx_name="EigenScan", torch_op=eigen_scan,
                     reference=reference_eigen_scan, schema=schema,
                     translation=eigen_scan_translation, fallback=eigen_scan_function,
-                    doc="complex diagonal recurrence h_t = lam h_{t-1} + x_t")
+                    doc="complex diagonal recurrence h_t = lam h_{t-1} + x_t",
+                    eager={"cuda": cuda_eigen_scan})

@@ -1,0 +1,80 @@
+"""Launching Triton kernels with little host overhead.
+
+``kernel[grid](*args, **meta)`` binds every argument, derives Triton's specialization key
+and looks the binary up, on every call: on the H200 host that is 20-40 us of Python per
+launch, longer than the whole GPU run of a short recurrence. :class:`Launcher` pays that once
+per distinct call signature. The first call with a signature goes through ``kernel[grid]``
+(which compiles if needed) and keeps the ``CompiledKernel`` it returns; later calls with the
+same signature relaunch that binary through ``CompiledKernel[grid]``, the documented way to
+run the output of ``triton.compile``.
+
+The signature is finer than anything Triton specializes on: the device, every tensor's
+dtype and the low byte of its address (Triton keys on 16-byte alignment), the exact value of
+every scalar (Triton keys on an integer's ``== 1`` and divisibility by 16), the grid, the
+constexprs and the launch options. So a cached binary is only reused where ``kernel[grid]``
+would pick the same one.
+
+In Triton's interpreter (``TRITON_INTERPRET=1``) and on CPU tensors every call takes the
+plain ``kernel[grid]`` path. Where the fast path's API is missing (a Triton version whose
+``CompiledKernel`` differs), the first failed attempt switches it off for the process and
+the call is repeated the plain way; the attempt fails while binding arguments, before any
+launch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+
+#: distinct signatures kept per kernel before the table is cleared (each costs one slow call)
+MAX_SIGNATURES = 4096
+
+
+class Launcher:
+    """``Launcher(kernel, tensors=n)(grid, args, meta, num_warps=...)`` runs
+    ``kernel[grid](*args, **meta, num_warps=...)``. ``args`` are the kernel's runtime
+    parameters in order, the first ``tensors`` of them tensors and the rest scalars, and
+    ``meta`` its constexpr parameters (all of them, in order), which must come last in the
+    kernel's signature."""
+
+    enabled = True   # class-wide: cleared once the fast path proves unsupported
+
+    def __init__(self, kernel, tensors: int) -> None:
+        self.kernel = kernel
+        self.tensors = tensors
+        self._binaries: dict[tuple, Any] = {}
+        self.fast_calls = 0   # how many calls took the fast path (tests check it is used)
+
+    def __call__(self, grid: tuple[int, ...], args: tuple, meta: dict[str, Any],
+                 **options: Any) -> None:
+        first = args[0]
+        if not (Launcher.enabled and first.is_cuda
+                and isinstance(self.kernel, triton.runtime.JITFunction)):
+            self.kernel[grid](*args, **meta, **options)
+            return
+        n = self.tensors
+        key = (first.get_device(), grid, *meta.values(), *options.values(),
+               *[(t.dtype, t.data_ptr() & 255) for t in args[:n]], *args[n:])
+        binary = self._binaries.get(key)
+        if binary is None:
+            if any(not isinstance(a, torch.Tensor) for a in args[:n]) or \
+                    any(isinstance(a, torch.Tensor) for a in args[n:]):
+                raise TypeError(f"{self.kernel.__name__}: the first {n} arguments must be "
+                                "tensors and the rest scalars")
+            binary = self.kernel[grid](*args, **meta, **options)
+            if len(self._binaries) >= MAX_SIGNATURES:
+                self._binaries.clear()
+            if binary is not None:
+                self._binaries[key] = binary
+            return
+        try:
+            runner = binary[(*grid, 1, 1)[:3]]
+            runner(*args, *meta.values())
+        except (AttributeError, TypeError):
+            # this Triton's CompiledKernel launches differently: use the plain path from now on
+            Launcher.enabled = False
+            self._binaries.clear()
+            self.kernel[grid](*args, **meta, **options)
+            return
+        self.fast_calls += 1
