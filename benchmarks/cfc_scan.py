@@ -8,8 +8,11 @@
   the same work per step (one [B, H] x [H, H] GEMM plus a pointwise tail), so it is the
   vendor's yardstick for a fused sequential recurrence.
 
-Each is timed eagerly (Python launch overhead included) and replayed from a CUDA graph where
-it can be captured. Then the streaming case: one step (B=1, T=1, H=256) per call.
+Each is timed three ways (``MODES``): eager, one synchronised call (latency, Python launch
+overhead included); pipelined, calls back to back (throughput of a loop that does not wait on
+each result); and replayed from a CUDA graph where it can be captured (GPU time). The kernel
+is also timed through ``torch.ops`` (the dispatcher) beside the direct eager call models make.
+Then the streaming case: one step (B=1, T=1, H=256) per call.
 
     python benchmarks/cfc_scan.py [--sweep [--sweep-budget S]] [--engines kernel,cudnn]
                                   [--json out.json]
@@ -32,6 +35,8 @@ import torch.nn.functional as F
 from seqdeploy.bench import time_fn
 from seqdeploy_cfc.kernels import (W_RESIDENT_BYTES, launch_config, sm_count, split_grid,
                                    split_tile_defaults, triton_cfc_scan)
+from seqdeploy.ops import call
+from seqdeploy_cfc.model import CFC_SCAN
 from seqdeploy_cfc.ops import cfc_scan, naive_cfc_scan
 
 POINTS = [(32, 10, 256), (64, 50, 256), (128, 100, 256), (256, 50, 512)]   # (B, T, H)
@@ -39,6 +44,13 @@ DTYPE = torch.float16
 BUDGET_S = 1.0   # per timing; keeps the whole default run well under three minutes
 SWEEP_BUDGET_S = 90.0   # all sweep points together (compiles included): about 3 min in all
 ENGINES = ("kernel", "seed", "compile", "cudnn")
+#: "eager": one call between two CUDA events, synchronised (a call's latency, launch overhead
+#: and all); "pipelined": PIPELINED calls back to back, one synchronisation, per call (what a
+#: serving loop that does not wait on each result sees: the larger of host and GPU time);
+#: "graph": one CUDA-graph replay (GPU time only)
+MODES = ("eager", "pipelined", "graph")
+SUFFIX = {"eager": "", "pipelined": "_pipe", "graph": "_graph"}
+PIPELINED = 20
 
 
 @torch.jit.script
@@ -77,10 +89,14 @@ def rel_err(out, ref):
     return float((out.double() - ref).norm() / ref.norm())
 
 
-def timed(fn, graph: bool):
-    """Median ms, or None with the reason when ``fn`` cannot be captured in a CUDA graph."""
+def timed(fn, mode: str):
+    """Median ms per call in ``mode`` (see ``MODES``), or None with the reason when ``fn``
+    cannot be captured in a CUDA graph."""
     try:
-        return time_fn(fn, "cuda", budget_s=BUDGET_S, cuda_graph=graph).median_ms, ""
+        if mode == "pipelined":
+            burst = lambda: [fn() for _ in range(PIPELINED)]  # noqa: E731
+            return time_fn(burst, "cuda", budget_s=BUDGET_S).median_ms / PIPELINED, ""
+        return time_fn(fn, "cuda", budget_s=BUDGET_S, cuda_graph=mode == "graph").median_ms, ""
     except Exception as exc:  # noqa: BLE001 - report what cannot be captured, keep going
         torch.cuda.synchronize()
         return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
@@ -104,12 +120,12 @@ def rows_configs(B, H):
 
 def split_configs(B, H, sms):
     """``split`` launches to time whose grid fits on the SMs: the default first, then every
-    block_b x block_n (with the default's rules for num_warps and w_resident), then the
-    default tiling with the other warp count and with w_rec streamed. A block_b above 16
-    that holds the whole batch is left out (fewer programs, same work each)."""
+    block_b x block_n x k_split (with the default's rules for num_warps and w_resident),
+    then the default tiling with other warp counts and with w_rec streamed. A block_b above
+    16 that holds the whole batch is left out (fewer programs, same work each)."""
     default = launch_config(B, H, DTYPE, "cuda", method="split")
     block_h = max(16, 1 << (H - 1).bit_length())
-    keys = ("block_b", "block_n", "num_warps", "w_resident")
+    keys = ("block_b", "block_n", "num_warps", "w_resident", "k_split")
     first = {k: default[k] for k in keys}
     configs = [first]
     for block_b in (16, 32, 64):
@@ -119,10 +135,12 @@ def split_configs(B, H, sms):
             n_bb, n_nb = split_grid(B, H, block_b, block_n)
             if block_n > block_h or n_nb < 2 or n_bb * n_nb > sms:
                 continue
-            configs.append({"block_b": block_b, "block_n": block_n,
-                            **split_tile_defaults(block_b, block_n, H, DTYPE)})
-    configs.append({**first, "num_warps": 12 - first["num_warps"]})
-    configs.append({**first, "w_resident": not first["w_resident"]})
+            for k_split in (1, 2, 4):
+                configs.append({"block_b": block_b, "block_n": block_n, "k_split": k_split,
+                                **split_tile_defaults(block_b, block_n, H, DTYPE)})
+    for num_warps in (1, 2, 4, 8):
+        configs.append({**first, "num_warps": num_warps})
+    configs.append({**first, "w_resident": not first["w_resident"], "k_split": 1})
     return unique(configs)
 
 
@@ -136,13 +154,13 @@ def unique(configs):
     return out
 
 
-def sweep(args_, ref, B, T, H, deadline):
+def sweep(args_, ref, B, T, H, deadline, designs=("split", "rows")):
     """Time launch configurations of both designs until ``deadline`` (perf_counter): the two
     defaults first, then the split variants (the new design, the one to tune), then rows."""
     xw = args_[0]
     out = torch.empty_like(xw)
     splits = [("split", c) for c in split_configs(B, H, sm_count(xw.device))]
-    rows_ = [("rows", c) for c in rows_configs(B, H)]
+    rows_ = [("rows", c) for c in rows_configs(B, H)] if "rows" in designs else []
     order = splits[:1] + rows_[:1] + splits[1:] + rows_[1:]
     rows, skipped = [], 0
     for method, cfg in order:
@@ -150,12 +168,12 @@ def sweep(args_, ref, B, T, H, deadline):
         if time.perf_counter() > deadline:
             skipped += 1
             continue
-        call = lambda: triton_cfc_scan(*args_, 1.0, out=out, method=method, **cfg)  # noqa: E731
+        launch = lambda: triton_cfc_scan(*args_, 1.0, out=out, method=method, **cfg)  # noqa: E731
         try:
             out.fill_(math.nan)
-            call()
+            launch()
             err = rel_err(out, ref)
-            ms = time_fn(call, "cuda", budget_s=0.2, cuda_graph=True).median_ms
+            ms = time_fn(launch, "cuda", budget_s=0.2, cuda_graph=True).median_ms
         except Exception as exc:  # noqa: BLE001 - report configs that fail, keep sweeping
             try:
                 torch.cuda.synchronize()
@@ -181,6 +199,8 @@ def main():
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="comma-separated subset of %(default)s (e.g. kernel,cudnn to skip "
                              "torch.compile's compile time)")
+    parser.add_argument("--designs", default="split,rows",
+                        help="designs the sweep times (default %(default)s)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
     engines = [e for e in ENGINES if e in args.engines.split(",")]
@@ -202,7 +222,8 @@ def main():
         out = torch.full_like(xw, math.nan)
         triton_cfc_scan(*args_, 1.0, out=out)
         row["kernel_err"] = rel_err(out, ref)
-        kernel = lambda: cfc_scan(*args_, 1.0)  # noqa: E731
+        kernel = lambda: call(CFC_SCAN, *args_, 1.0)  # noqa: E731
+        dispatch = lambda: cfc_scan(*args_, 1.0)  # noqa: E731
         seed = lambda: seed_loop(xw, h0, w_rec, alpha, gain)  # noqa: E731
         row["seed_err"] = rel_err(seed(), ref)
         if "compile" in engines:
@@ -213,26 +234,26 @@ def main():
         rnn = torch.nn.RNN(H, H, nonlinearity="tanh", batch_first=True).cuda().half()
         h_rnn = h0[None].contiguous()
         cudnn = lambda: rnn(xw, h_rnn)  # noqa: E731
-        for name, fn in [("kernel", kernel), ("seed", seed), ("compile", comp),
-                         ("cudnn", cudnn)]:
-            for graph in (False, True):
-                if name not in engines:
-                    row[f"{name}_ms" + ("_graph" if graph else "")] = None
+        for name, fn in [("kernel", kernel), ("dispatch", dispatch), ("seed", seed),
+                         ("compile", comp), ("cudnn", cudnn)]:
+            for mode in MODES:
+                key = f"{name}_ms{SUFFIX[mode]}"
+                if name not in engines and not (name == "dispatch" and "kernel" in engines):
+                    row[key] = None
                     continue
-                key = f"{name}_ms" + ("_graph" if graph else "")
-                row[key], why = timed(fn, graph)
+                row[key], why = timed(fn, mode)
                 if why:
                     row[key + "_error"] = why
                 shown = "n/a" if row[key] is None else f"{row[key]:.4f} ms"
                 print(f"  B={B} T={T} H={H} {key}: {shown} {why}", flush=True)
         for base in ("cudnn", "compile", "seed"):
-            for suffix in ("", "_graph"):
+            for suffix in SUFFIX.values():
                 k, b = row[f"kernel_ms{suffix}"], row[f"{base}_ms{suffix}"]
                 row[f"speedup_vs_{base}{suffix}"] = b / k if k and b else None
         if args.sweep:
             t0 = time.perf_counter()
             share = sweep_left / (len(POINTS) - len(results))
-            row["sweep"] = sweep(args_, ref, B, T, H, t0 + share)
+            row["sweep"] = sweep(args_, ref, B, T, H, t0 + share, args.designs.split(","))
             sweep_left -= time.perf_counter() - t0
             for method in ("split", "rows"):
                 best = [r for r in row["sweep"] if r["method"] == method][:3]
@@ -246,7 +267,7 @@ def main():
     alpha, gain = torch.exp(-1.0 / tau).to(DTYPE), (-torch.expm1(-1.0 / tau)).to(DTYPE)
     rnn = torch.nn.RNN(256, 256, nonlinearity="tanh", batch_first=True).cuda().half()
     stream = {
-        "kernel_us": time_fn(lambda: cfc_scan(xw, h0, w_rec, tau, 1.0), "cuda",
+        "kernel_us": time_fn(lambda: call(CFC_SCAN, xw, h0, w_rec, tau, 1.0), "cuda",
                              budget_s=BUDGET_S).median_ms * 1e3,
         "seed_step_us": time_fn(lambda: seed_step(h0, xw[:, 0], w_rec, alpha, gain), "cuda",
                                 budget_s=BUDGET_S).median_ms * 1e3,
@@ -256,18 +277,23 @@ def main():
     def fmt(v, spec=".4f"):
         return "n/a" if v is None else format(v, spec)
 
-    print("\nms per call, fp16; 'graph' = CUDA-graph replay (no Python launch overhead)")
-    print(f"{'B':>4} {'T':>4} {'H':>4} | {'kernel':>8} {'seed':>8} {'compile':>8} {'cudnn':>8} | "
-          f"{'kernel g':>8} {'seed g':>8} {'comp g':>8} {'cudnn g':>8} | {'x cudnn':>7} {'x comp':>7} "
-          f"{'x cudnn g':>9} {'x comp g':>8} | {'err':>7} {'method':>6}")
-    for r in results:
-        print(f"{r['B']:>4} {r['T']:>4} {r['H']:>4} | {fmt(r['kernel_ms']):>8} {fmt(r['seed_ms']):>8} "
-              f"{fmt(r['compile_ms']):>8} {fmt(r['cudnn_ms']):>8} | {fmt(r['kernel_ms_graph']):>8} "
-              f"{fmt(r['seed_ms_graph']):>8} {fmt(r['compile_ms_graph']):>8} {fmt(r['cudnn_ms_graph']):>8} | "
-              f"{fmt(r['speedup_vs_cudnn'], '.2f'):>7} {fmt(r['speedup_vs_compile'], '.2f'):>7} "
-              f"{fmt(r['speedup_vs_cudnn_graph'], '.2f'):>9} "
-              f"{fmt(r['speedup_vs_compile_graph'], '.2f'):>8} | {r['kernel_err']:>7.1e} "
-              f"{r['config']['method']:>6}")
+    print("\nms per call, fp16. kernel: the op as models call it (seqdeploy.ops.call); "
+          "dispatch: through torch.ops")
+    for mode in MODES:
+        sfx = SUFFIX[mode]
+        print(f"\n[{mode}]")
+        print(f"{'B':>4} {'T':>4} {'H':>4} | {'kernel':>8} {'dispatch':>8} {'seed':>8} "
+              f"{'compile':>8} {'cudnn':>8} | {'x cudnn':>7} {'x comp':>7} {'x seed':>7}")
+        for r in results:
+            print(f"{r['B']:>4} {r['T']:>4} {r['H']:>4} | {fmt(r['kernel_ms' + sfx]):>8} "
+                  f"{fmt(r['dispatch_ms' + sfx]):>8} {fmt(r['seed_ms' + sfx]):>8} "
+                  f"{fmt(r['compile_ms' + sfx]):>8} {fmt(r['cudnn_ms' + sfx]):>8} | "
+                  f"{fmt(r['speedup_vs_cudnn' + sfx], '.2f'):>7} "
+                  f"{fmt(r['speedup_vs_compile' + sfx], '.2f'):>7} "
+                  f"{fmt(r['speedup_vs_seed' + sfx], '.2f'):>7}")
+    print("\nerr (rel-L2 vs float64) and design per point: " + ", ".join(
+        f"({r['B']},{r['T']},{r['H']}) {r['kernel_err']:.1e} {r['config']['method']}"
+        for r in results))
     print("x = other's time / kernel's time (> 1: the kernel is faster)")
     if args.sweep:
         print("\nsweep, best per design (CUDA-graph ms) against cuDNN graph:")

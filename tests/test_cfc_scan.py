@@ -3,9 +3,10 @@ then the `cfc` model through the whole pipeline.
 
 Triton runs through its interpreter on CPU-only machines and for real on a GPU. Outputs are
 poisoned with NaN before each kernel runs, so an unwritten element fails the test. The split
-kernel (programs meet at a barrier every step) cannot run in the interpreter, which runs
-programs one after another: on CPU it runs only where no program waits on another (one
-column block, or one step per launch), and its real launches are GPU tests.
+kernel (each step waits for the sibling programs' previous step) cannot run in the
+interpreter, which runs programs one after another: on CPU it runs only where no program
+waits on another (one column block, or one step per launch), and its real launches are GPU
+tests.
 """
 from __future__ import annotations
 
@@ -142,17 +143,19 @@ def run_split(args, dt, out, **overrides):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("w_resident", [True, False], ids=["w-resident", "w-streamed"])
+@pytest.mark.parametrize("w_resident,k_split", [(True, 1), (True, 2), (False, 1)],
+                         ids=["w-resident", "w-resident-k2", "w-streamed"])
 @pytest.mark.parametrize("B,T,H,strided", [(2, 1, 16, False), (3, 63, 20, True),
                                            (19, 37, 40, False)])
-def test_split_kernel_one_column_block_matches_naive(B, T, H, strided, w_resident, dtype):
+def test_split_kernel_one_column_block_matches_naive(B, T, H, strided, w_resident, k_split,
+                                                     dtype):
     """The split kernel's arithmetic, with block_n = block_h: one column block per batch
-    block, so each barrier waits only on the program itself and the interpreter can run it
-    (19 rows: two batch blocks, two counters; H=40: two contraction slices when streamed)."""
+    block, so each program waits only for its own stores and the interpreter can run it
+    (19 rows: two batch blocks; H=40: two contraction slices when streamed)."""
     args = make(B, T, H, dtype, DEVICE, strided=strided)
     ref = naive_cfc_scan(*cpu(args), 1.0)
     out = run_split(args, 1.0, poisoned(args[0]), block_n=kernels._block_h(H),
-                    w_resident=w_resident, num_warps=4)
+                    w_resident=w_resident, num_warps=4, k_split=k_split)
     assert out.dtype == dtype
     assert rel_l2(out, ref) < TOL[dtype]
 
@@ -161,7 +164,7 @@ def test_split_kernel_one_column_block_matches_naive(B, T, H, strided, w_residen
 @pytest.mark.parametrize("w_resident", [True, False], ids=["w-resident", "w-streamed"])
 def test_split_kernel_column_blocks_one_step_per_call(w_resident, dtype):
     """Several column blocks (H=40 in blocks of 16: the last one partial) and batch blocks,
-    one step per launch, so no barrier is waited on and the interpreter can run it; in fp32
+    one step per launch, so nothing is waited for and the interpreter can run it; in fp32
     the state handed from call to call is exact, so 6 chained calls are the 6-step scan."""
     B, T, H = 19, 6, 40
     args = make(B, T, H, dtype, DEVICE, seed=6, strided=True)
@@ -193,7 +196,7 @@ def test_split_refused_where_it_could_hang():
 def test_launch_config_picks_split_where_rows_loses(monkeypatch):
     """On a 132-SM GPU (an H200): rows wherever it keeps w_rec on chip (it measured faster than
     split at every H=256 seed point), split wherever rows would stream w_rec from L2, never a
-    split grid with more programs than SMs (the barrier's co-residency condition)."""
+    split grid with more programs than SMs (the exchange's co-residency condition)."""
     monkeypatch.setattr(kernels, "sm_count",
                         lambda device: 132 if torch.device(device).type == "cuda" else None)
 
@@ -475,25 +478,45 @@ def test_split_matches_naive(B, T, H, dtype):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("block_b,block_n,num_warps,w_resident",
-                         [(16, 16, 4, True), (16, 64, 8, True), (32, 32, 4, False),
-                          (64, 32, 8, True), (16, 128, 8, False)])
-def test_split_launch_variants_agree(block_b, block_n, num_warps, w_resident, dtype):
+@pytest.mark.parametrize("block_b,block_n,num_warps,w_resident,k_split",
+                         [(16, 16, 4, True, 1), (16, 64, 8, True, 2), (32, 32, 4, False, 1),
+                          (64, 32, 8, True, 4), (16, 128, 8, False, 2), (16, 32, 2, True, 4),
+                          (16, 16, 1, True, 2)])
+def test_split_launch_variants_agree(block_b, block_n, num_warps, w_resident, k_split, dtype):
     """The --sweep knobs of the split kernel change the tiling, not the result (70 rows:
-    a partial batch block; H=192: a partial column block at every block_n but 16, 64)."""
+    a partial batch block; H=192: a partial column block at every block_n but 16, 64, and
+    with k_split 4 a last contraction part that is all padding)."""
     args = make(70, 21, 192, dtype, "cuda", seed=12)
     ref = naive_cfc_scan(*cpu(args), 1.0)
     out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split", block_b=block_b,
-                          block_n=block_n, num_warps=num_warps, w_resident=w_resident)
+                          block_n=block_n, num_warps=num_warps, w_resident=w_resident,
+                          k_split=k_split)
     assert rel_l2(out, ref) < TOL[dtype]
 
 
 @gpu
 def test_split_refuses_more_programs_than_sms():
-    """More programs than SMs could leave some unscheduled while the rest wait for them at
-    the barrier: an explicit request is refused, and the default falls back to rows."""
+    """More programs than SMs could leave some unscheduled while the rest wait for their
+    steps: an explicit request is refused, and the default falls back to rows."""
     sms = kernels.sm_count("cuda")
     args = make(16 * sms, 2, 64, torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="SMs"):
         triton_cfc_scan(*args, 1.0, method="split", block_b=16, block_n=16)
     assert launch_config(16 * sms, 512, torch.float16, "cuda")["method"] == "rows"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method", ["rows", "split"])
+def test_hardware_tanh_stays_within_the_dtype_tolerance(method, dtype):
+    """fp16/bf16 on a GPU use ``tanh.approx.f32`` by default: over a long sequence (T=2048,
+    a contractive and an expansive w_rec) it stays within the same tolerance as the exact
+    tanh, and not far from it."""
+    for seed, w_scale in ((13, 1.0), (14, 1.5)):
+        args = make(24, 2048, 96, dtype, "cuda", seed=seed, w_scale=w_scale)
+        ref = naive_cfc_scan(*cpu(args), 1.0)
+        fast = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method=method)
+        exact = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method=method,
+                                fast_tanh=False)
+        assert rel_l2(fast, ref) < TOL[dtype]
+        assert rel_l2(fast, ref) < 2 * rel_l2(exact, ref) + 1e-4

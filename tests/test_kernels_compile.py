@@ -41,16 +41,18 @@ SCRIPT = textwrap.dedent("""
         for resident in (True, False):
             compile(cfc._cfc_scan_kernel, cfc_sig,
                     dict(BLOCK_B=16, BLOCK_H=256 if dt != "fp32" else 128, BLOCK_K=32,
-                         W_RESIDENT=resident, DOT_F32=dt == "fp32", SERIES_BELOW=0.5), 8)
+                         W_RESIDENT=resident, DOT_F32=dt == "fp32", SERIES_BELOW=0.5,
+                         FAST_TANH=dt != "fp32"), 8)
         split_sig = {k: v for k, v in cfc_sig.items() if k != "dt"}
         split_sig = {**{k: split_sig[k] for k in ("xw_ptr", "h0_ptr", "w_ptr", "tau_ptr", "y_ptr")},
-                     "count_ptr": "*i32", "dt": "fp32",
+                     "ybits_ptr": "*i16" if dt != "fp32" else "*i32", "dt": "fp32",
                      **{k: split_sig[k] for k in ("B", "T", "H", "sx_b", "sx_t", "sh_b", "sw_k",
                                                   "sy_b", "sy_t")}}
-        compile(cfc._cfc_split_kernel, split_sig,
-                dict(BLOCK_B=16, BLOCK_H=512, BLOCK_N=64 if dt != "fp32" else 32, BLOCK_K=32,
-                     W_RESIDENT=True, DOT_F32=dt == "fp32", SERIES_BELOW=0.5,
-                     COUNTER_STRIDE=cfc.COUNTER_STRIDE), 8)
+        for resident in (True, False):
+            compile(cfc._cfc_split_kernel, split_sig,
+                    dict(BLOCK_B=16, BLOCK_H=512, BLOCK_N=64 if dt != "fp32" else 32, BLOCK_K=32,
+                         W_RESIDENT=resident, DOT_F32=dt == "fp32", SERIES_BELOW=0.5,
+                         K_SPLIT=4 if resident else 1, FAST_TANH=dt != "fp32"), 8)
 """)
 
 
@@ -61,4 +63,4 @@ def test_kernels_compile_for_sm90():
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
         pytest.skip("this triton build ships no ptxas")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count(" ok") == 3 * 4
+    assert out.stdout.count(" ok") == 3 * 5

@@ -28,33 +28,34 @@ into shared memory and keeps it there for the whole loop (``W_RESIDENT``; where 
 register tiles would spill, it re-reads the slice each step in ``[BLOCK_K, BLOCK_N]`` pieces
 instead, served from L1/L2). It holds the fp32 state of its own columns in registers and
 writes ``y[rows, t, n-block]``. The dot needs all of ``h_{t-1}`` of its rows, which the
-sibling programs (same ``pb``, on other SMs) wrote: it is read from ``y[rows, t-1, :]`` past
-L1 (``.cg``: L1 is not coherent across SMs), rounded to the input dtype as in the streamed
-rows path (step 0 reads ``h0``). Between steps the siblings meet at a barrier: each stores its
-slice of ``y_t``, runs ``tl.debug_barrier()`` (every thread's stores come before what
-follows), then one thread adds 1 to ``counter[pb]`` with release semantics and spins on
-acquire reads of it until all ``n_col_blocks`` siblings have arrived for step t, and a second
-``tl.debug_barrier()`` holds every thread until then. The counter only grows, so step t waits
-for ``count >= (t + 1) * n_col_blocks`` (a sibling already past it counts too) and needs no
-reset inside a launch; the counters are a fresh zeroed buffer per launch (a memset node under
-CUDA graphs). No barrier follows the last step.
+sibling programs (same ``pb``, on other SMs) wrote into ``y[rows, t-1, :]``, rounded to the
+input dtype as in the streamed rows path (step 0 reads ``h0``).
 
-Why the barrier cannot deadlock: a program waits only on its siblings, and only for them to
-finish the same step, which needs nothing but the previous barrier; by induction over t,
-every barrier opens once all programs of the batch block are running. A sibling cannot run
-more than one step ahead (it waits for this program at the next barrier) and never
-overwrites what is read: ``y_t`` is written once. ``triton_cfc_scan`` launches the split
-kernel only with at most as many programs as the GPU has SMs (each program fits on one SM, or
-the launch fails instead), so all programs are resident together. It cannot rule out SMs
-held by other work that itself waits on this kernel (e.g. two split launches on concurrent
-streams, each partly resident), or an SM count cut below the reported one (MPS limits).
+The siblings exchange ``h`` through ``y`` itself, with no barrier, counter or fence: before
+the launch ``y`` is filled with the all-ones bit pattern (a NaN in fp16, bf16 and fp32),
+which no stored value has (a computed all-ones NaN is stored as its neighbour, also a NaN).
+Step t loads ``y[rows, t-1, :]`` with volatile loads (from L2, never a stale L1 line) and
+reloads until no word is all ones. Each word is stored once, whole (an aligned 2- or 4-byte
+store is never torn), so a word that has arrived is final; words are checked one by one,
+so no ordering between them is needed. This is the "flag in the data" idea of low-latency
+collectives: one L2 round trip per step instead of a fence, an atomic and polling on a
+counter before the data can be read. The fill is one extra pass over ``y`` before the
+launch (a memset node under CUDA graphs).
+
+Why the wait cannot deadlock: a program waits only for its siblings' step t-1, which needs
+nothing but their own waits for step t-2; by induction over t, every wait ends once all
+programs of the batch block are running. ``triton_cfc_scan`` launches the split kernel only
+with at most as many programs as the GPU has SMs (each program fits on one SM, or the launch
+fails instead), so all programs are resident together. It cannot rule out SMs held by other
+work that itself waits on this kernel (e.g. two split launches on concurrent streams, each
+partly resident), or an SM count cut below the reported one (MPS limits).
 
 The Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) runs programs one after the
 other, so a program would spin forever on a sibling that has not started: the split kernel
 is refused there (``triton_cfc_scan(method="split")`` raises). The CPU tests still run it
 through ``_launch_split`` where no program waits on another: one column block per batch
-block, or a single step (no barrier; chained one step per call, fp32 reproduces the whole
-sequence, since then the state is exactly y).
+block (each program waits only on its own stores), or a single step (chained one step per
+call, fp32 reproduces the whole sequence, since then the state is exactly y).
 
 ``tl.dot`` needs every dimension >= 16, so ``BLOCK_B >= 16``, ``BLOCK_N >= 16`` and
 ``BLOCK_H`` is H rounded up to a power of two >= 16; padded rows and columns are masked
@@ -69,22 +70,28 @@ import torch
 import triton
 import triton.language as tl
 
+from seqdeploy.launch import Launcher
+
 #: largest ``w_rec`` tile (bytes, in the dot's operand dtype) kept on chip for the whole loop
 W_RESIDENT_BYTES = 128 * 1024
 #: below this ``dt / tau`` the series form of ``1 - exp(-r)`` is used (see ``_one_minus_exp_neg``)
 SERIES_BELOW = 0.5
-#: int32 slots between two batch blocks' counters: one 128-byte line each, so the atomics
-#: of different batch blocks do not contend for one L2 line
-COUNTER_STRIDE = 32
 METHODS = ("rows", "split")
 
 
 @triton.jit
-def _tanh(z):
-    # No libdevice in the interpreter, so tanh from exp; exp(-2|z|) lies in (0, 1] and
-    # cannot overflow for any z.
+def _tanh(z, FAST_TANH: tl.constexpr):
+    """``tanh`` in fp32. ``FAST_TANH``: the GPU's one-instruction ``tanh.approx.f32``
+    (relative error below 2^-10.9, under half an fp16 ulp; for fp16/bf16 outputs on a GPU).
+    Otherwise from exp (the interpreter has neither libdevice nor inline PTX):
+    ``exp(-2|z|)`` lies in (0, 1] and cannot overflow for any z, and the division is the
+    fast one (2 ulp), not the IEEE subroutine. Per step the whole ``[rows, H]`` tile goes
+    through this, so its instruction count is a visible part of a step."""
+    if FAST_TANH:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z],
+                                         dtype=tl.float32, is_pure=True, pack=1)
     e = tl.exp(-2.0 * tl.abs(z))
-    t = (1.0 - e) / (1.0 + e)
+    t = tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)
     return tl.where(z < 0.0, -t, t)
 
 
@@ -145,7 +152,7 @@ def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
                      sx_b, sx_t, sh_b, sw_k, sy_b, sy_t,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                      W_RESIDENT: tl.constexpr, DOT_F32: tl.constexpr,
-                     SERIES_BELOW: tl.constexpr):
+                     SERIES_BELOW: tl.constexpr, FAST_TANH: tl.constexpr):
     """The rows design: one program per ``BLOCK_B`` rows, all H columns."""
     pid = tl.program_id(0)
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -185,21 +192,90 @@ def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
                 acc = _streamed_matmul(y_ptr + (t - 1) * sy_t, sy_b, w_ptr, sw_k, rows, mask_b,
                                        cols, mask_h, H, BLOCK_B, BLOCK_H, BLOCK_H, BLOCK_K,
                                        DOT_F32)
-        h = alpha * h + gain * _tanh(x + acc)
+        h = alpha * h + gain * _tanh(x + acc, FAST_TANH)
         tl.store(y_ptrs + t * sy_t, h.to(out_ty), mask=mask)
         if not W_RESIDENT:
             tl.debug_barrier()   # every thread's y_t is stored before any thread reads it back
 
 
 @triton.jit
-def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, count_ptr, dt, B, T, H,
+def _await_state(bits_ptrs, mask):
+    """``h_{t-1}`` of this program's rows, all columns, as raw bits: written in the previous
+    step by this program and its siblings on other SMs. ``y`` was filled with the all-ones
+    pattern before the launch, and a stored value never has it (see ``_publish``), so a
+    word still all ones has not arrived yet: reload until none is. Each word is stored once
+    and whole, so a word that has arrived is final. Loads are volatile (from L2, never from
+    a stale L1 line, never hoisted out of the loop)."""
+    bits = tl.load(bits_ptrs, mask=mask, other=0, volatile=True)
+    while _missing(bits) > 0:
+        bits = tl.load(bits_ptrs, mask=mask, other=0, volatile=True)
+    return bits
+
+
+@triton.jit
+def _missing(bits):
+    """How many words of ``bits`` are still the all-ones "not arrived" pattern."""
+    return tl.sum(tl.sum((bits == -1).to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit
+def _await_arrival(bits_ptrs, mask):
+    """Wait as ``_await_state`` does, keeping only the count: for callers that then read
+    the values in their own slices."""
+    missing = _missing(tl.load(bits_ptrs, mask=mask, other=0, volatile=True))
+    while missing > 0:
+        missing = _missing(tl.load(bits_ptrs, mask=mask, other=0, volatile=True))
+
+
+@triton.jit
+def _publish(bits_ptrs, h, mask, out_ty: tl.constexpr, bits_ty: tl.constexpr):
+    """Store ``h`` rounded to ``out_ty`` as raw bits. The one value spelled all ones (a NaN)
+    becomes its neighbour all-ones-minus-one (also a NaN), so no stored word looks like one
+    that has not arrived."""
+    bits = h.to(out_ty).to(bits_ty, bitcast=True)
+    tl.store(bits_ptrs, tl.where(bits == -1, bits - 1, bits), mask=mask)
+
+
+@triton.jit
+def _state_part(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_b, k0, t, H,
+                PART: tl.constexpr, out_ty: tl.constexpr):
+    """Columns ``k0 .. k0 + PART`` of ``h_{t-1}`` for this program's rows, in ``out_ty``:
+    from ``h0`` at step 0, else awaited from ``y[:, t-1]``."""
+    ks = k0 + tl.arange(0, PART)
+    mask = mask_b[:, None] & (ks < H)[None, :]
+    if t == 0:
+        hp = tl.load(h0_ptr + rows[:, None] * sh_b + ks[None, :], mask=mask, other=0.0)
+    else:
+        hp = _await_state(ybits_ptr + (t - 1) * sy_t + rows[:, None] * sy_b + ks[None, :],
+                          mask).to(out_ty, bitcast=True)
+    return hp
+
+
+@triton.jit
+def _part_dot(hp, w, acc, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        return tl.dot(hp.to(tl.float32), w, acc, input_precision="ieee")
+    return tl.dot(hp, w, acc)
+
+
+@triton.jit
+def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T, H,
                       sx_b, sx_t, sh_b, sw_k, sy_b, sy_t,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_F32: tl.constexpr,
-                      SERIES_BELOW: tl.constexpr, COUNTER_STRIDE: tl.constexpr):
+                      SERIES_BELOW: tl.constexpr, K_SPLIT: tl.constexpr,
+                      FAST_TANH: tl.constexpr):
     """The split design: program (pb, pn) computes columns ``pn*BLOCK_N ...`` of rows
-    ``pb*BLOCK_B ...`` for every step; siblings (same pb) meet at a barrier after each step.
-    The grid is 1-D with pn fastest, so siblings have adjacent ids."""
+    ``pb*BLOCK_B ...`` for every step. ``ybits_ptr`` is ``y`` viewed as integers of its
+    width, pre-filled with all ones: step t publishes ``y_t`` there and step t+1 waits for
+    all of its rows' words to arrive. The grid is 1-D with pn fastest.
+
+    ``K_SPLIT`` (1, 2 or 4; resident ``w_rec`` only): the step's dot is that many dots over
+    parts of the contraction axis, summed after. Each part is its own chain of tensor-core
+    instructions, so the parts overlap instead of every instruction waiting on the one
+    before (a chain of H/16 at H=512 is most of a step). All but the first part start from
+    a zero the compiler cannot see through (``gain * 0``): from a literal zero, Triton would
+    fold the sum back into one chained dot."""
     pid = tl.program_id(0)
     n_nb = tl.cdiv(H, BLOCK_N)
     pb = pid // n_nb
@@ -213,58 +289,61 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, count_ptr, dt, B, T
     mask = mask_b[:, None] & mask_n[None, :]
     mask_hk = mask_b[:, None] & mask_k[None, :]
     out_ty = y_ptr.dtype.element_ty
+    bits_ty = ybits_ptr.dtype.element_ty
+    PART: tl.constexpr = BLOCK_H // K_SPLIT
 
     alpha, gain = _decays(tau_ptr, cols, mask_n, dt, SERIES_BELOW)
 
     # fp32 state of this program's own columns: the blend never sees the rounded y
     h = tl.load(h0_ptr + rows[:, None] * sh_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if W_RESIDENT:
-        w = _load_w(w_ptr, sw_k, ks, mask_k, cols, mask_n, DOT_F32, out_ty)
+        k1 = tl.arange(0, PART)
+        w0 = _load_w(w_ptr, sw_k, k1, k1 < H, cols, mask_n, DOT_F32, out_ty)
+        if K_SPLIT >= 2:
+            w1 = _load_w(w_ptr, sw_k, PART + k1, PART + k1 < H, cols, mask_n, DOT_F32, out_ty)
+        if K_SPLIT >= 4:
+            w2 = _load_w(w_ptr, sw_k, 2 * PART + k1, 2 * PART + k1 < H, cols, mask_n, DOT_F32,
+                         out_ty)
+            w3 = _load_w(w_ptr, sw_k, 3 * PART + k1, 3 * PART + k1 < H, cols, mask_n, DOT_F32,
+                         out_ty)
+        zero = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32) + gain * 0.0
 
-    count = count_ptr + pb * COUNTER_STRIDE
     x_ptrs = xw_ptr + rows[:, None] * sx_b + cols[None, :]
-    y_ptrs = y_ptr + rows[:, None] * sy_b + cols[None, :]
+    y_ptrs = ybits_ptr + rows[:, None] * sy_b + cols[None, :]
+    prev_ptrs = ybits_ptr + rows[:, None] * sy_b + ks[None, :]
     step = rows * 0                       # per-row time index: masks stay vectors
     x_next = tl.load(x_ptrs, mask=mask & (step < T)[:, None], other=0.0)
-    # num_stages=1: a pipelined loop could issue the load of y[:, t-1] ahead of the barrier
+    # num_stages=1: a pipelined loop could issue the next step's loads of y early
     for t in tl.range(0, T, num_stages=1):
         x = x_next.to(tl.float32)
-        # issued before the dot and the barrier wait, so its latency hides behind them
+        # issued before the wait and the dot, so its latency hides behind them
         x_next = tl.load(x_ptrs + (t + 1) * sx_t, mask=mask & (step + t + 1 < T)[:, None],
                          other=0.0)
         if W_RESIDENT:
-            if t == 0:
-                hp = tl.load(h0_ptr + rows[:, None] * sh_b + ks[None, :], mask=mask_hk,
-                             other=0.0)
-            else:
-                # written by the siblings in step t-1 (on other SMs): past L1
-                hp = tl.load(y_ptr + (t - 1) * sy_t + rows[:, None] * sy_b + ks[None, :],
-                             mask=mask_hk, other=0.0, cache_modifier=".cg")
-            if DOT_F32:
-                acc = tl.dot(hp.to(tl.float32), w, input_precision="ieee")
-            else:
-                acc = tl.dot(hp.to(out_ty), w)
+            z = _part_dot(_state_part(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_b, 0, t,
+                                      H, PART, out_ty), w0, x, DOT_F32)
+            if K_SPLIT >= 2:
+                z += _part_dot(_state_part(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_b,
+                                           PART, t, H, PART, out_ty), w1, zero, DOT_F32)
+            if K_SPLIT >= 4:
+                z2 = _part_dot(_state_part(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_b,
+                                           2 * PART, t, H, PART, out_ty), w2, zero, DOT_F32)
+                z3 = _part_dot(_state_part(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_b,
+                                           3 * PART, t, H, PART, out_ty), w3, zero, DOT_F32)
+                z += z2 + z3
         else:
             if t == 0:
                 acc = _streamed_matmul(h0_ptr, sh_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H,
                                        BLOCK_B, BLOCK_H, BLOCK_N, BLOCK_K, DOT_F32)
             else:
+                # wait for the whole row block, then read it again in slices (from L2)
+                _await_arrival(prev_ptrs + (t - 1) * sy_t, mask_hk)
                 acc = _streamed_matmul(y_ptr + (t - 1) * sy_t, sy_b, w_ptr, sw_k, rows, mask_b,
                                        cols, mask_n, H, BLOCK_B, BLOCK_H, BLOCK_N, BLOCK_K,
                                        DOT_F32)
-        h = alpha * h + gain * _tanh(x + acc)
-        tl.store(y_ptrs + t * sy_t, h.to(out_ty), mask=mask)
-        if t + 1 < T:   # nothing reads y after the last step: no barrier there
-            # every thread's slice of y_t is stored before the one thread that runs the
-            # (scalar) atomic publishes it; release orders those stores before the count
-            tl.debug_barrier()
-            tl.atomic_add(count, 1, sem="release")
-            target = (t + 1) * n_nb
-            seen = tl.atomic_add(count, 0, sem="acquire")
-            while seen < target:
-                seen = tl.atomic_add(count, 0, sem="acquire")
-            # all threads leave the wait before any of them loads y_t
-            tl.debug_barrier()
+            z = x + acc
+        h = alpha * h + gain * _tanh(z, FAST_TANH)
+        _publish(y_ptrs + t * sy_t, h, mask, out_ty, bits_ty)
 
 
 def _interpreting() -> bool:
@@ -287,6 +366,13 @@ def sm_count(device) -> int | None:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _tensor_sms(x: torch.Tensor) -> int | None:
+    """:func:`sm_count` of a tensor's device, cheaply (it runs on every eager call)."""
+    if not x.is_cuda or _interpreting():
+        return None
+    return _sm_count(x.get_device())
+
+
 def _block_h(H: int) -> int:
     return max(16, triton.next_power_of_2(H))
 
@@ -294,8 +380,11 @@ def _block_h(H: int) -> int:
 def _rows_config(B: int, H: int, dtype: torch.dtype) -> dict:
     block_h = _block_h(H)
     dot_bytes = 4 if dtype == torch.float32 else 2
+    # 4 warps where the step's tanh is the hardware one (fp16/bf16): on the H200 at H=256,
+    # B=64 T=50, 0.0715 ms against 0.0760 with 8; with the exp-based tanh, 8 warps won
+    # (0.0885 against 0.0934)
     return {"method": "rows", "block_b": 16,
-            "num_warps": 4 if block_h <= 128 else 8,
+            "num_warps": 4 if block_h <= 128 or (dot_bytes == 2 and block_h <= 256) else 8,
             "w_resident": block_h * block_h * dot_bytes <= W_RESIDENT_BYTES,
             "block_k": min(32, block_h), "block_n": block_h}
 
@@ -313,7 +402,7 @@ def split_tile_defaults(block_b: int, block_n: int, H: int, dtype: torch.dtype) 
         # 16 rows with 8 warps made ptxas spill heavily at H=256..512; 4 warps did not
         return {"w_resident": volume <= 2 ** 18, "num_warps": 4 if block_b == 16 else 8}
     return {"w_resident": volume <= 2 ** 20 and block_h * block_n * 2 <= W_RESIDENT_BYTES,
-            "num_warps": 4 if block_b * block_h <= 16 * 256 else 8}
+            "num_warps": 4 if block_b * block_h <= 16 * 512 else 8}
 
 
 def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None) -> dict:
@@ -328,7 +417,7 @@ def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None) -> dict:
     while sms is not None and block_b < 64 and triton.cdiv(B, block_b) * n_nb > sms:
         block_b *= 2
     return {"method": "split", "block_b": block_b, "block_k": min(32, block_h),
-            "block_n": block_n, **split_tile_defaults(block_b, block_n, H, dtype)}
+            "block_n": block_n, "k_split": 1, **split_tile_defaults(block_b, block_n, H, dtype)}
 
 
 def split_grid(B: int, H: int, block_b: int, block_n: int) -> tuple[int, int]:
@@ -344,15 +433,18 @@ def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str |
 
     ``split`` is chosen on a CUDA device when its grid fits on the SMs, H spans at least two
     column blocks, and ``rows`` could not keep ``w_rec`` on chip (it would re-read all of it
-    from L2 every step, in every program). Otherwise ``rows``, which has no barrier to pay
-    for: on the H200, rows beat split at H=256 for every seed batch (e.g. 0.089 against
-    0.095 ms at B=64 T=50, 0.165 against 0.186 ms at B=128 T=100), and split won 6.5x at
-    H=512 (0.125 against 0.814 ms at B=256 T=50). ``method`` forces one design (its defaults
-    are returned)."""
+    from L2 every step, in every program). Otherwise ``rows``. ``method`` forces one design
+    (its defaults are returned). The result is a fresh dict the caller may change."""
     if method not in (None, *METHODS):
         raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
-    rows = _rows_config(B, H, dtype)
     sms = sm_count(device) if device is not None else None
+    return dict(_launch_config(B, H, dtype, sms, method))
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_config(B: int, H: int, dtype: torch.dtype, sms: int | None, method: str | None
+                   ) -> dict:
+    rows = _rows_config(B, H, dtype)
     if method == "rows":
         return rows
     split = _split_config(B, H, dtype, sms)
@@ -365,15 +457,25 @@ def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str |
     return rows
 
 
+_rows_launcher = Launcher(_cfc_scan_kernel, tensors=5)
+_split_launcher = Launcher(_cfc_split_kernel, tensors=6)
+
+
 def _launch_rows(xw, h0, w_rec, tau, y, dt, cfg):
     B, T, H = xw.shape
     block_h = _block_h(H)
-    _cfc_scan_kernel[(triton.cdiv(B, cfg["block_b"]),)](
-        xw, h0, w_rec, tau, y, float(dt), B, T, H,
-        xw.stride(0), xw.stride(1), h0.stride(0), w_rec.stride(0), y.stride(0), y.stride(1),
-        BLOCK_B=cfg["block_b"], BLOCK_H=block_h, BLOCK_K=min(cfg["block_k"], block_h),
-        W_RESIDENT=cfg["w_resident"], DOT_F32=_dot_f32(xw), SERIES_BELOW=SERIES_BELOW,
+    _rows_launcher(
+        (triton.cdiv(B, cfg["block_b"]),),
+        (xw, h0, w_rec, tau, y, float(dt), B, T, H,
+         xw.stride(0), xw.stride(1), h0.stride(0), w_rec.stride(0), y.stride(0), y.stride(1)),
+        {"BLOCK_B": cfg["block_b"], "BLOCK_H": block_h, "BLOCK_K": min(cfg["block_k"], block_h),
+         "W_RESIDENT": cfg["w_resident"], "DOT_F32": _dot_f32(xw), "SERIES_BELOW": SERIES_BELOW,
+         "FAST_TANH": _fast_tanh(xw, cfg)},
         num_warps=cfg["num_warps"])
+
+
+#: integer views of y for each width: the split kernel's exchange words
+_BITS = {2: torch.int16, 4: torch.int32}
 
 
 def _launch_split(xw, h0, w_rec, tau, y, dt, cfg):
@@ -388,29 +490,33 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, cfg):
         raise ValueError(f"split needs block_b and block_n >= 16 (tl.dot), got {block_b}, "
                          f"{block_n}")
     n_bb, n_nb = split_grid(B, H, block_b, block_n)
-    if T * n_nb >= 2 ** 31:
-        raise ValueError(f"T * column blocks = {T * n_nb} overflows the int32 step counter")
     if _interpreting() or not xw.is_cuda:
         if n_nb > 1 and T > 1:   # with one column block or one step, nobody waits on another
             raise RuntimeError(
                 "cfc_scan method='split' cannot run in the Triton interpreter: it runs programs "
-                "one after another, and a program would wait forever at the per-step barrier for "
+                "one after another, and a program would wait forever for the previous step of "
                 f"a sibling that has not started ({n_nb} column blocks per batch block); use "
                 "method='rows' (the default on CPU)")
     else:
-        sms = sm_count(xw.device)
+        sms = _tensor_sms(xw)
         if n_bb * n_nb > sms:
             raise RuntimeError(
                 f"cfc_scan method='split': {n_bb} x {n_nb} = {n_bb * n_nb} programs exceed the "
-                f"{sms} SMs, so not all would be resident and the per-step barrier could "
-                "deadlock; raise block_b / block_n or use method='rows'")
-    counters = torch.zeros(n_bb * COUNTER_STRIDE, dtype=torch.int32, device=xw.device)
-    _cfc_split_kernel[(n_bb * n_nb,)](
-        xw, h0, w_rec, tau, y, counters, float(dt), B, T, H,
-        xw.stride(0), xw.stride(1), h0.stride(0), w_rec.stride(0), y.stride(0), y.stride(1),
-        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_K=min(cfg["block_k"], block_h),
-        W_RESIDENT=cfg["w_resident"], DOT_F32=_dot_f32(xw), SERIES_BELOW=SERIES_BELOW,
-        COUNTER_STRIDE=COUNTER_STRIDE, num_warps=cfg["num_warps"])
+                f"{sms} SMs, so not all would be resident and a program could wait forever on "
+                "a sibling that never starts; raise block_b / block_n or use method='rows'")
+    # a part of the contraction axis is at least 16 wide (tl.dot)
+    k_split = max(1, min(cfg.get("k_split", 1), block_h // 16)) if cfg["w_resident"] else 1
+    ybits = y.view(_BITS[y.element_size()])
+    ybits.fill_(-1)   # every word "not arrived" (see _await_state); a memset under CUDA graphs
+    _split_launcher(
+        (n_bb * n_nb,),
+        (xw, h0, w_rec, tau, y, ybits, float(dt), B, T, H,
+         xw.stride(0), xw.stride(1), h0.stride(0), w_rec.stride(0), y.stride(0), y.stride(1)),
+        {"BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_N": block_n,
+         "BLOCK_K": min(cfg["block_k"], block_h), "W_RESIDENT": cfg["w_resident"],
+         "DOT_F32": _dot_f32(xw), "SERIES_BELOW": SERIES_BELOW, "K_SPLIT": k_split,
+         "FAST_TANH": _fast_tanh(xw, cfg)},
+        num_warps=cfg["num_warps"])
 
 
 def _dot_f32(xw) -> bool:
@@ -419,43 +525,67 @@ def _dot_f32(xw) -> bool:
     return xw.dtype == torch.float32 or (xw.dtype == torch.bfloat16 and not xw.is_cuda)
 
 
+def _fast_tanh(xw, cfg) -> bool:
+    """The approximate hardware tanh: for fp16/bf16 on a GPU (its error is under half an
+    ulp of the output), unless the config says otherwise; never for fp32 or interpreted."""
+    if xw.dtype == torch.float32 or not xw.is_cuda or _interpreting():
+        return False
+    return cfg.get("fast_tanh", True)
+
+
 def _prepare(xw, h0, w_rec, tau, out):
+    # Each check is a Python attribute test, so the common case (everything already in
+    # place) costs no tensor op: this runs on every eager call.
     if xw.stride(2) != 1:
         xw = xw.contiguous()
     # the op's contract (ONNX type T) gives xw, h0 and w_rec one dtype; the kernels rely on
     # it, since the dot's operands are h0 or y and w_rec as stored
-    h0, w_rec = h0.to(xw.dtype), w_rec.to(xw.dtype)
+    if h0.dtype != xw.dtype:
+        h0 = h0.to(xw.dtype)
     if h0.stride(1) != 1:
         h0 = h0.contiguous()
-    w_rec, tau = w_rec.contiguous(), tau.float().contiguous()
+    if w_rec.dtype != xw.dtype:
+        w_rec = w_rec.to(xw.dtype)
+    if not w_rec.is_contiguous():
+        w_rec = w_rec.contiguous()
+    if tau.dtype != torch.float32:
+        tau = tau.float()
+    if not tau.is_contiguous():
+        tau = tau.contiguous()
     y = torch.empty(xw.shape, dtype=xw.dtype, device=xw.device) if out is None else out
     return xw, h0, w_rec, tau, y
 
 
 def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_warps=None,
-                    w_resident=None, block_k=None, method=None, block_n=None) -> torch.Tensor:
+                    w_resident=None, block_k=None, method=None, block_n=None, k_split=None,
+                    fast_tanh=None) -> torch.Tensor:
     """Launch one of the kernels. ``xw [B, T, H]`` and ``h0 [B, H]`` may be strided views with
     unit stride over H (``h0`` is typically ``h[:, layer]`` of a ``[B, L, H]`` state); ``h0``
     and ``w_rec [H, H]`` share the dtype of ``xw`` (fp32, fp16 or bf16), ``tau [H]`` is fp32.
     ``out``: an optional preallocated ``y [B, T, H]`` in the dtype of ``xw``, unit stride over
     H. ``method``: ``None`` (``launch_config`` picks), ``"rows"`` or ``"split"`` (CUDA only;
     raises where it could deadlock). The other keywords override :func:`launch_config`'s
-    defaults for the method that runs (``block_n`` only matters to ``split``)."""
+    defaults for the method that runs (``block_n`` and ``k_split`` only matter to
+    ``split``; ``fast_tanh=False`` keeps the exp-based tanh on fp16/bf16 GPU inputs)."""
     if method not in (None, *METHODS):
         raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
     if method == "split" and (not xw.is_cuda or _interpreting()):
         raise RuntimeError(
             "cfc_scan method='split' needs a CUDA device and compiled Triton: in the interpreter "
             "(CPU tensors, TRITON_INTERPRET=1) programs run one after another, so one would wait "
-            "forever at the per-step barrier for a sibling that has not started; use "
+            "forever for the previous step of a sibling that has not started; use "
             "method='rows' (the default there)")
     B, T, H = xw.shape
     xw, h0, w_rec, tau, y = _prepare(xw, h0, w_rec, tau, out)
-    cfg = launch_config(B, H, xw.dtype, xw.device, method)
-    overrides = {"block_b": block_b, "num_warps": num_warps, "w_resident": w_resident,
-                 "block_k": block_k, "block_n": block_n}
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
     if B == 0 or T == 0:
         return y
+    cfg = _launch_config(B, H, xw.dtype, _tensor_sms(xw), method)
+    if (block_b or num_warps or w_resident is not None or block_k or block_n or k_split
+            or fast_tanh is not None):
+        cfg = dict(cfg)
+        overrides = {"block_b": block_b, "num_warps": num_warps, "w_resident": w_resident,
+                     "block_k": block_k, "block_n": block_n, "k_split": k_split,
+                     "fast_tanh": fast_tanh}
+        cfg.update({k: v for k, v in overrides.items() if v is not None})
     (_launch_split if cfg["method"] == "split" else _launch_rows)(xw, h0, w_rec, tau, y, dt, cfg)
     return y
