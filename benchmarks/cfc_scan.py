@@ -103,7 +103,8 @@ def timed(fn, mode: str):
 
 
 def rows_configs(B, H):
-    """``rows`` launches to time: the default first."""
+    """``rows`` launches to time: the default first, last the default with the exp-based
+    tanh."""
     block_h = max(16, 1 << (H - 1).bit_length())
     fits = block_h * block_h * DTYPE.itemsize <= W_RESIDENT_BYTES   # else it cannot compile
     modes = [(True, 32), (False, 32)] if fits else [(False, 32), (False, 64)]
@@ -115,17 +116,19 @@ def rows_configs(B, H):
             for resident, block_k in modes:
                 configs.append({"block_b": block_b, "num_warps": num_warps,
                                 "w_resident": resident, "block_k": block_k})
+    configs.append({**configs[0], "fast_tanh": False})   # the exp-based tanh
     return unique(configs)
 
 
 def split_configs(B, H, sms):
     """``split`` launches to time whose grid fits on the SMs: the default first, then every
-    block_b x block_n x k_split (with the default's rules for num_warps and w_resident),
-    then the default tiling with other warp counts and with w_rec streamed. A block_b above
+    block_b x block_n (with the default's rules for num_warps and w_resident),
+    then the default tiling with other warp counts, with w_rec streamed and with the
+    exp-based tanh. A block_b above
     16 that holds the whole batch is left out (fewer programs, same work each)."""
     default = launch_config(B, H, DTYPE, "cuda", method="split")
     block_h = max(16, 1 << (H - 1).bit_length())
-    keys = ("block_b", "block_n", "num_warps", "w_resident", "k_split")
+    keys = ("block_b", "block_n", "num_warps", "w_resident")
     first = {k: default[k] for k in keys}
     configs = [first]
     for block_b in (16, 32, 64):
@@ -135,12 +138,12 @@ def split_configs(B, H, sms):
             n_bb, n_nb = split_grid(B, H, block_b, block_n)
             if block_n > block_h or n_nb < 2 or n_bb * n_nb > sms:
                 continue
-            for k_split in (1, 2, 4):
-                configs.append({"block_b": block_b, "block_n": block_n, "k_split": k_split,
-                                **split_tile_defaults(block_b, block_n, H, DTYPE)})
+            configs.append({"block_b": block_b, "block_n": block_n,
+                            **split_tile_defaults(block_b, block_n, H, DTYPE)})
     for num_warps in (1, 2, 4, 8):
         configs.append({**first, "num_warps": num_warps})
-    configs.append({**first, "w_resident": not first["w_resident"], "k_split": 1})
+    configs.append({**first, "w_resident": not first["w_resident"]})
+    configs.append({**first, "fast_tanh": False})   # the exp-based tanh
     return unique(configs)
 
 

@@ -143,19 +143,17 @@ def run_split(args, dt, out, **overrides):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("w_resident,k_split", [(True, 1), (True, 2), (False, 1)],
-                         ids=["w-resident", "w-resident-k2", "w-streamed"])
+@pytest.mark.parametrize("w_resident", [True, False], ids=["w-resident", "w-streamed"])
 @pytest.mark.parametrize("B,T,H,strided", [(2, 1, 16, False), (3, 63, 20, True),
                                            (19, 37, 40, False)])
-def test_split_kernel_one_column_block_matches_naive(B, T, H, strided, w_resident, k_split,
-                                                     dtype):
+def test_split_kernel_one_column_block_matches_naive(B, T, H, strided, w_resident, dtype):
     """The split kernel's arithmetic, with block_n = block_h: one column block per batch
     block, so each program waits only for its own stores and the interpreter can run it
     (19 rows: two batch blocks; H=40: two contraction slices when streamed)."""
     args = make(B, T, H, dtype, DEVICE, strided=strided)
     ref = naive_cfc_scan(*cpu(args), 1.0)
     out = run_split(args, 1.0, poisoned(args[0]), block_n=kernels._block_h(H),
-                    w_resident=w_resident, num_warps=4, k_split=k_split)
+                    w_resident=w_resident, num_warps=4)
     assert out.dtype == dtype
     assert rel_l2(out, ref) < TOL[dtype]
 
@@ -478,19 +476,17 @@ def test_split_matches_naive(B, T, H, dtype):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("block_b,block_n,num_warps,w_resident,k_split",
-                         [(16, 16, 4, True, 1), (16, 64, 8, True, 2), (32, 32, 4, False, 1),
-                          (64, 32, 8, True, 4), (16, 128, 8, False, 2), (16, 32, 2, True, 4),
-                          (16, 16, 1, True, 2)])
-def test_split_launch_variants_agree(block_b, block_n, num_warps, w_resident, k_split, dtype):
+@pytest.mark.parametrize("block_b,block_n,num_warps,w_resident",
+                         [(16, 16, 4, True), (16, 64, 8, True), (32, 32, 4, False),
+                          (64, 32, 8, True), (16, 128, 8, False), (16, 32, 2, True),
+                          (16, 16, 1, True)])
+def test_split_launch_variants_agree(block_b, block_n, num_warps, w_resident, dtype):
     """The --sweep knobs of the split kernel change the tiling, not the result (70 rows:
-    a partial batch block; H=192: a partial column block at every block_n but 16, 64, and
-    with k_split 4 a last contraction part that is all padding)."""
+    a partial batch block; H=192: a partial column block at every block_n but 16, 64)."""
     args = make(70, 21, 192, dtype, "cuda", seed=12)
     ref = naive_cfc_scan(*cpu(args), 1.0)
     out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split", block_b=block_b,
-                          block_n=block_n, num_warps=num_warps, w_resident=w_resident,
-                          k_split=k_split)
+                          block_n=block_n, num_warps=num_warps, w_resident=w_resident)
     assert rel_l2(out, ref) < TOL[dtype]
 
 

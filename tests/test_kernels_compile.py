@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent("""
             compile(cfc._cfc_split_kernel, split_sig,
                     dict(BLOCK_B=16, BLOCK_H=512, BLOCK_N=64 if dt != "fp32" else 32, BLOCK_K=32,
                          W_RESIDENT=resident, DOT_F32=dt == "fp32", SERIES_BELOW=0.5,
-                         K_SPLIT=4 if resident else 1, FAST_TANH=dt != "fp32"), 8)
+                         FAST_TANH=dt != "fp32"), 8)
 """)
 
 

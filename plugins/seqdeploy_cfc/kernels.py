@@ -237,25 +237,16 @@ def _publish(bits_ptrs, h, mask, out_ty: tl.constexpr, bits_ty: tl.constexpr):
 
 
 @triton.jit
-def _state_part(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_b, k0, t, H,
-                PART: tl.constexpr, out_ty: tl.constexpr):
-    """Columns ``k0 .. k0 + PART`` of ``h_{t-1}`` for this program's rows, in ``out_ty``:
-    from ``h0`` at step 0, else awaited from ``y[:, t-1]``."""
-    ks = k0 + tl.arange(0, PART)
-    mask = mask_b[:, None] & (ks < H)[None, :]
+def _previous_state(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks, t,
+                    out_ty: tl.constexpr):
+    """All of ``h_{t-1}`` for this program's rows, in ``out_ty``: ``h0`` at step 0, else
+    awaited from ``y[:, t-1]``."""
     if t == 0:
-        hp = tl.load(h0_ptr + rows[:, None] * sh_b + ks[None, :], mask=mask, other=0.0)
+        hp = tl.load(h0_ptr + rows[:, None] * sh_b + ks[None, :], mask=mask_hk, other=0.0)
     else:
         hp = _await_state(ybits_ptr + (t - 1) * sy_t + rows[:, None] * sy_b + ks[None, :],
-                          mask).to(out_ty, bitcast=True)
+                          mask_hk).to(out_ty, bitcast=True)
     return hp
-
-
-@triton.jit
-def _part_dot(hp, w, acc, DOT_F32: tl.constexpr):
-    if DOT_F32:
-        return tl.dot(hp.to(tl.float32), w, acc, input_precision="ieee")
-    return tl.dot(hp, w, acc)
 
 
 @triton.jit
@@ -263,19 +254,11 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
                       sx_b, sx_t, sh_b, sw_k, sy_b, sy_t,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_F32: tl.constexpr,
-                      SERIES_BELOW: tl.constexpr, K_SPLIT: tl.constexpr,
-                      FAST_TANH: tl.constexpr):
+                      SERIES_BELOW: tl.constexpr, FAST_TANH: tl.constexpr):
     """The split design: program (pb, pn) computes columns ``pn*BLOCK_N ...`` of rows
     ``pb*BLOCK_B ...`` for every step. ``ybits_ptr`` is ``y`` viewed as integers of its
     width, pre-filled with all ones: step t publishes ``y_t`` there and step t+1 waits for
-    all of its rows' words to arrive. The grid is 1-D with pn fastest.
-
-    ``K_SPLIT`` (1, 2 or 4; resident ``w_rec`` only): the step's dot is that many dots over
-    parts of the contraction axis, summed after. Each part is its own chain of tensor-core
-    instructions, so the parts overlap instead of every instruction waiting on the one
-    before (a chain of H/16 at H=512 is most of a step). All but the first part start from
-    a zero the compiler cannot see through (``gain * 0``): from a literal zero, Triton would
-    fold the sum back into one chained dot."""
+    all of its rows' words to arrive. The grid is 1-D with pn fastest."""
     pid = tl.program_id(0)
     n_nb = tl.cdiv(H, BLOCK_N)
     pb = pid // n_nb
@@ -290,23 +273,13 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
     mask_hk = mask_b[:, None] & mask_k[None, :]
     out_ty = y_ptr.dtype.element_ty
     bits_ty = ybits_ptr.dtype.element_ty
-    PART: tl.constexpr = BLOCK_H // K_SPLIT
 
     alpha, gain = _decays(tau_ptr, cols, mask_n, dt, SERIES_BELOW)
 
     # fp32 state of this program's own columns: the blend never sees the rounded y
     h = tl.load(h0_ptr + rows[:, None] * sh_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if W_RESIDENT:
-        k1 = tl.arange(0, PART)
-        w0 = _load_w(w_ptr, sw_k, k1, k1 < H, cols, mask_n, DOT_F32, out_ty)
-        if K_SPLIT >= 2:
-            w1 = _load_w(w_ptr, sw_k, PART + k1, PART + k1 < H, cols, mask_n, DOT_F32, out_ty)
-        if K_SPLIT >= 4:
-            w2 = _load_w(w_ptr, sw_k, 2 * PART + k1, 2 * PART + k1 < H, cols, mask_n, DOT_F32,
-                         out_ty)
-            w3 = _load_w(w_ptr, sw_k, 3 * PART + k1, 3 * PART + k1 < H, cols, mask_n, DOT_F32,
-                         out_ty)
-        zero = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32) + gain * 0.0
+        w = _load_w(w_ptr, sw_k, ks, mask_k, cols, mask_n, DOT_F32, out_ty)
 
     x_ptrs = xw_ptr + rows[:, None] * sx_b + cols[None, :]
     y_ptrs = ybits_ptr + rows[:, None] * sy_b + cols[None, :]
@@ -320,17 +293,12 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
         x_next = tl.load(x_ptrs + (t + 1) * sx_t, mask=mask & (step + t + 1 < T)[:, None],
                          other=0.0)
         if W_RESIDENT:
-            z = _part_dot(_state_part(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_b, 0, t,
-                                      H, PART, out_ty), w0, x, DOT_F32)
-            if K_SPLIT >= 2:
-                z += _part_dot(_state_part(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_b,
-                                           PART, t, H, PART, out_ty), w1, zero, DOT_F32)
-            if K_SPLIT >= 4:
-                z2 = _part_dot(_state_part(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_b,
-                                           2 * PART, t, H, PART, out_ty), w2, zero, DOT_F32)
-                z3 = _part_dot(_state_part(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_b,
-                                           3 * PART, t, H, PART, out_ty), w3, zero, DOT_F32)
-                z += z2 + z3
+            hp = _previous_state(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks, t,
+                                 out_ty)
+            if DOT_F32:
+                z = tl.dot(hp.to(tl.float32), w, x, input_precision="ieee")
+            else:
+                z = tl.dot(hp, w, x)
         else:
             if t == 0:
                 acc = _streamed_matmul(h0_ptr, sh_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H,
@@ -417,7 +385,7 @@ def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None) -> dict:
     while sms is not None and block_b < 64 and triton.cdiv(B, block_b) * n_nb > sms:
         block_b *= 2
     return {"method": "split", "block_b": block_b, "block_k": min(32, block_h),
-            "block_n": block_n, "k_split": 1, **split_tile_defaults(block_b, block_n, H, dtype)}
+            "block_n": block_n, **split_tile_defaults(block_b, block_n, H, dtype)}
 
 
 def split_grid(B: int, H: int, block_b: int, block_n: int) -> tuple[int, int]:
@@ -433,8 +401,11 @@ def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str |
 
     ``split`` is chosen on a CUDA device when its grid fits on the SMs, H spans at least two
     column blocks, and ``rows`` could not keep ``w_rec`` on chip (it would re-read all of it
-    from L2 every step, in every program). Otherwise ``rows``. ``method`` forces one design
-    (its defaults are returned). The result is a fresh dict the caller may change."""
+    from L2 every step, in every program). Otherwise ``rows``, which has no exchange between
+    programs: on the H200 (fp16, CUDA-graph time, hardware tanh) rows beat split at H=256
+    (0.0715 against 0.0784 ms at B=64 T=50, 0.136 against 0.153 ms at B=128 T=100), and
+    split won 6x at H=512 (0.135 against 0.82 ms at B=256 T=50). ``method`` forces one
+    design (its defaults are returned). The result is a fresh dict the caller may change."""
     if method not in (None, *METHODS):
         raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
     sms = sm_count(device) if device is not None else None
@@ -504,8 +475,6 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, cfg):
                 f"cfc_scan method='split': {n_bb} x {n_nb} = {n_bb * n_nb} programs exceed the "
                 f"{sms} SMs, so not all would be resident and a program could wait forever on "
                 "a sibling that never starts; raise block_b / block_n or use method='rows'")
-    # a part of the contraction axis is at least 16 wide (tl.dot)
-    k_split = max(1, min(cfg.get("k_split", 1), block_h // 16)) if cfg["w_resident"] else 1
     ybits = y.view(_BITS[y.element_size()])
     ybits.fill_(-1)   # every word "not arrived" (see _await_state); a memset under CUDA graphs
     _split_launcher(
@@ -514,7 +483,7 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, cfg):
          xw.stride(0), xw.stride(1), h0.stride(0), w_rec.stride(0), y.stride(0), y.stride(1)),
         {"BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_N": block_n,
          "BLOCK_K": min(cfg["block_k"], block_h), "W_RESIDENT": cfg["w_resident"],
-         "DOT_F32": _dot_f32(xw), "SERIES_BELOW": SERIES_BELOW, "K_SPLIT": k_split,
+         "DOT_F32": _dot_f32(xw), "SERIES_BELOW": SERIES_BELOW,
          "FAST_TANH": _fast_tanh(xw, cfg)},
         num_warps=cfg["num_warps"])
 
@@ -557,16 +526,16 @@ def _prepare(xw, h0, w_rec, tau, out):
 
 
 def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_warps=None,
-                    w_resident=None, block_k=None, method=None, block_n=None, k_split=None,
-                    fast_tanh=None) -> torch.Tensor:
+                    w_resident=None, block_k=None, method=None, block_n=None, fast_tanh=None
+                    ) -> torch.Tensor:
     """Launch one of the kernels. ``xw [B, T, H]`` and ``h0 [B, H]`` may be strided views with
     unit stride over H (``h0`` is typically ``h[:, layer]`` of a ``[B, L, H]`` state); ``h0``
     and ``w_rec [H, H]`` share the dtype of ``xw`` (fp32, fp16 or bf16), ``tau [H]`` is fp32.
     ``out``: an optional preallocated ``y [B, T, H]`` in the dtype of ``xw``, unit stride over
     H. ``method``: ``None`` (``launch_config`` picks), ``"rows"`` or ``"split"`` (CUDA only;
     raises where it could deadlock). The other keywords override :func:`launch_config`'s
-    defaults for the method that runs (``block_n`` and ``k_split`` only matter to
-    ``split``; ``fast_tanh=False`` keeps the exp-based tanh on fp16/bf16 GPU inputs)."""
+    defaults for the method that runs (``block_n`` only matters to ``split``;
+    ``fast_tanh=False`` keeps the exp-based tanh on fp16/bf16 GPU inputs)."""
     if method not in (None, *METHODS):
         raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
     if method == "split" and (not xw.is_cuda or _interpreting()):
@@ -580,12 +549,11 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     if B == 0 or T == 0:
         return y
     cfg = _launch_config(B, H, xw.dtype, _tensor_sms(xw), method)
-    if (block_b or num_warps or w_resident is not None or block_k or block_n or k_split
+    if (block_b or num_warps or w_resident is not None or block_k or block_n
             or fast_tanh is not None):
         cfg = dict(cfg)
         overrides = {"block_b": block_b, "num_warps": num_warps, "w_resident": w_resident,
-                     "block_k": block_k, "block_n": block_n, "k_split": k_split,
-                     "fast_tanh": fast_tanh}
+                     "block_k": block_k, "block_n": block_n, "fast_tanh": fast_tanh}
         cfg.update({k: v for k, v in overrides.items() if v is not None})
     (_launch_split if cfg["method"] == "split" else _launch_rows)(xw, h0, w_rec, tau, y, dt, cfg)
     return y
