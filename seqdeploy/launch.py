@@ -14,8 +14,9 @@ every scalar (Triton keys on an integer's ``== 1`` and divisibility by 16), the 
 constexprs and the launch options. So a cached binary is only reused where ``kernel[grid]``
 would pick the same one.
 
-In Triton's interpreter (``TRITON_INTERPRET=1``) and on CPU tensors every call takes the
-plain ``kernel[grid]`` path. Where the fast path's API is missing (a Triton version whose
+In Triton's interpreter (``TRITON_INTERPRET=1``) and on CPU tensors, for tensors off the
+current CUDA device, and while launch hooks are installed, every call takes the plain
+``kernel[grid]`` path. Where the fast path's API is missing (a Triton version whose
 ``CompiledKernel`` differs), the first failed attempt switches it off for the process and
 the call is repeated the plain way; the attempt fails while binding arguments, before any
 launch.
@@ -49,12 +50,17 @@ class Launcher:
     def __call__(self, grid: tuple[int, ...], args: tuple, meta: dict[str, Any],
                  **options: Any) -> None:
         first = args[0]
-        if not (Launcher.enabled and first.is_cuda
+        if not (Launcher.enabled and first.is_cuda and _plain_launch()
                 and isinstance(self.kernel, triton.runtime.JITFunction)):
             self.kernel[grid](*args, **meta, **options)
             return
+        device = first.get_device()
+        if device != torch.cuda.current_device():
+            # Triton loads and launches binaries on the current device; leave that case to it
+            self.kernel[grid](*args, **meta, **options)
+            return
         n = self.tensors
-        key = (first.get_device(), grid, *meta.values(), *options.values(),
+        key = (device, grid, *meta.values(), *options.values(),
                *[(t.dtype, t.data_ptr() & 255) for t in args[:n]], *args[n:])
         binary = self._binaries.get(key)
         if binary is None:
@@ -72,9 +78,24 @@ class Launcher:
             runner = binary[(*grid, 1, 1)[:3]]
             runner(*args, *meta.values())
         except (AttributeError, TypeError):
-            # this Triton's CompiledKernel launches differently: use the plain path from now on
+            # This Triton's CompiledKernel launches differently. The failure is in binding
+            # the arguments, before any launch (no launch hooks are installed, see
+            # _plain_launch), so the plain path runs the kernel exactly once.
             Launcher.enabled = False
             self._binaries.clear()
             self.kernel[grid](*args, **meta, **options)
             return
         self.fast_calls += 1
+
+
+def _plain_launch() -> bool:
+    """No launch hooks (profilers install them): the fast path calls none, so it steps
+    aside while any is set."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return runtime is None or not (_hooked(getattr(runtime, "launch_enter_hook", None))
+                                   or _hooked(getattr(runtime, "launch_exit_hook", None)))
+
+
+def _hooked(hook) -> bool:
+    # a hook, or a chain of hooks (``HookChain`` in triton 3.6 and 3.9) that holds any
+    return hook is not None and bool(getattr(hook, "calls", True))

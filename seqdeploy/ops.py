@@ -73,33 +73,50 @@ def call(op: CustomOp, *args, **kwargs):
     The direct call skips the dispatcher's round trip through the custom op (tens of
     microseconds of Python per call on the H200's host, more than a short recurrence runs on
     the GPU) and runs exactly what the op's kernel registration would run. It is taken only
-    when nothing could observe the difference: the first argument is a plain ``torch.Tensor``
-    (not a fake, functional or other subclass), nothing is being traced or compiled (dynamo,
-    ``torch.export``, ``torch.jit``), no dispatch mode is active, and no input needs a
-    gradient. Anything else goes through ``torch_op``, so export, compile, fake tensors and
-    autograd see the op."""
+    when nothing could observe the difference (:func:`_direct_device`): every tensor argument
+    is a plain ``torch.Tensor`` or ``nn.Parameter`` (no fake, functional, batched or other
+    subclass), nothing is being traced, compiled or transformed (dynamo, ``torch.export``,
+    ``torch.jit``, ``torch.func``), no dispatch or torch-function mode is active, and no
+    input needs a gradient. Anything else goes through ``torch_op``, so export, compile,
+    fake tensors, functorch, subclasses and autograd see the op."""
     if _reference_mode.get():
         return op.reference(*args, **kwargs)
     if op.eager:
-        first = args[0]
-        if type(first) is torch.Tensor and not _observed(args):
-            kernel = op.eager.get(first.device.type)
-            if kernel is not None:
-                return kernel(*args, **kwargs)
+        device = _direct_device(args, kwargs)
+        kernel = op.eager.get(device) if device is not None else None
+        if kernel is not None:
+            return kernel(*args, **kwargs)
     return op.torch_op(*args, **kwargs)
 
 
-def _observed(args) -> bool:
-    """Whether something could see a call that bypasses the dispatcher."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _dispatch_modes() > 0:
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _direct_device(args, kwargs) -> str | None:
+    """The device type of a call that nothing could tell from the registered op, else None
+    (see :func:`call`)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _modes_active():
+        return None
+    device = None
+    grad = torch.is_grad_enabled()
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN or (grad and a.requires_grad):
+                return None
+            if device is None:
+                device = a.device.type
+    return device
+
+
+def _modes_active() -> bool:
+    """Whether a dispatch mode, a torch-function mode or a ``torch.func`` transform is on
+    (where this torch does not say, assume one is)."""
+    c = torch._C
+    try:
+        return (c._len_torch_dispatch_stack() > 0 or c._is_torch_function_mode_enabled()
+                or c._functorch.peek_interpreter_stack() is not None)
+    except AttributeError:
         return True
-    return torch.is_grad_enabled() and any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-
-
-def _dispatch_modes() -> int:
-    stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
-    return stack() if stack is not None else 1   # unknown: assume observed
 
 
 def plugin_attributes() -> dict[str, str]:

@@ -19,8 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqdeploy.launch import Launcher
 from seqdeploy.ops import call
+from seqdeploy_cfc import kernels
 from seqdeploy_cfc.kernels import triton_cfc_scan
-from seqdeploy_cfc.ops import cfc_scan, cfc_scan_op, cpu_cfc_scan, naive_cfc_scan
+from seqdeploy_cfc.ops import cfc_scan_op, cpu_cfc_scan, cuda_cfc_scan, naive_cfc_scan
 
 
 def inputs(B=3, T=7, H=24, dtype=torch.float32, device="cpu"):
@@ -33,12 +34,15 @@ def inputs(B=3, T=7, H=24, dtype=torch.float32, device="cpu"):
 
 
 class Counting:
-    def __init__(self):
+    """Counts calls, then runs the real implementation it wraps."""
+
+    def __init__(self, impl=cpu_cfc_scan):
         self.calls = 0
+        self.impl = impl
 
     def __call__(self, xw, h0, w_rec, tau, dt):
         self.calls += 1
-        return cpu_cfc_scan(xw, h0, w_rec, tau, dt)
+        return self.impl(xw, h0, w_rec, tau, dt)
 
 
 @pytest.fixture
@@ -111,49 +115,144 @@ class Model(torch.nn.Module):
         return call(self.op, xw, h0, w_rec, tau, 0.5)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only without CUDA")
-def test_launcher_on_cpu_tensors_takes_the_plain_path():
-    """The interpreter (CPU tensors) never uses the cached-binary path."""
-    args = inputs(B=2, T=3, H=16)
-    y = triton_cfc_scan(*args, 0.5, out=torch.full_like(args[0], math.nan))
-    check(y, args)
-    from seqdeploy_cfc import kernels
+def test_functorch_transforms_go_through_the_op(op_and_probe):
+    """Under vmap and functionalize the tensors look plain; the op must still be used."""
+    op, probe = op_and_probe
+    args = inputs()
+    batched = torch.stack([args[0], args[0] * 0.5])
+    ys = torch.vmap(lambda xw: call(op, xw, *args[1:], 0.5))(batched)
+    check(ys[0], args)
+    check(ys[1], [batched[1], *args[1:]])
+    check(torch.func.functionalize(lambda *a: call(op, *a, 0.5))(*args), args)
+    assert probe.calls == 0
 
-    assert kernels._rows_launcher.fast_calls == 0
+
+def test_subclass_or_keyword_arguments_go_through_the_op(op_and_probe):
+    """A tensor subclass anywhere (not just first) and a keyword tensor needing grad take
+    the op; a call with only keywords works on either path."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    op, probe = op_and_probe
+    args = inputs()
+    w = TwoTensor(args[2], args[2].clone())
+    y = call(op, args[0], args[1], w, args[3], 0.5)
+    assert isinstance(y, TwoTensor) and probe.calls == 0
+    check(y.a, args)
+    tau = args[3].clone().requires_grad_(True)
+    y = call(op, args[0], args[1], args[2], tau=tau, dt=0.5)
+    assert y.requires_grad and probe.calls == 0
+    check(call(op, xw=args[0], h0=args[1], w_rec=args[2], tau=args[3], dt=0.5), args)
+    assert probe.calls == 1
+
+
+def test_out_is_checked():
+    """``out`` of the wrong shape, dtype or layout, or sharing memory with an input, is
+    refused before anything runs."""
+    args = inputs(B=2, T=3, H=16)
+    for bad in (torch.empty(2, 3, 15), torch.empty(2, 3, 16, dtype=torch.float64),
+                torch.empty(2, 16, 3).transpose(1, 2), args[0]):
+        with pytest.raises(ValueError, match="out"):
+            triton_cfc_scan(*args, 0.5, out=bad)
+
+
+# -- GPU: the fast paths against the ones they replace -----------------------------------------
+def plain(args, dt, monkeypatch, **kw):
+    """The result through Triton's own ``kernel[grid]`` path (fast path switched off)."""
+    with monkeypatch.context() as m:
+        m.setattr(Launcher, "enabled", False)
+        return triton_cfc_scan(*args, dt, **kw)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_direct_call_and_cached_launch_match_the_dispatcher(dtype):
-    """On CUDA: the op through the dispatcher (Triton's own launch path the first time), then
-    the direct call and the cached binary, give identical bits; odd shapes and strides."""
-    from seqdeploy_cfc import kernels
-
+def test_direct_call_and_cached_launch_match_the_plain_path(dtype, monkeypatch):
+    """On CUDA, ``call`` takes the direct path and, from the second call on, the cached
+    binary; both give the plain path's bits (odd shapes, a strided view)."""
     args = inputs(B=5, T=9, H=40, dtype=dtype, device="cuda")
     args[0] = args[0][:, 1:]                                    # a strided view
-    first = torch.ops.seqdeploy.cfc_scan(*args, 0.5)
+    expected = plain(args, 0.5, monkeypatch)
+    probe = Counting(cuda_cfc_scan)
+    op = dataclasses.replace(cfc_scan_op(), eager={"cuda": probe})
     before = kernels._rows_launcher.fast_calls
-    op = cfc_scan_op()
     for _ in range(3):
-        again = call(op, *args, 0.5)
-        torch.testing.assert_close(again, first, rtol=0, atol=0)
-    assert kernels._rows_launcher.fast_calls > before
-    # a new specialization (H divisible by 16) is compiled, not served from the H=40 binary
-    args16 = inputs(B=5, T=9, H=32, dtype=dtype, device="cuda")
-    out = call(op, *args16, 0.5)
-    ref = naive_cfc_scan(*[a.cpu() for a in args16], 0.5)
-    assert float((out.double().cpu() - ref).norm() / ref.norm()) < 1e-3
-    assert cfc_scan is op.torch_op
+        torch.testing.assert_close(call(op, *args, 0.5), expected, rtol=0, atol=0)
+    assert probe.calls == 3
+    assert kernels._rows_launcher.fast_calls >= before + 2
+    ref = naive_cfc_scan(*[a.cpu() for a in args], 0.5)
+    assert float((expected.double().cpu() - ref).norm() / ref.norm()) < 1e-3
 
 
 @gpu
-def test_launcher_relaunches_the_cached_binary_with_new_data():
-    """A cached binary launched with other tensors of the same signature reads those
-    tensors, not the first call's."""
-    a = inputs(B=4, T=6, H=32, device="cuda")
-    b = [t * 0.5 if i < 3 else t for i, t in enumerate(inputs(B=4, T=6, H=32, device="cuda"))]
-    for args in (a, b, a, b):
-        y = triton_cfc_scan(*args, 0.5)
-        ref = naive_cfc_scan(*[t.cpu() for t in args], 0.5)
-        assert float((y.double().cpu() - ref).norm() / ref.norm()) < 1e-5
-    assert isinstance(Launcher.enabled, bool) and Launcher.enabled
+def test_cached_binaries_follow_every_specialization(monkeypatch):
+    """Calls that differ from a cached one only in what Triton specializes on (a pointer's
+    16-byte alignment; an integer equal to 1) get their own binary and stay correct, in
+    either order, with new data each time."""
+    H = 32
+    wide = inputs(B=4, T=6, H=H + 8, device="cuda")[0]
+    rest = inputs(B=4, T=6, H=H, device="cuda")[1:]
+    cases = [(slice(None), slice(0, H)), (slice(None), slice(1, H + 1)),   # 4 bytes off
+             (slice(0, 1), slice(0, H)), (slice(0, 2), slice(0, H)),
+             (slice(0, 1), slice(1, H + 1))]
+    before = kernels._rows_launcher.fast_calls
+    for _ in range(2):
+        for i, (ts, hs) in enumerate(cases):
+            xw = (wide * (1 + 0.1 * i))[:, ts, hs]                 # new data, the same view
+            args = [xw, *rest]
+            y = triton_cfc_scan(*args, 0.5)
+            torch.testing.assert_close(y, plain(args, 0.5, monkeypatch), rtol=0, atol=0)
+            ref = naive_cfc_scan(*[a.cpu() for a in args], 0.5)
+            assert float((y.double().cpu() - ref).norm() / ref.norm()) < 1e-5
+    assert kernels._rows_launcher.fast_calls >= before + len(cases)
+
+
+@gpu
+def test_direct_call_captures_into_a_cuda_graph():
+    """The direct path launches on the current stream, so it records into a CUDA graph on a
+    side stream like any op, and replays with new data."""
+    op = cfc_scan_op()
+    args = inputs(B=3, T=5, H=48, dtype=torch.float16, device="cuda")
+    call(op, *args, 0.5)                                        # compile outside capture
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        y = call(op, *args, 0.5)
+    args[0].mul_(-0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = naive_cfc_scan(*[a.cpu() for a in args], 0.5)
+    assert float((y.double().cpu() - ref).norm() / ref.norm()) < 1e-3
+
+
+@gpu
+def test_launcher_falls_back_when_the_binary_api_differs(monkeypatch):
+    """A CompiledKernel whose launch API does not fit turns the fast path off for the
+    process; the call still runs once, on the plain path, and is right."""
+    args = inputs(B=3, T=7, H=24, device="cuda")
+    triton_cfc_scan(*args, 0.5)                                 # cache a binary
+
+    class Incompatible:
+        def __getitem__(self, grid):
+            raise TypeError("launch() takes different arguments")
+
+    monkeypatch.setattr(Launcher, "enabled", True)
+    table = kernels._rows_launcher._binaries
+    monkeypatch.setattr(kernels._rows_launcher, "_binaries", {k: Incompatible() for k in table})
+    y = triton_cfc_scan(*args, 0.5)
+    assert Launcher.enabled is False
+    check(y.cpu(), [a.cpu() for a in args])
+
+
+@gpu
+@pytest.mark.parametrize("method", ["rows", "split"])
+def test_nan_input_propagates_and_does_not_hang(method):
+    """A NaN in one row's input makes that row NaN from there on and leaves the others
+    right; in split no NaN the kernel stores looks like a word that has not arrived."""
+    args = inputs(B=20, T=12, H=64, dtype=torch.float16, device="cuda")
+    args[0][3, 5, 7] = math.nan
+    y = triton_cfc_scan(*args, 0.5, method=method, block_n=16 if method == "split" else None)
+    torch.cuda.synchronize()
+    assert torch.isnan(y[3, 5, 7]) and torch.isnan(y[3, 6:]).all()
+    assert not torch.isnan(y[3, :5]).any()
+    keep = [i for i in range(20) if i != 3]
+    ref = naive_cfc_scan(*[a.cpu() for a in args], 0.5)[keep]
+    assert float((y[keep].double().cpu() - ref).norm() / ref.norm()) < 1e-3

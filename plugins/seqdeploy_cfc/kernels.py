@@ -40,7 +40,14 @@ store is never torn), so a word that has arrived is final; words are checked one
 so no ordering between them is needed. This is the "flag in the data" idea of low-latency
 collectives: one L2 round trip per step instead of a fence, an atomic and polling on a
 counter before the data can be read. The fill is one extra pass over ``y`` before the
-launch (a memset node under CUDA graphs).
+launch (a memset node under CUDA graphs). With ``w_rec`` streamed, each ``BLOCK_K`` slice of
+``h_{t-1}`` is awaited as it is read.
+
+The stores are ordinary (weak) stores. Under the PTX memory model a weak store read by a
+volatile load from another SM is a data race, so the scheme rests on how the hardware
+behaves, as low-latency collectives do: global stores write through to L2, volatile loads
+read L2 and are never hoisted out of the wait loop, and an aligned 2- or 4-byte store is
+never torn. Triton has no strong (relaxed) store for 16-bit words. Every GPU test runs it.
 
 Why the wait cannot deadlock: a program waits only for its siblings' step t-1, which needs
 nothing but their own waits for step t-2; by induction over t, every wait ends once all
@@ -81,12 +88,17 @@ METHODS = ("rows", "split")
 
 @triton.jit
 def _tanh(z, FAST_TANH: tl.constexpr):
-    """``tanh`` in fp32. ``FAST_TANH``: the GPU's one-instruction ``tanh.approx.f32``
-    (relative error below 2^-10.9, under half an fp16 ulp; for fp16/bf16 outputs on a GPU).
+    """``tanh`` in fp32. Per step the whole ``[rows, H]`` tile goes through this, so its
+    instruction count is a visible part of a step.
+
+    ``FAST_TANH`` (fp16/bf16 inputs on a GPU): the one-instruction ``tanh.approx.f32``
+    (sm_75 on). Its relative error, up to 2^-10.987, is the size of fp16's rounding of
+    ``y`` (2^-11 relative) and below bf16's; it enters the fp32 state each step, and the
+    GPU tests bound what that adds over T=2048 against the exact form.
+
     Otherwise from exp (the interpreter has neither libdevice nor inline PTX):
     ``exp(-2|z|)`` lies in (0, 1] and cannot overflow for any z, and the division is the
-    fast one (2 ulp), not the IEEE subroutine. Per step the whole ``[rows, H]`` tile goes
-    through this, so its instruction count is a visible part of a step."""
+    fast one (``div.full.f32``, 2 ulp), not the IEEE subroutine."""
     if FAST_TANH:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z],
                                          dtype=tl.float32, is_pure=True, pack=1)
@@ -109,24 +121,44 @@ def _one_minus_exp_neg(r, SERIES_BELOW: tl.constexpr):
 @triton.jit
 def _streamed_matmul(a_ptr, sa_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+                     BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, AWAIT: tl.constexpr,
+                     a_bits_ptr):
     """``a [BLOCK_B, H] @ w [H, cols]`` (``BLOCK_N`` columns) with both operands read in
-    ``BLOCK_K`` slices of the contraction axis. ``a`` was written earlier in this launch
-    (by this program, or by its siblings in the split kernel), so it is read past L1
-    (``.cg``); ``w`` is re-read every step and served from L2 (or L1, for a split slice)."""
+    ``BLOCK_K`` slices of the contraction axis. ``a`` was written earlier in this launch, so
+    it is read past L1 (``.cg``); with ``AWAIT`` (the split kernel: siblings on other SMs
+    wrote it) each slice is awaited through ``a_bits_ptr``, the same memory as integers, as
+    ``_await_state`` does for a whole row block, in a loop that is not unrolled (unrolled,
+    one wait loop per slice made ptxas spill). ``w`` is re-read every step and served from
+    L2 (or L1, for a split slice)."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.static_range(0, BLOCK_H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        mask_k = ks < H
-        a = tl.load(a_ptr + rows[:, None] * sa_b + ks[None, :],
-                    mask=mask_b[:, None] & mask_k[None, :], other=0.0, cache_modifier=".cg")
-        w = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(a, w)
+    if AWAIT:
+        for k0 in tl.range(0, BLOCK_H, BLOCK_K, num_stages=1):
+            acc = _slice_dot(acc, a_ptr, sa_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H, k0,
+                             BLOCK_K, DOT_F32, AWAIT, a_bits_ptr)
+    else:
+        for k0 in tl.static_range(0, BLOCK_H, BLOCK_K):
+            acc = _slice_dot(acc, a_ptr, sa_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H, k0,
+                             BLOCK_K, DOT_F32, AWAIT, a_bits_ptr)
     return acc
+
+
+@triton.jit
+def _slice_dot(acc, a_ptr, sa_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H, k0,
+               BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, AWAIT: tl.constexpr, a_bits_ptr):
+    """``acc + a[:, k0 : k0 + BLOCK_K] @ w[k0 : k0 + BLOCK_K, cols]`` (see _streamed_matmul)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    mask_k = ks < H
+    mask_a = mask_b[:, None] & mask_k[None, :]
+    offs = rows[:, None] * sa_b + ks[None, :]
+    if AWAIT:
+        a = _await_state(a_bits_ptr + offs, mask_a).to(a_ptr.dtype.element_ty, bitcast=True)
+    else:
+        a = tl.load(a_ptr + offs, mask=mask_a, other=0.0, cache_modifier=".cg")
+    w = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :],
+                mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    if DOT_F32:
+        return acc + tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    return acc + tl.dot(a, w)
 
 
 @triton.jit
@@ -187,11 +219,11 @@ def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
         else:
             if t == 0:
                 acc = _streamed_matmul(h0_ptr, sh_b, w_ptr, sw_k, rows, mask_b, cols, mask_h, H,
-                                       BLOCK_B, BLOCK_H, BLOCK_H, BLOCK_K, DOT_F32)
+                                       BLOCK_B, BLOCK_H, BLOCK_H, BLOCK_K, DOT_F32, False, h0_ptr)
             else:
                 acc = _streamed_matmul(y_ptr + (t - 1) * sy_t, sy_b, w_ptr, sw_k, rows, mask_b,
                                        cols, mask_h, H, BLOCK_B, BLOCK_H, BLOCK_H, BLOCK_K,
-                                       DOT_F32)
+                                       DOT_F32, False, y_ptr)
         h = alpha * h + gain * _tanh(x + acc, FAST_TANH)
         tl.store(y_ptrs + t * sy_t, h.to(out_ty), mask=mask)
         if not W_RESIDENT:
@@ -219,15 +251,6 @@ def _missing(bits):
 
 
 @triton.jit
-def _await_arrival(bits_ptrs, mask):
-    """Wait as ``_await_state`` does, keeping only the count: for callers that then read
-    the values in their own slices."""
-    missing = _missing(tl.load(bits_ptrs, mask=mask, other=0, volatile=True))
-    while missing > 0:
-        missing = _missing(tl.load(bits_ptrs, mask=mask, other=0, volatile=True))
-
-
-@triton.jit
 def _publish(bits_ptrs, h, mask, out_ty: tl.constexpr, bits_ty: tl.constexpr):
     """Store ``h`` rounded to ``out_ty`` as raw bits. The one value spelled all ones (a NaN)
     becomes its neighbour all-ones-minus-one (also a NaN), so no stored word looks like one
@@ -238,14 +261,26 @@ def _publish(bits_ptrs, h, mask, out_ty: tl.constexpr, bits_ty: tl.constexpr):
 
 @triton.jit
 def _previous_state(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks, t,
-                    out_ty: tl.constexpr):
+                    out_ty: tl.constexpr, COUNT_ONLY: tl.constexpr):
     """All of ``h_{t-1}`` for this program's rows, in ``out_ty``: ``h0`` at step 0, else
-    awaited from ``y[:, t-1]``."""
+    awaited from ``y[:, t-1]``. ``COUNT_ONLY``: the wait loop carries only the count of words
+    not yet arrived, and the arrived tile is loaded once more after it (volatile, so from L2
+    where the wait saw it). That costs a second read, but the loop no longer holds a second
+    copy of the tile: for fp32, whose tiles are twice as wide, carrying it made ptxas spill."""
     if t == 0:
         hp = tl.load(h0_ptr + rows[:, None] * sh_b + ks[None, :], mask=mask_hk, other=0.0)
     else:
-        hp = _await_state(ybits_ptr + (t - 1) * sy_t + rows[:, None] * sy_b + ks[None, :],
-                          mask_hk).to(out_ty, bitcast=True)
+        if COUNT_ONLY:
+            ptrs = ybits_ptr + (t - 1) * sy_t + rows[:, None] * sy_b + ks[None, :]
+            missing = _missing(tl.load(ptrs, mask=mask_hk, other=0, volatile=True))
+            while missing > 0:
+                missing = _missing(tl.load(ptrs, mask=mask_hk, other=0, volatile=True))
+            hp = tl.load(ptrs, mask=mask_hk, other=0, volatile=True).to(out_ty, bitcast=True)
+        else:
+            # (the pointers are formed here, not before the branch: formed before it, this
+            # path measured 18% slower at H=512 on the H200)
+            hp = _await_state(ybits_ptr + (t - 1) * sy_t + rows[:, None] * sy_b + ks[None, :],
+                              mask_hk).to(out_ty, bitcast=True)
     return hp
 
 
@@ -283,7 +318,6 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
 
     x_ptrs = xw_ptr + rows[:, None] * sx_b + cols[None, :]
     y_ptrs = ybits_ptr + rows[:, None] * sy_b + cols[None, :]
-    prev_ptrs = ybits_ptr + rows[:, None] * sy_b + ks[None, :]
     step = rows * 0                       # per-row time index: masks stay vectors
     x_next = tl.load(x_ptrs, mask=mask & (step < T)[:, None], other=0.0)
     # num_stages=1: a pipelined loop could issue the next step's loads of y early
@@ -294,7 +328,7 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
                          other=0.0)
         if W_RESIDENT:
             hp = _previous_state(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks, t,
-                                 out_ty)
+                                 out_ty, DOT_F32)
             if DOT_F32:
                 z = tl.dot(hp.to(tl.float32), w, x, input_precision="ieee")
             else:
@@ -302,13 +336,11 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
         else:
             if t == 0:
                 acc = _streamed_matmul(h0_ptr, sh_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H,
-                                       BLOCK_B, BLOCK_H, BLOCK_N, BLOCK_K, DOT_F32)
+                                       BLOCK_B, BLOCK_H, BLOCK_N, BLOCK_K, DOT_F32, False, h0_ptr)
             else:
-                # wait for the whole row block, then read it again in slices (from L2)
-                _await_arrival(prev_ptrs + (t - 1) * sy_t, mask_hk)
                 acc = _streamed_matmul(y_ptr + (t - 1) * sy_t, sy_b, w_ptr, sw_k, rows, mask_b,
                                        cols, mask_n, H, BLOCK_B, BLOCK_H, BLOCK_N, BLOCK_K,
-                                       DOT_F32)
+                                       DOT_F32, True, ybits_ptr + (t - 1) * sy_t)
             z = x + acc
         h = alpha * h + gain * _tanh(z, FAST_TANH)
         _publish(y_ptrs + t * sy_t, h, mask, out_ty, bits_ty)
@@ -495,11 +527,16 @@ def _dot_f32(xw) -> bool:
 
 
 def _fast_tanh(xw, cfg) -> bool:
-    """The approximate hardware tanh: for fp16/bf16 on a GPU (its error is under half an
-    ulp of the output), unless the config says otherwise; never for fp32 or interpreted."""
+    """The approximate hardware tanh (``_tanh``): for fp16/bf16 on a GPU that has it
+    (sm_75 on), unless the config says otherwise; never for fp32 or interpreted."""
     if xw.dtype == torch.float32 or not xw.is_cuda or _interpreting():
         return False
-    return cfg.get("fast_tanh", True)
+    return cfg.get("fast_tanh", True) and _capability(xw.get_device()) >= (7, 5)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _prepare(xw, h0, w_rec, tau, out):
@@ -521,8 +558,22 @@ def _prepare(xw, h0, w_rec, tau, out):
         tau = tau.float()
     if not tau.is_contiguous():
         tau = tau.contiguous()
-    y = torch.empty(xw.shape, dtype=xw.dtype, device=xw.device) if out is None else out
-    return xw, h0, w_rec, tau, y
+    if out is None:
+        return xw, h0, w_rec, tau, torch.empty(xw.shape, dtype=xw.dtype, device=xw.device)
+    if out.shape != xw.shape or out.dtype != xw.dtype or out.device != xw.device or \
+            (out.numel() and out.stride(2) != 1):
+        raise ValueError(f"cfc_scan out must be {tuple(xw.shape)} {xw.dtype} on {xw.device} "
+                         f"with unit stride over H, got {tuple(out.shape)} {out.dtype} on "
+                         f"{out.device} with strides {out.stride()}")
+    if any(_shares_memory(out, t) for t in (xw, h0, w_rec, tau)):
+        # the kernels read inputs after writing y (and split fills y first)
+        raise ValueError("cfc_scan out shares memory with an input")
+    return xw, h0, w_rec, tau, out
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors use one storage (conservatively: any overlap of storages)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_warps=None,
