@@ -460,39 +460,70 @@ def _launch_config(B: int, H: int, dtype: torch.dtype, sms: int | None, method: 
     return rows
 
 
-_rows_launcher = Launcher(_cfc_scan_kernel, tensors=5)
-_split_launcher = Launcher(_cfc_split_kernel, tensors=6)
+_ROWS_META = ("BLOCK_B", "BLOCK_H", "BLOCK_K", "W_RESIDENT", "DOT_F32", "SERIES_BELOW",
+              "FAST_TANH")
+_SPLIT_META = ("BLOCK_B", "BLOCK_H", "BLOCK_N", "BLOCK_K", "W_RESIDENT", "DOT_F32",
+               "SERIES_BELOW", "FAST_TANH")
+_rows_launcher = Launcher(_cfc_scan_kernel, tensors=5, meta=_ROWS_META)
+_split_launcher = Launcher(_cfc_split_kernel, tensors=6, meta=_SPLIT_META)
 
 
-def _launch_rows(xw, h0, w_rec, tau, y, dt, cfg):
-    B, T, H = xw.shape
+def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: int,
+               cfg: dict) -> tuple:
+    """Everything about a launch that follows from the config and the inputs' shape, dtype
+    and device: ``(method, grid, constexpr values, num_warps, batch blocks, column
+    blocks)``. ``compiled_cuda``: CUDA tensors and compiled Triton (not the interpreter)."""
     block_h = _block_h(H)
-    _rows_launcher(
-        (triton.cdiv(B, cfg["block_b"]),),
-        (xw, h0, w_rec, tau, y, float(dt), B, T, H,
-         xw.stride(0), xw.stride(1), h0.stride(0), w_rec.stride(0), y.stride(0), y.stride(1)),
-        {"BLOCK_B": cfg["block_b"], "BLOCK_H": block_h, "BLOCK_K": min(cfg["block_k"], block_h),
-         "W_RESIDENT": cfg["w_resident"], "DOT_F32": _dot_f32(xw), "SERIES_BELOW": SERIES_BELOW,
-         "FAST_TANH": _fast_tanh(xw, cfg)},
-        num_warps=cfg["num_warps"])
+    # The interpreter multiplies bf16 tiles as their raw uint16 bits (triton 3.9), so there a
+    # bf16 dot runs on fp32 copies of the bf16 values: the same products, exactly.
+    dot_f32 = dtype == torch.float32 or (dtype == torch.bfloat16 and not compiled_cuda)
+    # the approximate hardware tanh (``_tanh``): fp16/bf16 on a GPU that has it (sm_75 on),
+    # unless the config says otherwise
+    fast_tanh = (dtype != torch.float32 and compiled_cuda and cfg.get("fast_tanh", True)
+                 and _capability(device) >= (7, 5))
+    block_k = min(cfg["block_k"], block_h)
+    if cfg["method"] == "split":
+        block_b, block_n = cfg["block_b"], min(cfg["block_n"], block_h)
+        n_bb, n_nb = split_grid(B, H, block_b, block_n)
+        values = (block_b, block_h, block_n, block_k, cfg["w_resident"], dot_f32, SERIES_BELOW,
+                  fast_tanh)
+        return "split", (n_bb * n_nb,), values, cfg["num_warps"], n_bb, n_nb
+    values = (cfg["block_b"], block_h, block_k, cfg["w_resident"], dot_f32, SERIES_BELOW,
+              fast_tanh)
+    return "rows", (triton.cdiv(B, cfg["block_b"]),), values, cfg["num_warps"], None, None
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: int,
+                  method: str | None) -> tuple:
+    """:func:`_make_plan` of :func:`launch_config`'s choice, memoised: it runs per call."""
+    sms = _sm_count(device) if compiled_cuda else None
+    return _make_plan(B, H, dtype, compiled_cuda, device, _launch_config(B, H, dtype, sms, method))
+
+
+def _launch_rows(xw, h0, w_rec, tau, y, dt, plan):
+    B, T, H = xw.shape
+    sx, sy = xw.stride(), y.stride()
+    _rows_launcher(plan[1], (xw, h0, w_rec, tau, y, float(dt), B, T, H, sx[0], sx[1],
+                             h0.stride(0), w_rec.stride(0), sy[0], sy[1]),
+                   plan[2], num_warps=plan[3])
 
 
 #: integer views of y for each width: the split kernel's exchange words
 _BITS = {2: torch.int16, 4: torch.int32}
 
 
-def _launch_split(xw, h0, w_rec, tau, y, dt, cfg):
+def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
     """Launch the split kernel, refusing the launches that could hang: more programs than
     SMs, or (in the interpreter, which runs programs one by one) any launch where a program
     waits on a sibling: more than one column block per batch block and more than one step.
     Inputs as prepared by ``triton_cfc_scan``."""
     B, T, H = xw.shape
-    block_h = _block_h(H)
-    block_b, block_n = cfg["block_b"], min(cfg["block_n"], block_h)
+    block_b, block_n = plan[2][0], plan[2][2]
     if block_b < 16 or block_n < 16:
         raise ValueError(f"split needs block_b and block_n >= 16 (tl.dot), got {block_b}, "
                          f"{block_n}")
-    n_bb, n_nb = split_grid(B, H, block_b, block_n)
+    n_bb, n_nb = plan[4], plan[5]
     if _interpreting() or not xw.is_cuda:
         if n_nb > 1 and T > 1:   # with one column block or one step, nobody waits on another
             raise RuntimeError(
@@ -509,29 +540,10 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, cfg):
                 "a sibling that never starts; raise block_b / block_n or use method='rows'")
     ybits = y.view(_BITS[y.element_size()])
     ybits.fill_(-1)   # every word "not arrived" (see _await_state); a memset under CUDA graphs
-    _split_launcher(
-        (n_bb * n_nb,),
-        (xw, h0, w_rec, tau, y, ybits, float(dt), B, T, H,
-         xw.stride(0), xw.stride(1), h0.stride(0), w_rec.stride(0), y.stride(0), y.stride(1)),
-        {"BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_N": block_n,
-         "BLOCK_K": min(cfg["block_k"], block_h), "W_RESIDENT": cfg["w_resident"],
-         "DOT_F32": _dot_f32(xw), "SERIES_BELOW": SERIES_BELOW,
-         "FAST_TANH": _fast_tanh(xw, cfg)},
-        num_warps=cfg["num_warps"])
-
-
-def _dot_f32(xw) -> bool:
-    # The interpreter multiplies bf16 tiles as their raw uint16 bits (triton 3.9), so on CPU
-    # tensors a bf16 dot runs on fp32 copies of the bf16 values: the same products, exactly.
-    return xw.dtype == torch.float32 or (xw.dtype == torch.bfloat16 and not xw.is_cuda)
-
-
-def _fast_tanh(xw, cfg) -> bool:
-    """The approximate hardware tanh (``_tanh``): for fp16/bf16 on a GPU that has it
-    (sm_75 on), unless the config says otherwise; never for fp32 or interpreted."""
-    if xw.dtype == torch.float32 or not xw.is_cuda or _interpreting():
-        return False
-    return cfg.get("fast_tanh", True) and _capability(xw.get_device()) >= (7, 5)
+    sx, sy = xw.stride(), y.stride()
+    _split_launcher(plan[1], (xw, h0, w_rec, tau, y, ybits, float(dt), B, T, H, sx[0], sx[1],
+                              h0.stride(0), w_rec.stride(0), sy[0], sy[1]),
+                    plan[2], num_warps=plan[3])
 
 
 @functools.lru_cache(maxsize=None)
@@ -559,7 +571,7 @@ def _prepare(xw, h0, w_rec, tau, out):
     if not tau.is_contiguous():
         tau = tau.contiguous()
     if out is None:
-        return xw, h0, w_rec, tau, torch.empty(xw.shape, dtype=xw.dtype, device=xw.device)
+        return xw, h0, w_rec, tau, torch.empty_like(xw, memory_format=torch.contiguous_format)
     if out.shape != xw.shape or out.dtype != xw.dtype or out.device != xw.device or \
             (out.numel() and out.stride(2) != 1):
         raise ValueError(f"cfc_scan out must be {tuple(xw.shape)} {xw.dtype} on {xw.device} "
@@ -599,12 +611,16 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     xw, h0, w_rec, tau, y = _prepare(xw, h0, w_rec, tau, out)
     if B == 0 or T == 0:
         return y
-    cfg = _launch_config(B, H, xw.dtype, _tensor_sms(xw), method)
+    compiled_cuda = xw.is_cuda and not _interpreting()
+    device = xw.get_device() if compiled_cuda else -1
     if (block_b or num_warps or w_resident is not None or block_k or block_n
             or fast_tanh is not None):
-        cfg = dict(cfg)
+        cfg = dict(_launch_config(B, H, xw.dtype, _tensor_sms(xw), method))
         overrides = {"block_b": block_b, "num_warps": num_warps, "w_resident": w_resident,
                      "block_k": block_k, "block_n": block_n, "fast_tanh": fast_tanh}
         cfg.update({k: v for k, v in overrides.items() if v is not None})
-    (_launch_split if cfg["method"] == "split" else _launch_rows)(xw, h0, w_rec, tau, y, dt, cfg)
+        plan = _make_plan(B, H, xw.dtype, compiled_cuda, device, cfg)
+    else:
+        plan = _default_plan(B, H, xw.dtype, compiled_cuda, device, method)
+    (_launch_split if plan[0] == "split" else _launch_rows)(xw, h0, w_rec, tau, y, dt, plan)
     return y

@@ -84,9 +84,15 @@ def _(xw, h0, w_rec, tau, dt):
 
 def cuda_cfc_scan(xw, h0, w_rec, tau, dt: float) -> torch.Tensor:
     """CUDA: the Triton kernel (imported on first use: CPU-only runs never load it)."""
-    from seqdeploy_cfc.kernels import triton_cfc_scan
+    launch = _kernel.get("cfc_scan")
+    if launch is None:
+        from seqdeploy_cfc.kernels import triton_cfc_scan as launch
 
-    return triton_cfc_scan(xw, h0, w_rec, tau, dt)
+        _kernel["cfc_scan"] = launch
+    return launch(xw, h0, w_rec, tau, dt)
+
+
+_kernel: dict = {}   # the Triton launcher once imported (a dict lookup beats an import per call)
 
 
 cfc_scan.register_kernel("cuda")(cuda_cfc_scan)

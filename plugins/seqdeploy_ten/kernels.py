@@ -129,7 +129,7 @@ def launch_config(B: int, T: int, K: int, device: torch.device) -> tuple[int, in
     return block_t, block_k, 1
 
 
-_launcher = Launcher(_eigen_scan_kernel, tensors=10)
+_launcher = Launcher(_eigen_scan_kernel, tensors=10, meta=("BLOCK_T", "BLOCK_K"))
 
 
 def triton_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im, out=None, block_t=None, block_k=None,
@@ -156,5 +156,5 @@ def triton_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im, out=None, block_t=Non
     _launcher((n_chunks * n_slots,),
               (x_re, x_im, nu, theta, h0_re, h0_im, y_re, y_im, carry, flags, B, T, K,
                x_re.stride(0), x_re.stride(1), y_re.stride(0), y_re.stride(1), h0_re.stride(0)),
-              {"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=nw)
+              (bt, bk), num_warps=nw)
     return y_re, y_im
