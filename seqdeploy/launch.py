@@ -29,7 +29,7 @@ launch.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import triton
@@ -43,25 +43,30 @@ RAW_LAUNCH_VERSIONS = ("3.6",)
 
 
 class Launcher:
-    """``Launcher(kernel, tensors=n, meta=names)(grid, args, values, num_warps=...)`` runs
-    ``kernel[grid](*args, **dict(zip(names, values)), num_warps=...)``. ``args`` are the
-    kernel's runtime parameters in order, the first ``tensors`` of them tensors and the rest
-    scalars; ``names`` are its constexpr parameters, all of them, in order, which must come
-    last in the kernel's signature; ``values`` is a tuple of theirs."""
+    """``Launcher(kernel, tensors=n)(grid, args, values, num_warps=...)`` runs
+    ``kernel[grid](*args, **constexprs, num_warps=...)``. ``args`` are the kernel's runtime
+    parameters in order, the first ``tensors`` of them tensors and the rest scalars;
+    ``values`` is a tuple of its constexpr parameters, all of them, in order, which must come
+    last in the kernel's signature (their names are the kernel's parameter names after
+    ``args``)."""
 
     enabled = True   # class-wide: cleared once the fast path proves unsupported
     raw = ".".join(triton.__version__.split(".")[:2]) in RAW_LAUNCH_VERSIONS
 
-    def __init__(self, kernel, tensors: int, meta: Sequence[str]) -> None:
+    def __init__(self, kernel, tensors: int) -> None:
         self.kernel = kernel
         self.tensors = tensors
-        self.meta = tuple(meta)
         self._binaries: dict[tuple, Any] = {}
         self._stream = None
         self.fast_calls = 0   # how many calls took the fast path (tests check it is used)
 
     def _plain(self, grid, args, values, options) -> Any:
-        return self.kernel[grid](*args, **dict(zip(self.meta, values)), **options)
+        names = self.kernel.arg_names[len(args):]
+        if len(names) != len(values):
+            raise TypeError(f"{self.kernel.__name__}: {len(args)} runtime arguments and "
+                            f"{len(values)} constexprs, but it has {len(names)} parameters "
+                            "after the runtime ones")
+        return self.kernel[grid](*args, **dict(zip(names, values)), **options)
 
     def __call__(self, grid: tuple[int, ...], args: tuple, values: tuple,
                  **options: Any) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -117,6 +118,23 @@ def _modes_active() -> bool:
                 or c._functorch.peek_interpreter_stack() is not None)
     except AttributeError:
         return True
+
+
+def lazy_kernel(module: str, name: str) -> Callable[..., Any]:
+    """A function that calls ``module.name``, imported on its first call: a plugin's CUDA
+    kernel registration (and ``CustomOp.eager`` entry) without loading Triton kernels in
+    CPU-only runs, and without an import statement on every call (the eager path's host
+    time counts)."""
+    target: list[Callable[..., Any]] = []
+
+    def run(*args, **kwargs):
+        if not target:
+            target.append(getattr(importlib.import_module(module), name))
+        return target[0](*args, **kwargs)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = f"``{module}.{name}``, imported on first use."
+    return run
 
 
 def plugin_attributes() -> dict[str, str]:

@@ -34,6 +34,18 @@ def registry():
     return load_registry()
 
 
+def compile_and_trace(fn, *args):
+    """Run ``torch.compile(fn, fullgraph=True)`` on ``args`` with a backend that records the
+    targets of the graph's calls: ``(output, targets)``."""
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    return torch.compile(fn, backend=backend, fullgraph=True)(*args), seen
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
     from seqdeploy.cli import main

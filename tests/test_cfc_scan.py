@@ -18,7 +18,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, gpu, run_cli
+from conftest import DEVICE, compile_and_trace, gpu, run_cli
 from onnx import TensorProto, helper
 
 from seqdeploy.ops import DOMAIN, reference_ops
@@ -289,14 +289,7 @@ def test_fake_tensor_and_export_see_one_opaque_op():
 
 def test_torch_compile_keeps_the_op_whole():
     args = make(2, 33, 4, torch.float32)
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    compiled = torch.compile(lambda *a: cfc_scan(*a, 1.0), backend=backend, fullgraph=True)
-    out = compiled(*args)
+    out, seen = compile_and_trace(lambda *a: cfc_scan(*a, 1.0), *args)
     assert "seqdeploy.cfc_scan.default" in seen
     assert rel_l2(out, naive_cfc_scan(*args, 1.0)) < TOL[torch.float32]
 

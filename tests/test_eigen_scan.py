@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, gpu
+from conftest import DEVICE, compile_and_trace, gpu
 
 from seqdeploy_ten.kernels import triton_eigen_scan
 from seqdeploy_ten.ops import (eigen_scan, naive_eigen_scan, reference_eigen_scan,
@@ -146,14 +146,7 @@ def test_fake_tensor_and_export_see_one_opaque_op():
 
 def test_torch_compile_keeps_the_op_whole():
     args = make(2, 33, 4, torch.float32)
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    compiled = torch.compile(lambda *a: eigen_scan(*a), backend=backend, fullgraph=True)
-    out = compiled(*args)
+    out, seen = compile_and_trace(lambda *a: eigen_scan(*a), *args)
     assert "seqdeploy.eigen_scan.default" in seen
     assert rel_l2(out, naive_eigen_scan(*args)) < 2e-5
 

@@ -180,6 +180,35 @@ def _load_w(w_ptr, sw_k, ks, mask_k, cols, mask_n, DOT_F32: tl.constexpr, out_ty
 
 
 @triton.jit
+def _start(h0_ptr, tau_ptr, rows, cols, mask, mask_n, dt, sh_b, SERIES_BELOW: tl.constexpr):
+    """What both designs set up first for their tile (``rows`` x ``cols``): ``alpha`` and
+    ``1 - alpha`` of the columns, and the fp32 state (the blend never sees the rounded y)."""
+    alpha, gain = _decays(tau_ptr, cols, mask_n, dt, SERIES_BELOW)
+    h = tl.load(h0_ptr + rows[:, None] * sh_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return alpha, gain, h
+
+
+@triton.jit
+def _first_x(xw_ptr, rows, cols, mask, T, sx_b):
+    """The tile's pointers into ``xw`` and its first tile. ``step`` is a per-row time index
+    (zeros), so that masks stay vectors."""
+    x_ptrs = xw_ptr + rows[:, None] * sx_b + cols[None, :]
+    step = rows * 0
+    x_next = tl.load(x_ptrs, mask=mask & (step < T)[:, None], other=0.0)
+    return x_ptrs, step, x_next
+
+
+@triton.jit
+def _prefetch(x_ptrs, x_next, mask, step, t, T, sx_t):
+    """Step t's ``xw`` tile in fp32, and the load of step t+1's, issued now so that its
+    latency hides behind this step: ``xw`` is read once, one step ahead."""
+    x = x_next.to(tl.float32)
+    x_next = tl.load(x_ptrs + (t + 1) * sx_t, mask=mask & (step + t + 1 < T)[:, None],
+                     other=0.0)
+    return x, x_next
+
+
+@triton.jit
 def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
                      sx_b, sx_t, sh_b, sw_k, sy_b, sy_t,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -194,23 +223,16 @@ def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
     mask = mask_b[:, None] & mask_h[None, :]
     out_ty = y_ptr.dtype.element_ty
 
-    alpha, gain = _decays(tau_ptr, cols, mask_h, dt, SERIES_BELOW)
-
-    h = tl.load(h0_ptr + rows[:, None] * sh_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    alpha, gain, h = _start(h0_ptr, tau_ptr, rows, cols, mask, mask_h, dt, sh_b, SERIES_BELOW)
     if W_RESIDENT:
         w = _load_w(w_ptr, sw_k, cols, mask_h, cols, mask_h, DOT_F32, out_ty)
-
-    x_ptrs = xw_ptr + rows[:, None] * sx_b + cols[None, :]
+    x_ptrs, step, x_next = _first_x(xw_ptr, rows, cols, mask, T, sx_b)
     y_ptrs = y_ptr + rows[:, None] * sy_b + cols[None, :]
-    step = rows * 0                       # per-row time index: masks stay vectors
-    x_next = tl.load(x_ptrs, mask=mask & (step < T)[:, None], other=0.0)
     # num_stages=1: no software pipelining across steps. The streamed path reads y[:, t-1]
     # back from memory, which a pipelined loop could load before it is stored; the one step
-    # of prefetch below hides the latency of xw instead.
+    # of prefetch hides the latency of xw instead.
     for t in tl.range(0, T, num_stages=1):
-        x = x_next.to(tl.float32)
-        x_next = tl.load(x_ptrs + (t + 1) * sx_t, mask=mask & (step + t + 1 < T)[:, None],
-                         other=0.0)
+        x, x_next = _prefetch(x_ptrs, x_next, mask, step, t, T, sx_t)
         if W_RESIDENT:
             if DOT_F32:
                 acc = tl.dot(h, w, input_precision="ieee")
@@ -309,23 +331,16 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
     out_ty = y_ptr.dtype.element_ty
     bits_ty = ybits_ptr.dtype.element_ty
 
-    alpha, gain = _decays(tau_ptr, cols, mask_n, dt, SERIES_BELOW)
-
-    # fp32 state of this program's own columns: the blend never sees the rounded y
-    h = tl.load(h0_ptr + rows[:, None] * sh_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # the state is of this program's own columns
+    alpha, gain, h = _start(h0_ptr, tau_ptr, rows, cols, mask, mask_n, dt, sh_b, SERIES_BELOW)
     if W_RESIDENT:
         w = _load_w(w_ptr, sw_k, ks, mask_k, cols, mask_n, DOT_F32, out_ty)
-
-    x_ptrs = xw_ptr + rows[:, None] * sx_b + cols[None, :]
+    x_ptrs, step, x_next = _first_x(xw_ptr, rows, cols, mask, T, sx_b)
     y_ptrs = ybits_ptr + rows[:, None] * sy_b + cols[None, :]
-    step = rows * 0                       # per-row time index: masks stay vectors
-    x_next = tl.load(x_ptrs, mask=mask & (step < T)[:, None], other=0.0)
     # num_stages=1: a pipelined loop could issue the next step's loads of y early
     for t in tl.range(0, T, num_stages=1):
-        x = x_next.to(tl.float32)
-        # issued before the wait and the dot, so its latency hides behind them
-        x_next = tl.load(x_ptrs + (t + 1) * sx_t, mask=mask & (step + t + 1 < T)[:, None],
-                         other=0.0)
+        # the next xw load is issued before the wait and the dot, so it hides behind them
+        x, x_next = _prefetch(x_ptrs, x_next, mask, step, t, T, sx_t)
         if W_RESIDENT:
             hp = _previous_state(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks, t,
                                  out_ty, DOT_F32)
@@ -460,12 +475,8 @@ def _launch_config(B: int, H: int, dtype: torch.dtype, sms: int | None, method: 
     return rows
 
 
-_ROWS_META = ("BLOCK_B", "BLOCK_H", "BLOCK_K", "W_RESIDENT", "DOT_F32", "SERIES_BELOW",
-              "FAST_TANH")
-_SPLIT_META = ("BLOCK_B", "BLOCK_H", "BLOCK_N", "BLOCK_K", "W_RESIDENT", "DOT_F32",
-               "SERIES_BELOW", "FAST_TANH")
-_rows_launcher = Launcher(_cfc_scan_kernel, tensors=5, meta=_ROWS_META)
-_split_launcher = Launcher(_cfc_split_kernel, tensors=6, meta=_SPLIT_META)
+_rows_launcher = Launcher(_cfc_scan_kernel, tensors=5)
+_split_launcher = Launcher(_cfc_split_kernel, tensors=6)
 
 
 def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: int,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from seqdeploy.ops import CustomOp, make_schema, register_schema
+from seqdeploy.ops import CustomOp, lazy_kernel, make_schema, register_schema
 
 
 def decay(tau: torch.Tensor, dt: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,19 +82,8 @@ def _(xw, h0, w_rec, tau, dt):
     return torch.empty_like(xw, memory_format=torch.contiguous_format)
 
 
-def cuda_cfc_scan(xw, h0, w_rec, tau, dt: float) -> torch.Tensor:
-    """CUDA: the Triton kernel (imported on first use: CPU-only runs never load it)."""
-    launch = _kernel.get("cfc_scan")
-    if launch is None:
-        from seqdeploy_cfc.kernels import triton_cfc_scan as launch
-
-        _kernel["cfc_scan"] = launch
-    return launch(xw, h0, w_rec, tau, dt)
-
-
-_kernel: dict = {}   # the Triton launcher once imported (a dict lookup beats an import per call)
-
-
+#: CUDA: the Triton kernel (imported on first use: CPU-only runs never load it)
+cuda_cfc_scan = lazy_kernel("seqdeploy_cfc.kernels", "triton_cfc_scan")
 cfc_scan.register_kernel("cuda")(cuda_cfc_scan)
 
 

@@ -129,7 +129,7 @@ def launch_config(B: int, T: int, K: int, device: torch.device) -> tuple[int, in
     return block_t, block_k, 1
 
 
-_launcher = Launcher(_eigen_scan_kernel, tensors=10, meta=("BLOCK_T", "BLOCK_K"))
+_launcher = Launcher(_eigen_scan_kernel, tensors=10)
 
 
 def triton_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im, out=None, block_t=None, block_k=None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from seqdeploy.ops import CustomOp, make_schema, register_schema
+from seqdeploy.ops import CustomOp, lazy_kernel, make_schema, register_schema
 
 CHUNK = 64  # vectorised CPU form: relative powers lam^(t-s) within one chunk only
 
@@ -105,13 +105,8 @@ def _(x_re, x_im, nu, theta, h0_re, h0_im):
         torch.empty_like(x_re, memory_format=torch.contiguous_format)
 
 
-def cuda_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im):
-    """CUDA: the Triton kernel (imported on first use: CPU-only runs never load it)."""
-    from seqdeploy_ten.kernels import triton_eigen_scan
-
-    return triton_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im)
-
-
+#: CUDA: the Triton kernel (imported on first use: CPU-only runs never load it)
+cuda_eigen_scan = lazy_kernel("seqdeploy_ten.kernels", "triton_eigen_scan")
 eigen_scan.register_kernel("cuda")(cuda_eigen_scan)
 
 
