@@ -381,13 +381,6 @@ def sm_count(device) -> int | None:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _tensor_sms(x: torch.Tensor) -> int | None:
-    """:func:`sm_count` of a tensor's device, cheaply (it runs on every eager call)."""
-    if not x.is_cuda or _interpreting():
-        return None
-    return _sm_count(x.get_device())
-
-
 def _block_h(H: int) -> int:
     return max(16, triton.next_power_of_2(H))
 
@@ -543,7 +536,7 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
                 f"a sibling that has not started ({n_nb} column blocks per batch block); use "
                 "method='rows' (the default on CPU)")
     else:
-        sms = _tensor_sms(xw)
+        sms = _sm_count(xw.get_device())
         if n_bb * n_nb > sms:
             raise RuntimeError(
                 f"cfc_scan method='split': {n_bb} x {n_nb} = {n_bb * n_nb} programs exceed the "
@@ -626,7 +619,8 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     device = xw.get_device() if compiled_cuda else -1
     if (block_b or num_warps or w_resident is not None or block_k or block_n
             or fast_tanh is not None):
-        cfg = dict(_launch_config(B, H, xw.dtype, _tensor_sms(xw), method))
+        sms = _sm_count(device) if compiled_cuda else None
+        cfg = dict(_launch_config(B, H, xw.dtype, sms, method))
         overrides = {"block_b": block_b, "num_warps": num_warps, "w_resident": w_resident,
                      "block_k": block_k, "block_n": block_n, "fast_tanh": fast_tanh}
         cfg.update({k: v for k, v in overrides.items() if v is not None})
