@@ -8,9 +8,10 @@ per distinct call signature. The first call with a signature goes through ``kern
 same signature relaunch that binary:
 
 - on Triton versions whose launcher the GPU tests have run (``RAW_LAUNCH_VERSIONS``), by
-  calling the binary's launcher (``CompiledKernel.run``) directly, as
-  ``CompiledKernel[grid]`` does, without building its closure and launch metadata each time
-  (host cost on the H200's host: about 6 us against 9 us);
+  calling the binary's C launcher with what ``CompiledKernel[grid]`` would pass it, without
+  the Python wrappers in between (its closure, launch metadata and scratch allocation, for
+  kernels that need no scratch memory), and with pointers passed as the integers already
+  read for the key;
 - on other versions, through ``CompiledKernel[grid]``, the documented way to run the output
   of ``triton.compile``.
 
@@ -36,9 +37,9 @@ import triton
 
 #: distinct signatures kept per kernel before the table is cleared (each costs one slow call)
 MAX_SIGNATURES = 4096
-#: Triton versions (major.minor) whose ``CompiledKernel.run`` signature the GPU tests ran:
-#: ``run(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata,
-#: enter_hook, exit_hook, *args)``
+#: Triton versions (major.minor) whose C launcher signature the GPU tests ran:
+#: ``launch(grid_x, grid_y, grid_z, stream, function, cooperative_grid, pdl, global_scratch,
+#: profile_scratch, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)``
 RAW_LAUNCH_VERSIONS = ("3.6",)
 
 
@@ -56,7 +57,8 @@ class Launcher:
     def __init__(self, kernel, tensors: int) -> None:
         self.kernel = kernel
         self.tensors = tensors
-        self._binaries: dict[tuple, Any] = {}
+        self._jit = isinstance(kernel, triton.runtime.JITFunction)
+        self._binaries: dict[tuple, tuple] = {}
         self._stream = None
         self.fast_calls = 0   # how many calls took the fast path (tests check it is used)
 
@@ -71,21 +73,22 @@ class Launcher:
     def __call__(self, grid: tuple[int, ...], args: tuple, values: tuple,
                  **options: Any) -> None:
         first = args[0]
-        if not (Launcher.enabled and first.is_cuda and _plain_launch()
-                and isinstance(self.kernel, triton.runtime.JITFunction)):
+        if not (Launcher.enabled and self._jit and first.is_cuda and _plain_launch()):
             self._plain(grid, args, values, options)
             return
         device = first.get_device()
-        if device != torch.cuda.current_device():
+        if device != torch._C._cuda_getDevice():
             # Triton loads and launches binaries on the current device; leave that case to it
             self._plain(grid, args, values, options)
             return
         n = self.tensors
-        key = (device, grid, values, *options.values(),
-               *[(t.dtype, t.data_ptr() & 255) for t in args[:n]], *args[n:])
-        binary = self._binaries.get(key)
-        if binary is None:
-            if any(not isinstance(a, torch.Tensor) for a in args[:n]) or \
+        tensors = args[:n]
+        ptrs = [t.data_ptr() for t in tensors]
+        key = (device, grid, values, *options.values(), *[t.dtype for t in tensors],
+               *[p & 255 for p in ptrs], *args[n:])
+        entry = self._binaries.get(key)
+        if entry is None:
+            if any(not isinstance(a, torch.Tensor) for a in tensors) or \
                     any(isinstance(a, torch.Tensor) for a in args[n:]):
                 raise TypeError(f"{self.kernel.__name__}: the first {n} arguments must be "
                                 "tensors and the rest scalars")
@@ -93,19 +96,22 @@ class Launcher:
             if len(self._binaries) >= MAX_SIGNATURES:
                 self._binaries.clear()
             if binary is not None:
-                self._binaries[key] = binary
+                self._binaries[key] = (binary, _direct_launch(binary))
             return
+        binary, direct = entry
         try:
-            if Launcher.raw:
+            g = (*grid, 1, 1)
+            if direct is not None:
                 if self._stream is None:
                     from triton.runtime import driver
 
                     self._stream = driver.active.get_current_stream
-                g = (*grid, 1, 1)
-                binary.run(g[0], g[1], g[2], self._stream(device), binary.function,
-                           binary.packed_metadata, None, None, None, *args, *values)
+                launch, function, cooperative, pdl, packed = direct
+                # the C launcher takes pointers as integers: the addresses read for the key
+                launch(g[0], g[1], g[2], self._stream(device), function, cooperative, pdl, None,
+                       None, packed, None, None, None, *ptrs, *args[n:], *values)
             else:
-                binary[(*grid, 1, 1)[:3]](*args, *values)
+                binary[g[:3]](*args, *values)
         except (AttributeError, TypeError):
             # This Triton's CompiledKernel launches differently. The failure is in binding
             # the arguments, before any launch (no launch hooks are installed, see
@@ -117,10 +123,31 @@ class Launcher:
         self.fast_calls += 1
 
 
+def _direct_launch(binary) -> tuple | None:
+    """On the Triton versions in ``RAW_LAUNCH_VERSIONS``, what calling the binary's C launcher
+    directly takes: ``(launch, function, cooperative grid, PDL, packed metadata)``. That is
+    what ``CompiledKernel.run`` (a Python wrapper) passes on, for a kernel that needs no
+    global or profiling scratch memory (else None: ``CompiledKernel[grid]`` runs it)."""
+    if not Launcher.raw:
+        return None
+    try:
+        run = binary.run
+        if run.global_scratch_size or run.profile_scratch_size:
+            return None
+        return (run.launch, binary.function, run.launch_cooperative_grid, run.launch_pdl,
+                binary.packed_metadata)
+    except AttributeError:
+        return None
+
+
+#: Triton's runtime knobs (where launch hooks are installed), if this Triton has them
+_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
 def _plain_launch() -> bool:
     """No launch hooks (profilers install them): the fast path calls none, so it steps
     aside while any is set."""
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    runtime = _RUNTIME
     return runtime is None or not (_hooked(getattr(runtime, "launch_enter_hook", None))
                                    or _hooked(getattr(runtime, "launch_exit_hook", None)))
 

@@ -95,29 +95,41 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _direct_device(args, kwargs) -> str | None:
     """The device type of a call that nothing could tell from the registered op, else None
-    (see :func:`call`)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _modes_active():
+    (see :func:`call`). It runs on every eager call, so it reads torch's state through the
+    fewest calls."""
+    if torch.compiler.is_compiling() or torch._C._is_tracing() or _modes_active():
         return None
     device = None
     grad = torch.is_grad_enabled()
-    for a in (*args, *kwargs.values()):
+    for a in ((*args, *kwargs.values()) if kwargs else args):
         if isinstance(a, torch.Tensor):
             if type(a) not in _PLAIN or (grad and a.requires_grad):
                 return None
             if device is None:
-                device = a.device.type
+                device = "cuda" if a.is_cuda else a.device.type
     return device
 
 
-def _modes_active() -> bool:
-    """Whether a dispatch mode, a torch-function mode or a ``torch.func`` transform is on
-    (where this torch does not say, assume one is)."""
+def _state_probes():
     c = torch._C
     try:
-        return (c._len_torch_dispatch_stack() > 0 or c._is_torch_function_mode_enabled()
-                or c._functorch.peek_interpreter_stack() is not None)
+        return (c._len_torch_dispatch_stack, c._is_torch_function_mode_enabled,
+                c._functorch.peek_interpreter_stack)
     except AttributeError:
+        return None
+
+
+#: torch's calls that say whether a dispatch mode, a torch-function mode or a ``torch.func``
+#: transform is on (None where this torch lacks one: then assume one is)
+_PROBES = _state_probes()
+
+
+def _modes_active() -> bool:
+    """Whether a dispatch mode, a torch-function mode or a ``torch.func`` transform is on."""
+    if _PROBES is None:
         return True
+    dispatch_modes, function_modes, transforms = _PROBES
+    return dispatch_modes() > 0 or function_modes() or transforms() is not None
 
 
 def lazy_kernel(module: str, name: str) -> Callable[..., Any]:

@@ -178,6 +178,8 @@ def test_direct_call_and_cached_launch_match_the_plain_path(dtype, monkeypatch):
         torch.testing.assert_close(call(op, *args, 0.5), expected, rtol=0, atol=0)
     assert probe.calls == 3
     assert kernels._rows_launcher.fast_calls >= before + 2
+    if Launcher.raw:   # the Triton versions whose C launcher is called directly
+        assert all(direct is not None for _, direct in kernels._rows_launcher._binaries.values())
     ref = naive_cfc_scan(*[a.cpu() for a in args], 0.5)
     assert float((expected.double().cpu() - ref).norm() / ref.norm()) < 1e-3
 
@@ -224,9 +226,11 @@ def test_direct_call_captures_into_a_cuda_graph():
 
 
 @gpu
-def test_launcher_falls_back_when_the_binary_api_differs(monkeypatch):
-    """A CompiledKernel whose launch API does not fit turns the fast path off for the
-    process; the call still runs once, on the plain path, and is right."""
+@pytest.mark.parametrize("path", ["binary", "c_launcher"])
+def test_launcher_falls_back_when_the_binary_api_differs(path, monkeypatch):
+    """A CompiledKernel (``binary``) or C launcher (``c_launcher``) whose launch API does not
+    fit turns the fast path off for the process; the call still runs once, on the plain
+    path, and is right."""
     args = inputs(B=3, T=7, H=24, device="cuda")
     triton_cfc_scan(*args, 0.5)                                 # cache a binary
 
@@ -234,9 +238,13 @@ def test_launcher_falls_back_when_the_binary_api_differs(monkeypatch):
         def __getitem__(self, grid):
             raise TypeError("launch() takes different arguments")
 
+    def launch(*args):
+        raise TypeError("launch() takes different arguments")
+
     monkeypatch.setattr(Launcher, "enabled", True)
     table = kernels._rows_launcher._binaries
-    monkeypatch.setattr(kernels._rows_launcher, "_binaries", {k: Incompatible() for k in table})
+    entry = (Incompatible(), None) if path == "binary" else (None, (launch, None, 0, 0, None))
+    monkeypatch.setattr(kernels._rows_launcher, "_binaries", {k: entry for k in table})
     y = triton_cfc_scan(*args, 0.5)
     assert Launcher.enabled is False
     check(y.cpu(), [a.cpu() for a in args])

@@ -71,7 +71,6 @@ call, fp32 reproduces the whole sequence, since then the state is exactly y).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -361,11 +360,14 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
         _publish(y_ptrs + t * sy_t, h, mask, out_ty, bits_ty)
 
 
+#: whether this process runs the kernels in Triton's interpreter: ``triton.jit`` reads
+#: ``TRITON_INTERPRET`` when a kernel is decorated (at import), so the kernel objects say
+#: what runs, whatever the variable says later
+_INTERPRETED = not isinstance(_cfc_split_kernel, triton.runtime.JITFunction)
+
+
 def _interpreting() -> bool:
-    # triton.jit reads the variable when a kernel is decorated (at import): the kernel
-    # objects say what this process runs, whatever the variable says now
-    return not isinstance(_cfc_split_kernel, triton.runtime.JITFunction) or \
-        os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETED
 
 
 @functools.lru_cache(maxsize=None)
@@ -603,9 +605,9 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     raises where it could deadlock). The other keywords override :func:`launch_config`'s
     defaults for the method that runs (``block_n`` only matters to ``split``;
     ``fast_tanh=False`` keeps the exp-based tanh on fp16/bf16 GPU inputs)."""
-    if method not in (None, *METHODS):
+    if method is not None and method not in METHODS:
         raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
-    if method == "split" and (not xw.is_cuda or _interpreting()):
+    if method == "split" and (not xw.is_cuda or _INTERPRETED):
         raise RuntimeError(
             "cfc_scan method='split' needs a CUDA device and compiled Triton: in the interpreter "
             "(CPU tensors, TRITON_INTERPRET=1) programs run one after another, so one would wait "
@@ -615,7 +617,7 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     xw, h0, w_rec, tau, y = _prepare(xw, h0, w_rec, tau, out)
     if B == 0 or T == 0:
         return y
-    compiled_cuda = xw.is_cuda and not _interpreting()
+    compiled_cuda = xw.is_cuda and not _INTERPRETED
     device = xw.get_device() if compiled_cuda else -1
     if (block_b or num_warps or w_resident is not None or block_k or block_n
             or fast_tanh is not None):
