@@ -3,9 +3,16 @@
 Every write is atomic (temporary file in the same folder, then ``os.replace``), and the
 manifest is rewritten last, so an interrupted run never leaves a file that later loads.
 Reading a file through :meth:`Artifact.path` checks its sha256 against the manifest first.
+
+Several runs may use one folder at once (``validate`` and ``bench`` in two shells): each
+manifest update happens under an exclusive lock on the folder (``fcntl.flock`` on
+``.manifest.lock``, where the OS has it) and merges into the manifest on disk, so no run
+drops another's entries. A run whose folder was exported anew since it loaded it stops with
+an error instead of recording its file in the new export's manifest.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -13,11 +20,13 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+import uuid
+from typing import Any, Callable, Iterator
 
 from seqdeploy.errors import ArtifactError
 
 MANIFEST = "manifest.json"
+LOCK = ".manifest.lock"
 FORMAT_VERSION = 1
 
 
@@ -61,6 +70,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
+@contextlib.contextmanager
+def manifest_lock(directory: Path) -> Iterator[None]:
+    """Hold the folder's manifest lock (exclusive, released on exit; a no-op where the OS has
+    no ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:   # pragma: no cover - Windows
+        yield
+        return
+    path = Path(directory) / LOCK
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {path.parent}: {exc.strerror or exc}") from None
+    with fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def versions() -> dict[str, str]:
     import onnx
     import torch
@@ -88,10 +120,12 @@ class Artifact:
                **fields: Any) -> "Artifact":
         manifest = {"format": FORMAT_VERSION, "arch": arch, "preset": preset, "config": config,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "versions": versions(), "files": {}, **fields}
+                    "export_id": uuid.uuid4().hex, "versions": versions(), "files": {},
+                    **fields}
         artifact = cls(directory, manifest)
         # a fresh export invalidates whatever an older export left in the folder
-        artifact.save_manifest()
+        with manifest_lock(artifact.dir):
+            artifact.save_manifest()
         return artifact
 
     @classmethod
@@ -142,14 +176,40 @@ class Artifact:
                                     f"manifest): edited or corrupt, refusing to load")
         return path
 
-    def write(self, name: str, writer: Callable[[Path], None], **info: Any) -> Path:
-        """Atomically write ``name`` with ``writer(tmp_path)`` and record it in the manifest."""
+    def write(self, name: str, writer: Callable[[Path], None],
+              records: dict[str, Any] | None = None, **info: Any) -> Path:
+        """Atomically write ``name`` with ``writer(tmp_path)`` and record it in the manifest:
+        ``files[name]`` (checksum, size and ``info``) and, for each ``section: value`` of
+        ``records``, ``section[name] = value`` (e.g. an ONNX file's export summary). The
+        update is merged under the folder's lock into the manifest on disk, which holds what
+        other runs recorded meanwhile; the checksum is taken under the lock, so it is of the
+        version the manifest ends with when two runs write one name."""
         path = self.dir / name
         atomic_write(path, writer)
-        self.manifest["files"][name] = {"sha256": sha256_file(path),
-                                        "bytes": path.stat().st_size, **info}
-        self.save_manifest()
+        with manifest_lock(self.dir):
+            manifest = self._manifest_on_disk()
+            manifest["files"][name] = {"sha256": sha256_file(path),
+                                       "bytes": path.stat().st_size, **info}
+            for section, value in (records or {}).items():
+                manifest.setdefault(section, {})[name] = value
+            self.manifest = manifest
+            self.save_manifest()
         return path
+
+    def _manifest_on_disk(self) -> dict[str, Any]:
+        """The manifest as on disk now (the caller holds the lock), after checking it is
+        still this run's export; this run's copy if it is gone or damaged."""
+        try:
+            on_disk = json.loads((self.dir / MANIFEST).read_text())
+        except (OSError, ValueError):
+            on_disk = None
+        if not isinstance(on_disk, dict) or not isinstance(on_disk.get("files"), dict):
+            return json.loads(json.dumps(self.manifest))
+        mine = (self.manifest.get("export_id"), self.manifest.get("created"))
+        if (on_disk.get("export_id"), on_disk.get("created")) != mine:
+            raise ArtifactError(f"{self.dir}: exported anew while this run used it (manifest "
+                                f"created {on_disk.get('created')}); run again on the new export")
+        return on_disk
 
     def write_json(self, name: str, data: Any) -> Path:
         text = json.dumps(data, indent=2, sort_keys=False) + "\n"

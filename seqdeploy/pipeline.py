@@ -82,9 +82,8 @@ def _export_precision(registry, artifact, arch, model, precision: str,
     if precision == "fp16":
         summary["fp32_islands"] = fp32_islands(proto)
     name = (STEP_FILES if streaming else ONNX_FILES)[precision]
-    artifact.manifest.setdefault("onnx", {})[name] = summary
-    artifact.write(name, lambda p: onnx.save_model(proto, str(p)), kind="onnx",
-                   precision=precision, streaming=streaming)
+    artifact.write(name, lambda p: onnx.save_model(proto, str(p)), records={"onnx": summary},
+                   kind="onnx", precision=precision, streaming=streaming)
     return summary
 
 

@@ -3,6 +3,7 @@ every user error (one line, non-zero exit, nothing lost)."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -261,6 +262,47 @@ def test_interrupted_write_leaves_nothing_that_loads(tmp_path):
         atomic_write(target, dies)
     assert target.read_bytes() == b"old and good"
     assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def _write_many(directory, tag, n, start):
+    artifact = Artifact.load(directory)
+    start.wait()
+    for i in range(n):
+        artifact.write(f"{tag}{i}.txt", lambda p, i=i: p.write_text(f"{tag} {i}"),
+                       records={"notes": f"{tag}{i}"})
+
+
+def test_concurrent_runs_keep_every_manifest_entry(tmp_path):
+    """Two processes writing into one folder at once (as validate and bench in two shells):
+    every file each records ends up in the manifest, with its side records, and loads."""
+    directory = tmp_path / "x" / "tiny"
+    Artifact.create(directory, "x", "tiny", {})
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_write_many, args=(directory, tag, 40, start)) for tag in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    loaded = Artifact.load(directory)
+    names = {f"{t}{i}.txt" for t in "ab" for i in range(40)}
+    assert set(loaded.manifest["files"]) == names
+    assert loaded.manifest["notes"] == {n: n[:-4] for n in names}
+    for n in names:
+        assert loaded.path(n).read_text() == f"{n[0]} {n[1:-4]}"
+
+
+def test_a_run_on_a_folder_exported_anew_records_nothing(tmp_path):
+    directory = tmp_path / "x" / "tiny"
+    stale = Artifact.create(directory, "x", "tiny", {})
+    Artifact.create(directory, "x", "tiny", {})                  # exported again meanwhile
+    with pytest.raises(ArtifactError, match="exported anew while this run used it"):
+        stale.write("late.txt", lambda p: p.write_text("late"))
+    fresh = Artifact.load(directory)
+    assert not fresh.has("late.txt")
+    with pytest.raises(ArtifactError, match="late.txt is not part of this artifact"):
+        fresh.path("late.txt")
 
 
 def test_artifacts_are_readable_by_others_under_the_umask(ten_copy):
