@@ -162,13 +162,34 @@ def check_inputs(specs: list[TensorSpec], inputs: dict[str, Any], precision: str
         if tensor.dtype != dtype:
             raise InputError(f"input {spec.name}: expected dtype {str(dtype).replace('torch.', '')}, "
                              f"got {str(tensor.dtype).replace('torch.', '')}")
-        if not values:
-            continue
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise InputError(f"input {spec.name}: contains NaN or Inf")
-        if spec.bounds is not None and tensor.numel():
+        if values:
+            raise_bad_values(spec, tensor)
+
+
+def raise_bad_values(spec: TensorSpec, tensor: torch.Tensor) -> None:
+    """The value checks of :func:`check_inputs` for one input (a device sync on a GPU)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise InputError(f"input {spec.name}: contains NaN or Inf")
+    if spec.bounds is not None and tensor.numel():
+        lo, hi = spec.bounds
+        tmin, tmax = int(tensor.min()), int(tensor.max())
+        if tmin < lo or tmax >= hi:
+            raise InputError(f"input {spec.name}: values must lie in [{lo}, {hi}), "
+                             f"got [{tmin}, {tmax}]")
+
+
+def bad_value_flags(specs: list[TensorSpec], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """On the inputs' device, without a sync: one bool per spec, True where
+    :func:`check_inputs` would reject the input's values (NaN or Inf in a float input, an
+    integer outside ``bounds``). Made to be captured into a CUDA graph."""
+    flags = []
+    for spec in specs:
+        tensor = inputs[spec.name]
+        if tensor.is_floating_point():
+            flags.append(~torch.isfinite(tensor).all())
+        elif spec.bounds is not None and tensor.numel():
             lo, hi = spec.bounds
-            tmin, tmax = int(tensor.min()), int(tensor.max())
-            if tmin < lo or tmax >= hi:
-                raise InputError(f"input {spec.name}: values must lie in [{lo}, {hi}), "
-                                 f"got [{tmin}, {tmax}]")
+            flags.append(((tensor < lo) | (tensor >= hi)).any())
+        else:
+            flags.append(torch.zeros((), dtype=torch.bool, device=tensor.device))
+    return torch.stack(flags) if len(flags) > 1 else flags[0].reshape(1)

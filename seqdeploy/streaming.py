@@ -11,8 +11,11 @@ writes it as ``model.step.onnx`` (and ``optimize --fp16`` as ``model.step.fp16.o
 
 On CUDA the ``torch`` stream captures the step once as a CUDA graph and replays it, so a
 step costs one graph launch instead of one Python launch per kernel; the graph's state
-buffers are the stream's own copies. Value checks (NaN,
-token range) synchronise with the GPU; latency-critical loops pass ``check_values=False``.
+buffers are the stream's own copies. There the value checks (NaN, token range) run inside
+the graph too: it computes one flag per input and commits the new state only if no flag is
+set, and the step reads the flags back once (the step's one synchronisation), so a bad
+input raises and leaves the state as it was. Elsewhere they run before the step. Loops that
+must not wait on the GPU pass ``check_values=False``.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from seqdeploy.architecture import BATCH, SEQ, TensorSpec, check_inputs
+from seqdeploy.architecture import (BATCH, SEQ, TensorSpec, bad_value_flags, check_inputs,
+                                    raise_bad_values)
 from seqdeploy.errors import InputError, SeqdeployError
 
 if TYPE_CHECKING:
@@ -78,7 +82,10 @@ class Stream:
         self.feed_specs = [s for s in self.input_specs if s.name not in self.arch.state_map]
         self.check_values = check_values
         self._state: dict[str, torch.Tensor] = {}
-        self._graph = None          # captured for self._batch rows; reset() drops it on a change
+        # CUDA graphs of the step for self._batch rows, by whether they check values (reset()
+        # drops them on a change of batch): (graph, static outputs, bad-value flags)
+        self._graphs: dict[bool, tuple] = {}
+        self._static_in: dict[str, torch.Tensor] = {}
         self._batch = None
         self._runner = self._open(registry, artifact)
 
@@ -136,14 +143,14 @@ class Stream:
                 raise InputError(f"state {spec.name}: expected shape {list(shape)} for batch "
                                  f"{batch}, got {list(values[spec.name].shape)}")
         check_inputs(self.state_specs, values, self.precision)
-        keep_graph = self._graph is not None and self._batch == batch
+        keep_graph = bool(self._graphs) and self._batch == batch
         self._batch = batch
         device = self.device if self.engine != "ort" else "cpu"
         if keep_graph:
             for k, v in values.items():            # the captured graph reads these buffers
                 self._state[k].copy_(v)
         else:
-            self._graph = None
+            self._graphs, self._static_in = {}, {}
             self._state = {k: v.to(device, copy=True) for k, v in values.items()}
 
     @property
@@ -160,7 +167,9 @@ class Stream:
         unless ``check_values=False`` (default: the stream's ``check_values``): on a GPU that
         check synchronises with the device on every step."""
         check = self.check_values if check_values is None else check_values
-        check_inputs(self.feed_specs, inputs, self.precision, values=check)
+        graphed = self.engine == "torch" and self.device == "cuda"
+        # a CUDA graph step checks values itself, inside the graph
+        check_inputs(self.feed_specs, inputs, self.precision, values=check and not graphed)
         if not self._state:
             first = next(iter(inputs.values()), None)
             self.reset(batch=int(first.shape[0]) if first is not None and first.dim() else 1)
@@ -170,35 +179,70 @@ class Stream:
                 raise InputError(f"input {spec.name}: batch is {self._batch} in the stream's state "
                                  f"but {inputs[spec.name].shape[spec.shape.index(BATCH)]} here; "
                                  f"reset(batch=...) first")
-        if self.engine == "torch" and self.device == "cuda":
-            return self._graph_step(inputs)
+        if graphed:
+            return self._graph_step(inputs, check)
         outputs = dict(zip((s.name for s in self.output_specs), self._runner({**inputs, **self._state})))
         for state_in, state_out in self.arch.state_map.items():
             self._state[state_in] = outputs.pop(state_out)
         return outputs
 
-    def _graph_step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _graph_step(self, inputs: dict[str, torch.Tensor], check: bool) -> dict[str, torch.Tensor]:
         """Replay a CUDA graph of the step. The graph reads the inputs and state from static
         buffers and writes the new state back into the state buffers itself, so a step is
-        one copy in, one replay and one copy out. Recaptured when the batch size changes."""
-        if self._graph is None:
-            self._static_in = {k: v.to(self.device).clone() for k, v in inputs.items()}
-            feeds = {**self._static_in, **self._state}
-            self._runner(feeds)                    # warm up: compile kernels, settle allocator
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            names = [s.name for s in self.output_specs]
-            with torch.cuda.graph(graph):
-                outs = dict(zip(names, self._runner(feeds)))
-                for state_in, state_out in self.arch.state_map.items():
-                    self._state[state_in].copy_(outs.pop(state_out))
-            self._static_out = outs
-            self._graph = graph
+        one copy in, one replay and one copy out. With ``check``, the graph also sets a flag
+        per input with bad values, keeps the old state if any is set and copies the flags to
+        pinned host memory; after the replay the step waits for the stream, reads them, and a
+        set one raises as :func:`check_inputs` would have. Captured once per batch size and
+        ``check``."""
+        captured = self._graphs.get(check)
+        if captured is None:
+            captured = self._graphs[check] = self._capture(inputs, check)
+        graph, static_out, host_flags = captured
         for k, v in inputs.items():
             self._static_in[k].copy_(v, non_blocking=True)
-        self._graph.replay()
+        graph.replay()
+        if host_flags is not None:
+            torch.cuda.current_stream().synchronize()
+            bad = host_flags.tolist()
+            if any(bad):
+                spec = next(s for s, flag in zip(self.feed_specs, bad) if flag)
+                raise_bad_values(spec, self._static_in[spec.name])   # check_inputs' message
+                raise InputError(f"input {spec.name}: bad values")
         # clone: the next replay overwrites the static outputs
-        return {k: v.clone() for k, v in self._static_out.items()}
+        return {k: v.clone() for k, v in static_out.items()}
+
+    def _capture(self, inputs: dict[str, torch.Tensor], check: bool) -> tuple:
+        if not self._static_in:
+            self._static_in = {k: v.to(self.device).clone() for k, v in inputs.items()}
+        feeds = {**self._static_in, **self._state}
+        self._runner(feeds)                    # warm up: compile kernels, settle the allocator
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        names = [s.name for s in self.output_specs]
+        host_flags = None
+        if check:
+            host_flags = torch.empty(len(self.feed_specs), dtype=torch.bool, pin_memory=True)
+        with torch.cuda.graph(graph):
+            if check:
+                flags = bad_value_flags(self.feed_specs, self._static_in)
+                keep = flags[0] if len(self.feed_specs) == 1 else flags.any()
+                # an index out of range would fault on the device: the model sees one in range
+                # (the step raises and keeps the state all the same)
+                feeds = {**feeds, **{s.name: self._static_in[s.name].clamp(*_index_range(s))
+                                     for s in self.feed_specs if s.bounds is not None}}
+            outs = dict(zip(names, self._runner(feeds)))
+            for state_in, state_out in self.arch.state_map.items():
+                new = outs.pop(state_out)
+                state = self._state[state_in]
+                state.copy_(torch.where(keep, state, new) if check else new)
+            if check:
+                host_flags.copy_(flags, non_blocking=True)
+        return graph, outs, host_flags
+
+
+def _index_range(spec: TensorSpec) -> tuple[int, int]:
+    lo, hi = spec.bounds
+    return lo, hi - 1
 
 
 def open_stream(artifact_dir: str | Path, engine: str = "torch", precision: str = "fp32",

@@ -8,6 +8,7 @@ import torch
 from conftest import gpu, run_cli
 
 from seqdeploy import pipeline
+from seqdeploy.architecture import bad_value_flags, check_inputs
 from seqdeploy.artifacts import Artifact
 from seqdeploy.errors import InputError, SeqdeployError
 from seqdeploy.parity import compare
@@ -131,3 +132,75 @@ def test_stream_state_is_copied_and_batch_checked(streamed):
         stream.reset(batch=2, state=state)
     with pytest.raises(SeqdeployError, match="unknown precision"):
         open_stream(artifact.dir, precision="bf16", device="cpu", registry=registry)
+
+
+def _frames(arch, config, batch, steps, seed):
+    inputs = arch.make_inputs(config, batch, steps, seed=seed)
+    return [{k: v.select(1, t) for k, v in inputs.items() if k not in arch.state_map}
+            for t in range(steps)]
+
+
+def _spoil(spec, frame):
+    """``frame`` with one bad value in input ``spec`` and the error it must raise, or None
+    where the input has no value check (an unbounded integer)."""
+    value = frame[spec.name].clone()
+    if value.is_floating_point():
+        value.view(-1)[1] = float("nan")
+        match = "contains NaN or Inf"
+    elif spec.bounds is not None:
+        value.view(-1)[1] = spec.bounds[1]
+        match = "values must lie in"
+    else:
+        return None
+    return {**frame, spec.name: value}, f"input {spec.name}: {match}"
+
+
+def test_bad_value_flags_agree_with_check_inputs(streamed):
+    registry, artifact = streamed
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    specs = [s for s in step_specs(arch.input_specs(config)) if s.name not in arch.state_map]
+    frame = _frames(arch, config, 2, 1, seed=3)[0]
+    assert not bad_value_flags(specs, frame).any()
+    for i, spec in enumerate(specs):
+        spoilt = _spoil(spec, frame)
+        if spoilt is None:
+            continue
+        flags = bad_value_flags(specs, spoilt[0])
+        assert flags.tolist() == [j == i for j in range(len(specs))]
+        with pytest.raises(InputError, match=spoilt[1]):
+            check_inputs(specs, spoilt[0], "fp32")
+
+
+@gpu
+def test_cuda_graph_stream_checks_values_inside_the_graph(streamed):
+    """With value checks on (the default), a CUDA stream checks inside its graph: a bad value
+    raises the same one-line error as elsewhere and leaves the state as it was, so the next
+    good steps give exactly what a stream that never saw the bad one gives."""
+    registry, artifact = streamed
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    specs = [s for s in step_specs(arch.input_specs(config)) if s.name not in arch.state_map]
+    frames = _frames(arch, config, 2, 6, seed=7)
+    checked = open_stream(artifact.dir, engine="torch", device="cuda", registry=registry)
+    plain = open_stream(artifact.dir, engine="torch", device="cuda", registry=registry,
+                        check_values=False)
+    for stream in (checked, plain):
+        stream.reset(batch=2)
+
+    def same_step(frame):
+        a, b = checked.step(frame), plain.step(frame)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    for frame in frames[:3]:
+        same_step(frame)
+    before = checked.state
+    for spec in specs:
+        spoilt = _spoil(spec, frames[3])
+        if spoilt is None:
+            continue
+        with pytest.raises(InputError, match=spoilt[1]):
+            checked.step(spoilt[0])
+        assert all(torch.equal(before[k], v) for k, v in checked.state.items())
+    for frame in frames[3:]:
+        same_step(frame)
