@@ -185,11 +185,12 @@ def bad_value_flags(specs: list[TensorSpec], inputs: dict[str, torch.Tensor]) ->
     flags = []
     for spec in specs:
         tensor = inputs[spec.name]
-        if tensor.is_floating_point():
-            flags.append(~torch.isfinite(tensor).all())
-        elif spec.bounds is not None and tensor.numel():
+        flag = ~torch.isfinite(tensor).all() if tensor.is_floating_point() else None
+        if spec.bounds is not None:   # (an empty tensor gives False, as it passes check_inputs)
             lo, hi = spec.bounds
-            flags.append(((tensor < lo) | (tensor >= hi)).any())
-        else:
-            flags.append(torch.zeros((), dtype=torch.bool, device=tensor.device))
+            outside = ((tensor < lo) | (tensor >= hi)).any()
+            flag = outside if flag is None else flag | outside
+        if flag is None:
+            flag = torch.zeros((), dtype=torch.bool, device=tensor.device)
+        flags.append(flag)
     return torch.stack(flags) if len(flags) > 1 else flags[0].reshape(1)

@@ -13,14 +13,15 @@ an error instead of recording its file in the new export's manifest.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import hashlib
 import json
 import os
 import platform
 import tempfile
-from pathlib import Path
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from seqdeploy.errors import ArtifactError
@@ -204,7 +205,7 @@ class Artifact:
         except (OSError, ValueError):
             on_disk = None
         if not isinstance(on_disk, dict) or not isinstance(on_disk.get("files"), dict):
-            return json.loads(json.dumps(self.manifest))
+            return copy.deepcopy(self.manifest)
         mine = (self.manifest.get("export_id"), self.manifest.get("created"))
         if (on_disk.get("export_id"), on_disk.get("created")) != mine:
             raise ArtifactError(f"{self.dir}: exported anew while this run used it (manifest "

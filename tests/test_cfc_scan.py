@@ -138,7 +138,7 @@ def run_split(args, dt, out, **overrides):
     xw, h0, w_rec, tau, y = kernels._prepare(*args, out)
     config = launch_config(B, H, xw.dtype, method="split")
     config.update(overrides)
-    compiled = xw.is_cuda and not kernels._interpreting()
+    compiled = xw.is_cuda and not kernels._INTERPRETED
     plan = kernels._make_plan(B, H, xw.dtype, compiled, xw.get_device() if compiled else -1,
                               config)
     kernels._launch_split(xw, h0, w_rec, tau, y, dt, plan)

@@ -366,10 +366,6 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
 _INTERPRETED = not isinstance(_cfc_split_kernel, triton.runtime.JITFunction)
 
 
-def _interpreting() -> bool:
-    return _INTERPRETED
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -378,7 +374,7 @@ def _sm_count(index: int) -> int:
 def sm_count(device) -> int | None:
     """SMs of a CUDA device (the most split programs that are surely co-resident), else None."""
     device = torch.device(device)
-    if device.type != "cuda" or _interpreting() or not torch.cuda.is_available():
+    if device.type != "cuda" or _INTERPRETED or not torch.cuda.is_available():
         return None
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -530,7 +526,7 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
         raise ValueError(f"split needs block_b and block_n >= 16 (tl.dot), got {block_b}, "
                          f"{block_n}")
     n_bb, n_nb = plan[4], plan[5]
-    if _interpreting() or not xw.is_cuda:
+    if _INTERPRETED or not xw.is_cuda:
         if n_nb > 1 and T > 1:   # with one column block or one step, nobody waits on another
             raise RuntimeError(
                 "cfc_scan method='split' cannot run in the Triton interpreter: it runs programs "
