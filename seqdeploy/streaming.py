@@ -12,9 +12,9 @@ writes it as ``model.step.onnx`` (and ``optimize --fp16`` as ``model.step.fp16.o
 On CUDA the ``torch`` stream captures the step once as a CUDA graph and replays it, so a
 step costs one graph launch instead of one Python launch per kernel; the graph's state
 buffers are the stream's own copies. There the value checks (NaN, token range) run inside
-the graph too: it computes one flag per input and commits the new state only if no flag is
-set, and the step reads the flags back once (the step's one synchronisation), so a bad
-input raises and leaves the state as it was. Elsewhere they run before the step. Loops that
+the graph too: one small kernel per input stores a flag straight into pinned host memory
+and the graph commits the new state only if no flag is set; the step reads the flags after
+its one synchronisation, so a bad input raises and leaves the state as it was. Elsewhere they run before the step. Loops that
 must not wait on the GPU pass ``check_values=False``.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from seqdeploy.architecture import (BATCH, SEQ, TensorSpec, bad_value_flags, check_inputs,
-                                    raise_bad_values)
+from seqdeploy.architecture import BATCH, SEQ, TensorSpec, check_inputs, raise_bad_values
 from seqdeploy.errors import InputError, SeqdeployError
+from seqdeploy.value_flags import flag_bad_values
 
 if TYPE_CHECKING:
     from seqdeploy.artifacts import Artifact
@@ -83,7 +83,8 @@ class Stream:
         self.check_values = check_values
         self._state: dict[str, torch.Tensor] = {}
         # CUDA graphs of the step for self._batch rows, by whether they check values (reset()
-        # drops them on a change of batch): (graph, static outputs, bad-value flags)
+        # drops them on a change of batch): (graph, static outputs, host and device bad-value
+        # flags)
         self._graphs: dict[bool, tuple] = {}
         self._static_in: dict[str, torch.Tensor] = {}
         self._batch = None
@@ -189,18 +190,22 @@ class Stream:
     def _graph_step(self, inputs: dict[str, torch.Tensor], check: bool) -> dict[str, torch.Tensor]:
         """Replay a CUDA graph of the step. The graph reads the inputs and state from static
         buffers and writes the new state back into the state buffers itself, so a step is
-        one copy in, one replay and one copy out. With ``check``, the graph also sets a flag
-        per input with bad values, keeps the old state if any is set and copies the flags to
-        pinned host memory; after the replay the step waits for the stream, reads them, and a
-        set one raises as :func:`check_inputs` would have. Captured once per batch size and
+        one copy in, one replay and one copy out. With ``check``, the graph first sets a flag
+        per input with bad values (:func:`~seqdeploy.value_flags.flag_bad_values`, which
+        stores them straight into pinned host memory) and keeps the old state if any is set;
+        after the replay the step waits for the stream, reads them, and a set one raises as
+        :func:`check_inputs` would have. Captured once per batch size and
         ``check``."""
         captured = self._graphs.get(check)
         if captured is None:
             captured = self._graphs[check] = self._capture(inputs, check)
-        graph, static_out, host_flags = captured
+        graph, static_out, host_flags, _ = captured
         for k, v in inputs.items():
             self._static_in[k].copy_(v, non_blocking=True)
         graph.replay()
+        # clone (the next replay overwrites the static outputs) before waiting, so that the
+        # copies are queued while the graph runs
+        outputs = {k: v.clone() for k, v in static_out.items()}
         if host_flags is not None:
             torch.cuda.current_stream().synchronize()
             bad = host_flags.tolist()
@@ -208,36 +213,44 @@ class Stream:
                 spec = next(s for s, flag in zip(self.feed_specs, bad) if flag)
                 raise_bad_values(spec, self._static_in[spec.name])   # check_inputs' message
                 raise InputError(f"input {spec.name}: bad values")
-        # clone: the next replay overwrites the static outputs
-        return {k: v.clone() for k, v in static_out.items()}
+        return outputs
 
     def _capture(self, inputs: dict[str, torch.Tensor], check: bool) -> tuple:
         if not self._static_in:
             self._static_in = {k: v.to(self.device).clone() for k, v in inputs.items()}
         feeds = {**self._static_in, **self._state}
-        self._runner(feeds)                    # warm up: compile kernels, settle the allocator
+        host_flags = any_bad = None
+        if check:
+            # written by the GPU itself (pinned memory is mapped into its address space)
+            host_flags = torch.zeros(len(self.feed_specs), dtype=torch.bool, pin_memory=True)
+            any_bad = torch.zeros((), dtype=torch.bool, device=self.device)
+            flag_bad_values(self.feed_specs, self._static_in, any_bad, host_flags)
+
+        def model_feeds():
+            if not check:
+                return feeds
+            # an index out of range would fault on the device: the model sees one in range
+            # (the step raises and keeps the state all the same)
+            return {**feeds, **{s.name: self._static_in[s.name].clamp(*_index_range(s))
+                                for s in self.feed_specs if s.bounds is not None}}
+
+        self._runner(model_feeds())            # warm up: compile kernels, settle the allocator
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         names = [s.name for s in self.output_specs]
-        host_flags = None
-        if check:
-            host_flags = torch.empty(len(self.feed_specs), dtype=torch.bool, pin_memory=True)
         with torch.cuda.graph(graph):
             if check:
-                flags = bad_value_flags(self.feed_specs, self._static_in)
-                keep = flags[0] if len(self.feed_specs) == 1 else flags.any()
-                # an index out of range would fault on the device: the model sees one in range
-                # (the step raises and keeps the state all the same)
-                feeds = {**feeds, **{s.name: self._static_in[s.name].clamp(*_index_range(s))
-                                     for s in self.feed_specs if s.bounds is not None}}
-            outs = dict(zip(names, self._runner(feeds)))
+                flag_bad_values(self.feed_specs, self._static_in, any_bad, host_flags)
+            outs = dict(zip(names, self._runner(model_feeds())))
             for state_in, state_out in self.arch.state_map.items():
                 new = outs.pop(state_out)
                 state = self._state[state_in]
-                state.copy_(torch.where(keep, state, new) if check else new)
-            if check:
-                host_flags.copy_(flags, non_blocking=True)
-        return graph, outs, host_flags
+                if check:   # keep the state where any input is bad: one kernel, as copy_ is
+                    torch.where(any_bad, state, new.to(state.dtype), out=state)
+                else:
+                    state.copy_(new)
+        # the graph writes any_bad at a fixed address: the tuple keeps it allocated
+        return graph, outs, host_flags, any_bad
 
 
 def _index_range(spec: TensorSpec) -> tuple[int, int]:

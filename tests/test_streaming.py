@@ -5,16 +5,17 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from conftest import gpu, run_cli
+from conftest import DEVICE, gpu, run_cli
 
 from seqdeploy import pipeline
-from seqdeploy.architecture import bad_value_flags, check_inputs
+from seqdeploy.architecture import check_inputs
 from seqdeploy.artifacts import Artifact
 from seqdeploy.errors import InputError, SeqdeployError
 from seqdeploy.parity import compare
 from seqdeploy.plugins import load_registry
 from seqdeploy.precision import cast_inputs
 from seqdeploy.streaming import STEP_FILES, open_stream, step_specs
+from seqdeploy.value_flags import flag_bad_values
 
 STREAMING_ARCHS = [name for name, arch in sorted(load_registry().architectures.items())
                    if arch.state_map]
@@ -160,14 +161,23 @@ def test_bad_value_flags_agree_with_check_inputs(streamed):
     arch = registry.architecture(artifact.manifest["arch"])
     config = artifact.manifest["config"]
     specs = [s for s in step_specs(arch.input_specs(config)) if s.name not in arch.state_map]
-    frame = _frames(arch, config, 2, 1, seed=3)[0]
-    assert not bad_value_flags(specs, frame).any()
+    frame = {k: v.to(DEVICE) for k, v in _frames(arch, config, 2, 1, seed=3)[0].items()}
+
+    def flags(inputs):
+        host = torch.zeros(len(specs), dtype=torch.bool, pin_memory=DEVICE == "cuda")
+        any_bad = torch.ones((), dtype=torch.bool, device=DEVICE)   # poisoned: the first kernel sets it
+        flag_bad_values(specs, inputs, any_bad, host)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        assert bool(any_bad) == any(host.tolist())
+        return host.tolist()
+
+    assert not any(flags(frame))
     for i, spec in enumerate(specs):
         spoilt = _spoil(spec, frame)
         if spoilt is None:
             continue
-        flags = bad_value_flags(specs, spoilt[0])
-        assert flags.tolist() == [j == i for j in range(len(specs))]
+        assert flags(spoilt[0]) == [j == i for j in range(len(specs))]
         with pytest.raises(InputError, match=spoilt[1]):
             check_inputs(specs, spoilt[0], "fp32")
 

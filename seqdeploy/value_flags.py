@@ -1,0 +1,84 @@
+"""Input value checks that run on the device, for a CUDA graph that checks its own inputs.
+
+:func:`check_inputs`' value checks (NaN or Inf in a float input, an integer outside its
+``bounds``) read the values on the host, which on a GPU costs a synchronisation and a copy
+per input. :func:`flag_bad_values` computes the same verdicts on the device without a sync:
+one small Triton kernel per checked input, which
+
+- ORs its verdict into a device flag (``any_bad``, a 0-d bool tensor) that the graph's later
+  kernels read, e.g. to keep the old state when an input is bad, and
+- writes it into ``host_flags[i]`` directly. When ``host_flags`` is pinned host memory the
+  GPU stores there itself (pinned memory is mapped into the device's address space), so the
+  graph needs no device-to-host copy node: on the H200 that node cost about 13 us of a
+  35 us streaming step. After the stream is synchronised the host reads the flags as they
+  are.
+
+Everything is launched as plain ``kernel[grid]``: this is meant to be captured once into a
+CUDA graph, where launch overhead is paid at capture time only.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from seqdeploy.architecture import TensorSpec
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _flag_bad_values(x_ptr, n, lo, hi, any_ptr, host_ptr, FINITE: tl.constexpr,
+                     WIDEN: tl.constexpr, BOUNDS: tl.constexpr, FIRST: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        inside = start + offs < n
+        v = tl.load(x_ptr + start + offs, mask=inside, other=0)
+        if WIDEN:   # fp16 / bf16 -> fp32 is exact, NaN and Inf included
+            v = v.to(tl.float32)
+        hit = tl.zeros([BLOCK], dtype=tl.int32)
+        if FINITE:
+            hit = hit | ((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32)
+        if BOUNDS:
+            hit = hit | ((v < lo) | (v >= hi)).to(tl.int32)
+        bad = bad | tl.where(inside, hit, 0)
+    flag = tl.max(bad, axis=0)
+    tl.store(host_ptr, flag.to(tl.int1))
+    if not FIRST:
+        flag = flag | tl.load(any_ptr).to(tl.int32)
+    tl.store(any_ptr, flag.to(tl.int1))
+
+
+def flag_bad_values(specs: list["TensorSpec"], inputs: dict[str, torch.Tensor],
+                    any_bad: torch.Tensor, host_flags: torch.Tensor) -> None:
+    """Set ``host_flags[i]`` where :func:`check_inputs` would reject the values of input
+    ``specs[i]`` and ``any_bad`` to the OR of them, on the inputs' device, without a sync.
+
+    ``any_bad`` is a 0-d bool tensor on the inputs' device; ``host_flags`` a bool vector with
+    one entry per spec (pinned host memory when the inputs are on a GPU, or any tensor the
+    kernel can store to). Both start out False, and an input without a value check (an
+    unbounded integer) launches nothing, so its entry stays False. Inputs must be
+    contiguous, as the stream's static buffers are."""
+    if any_bad.dtype != torch.bool or any_bad.dim() != 0:
+        raise ValueError("any_bad must be a 0-d bool tensor")
+    if host_flags.dtype != torch.bool or tuple(host_flags.shape) != (len(specs),):
+        raise ValueError(f"host_flags must be a bool vector of {len(specs)}")
+    first = True
+    for i, spec in enumerate(specs):
+        tensor = inputs[spec.name]
+        finite = tensor.is_floating_point()
+        bounded = spec.bounds is not None
+        if not (finite or bounded):
+            continue
+        if not tensor.is_contiguous():
+            raise ValueError(f"input {spec.name}: flag_bad_values needs a contiguous tensor")
+        lo, hi = spec.bounds if bounded else (0, 0)
+        _flag_bad_values[(1,)](tensor, tensor.numel(), lo, hi, any_bad, host_flags[i:],
+                               FINITE=finite, WIDEN=tensor.element_size() < 4, BOUNDS=bounded, FIRST=first, BLOCK=_BLOCK,
+                               num_warps=4)
+        first = False

@@ -1,0 +1,109 @@
+"""flag_bad_values: the device-side verdicts of check_inputs' value checks, written by the
+kernel into pinned host memory on a GPU (through Triton's interpreter on CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from seqdeploy.architecture import TensorSpec, check_inputs
+from seqdeploy.errors import InputError
+from seqdeploy.value_flags import flag_bad_values
+
+
+def _rejected(spec, tensor):
+    """The reference verdict: does check_inputs reject these values?"""
+    try:
+        check_inputs([spec], {spec.name: tensor.cpu()}, "fp32", values=True)
+    except InputError:
+        return True
+    return False
+
+
+def _naive(tensor, bounds=None):
+    """An independent verdict, element by element in Python."""
+    for v in tensor.reshape(-1).tolist():
+        if v != v or v in (float("inf"), float("-inf")):
+            return True
+        if bounds is not None and not bounds[0] <= v < bounds[1]:
+            return True
+    return False
+
+
+def _flags(specs, inputs):
+    host = torch.zeros(len(specs), dtype=torch.bool, pin_memory=DEVICE == "cuda")
+    any_bad = torch.ones((), dtype=torch.bool, device=DEVICE)       # poisoned
+    flag_bad_values(specs, {k: v.to(DEVICE) for k, v in inputs.items()}, any_bad, host)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return bool(any_bad), host.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [1, 5, 1024, 2500])
+@pytest.mark.parametrize("bad", [None, "nan", "inf", "-inf"])
+def test_float_flags_match_check_inputs(dtype, n, bad):
+    """NaN / ±Inf anywhere (first element, a later block, the masked tail of the last
+    block) are flagged; finite values, including the largest ones, are not."""
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(1, n, generator=g) * 100).to(dtype)
+    x[0, 0] = torch.finfo(dtype).max                      # finite, must pass
+    for pos in ({0, n // 2, n - 1} if bad else {None}):
+        value = x.clone()
+        if bad:
+            value[0, pos] = float(bad)
+        spec = TensorSpec("x", "float32", ("batch", n))
+        any_bad, host = _flags([spec], {"x": value})
+        expected = _naive(value.double())
+        assert expected == bool(bad)
+        assert host == [expected] and any_bad == expected
+        if dtype == torch.float32:
+            assert _rejected(spec, value) == expected
+
+
+@pytest.mark.parametrize("n", [3, 1500])
+def test_bounded_integers_and_several_inputs(n):
+    """Integers outside [lo, hi) on either side are flagged; an unbounded integer input is
+    never flagged (and launches nothing); ``any_bad`` is the OR over all inputs."""
+    specs = [TensorSpec("tokens", "int64", ("batch", n), bounds=(0, 50)),
+             TensorSpec("free", "int64", ("batch", n)),
+             TensorSpec("x", "float32", ("batch", n))]
+    good = {"tokens": torch.arange(n).remainder(50).reshape(1, n),
+            "free": torch.full((1, n), -7, dtype=torch.int64),
+            "x": torch.zeros(1, n)}
+    assert _flags(specs, good) == (False, [False, False, False])
+    for value in (-1, 50, 2 ** 40):
+        tokens = good["tokens"].clone()
+        tokens[0, n - 1] = value
+        inputs = {**good, "tokens": tokens}
+        assert _rejected(specs[0], tokens) and _naive(tokens, (0, 50))
+        assert _flags(specs, inputs) == (True, [True, False, False])
+        x = good["x"].clone()
+        x[0, 0] = float("nan")
+        assert _flags(specs, {**inputs, "x": x}) == (True, [True, False, True])
+        assert _flags(specs, {**good, "x": x}) == (True, [False, False, True])
+
+
+def test_bounded_float_and_empty_inputs():
+    spec = TensorSpec("p", "float32", ("batch", 3), bounds=(0, 1))
+    assert _flags([spec], {"p": torch.tensor([[0.0, 0.5, 0.99]])}) == (False, [False])
+    for bad in (1.0, -0.5, float("nan")):
+        value = torch.tensor([[0.0, bad, 0.5]])
+        assert _rejected(spec, value) and _naive(value, (0, 1))
+        assert _flags([spec], {"p": value}) == (True, [True])
+    empty = {"p": torch.empty(0, 3)}          # (check_inputs passes empty values)
+    assert _flags([spec], empty) == (False, [False])
+
+
+def test_bad_arguments_are_refused():
+    spec = TensorSpec("x", "float32", ("batch", 3))
+    x = torch.zeros(2, 3, device=DEVICE)
+    host = torch.zeros(1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="0-d bool"):
+        flag_bad_values([spec], {"x": x}, torch.zeros(1, dtype=torch.bool, device=DEVICE), host)
+    with pytest.raises(ValueError, match="bool vector of 1"):
+        flag_bad_values([spec], {"x": x}, torch.zeros((), dtype=torch.bool, device=DEVICE),
+                        torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="contiguous"):
+        flag_bad_values([spec], {"x": torch.zeros(3, 2, device=DEVICE).t()}, torch.zeros((), dtype=torch.bool, device=DEVICE),
+                        host)
