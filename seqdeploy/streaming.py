@@ -88,6 +88,7 @@ class Stream:
         self._graphs: dict[bool, tuple] = {}
         self._static_in: dict[str, torch.Tensor] = {}
         self._batch = None
+        self._accepted = None      # the feeds' (name, shape, dtype) last accepted by a graph step
         self._runner = self._open(registry, artifact)
 
     # -- engines ---------------------------------------------------------------------------
@@ -145,6 +146,7 @@ class Stream:
                                  f"{batch}, got {list(values[spec.name].shape)}")
         check_inputs(self.state_specs, values, self.precision)
         keep_graph = bool(self._graphs) and self._batch == batch
+        self._accepted = None
         self._batch = batch
         device = self.device if self.engine != "ort" else "cpu"
         if keep_graph:
@@ -169,17 +171,21 @@ class Stream:
         check synchronises with the device on every step."""
         check = self.check_values if check_values is None else check_values
         graphed = self.engine == "torch" and self.device == "cuda"
-        # a CUDA graph step checks values itself, inside the graph
-        check_inputs(self.feed_specs, inputs, self.precision, values=check and not graphed)
-        if not self._state:
-            first = next(iter(inputs.values()), None)
-            self.reset(batch=int(first.shape[0]) if first is not None and first.dim() else 1)
-        # the feeds must match the state's batch (a captured graph would broadcast them)
-        for spec in self.feed_specs:
-            if BATCH in spec.shape and inputs[spec.name].shape[spec.shape.index(BATCH)] != self._batch:
-                raise InputError(f"input {spec.name}: batch is {self._batch} in the stream's state "
-                                 f"but {inputs[spec.name].shape[spec.shape.index(BATCH)]} here; "
-                                 f"reset(batch=...) first")
+        # a CUDA graph step checks values itself, inside the graph; and feeds with the names,
+        # shapes and dtypes it accepted last time pass again without the Python checks
+        signature = [(k, v.shape, v.dtype) for k, v in inputs.items()] if graphed else None
+        if signature is None or signature != self._accepted:
+            check_inputs(self.feed_specs, inputs, self.precision, values=check and not graphed)
+            if not self._state:
+                first = next(iter(inputs.values()), None)
+                self.reset(batch=int(first.shape[0]) if first is not None and first.dim() else 1)
+            # the feeds must match the state's batch (a captured graph would broadcast them)
+            for spec in self.feed_specs:
+                if BATCH in spec.shape and inputs[spec.name].shape[spec.shape.index(BATCH)] != self._batch:
+                    raise InputError(f"input {spec.name}: batch is {self._batch} in the stream's "
+                                     f"state but {inputs[spec.name].shape[spec.shape.index(BATCH)]} "
+                                     f"here; reset(batch=...) first")
+            self._accepted = signature
         if graphed:
             return self._graph_step(inputs, check)
         outputs = dict(zip((s.name for s in self.output_specs), self._runner({**inputs, **self._state})))

@@ -214,3 +214,28 @@ def test_cuda_graph_stream_checks_values_inside_the_graph(streamed):
         assert all(torch.equal(before[k], v) for k, v in checked.state.items())
     for frame in frames[3:]:
         same_step(frame)
+
+
+@gpu
+def test_cuda_graph_stream_still_checks_names_shapes_and_dtypes(streamed):
+    """A CUDA stream skips the Python checks for feeds shaped as last time; any change of
+    name, shape or dtype after that is still refused, and the state is untouched."""
+    registry, artifact = streamed
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    frames = _frames(arch, config, 2, 3, seed=5)
+    stream = open_stream(artifact.dir, engine="torch", device="cuda", registry=registry)
+    stream.reset(batch=2)
+    stream.step(frames[0])
+    stream.step(frames[1])
+    before = stream.state
+    name, value = next(iter(frames[2].items()))
+    wrong_dtype = value.to(torch.float64 if value.is_floating_point() else torch.int32)
+    for feeds, match in (({**frames[2], name: value[:1]}, "batch is 2"),
+                         ({**frames[2], name: value.unsqueeze(-1)}, f"input {name}"),
+                         ({**frames[2], name: wrong_dtype}, "expected dtype"),
+                         ({k: v for k, v in frames[2].items() if k != name}, name)):
+        with pytest.raises(InputError, match=match):
+            stream.step(feeds)
+        assert all(torch.equal(before[k], v) for k, v in stream.state.items())
+    stream.step(frames[2])
