@@ -220,6 +220,13 @@ def test_launch_config_picks_split_where_rows_loses(monkeypatch):
     assert pick(4096, 32)["method"] == "rows"                       # w_rec fits, H small
     assert launch_config(256, 512, torch.float16, "cpu")["method"] == "rows"
     assert launch_config(256, 512, torch.float16)["method"] == "rows"
+    # one step (streaming): split wherever its grid fits, rows where it does not
+    for B in (1, 32, 128):
+        for dtype in DTYPES:
+            assert launch_config(B, 256, dtype, "cuda", T=1)["method"] == "split", (B, dtype)
+        assert launch_config(B, 256, torch.float16, "cuda", T=10)["method"] == "rows"
+    assert launch_config(8192, 256, torch.float16, "cuda", T=1)["method"] == "rows"
+    assert launch_config(1, 256, torch.float16, "cpu", T=1)["method"] == "rows"
 
 
 @pytest.mark.parametrize("form", ["reference", "cpu", "triton",
@@ -448,6 +455,27 @@ def test_cuda_dispatch_runs_triton_at_512(B, H, dtype):
         assert rel_l2(y, ref) < TOL[dtype]
     y = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split")
     assert rel_l2(y, ref) < TOL[dtype]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H", [(1, 256), (5, 200), (33, 512)])
+def test_single_step_takes_split_without_the_fill(B, H, dtype):
+    """A single step (a streaming step) runs split by default on CUDA, and split skips the
+    all-ones fill of y when T == 1 (step 0 waits for nobody): outputs poisoned with NaN and
+    with the all-ones "not arrived" pattern itself both come out as the oracle's values, as
+    do those of rows."""
+    args = make(B, 1, H, dtype, "cuda", seed=4, strided=H == 200)
+    assert launch_config(B, H, dtype, "cuda", T=1)["method"] == "split"
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    bits = {2: torch.int16, 4: torch.int32}[args[0].element_size()]
+    all_ones = torch.full(args[0].shape, -1, dtype=bits, device="cuda").view(dtype)
+    y = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]))
+    assert rel_l2(y, ref) < TOL[dtype]
+    assert torch.equal(triton_cfc_scan(*args, 1.0, out=all_ones), y)
+    assert torch.equal(cfc_scan(*args, 1.0), y)                 # the registered op's path
+    rows = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="rows")
+    assert rel_l2(rows, ref) < TOL[dtype]
 
 
 SPLIT_SHAPES = [(32, 10, 256), (64, 50, 256), (128, 100, 256), (256, 50, 512), (20, 33, 200)]

@@ -40,7 +40,8 @@ store is never torn), so a word that has arrived is final; words are checked one
 so no ordering between them is needed. This is the "flag in the data" idea of low-latency
 collectives: one L2 round trip per step instead of a fence, an atomic and polling on a
 counter before the data can be read. The fill is one extra pass over ``y`` before the
-launch (a memset node under CUDA graphs). With ``w_rec`` streamed, each ``BLOCK_K`` slice of
+launch (a memset node under CUDA graphs); a single step (``T == 1``) reads only ``h0`` and
+skips it. With ``w_rec`` streamed, each ``BLOCK_K`` slice of
 ``h_{t-1}`` is awaited as it is read.
 
 The stores are ordinary (weak) stores. Under the PTX memory model a weak store read by a
@@ -431,28 +432,31 @@ def split_grid(B: int, H: int, block_b: int, block_n: int) -> tuple[int, int]:
     return triton.cdiv(B, block_b), triton.cdiv(H, block_n)
 
 
-def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str | None = None
-                  ) -> dict:
-    """Default launch for ``[B, *, H]`` inputs of ``dtype`` on ``device``: ``method``,
+def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str | None = None,
+                  T: int | None = None) -> dict:
+    """Default launch for ``[B, T, H]`` inputs of ``dtype`` on ``device``: ``method``,
     ``block_b``, ``block_n`` (columns per program: all of ``block_h`` for rows), ``num_warps``,
     ``w_resident`` and ``block_k`` (benchmarks/cfc_scan.py --sweep measures the alternatives).
 
     ``split`` is chosen on a CUDA device when its grid fits on the SMs, H spans at least two
-    column blocks, and ``rows`` could not keep ``w_rec`` on chip (it would re-read all of it
-    from L2 every step, in every program). Otherwise ``rows``, which has no exchange between
-    programs: on the H200 (fp16, CUDA-graph time, hardware tanh) rows beat split at H=256
-    (0.0715 against 0.0784 ms at B=64 T=50, 0.136 against 0.153 ms at B=128 T=100), and
-    split won 6x at H=512 (0.135 against 0.82 ms at B=256 T=50). ``method`` forces one
+    column blocks, and either ``rows`` could not keep ``w_rec`` on chip (it would re-read all
+    of it from L2 every step, in every program) or there is a single step (``T == 1``, a
+    streaming step: no program waits on another, each loads only its slice of ``w_rec``, and
+    ``y`` needs no "not arrived" fill). Otherwise ``rows``, which has no exchange between
+    programs. On the H200 (fp16, CUDA-graph time, hardware tanh): rows beat split at H=256
+    over many steps (0.0715 against 0.0784 ms at B=64 T=50, 0.136 against 0.153 ms at B=128
+    T=100); split won 6x at H=512 (0.135 against 0.82 ms at B=256 T=50) and at T=1 (3.4
+    against 5.1 us at H=256 and B=1..32, 4.3 against 13.0 us at H=512). ``method`` forces one
     design (its defaults are returned). The result is a fresh dict the caller may change."""
     if method not in (None, *METHODS):
         raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
     sms = sm_count(device) if device is not None else None
-    return dict(_launch_config(B, H, dtype, sms, method))
+    return dict(_launch_config(B, H, dtype, sms, method, T == 1))
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch_config(B: int, H: int, dtype: torch.dtype, sms: int | None, method: str | None
-                   ) -> dict:
+def _launch_config(B: int, H: int, dtype: torch.dtype, sms: int | None, method: str | None,
+                   single_step: bool = False) -> dict:
     rows = _rows_config(B, H, dtype)
     if method == "rows":
         return rows
@@ -460,7 +464,7 @@ def _launch_config(B: int, H: int, dtype: torch.dtype, sms: int | None, method: 
     if method == "split":
         return split
     n_bb, n_nb = split_grid(B, H, split["block_b"], split["block_n"])
-    wins = not rows["w_resident"]
+    wins = single_step or not rows["w_resident"]
     if sms is not None and n_bb * n_nb <= sms and n_nb >= 2 and wins:
         return split
     return rows
@@ -497,10 +501,11 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
 
 @functools.lru_cache(maxsize=4096)
 def _default_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: int,
-                  method: str | None) -> tuple:
+                  method: str | None, single_step: bool) -> tuple:
     """:func:`_make_plan` of :func:`launch_config`'s choice, memoised: it runs per call."""
     sms = _sm_count(device) if compiled_cuda else None
-    return _make_plan(B, H, dtype, compiled_cuda, device, _launch_config(B, H, dtype, sms, method))
+    return _make_plan(B, H, dtype, compiled_cuda, device,
+                      _launch_config(B, H, dtype, sms, method, single_step))
 
 
 def _launch_rows(xw, h0, w_rec, tau, y, dt, plan):
@@ -541,7 +546,8 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
                 f"{sms} SMs, so not all would be resident and a program could wait forever on "
                 "a sibling that never starts; raise block_b / block_n or use method='rows'")
     ybits = y.view(_BITS[y.element_size()])
-    ybits.fill_(-1)   # every word "not arrived" (see _await_state); a memset under CUDA graphs
+    if T > 1:   # (with one step nobody waits: step 0 reads h0)
+        ybits.fill_(-1)   # every word "not arrived" (see _await_state); a memset under graphs
     sx, sy = xw.stride(), y.stride()
     _split_launcher(plan[1], (xw, h0, w_rec, tau, y, ybits, float(dt), B, T, H, sx[0], sx[1],
                               h0.stride(0), w_rec.stride(0), sy[0], sy[1]),
@@ -618,12 +624,12 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     if (block_b or num_warps or w_resident is not None or block_k or block_n
             or fast_tanh is not None):
         sms = _sm_count(device) if compiled_cuda else None
-        cfg = dict(_launch_config(B, H, xw.dtype, sms, method))
+        cfg = dict(_launch_config(B, H, xw.dtype, sms, method, T == 1))
         overrides = {"block_b": block_b, "num_warps": num_warps, "w_resident": w_resident,
                      "block_k": block_k, "block_n": block_n, "fast_tanh": fast_tanh}
         cfg.update({k: v for k, v in overrides.items() if v is not None})
         plan = _make_plan(B, H, xw.dtype, compiled_cuda, device, cfg)
     else:
-        plan = _default_plan(B, H, xw.dtype, compiled_cuda, device, method)
+        plan = _default_plan(B, H, xw.dtype, compiled_cuda, device, method, T == 1)
     (_launch_split if plan[0] == "split" else _launch_rows)(xw, h0, w_rec, tau, y, dt, plan)
     return y
