@@ -14,8 +14,8 @@ step costs one graph launch instead of one Python launch per kernel; the graph's
 buffers are the stream's own copies. There the value checks (NaN, token range) run inside
 the graph too: one small kernel per input stores a flag straight into pinned host memory
 and the graph commits the new state only if no flag is set; the step reads the flags after
-its one synchronisation, so a bad input raises and leaves the state as it was. Elsewhere they run before the step. Loops that
-must not wait on the GPU pass ``check_values=False``.
+its one synchronisation, so a bad input raises and leaves the state as it was. Elsewhere
+they run before the step. Loops that must not wait on the GPU pass ``check_values=False``.
 """
 from __future__ import annotations
 
@@ -195,16 +195,21 @@ class Stream:
 
     def _graph_step(self, inputs: dict[str, torch.Tensor], check: bool) -> dict[str, torch.Tensor]:
         """Replay a CUDA graph of the step. The graph reads the inputs and state from static
-        buffers and writes the new state back into the state buffers itself, so a step is
-        one copy in, one replay and one copy out. With ``check``, the graph first sets a flag
-        per input with bad values (:func:`~seqdeploy.value_flags.flag_bad_values`, which
-        stores them straight into pinned host memory) and keeps the old state if any is set;
-        after the replay the step waits for the stream, reads them, and a set one raises as
-        :func:`check_inputs` would have. Captured once per batch size and
-        ``check``."""
+        buffers and writes the new state back into the state buffers itself, so a step is a
+        copy in per input, one replay and a clone per output. With ``check``, the graph first
+        sets a flag per input with bad values (:func:`~seqdeploy.value_flags.flag_bad_values`,
+        which stores them straight into pinned host memory) and keeps the old state if any
+        is set; after the replay the step waits for the stream, reads them, and a set one
+        raises as :func:`check_inputs` would have. Captured once per batch size and
+        ``check``, on this step's feeds."""
         captured = self._graphs.get(check)
         if captured is None:
-            captured = self._graphs[check] = self._capture(inputs, check)
+            if not self._static_in:   # contiguous, whatever the strides of the first feeds
+                self._static_in = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device)
+                                   for k, v in inputs.items()}
+            for k, v in inputs.items():   # the warm-up runs on these, not an earlier step's
+                self._static_in[k].copy_(v)
+            captured = self._graphs[check] = self._capture(check)
         graph, static_out, host_flags, _ = captured
         for k, v in inputs.items():
             self._static_in[k].copy_(v, non_blocking=True)
@@ -221,9 +226,7 @@ class Stream:
                 raise InputError(f"input {spec.name}: bad values")
         return outputs
 
-    def _capture(self, inputs: dict[str, torch.Tensor], check: bool) -> tuple:
-        if not self._static_in:
-            self._static_in = {k: v.to(self.device).clone() for k, v in inputs.items()}
+    def _capture(self, check: bool) -> tuple:
         feeds = {**self._static_in, **self._state}
         host_flags = any_bad = None
         if check:
@@ -232,22 +235,23 @@ class Stream:
             any_bad = torch.zeros((), dtype=torch.bool, device=self.device)
             flag_bad_values(self.feed_specs, self._static_in, any_bad, host_flags)
 
-        def model_feeds():
-            if not check:
+        def model_feeds(clamp: bool):
+            if not clamp:
                 return feeds
             # an index out of range would fault on the device: the model sees one in range
-            # (the step raises and keeps the state all the same)
+            # (a checked step raises and keeps the state all the same)
             return {**feeds, **{s.name: self._static_in[s.name].clamp(*_index_range(s))
                                 for s in self.feed_specs if s.bounds is not None}}
 
-        self._runner(model_feeds())            # warm up: compile kernels, settle the allocator
+        # warm up (compile kernels, settle the allocator), never on an index out of range
+        self._runner(model_feeds(True))
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         names = [s.name for s in self.output_specs]
         with torch.cuda.graph(graph):
             if check:
                 flag_bad_values(self.feed_specs, self._static_in, any_bad, host_flags)
-            outs = dict(zip(names, self._runner(model_feeds())))
+            outs = dict(zip(names, self._runner(model_feeds(check))))
             for state_in, state_out in self.arch.state_map.items():
                 new = outs.pop(state_out)
                 state = self._state[state_in]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -61,9 +62,14 @@ def flag_bad_values(specs: list["TensorSpec"], inputs: dict[str, torch.Tensor],
 
     ``any_bad`` is a 0-d bool tensor on the inputs' device; ``host_flags`` a bool vector with
     one entry per spec (pinned host memory when the inputs are on a GPU, or any tensor the
-    kernel can store to). Both start out False, and an input without a value check (an
-    unbounded integer) launches nothing, so its entry stays False. Inputs must be
-    contiguous, as the stream's static buffers are."""
+    kernel can store to). ``host_flags`` must start out False: an input without a value check
+    (an unbounded integer or bool) launches nothing, so its entry is never written; so must
+    ``any_bad`` where no input is checked at all (else the first checked input's kernel
+    overwrites it). Inputs must be contiguous (the stream's static buffers are made so).
+
+    Bounds on a float input are compared in fp32 against the bounds rounded up to fp32,
+    which for fp16, bf16 and fp32 values gives exactly the comparison against the exact
+    bounds (no fp32 lies between a bound and its rounded-up value)."""
     if any_bad.dtype != torch.bool or any_bad.dim() != 0:
         raise ValueError("any_bad must be a 0-d bool tensor")
     if host_flags.dtype != torch.bool or tuple(host_flags.shape) != (len(specs),):
@@ -78,7 +84,19 @@ def flag_bad_values(specs: list["TensorSpec"], inputs: dict[str, torch.Tensor],
         if not tensor.is_contiguous():
             raise ValueError(f"input {spec.name}: flag_bad_values needs a contiguous tensor")
         lo, hi = spec.bounds if bounded else (0, 0)
+        widen = finite and tensor.element_size() < 4       # fp16 / bf16
+        if finite and bounded:
+            lo, hi = _round_up_fp32(lo), _round_up_fp32(hi)
         _flag_bad_values[(1,)](tensor, tensor.numel(), lo, hi, any_bad, host_flags[i:],
-                               FINITE=finite, WIDEN=tensor.element_size() < 4, BOUNDS=bounded, FIRST=first, BLOCK=_BLOCK,
-                               num_warps=4)
+                               FINITE=finite, WIDEN=widen, BOUNDS=bounded, FIRST=first,
+                               BLOCK=_BLOCK, num_warps=4)
         first = False
+
+
+def _round_up_fp32(x: float) -> float:
+    """The smallest fp32 value >= ``x`` (Triton passes a float scalar as fp32)."""
+    with np.errstate(over="ignore"):          # beyond fp32: inf, as a comparison wants
+        f = np.float32(x)
+    if float(f) < x:
+        f = np.nextafter(f, np.float32(np.inf))
+    return float(f)

@@ -466,7 +466,18 @@ def test_single_step_takes_split_without_the_fill(B, H, dtype):
     with the all-ones "not arrived" pattern itself both come out as the oracle's values, as
     do those of rows."""
     args = make(B, 1, H, dtype, "cuda", seed=4, strided=H == 200)
+    split = launch_config(B, H, dtype, "cuda", method="split")
+    n_bb, n_nb = kernels.split_grid(B, H, split["block_b"], split["block_n"])
+    if n_bb * n_nb > kernels.sm_count("cuda"):
+        pytest.skip(f"a {n_bb} x {n_nb} split grid does not fit this GPU")
     assert launch_config(B, H, dtype, "cuda", T=1)["method"] == "split"
+
+    def fills(xw):   # aten::fill_ calls (the split fill) in one launch
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            triton_cfc_scan(xw, *args[1:], 1.0, method="split")
+        return sum(e.name == "aten::fill_" for e in prof.events())
+
+    assert fills(args[0]) == 0 and fills(args[0].expand(B, 2, H)) == 1
     ref = naive_cfc_scan(*cpu(args), 1.0)
     bits = {2: torch.int16, 4: torch.int32}[args[0].element_size()]
     all_ones = torch.full(args[0].shape, -1, dtype=bits, device="cuda").view(dtype)

@@ -239,3 +239,39 @@ def test_cuda_graph_stream_still_checks_names_shapes_and_dtypes(streamed):
             stream.step(feeds)
         assert all(torch.equal(before[k], v) for k, v in stream.state.items())
     stream.step(frames[2])
+
+
+@gpu
+def test_cuda_graph_stream_captures_on_the_current_feeds(streamed):
+    """A new graph (the first step, or the first with the other check setting) warms up on
+    that step's own feeds, copied into contiguous buffers: strided first feeds work, and a
+    refused step just before it cannot reach the model (a token id out of range would
+    fault the device)."""
+    registry, artifact = streamed
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    specs = [s for s in step_specs(arch.input_specs(config)) if s.name not in arch.state_map]
+    spec = next(s for s in specs if s.bounds is not None or s.dtype.startswith("float"))
+    frames = _frames(arch, config, 2, 3, seed=9)
+    stream = open_stream(artifact.dir, engine="torch", device="cuda", registry=registry)
+    plain = open_stream(artifact.dir, engine="torch", device="cuda", registry=registry,
+                        check_values=False)
+    for s in (stream, plain):
+        s.reset(batch=2)
+
+    def same(a, b):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def strided(v):   # dense but permuted where it can be (what clone() would keep), else gapped
+        v = v.cuda()
+        return (v.transpose(0, -1).contiguous().transpose(0, -1) if v.dim() > 1
+                else torch.stack([v, v], -1)[..., 0])
+
+    strided = {k: strided(v) for k, v in frames[0].items()}
+    assert not all(v.is_contiguous() for v in strided.values())
+    same(stream.step(strided), plain.step(frames[0]))
+    spoilt = _spoil(spec, frames[1])
+    with pytest.raises(InputError, match=spoilt[1]):
+        stream.step(spoilt[0])
+    same(stream.step(frames[1], check_values=False), plain.step(frames[1]))
+    same(stream.step(frames[2]), plain.step(frames[2]))

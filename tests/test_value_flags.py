@@ -2,6 +2,8 @@
 kernel into pinned host memory on a GPU (through Triton's interpreter on CPU)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -107,3 +109,42 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="contiguous"):
         flag_bad_values([spec], {"x": torch.zeros(3, 2, device=DEVICE).t()}, torch.zeros((), dtype=torch.bool, device=DEVICE),
                         host)
+
+
+@pytest.mark.parametrize("n", [7, 1500])
+def test_lower_bound_above_zero_and_an_unchecked_input_first(n):
+    """Bounds that exclude 0 (the masked lanes of the last block load 0: they must not
+    count), and an unchecked input ahead of the checked one (the first kernel launched, not
+    the first spec, starts ``any_bad``)."""
+    specs = [TensorSpec("free", "int64", ("batch", n)),
+             TensorSpec("ids", "int64", ("batch", n), bounds=(5, 9))]
+    ids = 5 + torch.arange(n).remainder(4).reshape(1, n)
+    good = {"free": torch.zeros(1, n, dtype=torch.int64), "ids": ids}
+    assert _flags(specs, good) == (False, [False, False])
+    for value in (4, 9):
+        bad = ids.clone()
+        bad[0, n // 2] = value
+        assert _rejected(specs[1], bad) and _naive(bad, (5, 9))
+        assert _flags(specs, {**good, "ids": bad}) == (True, [False, True])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float_bounds_are_exact(dtype):
+    """Float bounds that fp32 cannot hold (±0.7, 2**24 + 1) are compared exactly: at each
+    bound, the dtype's values just below and at-or-above it are judged as the exact
+    comparison (and check_inputs, on fp32) judges them."""
+    for lo, hi in ((-0.7, 0.7), (0.5, 2 ** 24 + 1)):
+        spec = TensorSpec("p", "float32", ("batch", 2), bounds=(lo, hi))
+        for v in (lo, hi):
+            below = torch.tensor(float(v), dtype=dtype)
+            above = below if below >= v else torch.nextafter(below, torch.tensor(math.inf,
+                                                                                  dtype=dtype))
+            below = below if below < v else torch.nextafter(below, torch.tensor(-math.inf,
+                                                                                 dtype=dtype))
+            for value in (below, above):
+                x = torch.stack([value, torch.tensor(float(lo), dtype=dtype).clamp(min=value)])
+                x = x.reshape(1, 2)
+                expected = _naive(x.double(), (lo, hi))
+                assert _flags([spec], {"p": x}) == (expected, [expected]), (lo, hi, x)
+                if dtype == torch.float32:
+                    assert _rejected(spec, x) == expected
