@@ -182,6 +182,15 @@ def test_bad_value_flags_agree_with_check_inputs(streamed):
             check_inputs(specs, spoilt[0], "fp32")
 
 
+def _checked_and_plain_cuda_streams(registry, artifact, batch):
+    """Two torch streams on CUDA, value checks on and off, reset to ``batch`` rows."""
+    streams = [open_stream(artifact.dir, engine="torch", device="cuda", registry=registry,
+                           check_values=check) for check in (True, False)]
+    for stream in streams:
+        stream.reset(batch=batch)
+    return streams
+
+
 @gpu
 def test_cuda_graph_stream_checks_values_inside_the_graph(streamed):
     """With value checks on (the default), a CUDA stream checks inside its graph: a bad value
@@ -192,11 +201,7 @@ def test_cuda_graph_stream_checks_values_inside_the_graph(streamed):
     config = artifact.manifest["config"]
     specs = [s for s in step_specs(arch.input_specs(config)) if s.name not in arch.state_map]
     frames = _frames(arch, config, 2, 6, seed=7)
-    checked = open_stream(artifact.dir, engine="torch", device="cuda", registry=registry)
-    plain = open_stream(artifact.dir, engine="torch", device="cuda", registry=registry,
-                        check_values=False)
-    for stream in (checked, plain):
-        stream.reset(batch=2)
+    checked, plain = _checked_and_plain_cuda_streams(registry, artifact, batch=2)
 
     def same_step(frame):
         a, b = checked.step(frame), plain.step(frame)
@@ -253,11 +258,7 @@ def test_cuda_graph_stream_captures_on_the_current_feeds(streamed):
     specs = [s for s in step_specs(arch.input_specs(config)) if s.name not in arch.state_map]
     spec = next(s for s in specs if s.bounds is not None or s.dtype.startswith("float"))
     frames = _frames(arch, config, 2, 3, seed=9)
-    stream = open_stream(artifact.dir, engine="torch", device="cuda", registry=registry)
-    plain = open_stream(artifact.dir, engine="torch", device="cuda", registry=registry,
-                        check_values=False)
-    for s in (stream, plain):
-        s.reset(batch=2)
+    stream, plain = _checked_and_plain_cuda_streams(registry, artifact, batch=2)
 
     def same(a, b):
         assert all(torch.equal(a[k], b[k]) for k in a)
