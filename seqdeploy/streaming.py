@@ -181,10 +181,11 @@ class Stream:
                 self.reset(batch=int(first.shape[0]) if first is not None and first.dim() else 1)
             # the feeds must match the state's batch (a captured graph would broadcast them)
             for spec in self.feed_specs:
-                if BATCH in spec.shape and inputs[spec.name].shape[spec.shape.index(BATCH)] != self._batch:
+                batch = inputs[spec.name].shape[spec.shape.index(BATCH)] if BATCH in spec.shape \
+                    else self._batch
+                if batch != self._batch:
                     raise InputError(f"input {spec.name}: batch is {self._batch} in the stream's "
-                                     f"state but {inputs[spec.name].shape[spec.shape.index(BATCH)]} "
-                                     f"here; reset(batch=...) first")
+                                     f"state but {batch} here; reset(batch=...) first")
             self._accepted = signature
         if graphed:
             return self._graph_step(inputs, check)
@@ -202,17 +203,15 @@ class Stream:
         is set; after the replay the step waits for the stream, reads them, and a set one
         raises as :func:`check_inputs` would have. Captured once per batch size and
         ``check``, on this step's feeds."""
-        captured = self._graphs.get(check)
-        if captured is None:
-            if not self._static_in:   # contiguous, whatever the strides of the first feeds
-                self._static_in = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device)
-                                   for k, v in inputs.items()}
-            for k, v in inputs.items():   # the warm-up runs on these, not an earlier step's
-                self._static_in[k].copy_(v)
-            captured = self._graphs[check] = self._capture(check)
-        graph, static_out, host_flags, _ = captured
+        if not self._static_in:   # contiguous, whatever the strides of the first feeds
+            self._static_in = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device)
+                               for k, v in inputs.items()}
         for k, v in inputs.items():
             self._static_in[k].copy_(v, non_blocking=True)
+        captured = self._graphs.get(check)
+        if captured is None:   # (its warm-up runs on this step's feeds, copied in just above)
+            captured = self._graphs[check] = self._capture(check)
+        graph, static_out, host_flags, _ = captured
         graph.replay()
         # clone (the next replay overwrites the static outputs) before waiting, so that the
         # copies are queued while the graph runs
