@@ -151,7 +151,8 @@ def _slice_dot(acc, a_ptr, sa_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H, k0,
     mask_a = mask_b[:, None] & mask_k[None, :]
     offs = rows[:, None] * sa_b + ks[None, :]
     if AWAIT:
-        a = _await_state(a_bits_ptr + offs, mask_a).to(a_ptr.dtype.element_ty, bitcast=True)
+        a = _await_state(a_bits_ptr + offs, mask_a, False).to(a_ptr.dtype.element_ty,
+                                                               bitcast=True)
     else:
         a = tl.load(a_ptr + offs, mask=mask_a, other=0.0, cache_modifier=".cg")
     w = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :],
@@ -253,13 +254,23 @@ def _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
 
 
 @triton.jit
-def _await_state(bits_ptrs, mask):
-    """``h_{t-1}`` of this program's rows, all columns, as raw bits: written in the previous
-    step by this program and its siblings on other SMs. ``y`` was filled with the all-ones
-    pattern before the launch, and a stored value never has it (see ``_publish``), so a
-    word still all ones has not arrived yet: reload until none is. Each word is stored once
-    and whole, so a word that has arrived is final. Loads are volatile (from L2, never from
-    a stale L1 line, never hoisted out of the loop)."""
+def _await_state(bits_ptrs, mask, COUNT_ONLY: tl.constexpr):
+    """The words at ``bits_ptrs`` (a tile of ``h_{t-1}`` as raw bits), once all have arrived:
+    written in the previous step by this program and its siblings on other SMs. ``y`` was
+    filled with the all-ones pattern before the launch, and a stored value never has it (see
+    ``_publish``), so a word still all ones has not arrived yet: reload until none is. Each
+    word is stored once and whole, so a word that has arrived is final. Loads are volatile
+    (from L2, never from a stale L1 line, never hoisted out of the loop).
+
+    ``COUNT_ONLY``: the wait loop carries only the count of words not yet arrived, and the
+    arrived tile is loaded once more after it (volatile, so from L2 where the wait saw it).
+    That costs a second read, but the loop no longer holds a second copy of the tile: for
+    fp32, whose tiles are twice as wide, carrying it made ptxas spill."""
+    if COUNT_ONLY:
+        missing = _missing(tl.load(bits_ptrs, mask=mask, other=0, volatile=True))
+        while missing > 0:
+            missing = _missing(tl.load(bits_ptrs, mask=mask, other=0, volatile=True))
+        return tl.load(bits_ptrs, mask=mask, other=0, volatile=True)
     bits = tl.load(bits_ptrs, mask=mask, other=0, volatile=True)
     while _missing(bits) > 0:
         bits = tl.load(bits_ptrs, mask=mask, other=0, volatile=True)
@@ -285,24 +296,14 @@ def _publish(bits_ptrs, h, mask, out_ty: tl.constexpr, bits_ty: tl.constexpr):
 def _previous_state(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks, t,
                     out_ty: tl.constexpr, COUNT_ONLY: tl.constexpr):
     """All of ``h_{t-1}`` for this program's rows, in ``out_ty``: ``h0`` at step 0, else
-    awaited from ``y[:, t-1]``. ``COUNT_ONLY``: the wait loop carries only the count of words
-    not yet arrived, and the arrived tile is loaded once more after it (volatile, so from L2
-    where the wait saw it). That costs a second read, but the loop no longer holds a second
-    copy of the tile: for fp32, whose tiles are twice as wide, carrying it made ptxas spill."""
+    awaited from ``y[:, t-1]`` (``COUNT_ONLY``: see ``_await_state``)."""
     if t == 0:
         hp = tl.load(h0_ptr + rows[:, None] * sh_b + ks[None, :], mask=mask_hk, other=0.0)
     else:
-        if COUNT_ONLY:
-            ptrs = ybits_ptr + (t - 1) * sy_t + rows[:, None] * sy_b + ks[None, :]
-            missing = _missing(tl.load(ptrs, mask=mask_hk, other=0, volatile=True))
-            while missing > 0:
-                missing = _missing(tl.load(ptrs, mask=mask_hk, other=0, volatile=True))
-            hp = tl.load(ptrs, mask=mask_hk, other=0, volatile=True).to(out_ty, bitcast=True)
-        else:
-            # (the pointers are formed here, not before the branch: formed before it, this
-            # path measured 18% slower at H=512 on the H200)
-            hp = _await_state(ybits_ptr + (t - 1) * sy_t + rows[:, None] * sy_b + ks[None, :],
-                              mask_hk).to(out_ty, bitcast=True)
+        # (the pointers are formed here, not before the branch: formed before it, this path
+        # measured 18% slower at H=512 on the H200)
+        hp = _await_state(ybits_ptr + (t - 1) * sy_t + rows[:, None] * sy_b + ks[None, :],
+                          mask_hk, COUNT_ONLY).to(out_ty, bitcast=True)
     return hp
 
 
