@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from seqdeploy.bench import time_fn
+from seqdeploy_cfc import kernels
 from seqdeploy_cfc.kernels import (W_RESIDENT_BYTES, launch_config, sm_count, split_grid,
                                    split_tile_defaults, triton_cfc_scan)
 from seqdeploy.ops import call
@@ -121,29 +122,42 @@ def rows_configs(B, H):
 
 
 def split_configs(B, H, sms):
-    """``split`` launches to time whose grid fits on the SMs: the default first, then every
-    block_b x block_n (with the default's rules for num_warps and w_resident),
-    then the default tiling with other warp counts, with w_rec streamed and with the
-    exp-based tanh. A block_b above
-    16 that holds the whole batch is left out (fewer programs, same work each)."""
+    """``split`` launches to time: the default first, then every block_b x block_n (with the
+    default's rules for num_warps and w_resident) with each exchange that can run it (as
+    thread-block clusters where this GPU has them and the column blocks form a cluster;
+    cluster-less where the grid fits on the SMs), then the default tiling with other warp
+    counts, with w_rec streamed, with the exp-based tanh and with the other exchange. A
+    block_b above 16 that holds the whole batch is left out (fewer programs, same work
+    each)."""
     default = launch_config(B, H, DTYPE, "cuda", method="split")
     block_h = max(16, 1 << (H - 1).bit_length())
-    keys = ("block_b", "block_n", "num_warps", "w_resident")
+    keys = ("block_b", "block_n", "num_warps", "w_resident", "cluster")
     first = {k: default[k] for k in keys}
+    clusters = kernels.clusters_available("cuda")
     configs = [first]
     for block_b in (16, 32, 64):
         if block_b > 16 and block_b >= B:
             continue
         for block_n in (16, 32, 64, 128):
             n_bb, n_nb = split_grid(B, H, block_b, block_n)
-            if block_n > block_h or n_nb < 2 or n_bb * n_nb > sms:
+            if block_n > block_h or n_nb < 2:
                 continue
-            configs.append({"block_b": block_b, "block_n": block_n,
-                            **split_tile_defaults(block_b, block_n, H, DTYPE)})
+            tile = {"block_b": block_b, "block_n": block_n,
+                    **split_tile_defaults(block_b, block_n, H, DTYPE)}
+            if clusters and n_nb <= kernels.MAX_CLUSTER:
+                configs.append({**tile, "cluster": True})
+            if n_bb * n_nb <= sms:
+                configs.append({**tile, "cluster": False})
     for num_warps in (1, 2, 4, 8):
         configs.append({**first, "num_warps": num_warps})
     configs.append({**first, "w_resident": not first["w_resident"]})
     configs.append({**first, "fast_tanh": False})   # the exp-based tanh
+    if clusters:
+        other = launch_config(B, H, DTYPE, "cuda", method="split")
+        if first["cluster"]:   # the cluster-less exchange at its own default tiling
+            other = kernels._split_config(B, H, DTYPE, sms)
+            if math.prod(split_grid(B, H, other["block_b"], other["block_n"])) <= sms:
+                configs.append({k: other[k] for k in keys})
     return unique(configs)
 
 

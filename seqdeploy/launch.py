@@ -123,6 +123,61 @@ class Launcher:
         self.fast_calls += 1
 
 
+    def clustered(self, grid: tuple[int], cluster: int, args: tuple, values: tuple,
+                  **options: Any) -> None:
+        """Run ``grid[0]`` programs as thread-block clusters of ``cluster`` consecutive
+        programs (Hopper on): the programs of one cluster are scheduled together, and may
+        synchronise through the cluster barrier. ``kernel[grid]`` cannot ask for clusters
+        without also splitting every tensor across them (``num_ctas``), so this always takes
+        the direct C launcher, with the cluster size in place of ``num_ctas``; the first
+        call of a signature compiles with ``warmup`` (no launch). Where that launcher is not
+        available (:func:`cluster_launch_available` is False), it raises RuntimeError.
+        Launch hooks are not called."""
+        if not cluster_launch_available():
+            raise RuntimeError("cluster launches need the direct C launcher of triton "
+                               f"{' or '.join(RAW_LAUNCH_VERSIONS)}, not {triton.__version__}")
+        if grid[0] % cluster:
+            raise ValueError(f"{grid[0]} programs do not split into clusters of {cluster}")
+        device = args[0].get_device()
+        if device != torch._C._cuda_getDevice():
+            # Triton compiles for, and launches on, the current device
+            with torch.cuda.device(device):
+                self.clustered(grid, cluster, args, values, **options)
+            return
+        n = self.tensors
+        ptrs = [t.data_ptr() for t in args[:n]]
+        key = ("cluster", cluster, device, grid, values, *options.values(),
+               *[t.dtype for t in args[:n]], *[p & 255 for p in ptrs], *args[n:])
+        entry = self._binaries.get(key)
+        if entry is None:
+            names = self.kernel.arg_names[len(args):]
+            binary = self.kernel.warmup(*args, **dict(zip(names, values)), grid=grid,
+                                        **options)
+            direct = _direct_launch(binary)
+            if direct is None:
+                raise RuntimeError(f"{self.kernel.__name__}: a kernel that needs scratch "
+                                   "memory cannot be launched in clusters")
+            launch, function, cooperative, pdl, packed = direct
+            entry = (launch, function, cooperative, pdl, (packed[0], cluster, *packed[2:]))
+            if len(self._binaries) >= MAX_SIGNATURES:
+                self._binaries.clear()
+            self._binaries[key] = entry
+        if self._stream is None:
+            from triton.runtime import driver
+            self._stream = driver.active.get_current_stream
+        launch, function, cooperative, pdl, packed = entry
+        # the launcher multiplies the grid by the cluster size it reads from ``packed``
+        launch(grid[0] // cluster, 1, 1, self._stream(device), function, cooperative, pdl,
+               None, None, packed, None, None, None, *ptrs, *args[n:], *values)
+        self.fast_calls += 1
+
+
+def cluster_launch_available() -> bool:
+    """Whether :meth:`Launcher.clustered` can launch: compiled Triton of a version whose C
+    launcher the GPU tests ran (it reads the cluster size from the packed metadata)."""
+    return Launcher.raw and Launcher.enabled
+
+
 def _direct_launch(binary) -> tuple | None:
     """On the Triton versions in ``RAW_LAUNCH_VERSIONS``, what calling the binary's C launcher
     directly takes: ``(launch, function, cooperative grid, PDL, packed metadata)``. That is

@@ -200,6 +200,7 @@ def test_launch_config_picks_split_where_rows_loses(monkeypatch):
     split grid with more programs than SMs (the exchange's co-residency condition)."""
     monkeypatch.setattr(kernels, "sm_count",
                         lambda device: 132 if torch.device(device).type == "cuda" else None)
+    monkeypatch.setattr(kernels, "clusters_available", lambda device: False)
 
     def pick(B, H, dtype=torch.float16):
         config = launch_config(B, H, dtype, "cuda")
@@ -227,6 +228,34 @@ def test_launch_config_picks_split_where_rows_loses(monkeypatch):
         assert launch_config(B, 256, torch.float16, "cuda", T=10)["method"] == "rows"
     assert launch_config(8192, 256, torch.float16, "cuda", T=1)["method"] == "rows"
     assert launch_config(1, 256, torch.float16, "cpu", T=1)["method"] == "rows"
+
+
+def test_launch_config_with_clusters(monkeypatch):
+    """Where thread-block clusters are available (Hopper on): split as clusters for H >= 256
+    over several steps, whatever the batch (clusters need no co-residency), 8 programs of
+    32 columns at H=256, 4 of 128 at H=512 in fp16/bf16 and 8 of 64 in fp32; rows below
+    H=256; a single step keeps the cluster-less tiling (nobody waits)."""
+    monkeypatch.setattr(kernels, "sm_count",
+                        lambda device: 132 if torch.device(device).type == "cuda" else None)
+    monkeypatch.setattr(kernels, "clusters_available",
+                        lambda device: torch.device(device).type == "cuda")
+    for B in (1, 32, 64, 128, 256, 8192):
+        for H, dtype, block_n in [(256, torch.float16, 32), (512, torch.float16, 128),
+                                  (512, torch.bfloat16, 128), (512, torch.float32, 64),
+                                  (200, torch.float16, 32)]:
+            config = launch_config(B, H, dtype, "cuda", T=50)
+            assert (config["method"], config["cluster"], config["block_b"],
+                    config["block_n"]) == ("split", True, 16, block_n), (B, H, dtype)
+            # fp32 at H=512 streams its slice (on chip, ptxas spills the FMA dot's tiles)
+            assert config["w_resident"] == (dtype != torch.float32), (B, H, dtype)
+            n_nb = kernels.split_grid(B, H, 16, block_n)[1]
+            assert 2 <= n_nb <= kernels.MAX_CLUSTER
+    assert launch_config(64, 128, torch.float16, "cuda", T=50)["method"] == "rows"
+    assert launch_config(64, 512, torch.float16, "cpu", T=50)["method"] == "rows"
+    one = launch_config(32, 512, torch.float16, "cuda", T=1)
+    assert (one["method"], one["cluster"], one["block_n"]) == ("split", False, 64)
+    forced = launch_config(64, 128, torch.float16, "cuda", method="split", T=50)
+    assert forced["cluster"] and forced["block_n"] == 16
 
 
 @pytest.mark.parametrize("form", ["reference", "cpu", "triton",
@@ -477,7 +506,9 @@ def test_single_step_takes_split_without_the_fill(B, H, dtype):
             triton_cfc_scan(xw, *args[1:], 1.0, method="split")
         return sum(e.name == "aten::fill_" for e in prof.events())
 
-    assert fills(args[0]) == 0 and fills(args[0].expand(B, 2, H)) == 1
+    assert fills(args[0]) == 0
+    # two steps: the cluster-less exchange fills y, the cluster barrier needs no fill
+    assert fills(args[0].expand(B, 2, H)) == (0 if kernels.clusters_available("cuda") else 1)
     ref = naive_cfc_scan(*cpu(args), 1.0)
     bits = {2: torch.int16, 4: torch.int32}[args[0].element_size()]
     all_ones = torch.full(args[0].shape, -1, dtype=bits, device="cuda").view(dtype)
@@ -492,21 +523,36 @@ def test_single_step_takes_split_without_the_fill(B, H, dtype):
 SPLIT_SHAPES = [(32, 10, 256), (64, 50, 256), (128, 100, 256), (256, 50, 512), (20, 33, 200)]
 
 
+def _cluster_modes():
+    """Both exchanges of the split kernel where this GPU has clusters, else the one it has."""
+    has = torch.cuda.is_available() and kernels.clusters_available("cuda")
+    return [True, False] if has else [False]
+
+
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,T,H", SPLIT_SHAPES)
 def test_split_matches_naive(B, T, H, dtype):
     """The split kernel at the seed's four points and an odd shape (H=200: a partial last
-    column block, padded rows, strided inputs), NaN-poisoned; repeated launches agree bit
-    for bit (a read of y before its writer's store would show up as a NaN or a mismatch)."""
+    column block, padded rows, strided inputs), NaN-poisoned, with both exchanges (cluster
+    barrier and flag-in-data); repeated launches agree bit for bit (a read of y before its
+    writer's store would show up as a NaN or a mismatch), and the two exchanges agree bit
+    for bit at a common tiling."""
     args = make(B, T, H, dtype, "cuda", seed=11, strided=H == 200)
     ref = naive_cfc_scan(*cpu(args), 1.0)
-    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split")
-    assert out.dtype == dtype
-    assert rel_l2(out, ref) < TOL[dtype]
-    for _ in range(5):
-        assert torch.equal(triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split"),
-                           out)
+    outs = {}
+    for cluster in _cluster_modes():
+        run = lambda **kw: triton_cfc_scan(*args, 1.0, out=poisoned(args[0]),  # noqa: E731
+                                           method="split", cluster=cluster, **kw)
+        out = outs[cluster] = run()
+        assert out.dtype == dtype
+        assert rel_l2(out, ref) < TOL[dtype], cluster
+        for _ in range(5):
+            assert torch.equal(run(), out), cluster
+        common = {"block_b": 16, "block_n": 64 if H > 256 else 32}
+        outs[cluster, "common"] = run(**common)
+    if len(outs) == 4:
+        assert torch.equal(outs[True, "common"], outs[False, "common"])
 
 
 @gpu
@@ -520,20 +566,42 @@ def test_split_launch_variants_agree(block_b, block_n, num_warps, w_resident, dt
     a partial batch block; H=192: a partial column block at every block_n but 16, 64)."""
     args = make(70, 21, 192, dtype, "cuda", seed=12)
     ref = naive_cfc_scan(*cpu(args), 1.0)
-    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split", block_b=block_b,
-                          block_n=block_n, num_warps=num_warps, w_resident=w_resident)
-    assert rel_l2(out, ref) < TOL[dtype]
+    for cluster in _cluster_modes():
+        if cluster and -(-192 // block_n) > kernels.MAX_CLUSTER:
+            with pytest.raises(RuntimeError, match="cluster"):
+                triton_cfc_scan(*args, 1.0, method="split", block_n=block_n, cluster=True)
+            continue
+        out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split",
+                              block_b=block_b, block_n=block_n, num_warps=num_warps,
+                              w_resident=w_resident, cluster=cluster)
+        assert rel_l2(out, ref) < TOL[dtype], cluster
 
 
 @gpu
 def test_split_refuses_more_programs_than_sms():
-    """More programs than SMs could leave some unscheduled while the rest wait for their
-    steps: an explicit request is refused, and the default falls back to rows."""
+    """Without clusters, more programs than SMs could leave some unscheduled while the rest
+    wait for their steps: an explicit request is refused, and the default falls back to
+    rows. As clusters (which the GPU schedules whole), the same grid runs and is right."""
     sms = kernels.sm_count("cuda")
     args = make(16 * sms, 2, 64, torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="SMs"):
-        triton_cfc_scan(*args, 1.0, method="split", block_b=16, block_n=16)
-    assert launch_config(16 * sms, 512, torch.float16, "cuda")["method"] == "rows"
+        triton_cfc_scan(*args, 1.0, method="split", block_b=16, block_n=16, cluster=False)
+    if kernels.clusters_available("cuda"):
+        ref = naive_cfc_scan(*cpu(args), 1.0)
+        out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split", block_b=16,
+                              block_n=16, cluster=True)          # 4 x sms programs
+        assert rel_l2(out, ref) < TOL[torch.float16]
+        assert launch_config(16 * sms, 512, torch.float16, "cuda")["method"] == "split"
+    else:
+        assert launch_config(16 * sms, 512, torch.float16, "cuda")["method"] == "rows"
+
+
+def test_cluster_true_refused_without_clusters():
+    """``cluster=True`` where clusters cannot run (CPU tensors, the interpreter, pre-Hopper
+    GPUs) is a one-line error, not a silent fallback."""
+    args = make(4, 3, 32, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="clusters"):
+        triton_cfc_scan(*args, 1.0, cluster=True)
 
 
 @gpu

@@ -13,6 +13,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import gpu
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -264,3 +266,52 @@ def test_nan_input_propagates_and_does_not_hang(method):
     keep = [i for i in range(20) if i != 3]
     ref = naive_cfc_scan(*[a.cpu() for a in args], 0.5)[keep]
     assert float((y[keep].double().cpu() - ref).norm() / ref.norm()) < 1e-3
+
+
+@triton.jit
+def _cluster_ids(out_ptr):
+    """Each program stores its position: program id, rank in its cluster, cluster size."""
+    pid = tl.program_id(0)
+    rank = tl.inline_asm_elementwise("mov.u32 $0, %cluster_ctarank;", "=r,r", [pid],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+    size = tl.inline_asm_elementwise("mov.u32 $0, %cluster_nctarank;", "=r,r", [pid],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+    tl.store(out_ptr + pid * 3, pid)
+    tl.store(out_ptr + pid * 3 + 1, rank)
+    tl.store(out_ptr + pid * 3 + 2, size)
+
+
+def test_clustered_launch_refused_where_unavailable(monkeypatch):
+    """Without a launcher that can ask for clusters, a cluster launch is a clear error (and
+    the cfc split kernel then uses its cluster-less exchange)."""
+    monkeypatch.setattr(Launcher, "raw", False)
+    with pytest.raises(RuntimeError, match="cluster launches"):
+        Launcher(_cluster_ids, tensors=1).clustered((8,), 4, (torch.zeros(1),), ())
+
+
+@gpu
+@pytest.mark.parametrize("cluster", [1, 2, 4, 8])
+def test_clustered_launch_groups_consecutive_programs(cluster):
+    """``Launcher.clustered`` runs the grid as clusters of ``cluster`` consecutive programs:
+    program p is rank p % cluster of a cluster of that size, on the first launch (which
+    compiles) and on later ones, and inside a CUDA graph."""
+    if not kernels.clusters_available("cuda"):
+        pytest.skip("this GPU or Triton has no cluster launches")
+    launcher = Launcher(_cluster_ids, tensors=1)
+    programs = 4 * 8
+    expected = torch.tensor([[p, p % cluster, cluster] for p in range(programs)],
+                            dtype=torch.int32)
+    for _ in range(2):
+        out = torch.full((programs, 3), -1, dtype=torch.int32, device="cuda")
+        launcher.clustered((programs,), cluster, (out,), ())
+        assert torch.equal(out.cpu(), expected)
+    out.fill_(-1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launcher.clustered((programs,), cluster, (out,), ())
+    out.fill_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), expected)
+    with pytest.raises(ValueError, match="clusters of"):
+        launcher.clustered((programs + 1,), cluster if cluster > 1 else 2, (out,), ())

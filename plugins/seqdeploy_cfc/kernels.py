@@ -31,6 +31,17 @@ writes ``y[rows, t, n-block]``. The dot needs all of ``h_{t-1}`` of its rows, wh
 sibling programs (same ``pb``, on other SMs) wrote into ``y[rows, t-1, :]``, rounded to the
 input dtype as in the streamed rows path (step 0 reads ``h0``).
 
+On Hopper and later (``clusters_available``), the siblings of a batch block run as one
+thread-block cluster (``CLUSTER``; at most ``MAX_CLUSTER`` programs). Each step stores its
+slice of ``y_t`` with plain stores; the next step first meets the siblings at the cluster's
+hardware barrier (``barrier.cluster`` arrive with release, wait with acquire semantics, so
+every sibling's earlier stores are visible once it returns) and then reads ``y[rows, t, :]``
+past L1. That is correct under the PTX memory model, needs no fill of ``y``, and cannot
+deadlock: the GPU schedules all programs of a cluster together, so no program ever waits on
+one that has not started, and clusters never wait on each other (any grid size runs). On
+the H200 it was also faster (see ``launch_config``). The paragraphs below describe the
+exchange used without clusters (older GPUs, other launchers).
+
 The siblings exchange ``h`` through ``y`` itself, with no barrier, counter or fence: before
 the launch ``y`` is filled with the all-ones bit pattern (a NaN in fp16, bf16 and fp32),
 which no stored value has (a computed all-ones NaN is stored as its neighbour, also a NaN).
@@ -77,13 +88,15 @@ import torch
 import triton
 import triton.language as tl
 
-from seqdeploy.launch import Launcher
+from seqdeploy.launch import Launcher, cluster_launch_available
 
 #: largest ``w_rec`` tile (bytes, in the dot's operand dtype) kept on chip for the whole loop
 W_RESIDENT_BYTES = 128 * 1024
 #: below this ``dt / tau`` the series form of ``1 - exp(-r)`` is used (see ``_one_minus_exp_neg``)
 SERIES_BELOW = 0.5
 METHODS = ("rows", "split")
+#: most programs in one thread-block cluster (the portable limit of CUDA)
+MAX_CLUSTER = 8
 
 
 @triton.jit
@@ -293,6 +306,17 @@ def _publish(bits_ptrs, h, mask, out_ty: tl.constexpr, bits_ty: tl.constexpr):
 
 
 @triton.jit
+def _cluster_barrier(dep):
+    """Arrive at the thread-block cluster's barrier with release semantics and wait on it
+    with acquire semantics: once it returns, every store that any program of the cluster
+    made before arriving is visible to this one (global memory included). Every thread runs
+    it once (``dep`` is a scalar); all programs of the cluster must run it equally often."""
+    return tl.inline_asm_elementwise(
+        "barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;"
+        "\n\tmov.u32 $0, 0;", "=r,r", [dep], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _previous_state(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks, t,
                     out_ty: tl.constexpr, COUNT_ONLY: tl.constexpr):
     """All of ``h_{t-1}`` for this program's rows, in ``out_ty``: ``h0`` at step 0, else
@@ -312,11 +336,16 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
                       sx_b, sx_t, sh_b, sw_k, sy_b, sy_t,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_F32: tl.constexpr,
-                      SERIES_BELOW: tl.constexpr, FAST_TANH: tl.constexpr):
+                      SERIES_BELOW: tl.constexpr, FAST_TANH: tl.constexpr,
+                      CLUSTER: tl.constexpr):
     """The split design: program (pb, pn) computes columns ``pn*BLOCK_N ...`` of rows
-    ``pb*BLOCK_B ...`` for every step. ``ybits_ptr`` is ``y`` viewed as integers of its
-    width, pre-filled with all ones: step t publishes ``y_t`` there and step t+1 waits for
-    all of its rows' words to arrive. The grid is 1-D with pn fastest."""
+    ``pb*BLOCK_B ...`` for every step. The grid is 1-D with pn fastest.
+
+    ``CLUSTER``: the programs of a batch block form one thread-block cluster; step t writes
+    ``y_t`` with plain stores, and step t+1 meets its siblings at the cluster barrier
+    (release / acquire) before it reads ``y[rows, t, :]``. Otherwise ``ybits_ptr`` is ``y``
+    viewed as integers of its width, pre-filled with all ones: step t publishes ``y_t``
+    there and step t+1 waits for all of its rows' words to arrive."""
     pid = tl.program_id(0)
     n_nb = tl.cdiv(H, BLOCK_N)
     pb = pid // n_nb
@@ -342,9 +371,20 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
     for t in tl.range(0, T, num_stages=1):
         # the next xw load is issued before the wait and the dot, so it hides behind them
         x, x_next = _prefetch(x_ptrs, x_next, mask, step, t, T, sx_t)
+        if CLUSTER:
+            if t > 0:
+                _cluster_barrier(t)   # every sibling's y_{t-1} is stored and visible
         if W_RESIDENT:
-            hp = _previous_state(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks, t,
-                                 out_ty, DOT_F32)
+            if CLUSTER:
+                if t == 0:
+                    hp = tl.load(h0_ptr + rows[:, None] * sh_b + ks[None, :], mask=mask_hk,
+                                 other=0.0)
+                else:
+                    hp = tl.load(y_ptr + (t - 1) * sy_t + rows[:, None] * sy_b + ks[None, :],
+                                 mask=mask_hk, other=0.0, cache_modifier=".cg")
+            else:
+                hp = _previous_state(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks,
+                                     t, out_ty, DOT_F32)
             if DOT_F32:
                 z = tl.dot(hp.to(tl.float32), w, x, input_precision="ieee")
             else:
@@ -356,10 +396,14 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
             else:
                 acc = _streamed_matmul(y_ptr + (t - 1) * sy_t, sy_b, w_ptr, sw_k, rows, mask_b,
                                        cols, mask_n, H, BLOCK_B, BLOCK_H, BLOCK_N, BLOCK_K,
-                                       DOT_F32, True, ybits_ptr + (t - 1) * sy_t)
+                                       DOT_F32, not CLUSTER, ybits_ptr + (t - 1) * sy_t)
             z = x + acc
         h = alpha * h + gain * _tanh(z, FAST_TANH)
-        _publish(y_ptrs + t * sy_t, h, mask, out_ty, bits_ty)
+        if CLUSTER:
+            tl.store(y_ptr + rows[:, None] * sy_b + cols[None, :] + t * sy_t, h.to(out_ty),
+                     mask=mask)
+        else:
+            _publish(y_ptrs + t * sy_t, h, mask, out_ty, bits_ty)
 
 
 #: whether this process runs the kernels in Triton's interpreter: ``triton.jit`` reads
@@ -379,6 +423,17 @@ def sm_count(device) -> int | None:
     if device.type != "cuda" or _INTERPRETED or not torch.cuda.is_available():
         return None
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def clusters_available(device) -> bool:
+    """Whether split launches on ``device`` can run as thread-block clusters: compiled Triton
+    on a CUDA GPU of compute capability 9.0 or later, with a launcher that can ask for
+    clusters (``seqdeploy.launch.cluster_launch_available``)."""
+    device = torch.device(device)
+    if device.type != "cuda" or _INTERPRETED or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return cluster_launch_available() and _capability(index) >= (9, 0)
 
 
 def _block_h(H: int) -> int:
@@ -413,8 +468,19 @@ def split_tile_defaults(block_b: int, block_n: int, H: int, dtype: torch.dtype) 
             "num_warps": 4 if block_b * block_h <= 16 * 512 else 8}
 
 
-def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None) -> dict:
+def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None,
+                  clusters: bool = False) -> dict:
     block_h = _block_h(H)
+    if clusters:
+        # One cluster per batch block of 16 rows; its programs share the columns. On the
+        # H200 (fp16, CUDA-graph time): 8 programs of 32 columns at H=256 (0.0653 ms at
+        # B=64 T=50 against 0.0720 with 4 of 64), 4 programs of 128 columns at H=512
+        # (0.1145 ms at B=256 T=50 against 0.1298 with 8 of 64 and 0.1524 with 16 of 32).
+        wide = dtype != torch.float32 and block_h >= 512
+        block_n = max(16, block_h // (4 if wide else MAX_CLUSTER))
+        return {"method": "split", "block_b": 16, "block_k": min(32, block_h),
+                "block_n": block_n, "cluster": True,
+                **split_tile_defaults(16, block_n, H, dtype)}
     # w slice [block_h, block_n] on chip: 64 KiB at H=512 in fp16 (block_n 64) and in fp32
     # (block_n 32); narrower slices at H <= 256, where more programs share the short step
     block_n = min(32 if dtype == torch.float32 or block_h < 512 else 64, block_h)
@@ -425,7 +491,8 @@ def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None) -> dict:
     while sms is not None and block_b < 64 and triton.cdiv(B, block_b) * n_nb > sms:
         block_b *= 2
     return {"method": "split", "block_b": block_b, "block_k": min(32, block_h),
-            "block_n": block_n, **split_tile_defaults(block_b, block_n, H, dtype)}
+            "block_n": block_n, "cluster": False,
+            **split_tile_defaults(block_b, block_n, H, dtype)}
 
 
 def split_grid(B: int, H: int, block_b: int, block_n: int) -> tuple[int, int]:
@@ -439,27 +506,45 @@ def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str |
     ``block_b``, ``block_n`` (columns per program: all of ``block_h`` for rows), ``num_warps``,
     ``w_resident`` and ``block_k`` (benchmarks/cfc_scan.py --sweep measures the alternatives).
 
-    ``split`` is chosen on a CUDA device when its grid fits on the SMs, H spans at least two
-    column blocks, and either ``rows`` could not keep ``w_rec`` on chip (it would re-read all
-    of it from L2 every step, in every program) or there is a single step (``T == 1``, a
-    streaming step: no program waits on another, each loads only its slice of ``w_rec``, and
-    ``y`` needs no "not arrived" fill). Otherwise ``rows``, which has no exchange between
-    programs. On the H200 (fp16, CUDA-graph time, hardware tanh): rows beat split at H=256
-    over many steps (0.0715 against 0.0784 ms at B=64 T=50, 0.136 against 0.153 ms at B=128
-    T=100); split won 6x at H=512 (0.135 against 0.82 ms at B=256 T=50) and at T=1 (3.4
-    against 5.1 us at H=256 and B=1..32, 4.3 against 13.0 us at H=512). ``method`` forces one
-    design (its defaults are returned). The result is a fresh dict the caller may change."""
+    ``split`` runs as thread-block clusters (one per batch block, see ``_cfc_split_kernel``)
+    where ``clusters_available``: Hopper on, with a launcher that can ask for clusters. It is
+    chosen there for H >= 256 over several steps: on the H200 (fp16, CUDA-graph time, hardware
+    tanh) it beat rows at every seed point (0.0170 against 0.0203 ms at B=32 T=10 H=256,
+    0.0653 against 0.0716 at B=64 T=50, 0.1266 against 0.1370 at B=128 T=100) and beat
+    cluster-less split at H=512 (0.1145 against 0.1388 ms at B=256 T=50). A cluster's
+    programs are scheduled together, so any number of clusters may run.
+
+    Without clusters, ``split`` is chosen on a CUDA device when its grid fits on the SMs (its
+    programs wait on each other, so all must be resident), H spans at least two column
+    blocks, and either ``rows`` could not keep ``w_rec`` on chip (it would re-read all of it
+    from L2 every step, in every program) or there is a single step (``T == 1``, a streaming
+    step: no program waits on another, each loads only its slice of ``w_rec``, and ``y``
+    needs no "not arrived" fill; a single step keeps this tiling with clusters too). There,
+    rows beat split at H=256 over many steps (0.0715 against 0.0784 ms at B=64 T=50); split
+    won 6x at H=512 (0.135 against 0.82 ms at B=256 T=50) and at T=1 (3.4 against 5.1 us at
+    H=256 and B=1..32, 4.3 against 13.0 us at H=512). Otherwise ``rows``, which has no
+    exchange between programs. ``method`` forces one design (its defaults are returned). The
+    result is a fresh dict the caller may change."""
     if method not in (None, *METHODS):
         raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
     sms = sm_count(device) if device is not None else None
-    return dict(_launch_config(B, H, dtype, sms, method, T == 1))
+    clusters = device is not None and clusters_available(device)
+    return dict(_launch_config(B, H, dtype, sms, method, T == 1, clusters))
 
 
 @functools.lru_cache(maxsize=4096)
 def _launch_config(B: int, H: int, dtype: torch.dtype, sms: int | None, method: str | None,
-                   single_step: bool = False) -> dict:
+                   single_step: bool = False, clusters: bool = False) -> dict:
     rows = _rows_config(B, H, dtype)
     if method == "rows":
+        return rows
+    if clusters and not single_step:
+        split = _split_config(B, H, dtype, sms, clusters=True)
+        if method == "split":
+            return split
+        n_nb = split_grid(B, H, split["block_b"], split["block_n"])[1]
+        if n_nb >= 2 and _block_h(H) >= 256:
+            return split
         return rows
     split = _split_config(B, H, dtype, sms)
     if method == "split":
@@ -492,8 +577,10 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
     if cfg["method"] == "split":
         block_b, block_n = cfg["block_b"], min(cfg["block_n"], block_h)
         n_bb, n_nb = split_grid(B, H, block_b, block_n)
+        # clusters only where compiled for a GPU that has them (the caller checked)
+        cluster = bool(cfg.get("cluster", False)) and compiled_cuda
         values = (block_b, block_h, block_n, block_k, cfg["w_resident"], dot_f32, SERIES_BELOW,
-                  fast_tanh)
+                  fast_tanh, cluster)
         return "split", (n_bb * n_nb,), values, cfg["num_warps"], n_bb, n_nb
     values = (cfg["block_b"], block_h, block_k, cfg["w_resident"], dot_f32, SERIES_BELOW,
               fast_tanh)
@@ -502,11 +589,11 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
 
 @functools.lru_cache(maxsize=4096)
 def _default_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: int,
-                  method: str | None, single_step: bool) -> tuple:
+                  method: str | None, single_step: bool, clusters: bool) -> tuple:
     """:func:`_make_plan` of :func:`launch_config`'s choice, memoised: it runs per call."""
     sms = _sm_count(device) if compiled_cuda else None
     return _make_plan(B, H, dtype, compiled_cuda, device,
-                      _launch_config(B, H, dtype, sms, method, single_step))
+                      _launch_config(B, H, dtype, sms, method, single_step, clusters))
 
 
 def _launch_rows(xw, h0, w_rec, tau, y, dt, plan):
@@ -532,6 +619,17 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
         raise ValueError(f"split needs block_b and block_n >= 16 (tl.dot), got {block_b}, "
                          f"{block_n}")
     n_bb, n_nb = plan[4], plan[5]
+    sx, sy = xw.stride(), y.stride()
+    if plan[2][-1]:   # CLUSTER: a batch block's programs meet at the cluster barrier
+        if n_nb > MAX_CLUSTER:
+            raise RuntimeError(
+                f"cfc_scan method='split': {n_nb} column blocks exceed the largest cluster "
+                f"({MAX_CLUSTER} programs); raise block_n or pass cluster=False")
+        _split_launcher.clustered(
+            plan[1], n_nb, (xw, h0, w_rec, tau, y, y.view(_BITS[y.element_size()]), float(dt),
+                            B, T, H, sx[0], sx[1], h0.stride(0), w_rec.stride(0), sy[0], sy[1]),
+            plan[2], num_warps=plan[3])
+        return
     if _INTERPRETED or not xw.is_cuda:
         if n_nb > 1 and T > 1:   # with one column block or one step, nobody waits on another
             raise RuntimeError(
@@ -549,7 +647,6 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
     ybits = y.view(_BITS[y.element_size()])
     if T > 1:   # (with one step nobody waits: step 0 reads h0)
         ybits.fill_(-1)   # every word "not arrived" (see _await_state); a memset under graphs
-    sx, sy = xw.stride(), y.stride()
     _split_launcher(plan[1], (xw, h0, w_rec, tau, y, ybits, float(dt), B, T, H, sx[0], sx[1],
                               h0.stride(0), w_rec.stride(0), sy[0], sy[1]),
                     plan[2], num_warps=plan[3])
@@ -598,8 +695,8 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_warps=None,
-                    w_resident=None, block_k=None, method=None, block_n=None, fast_tanh=None
-                    ) -> torch.Tensor:
+                    w_resident=None, block_k=None, method=None, block_n=None, fast_tanh=None,
+                    cluster=None) -> torch.Tensor:
     """Launch one of the kernels. ``xw [B, T, H]`` and ``h0 [B, H]`` may be strided views with
     unit stride over H (``h0`` is typically ``h[:, layer]`` of a ``[B, L, H]`` state); ``h0``
     and ``w_rec [H, H]`` share the dtype of ``xw`` (fp32, fp16 or bf16), ``tau [H]`` is fp32.
@@ -607,7 +704,10 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     H. ``method``: ``None`` (``launch_config`` picks), ``"rows"`` or ``"split"`` (CUDA only;
     raises where it could deadlock). The other keywords override :func:`launch_config`'s
     defaults for the method that runs (``block_n`` only matters to ``split``;
-    ``fast_tanh=False`` keeps the exp-based tanh on fp16/bf16 GPU inputs)."""
+    ``fast_tanh=False`` keeps the exp-based tanh on fp16/bf16 GPU inputs). ``cluster``:
+    whether ``split`` runs as thread-block clusters; ``None`` where ``clusters_available``,
+    ``False`` for the cluster-less exchange (and its defaults); ``True`` raises where
+    clusters are not available."""
     if method is not None and method not in METHODS:
         raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
     if method == "split" and (not xw.is_cuda or _INTERPRETED):
@@ -622,15 +722,22 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
         return y
     compiled_cuda = xw.is_cuda and not _INTERPRETED
     device = xw.get_device() if compiled_cuda else -1
+    clusters = compiled_cuda and cluster_launch_available() and _capability(device) >= (9, 0)
+    if cluster and not clusters:
+        raise RuntimeError("cfc_scan cluster=True needs thread-block clusters: a CUDA GPU of "
+                           "compute capability 9.0 or later and compiled Triton "
+                           "(seqdeploy.launch.cluster_launch_available)")
+    if cluster is not None:
+        clusters = cluster
     if (block_b or num_warps or w_resident is not None or block_k or block_n
             or fast_tanh is not None):
         sms = _sm_count(device) if compiled_cuda else None
-        cfg = dict(_launch_config(B, H, xw.dtype, sms, method, T == 1))
+        cfg = dict(_launch_config(B, H, xw.dtype, sms, method, T == 1, clusters))
         overrides = {"block_b": block_b, "num_warps": num_warps, "w_resident": w_resident,
                      "block_k": block_k, "block_n": block_n, "fast_tanh": fast_tanh}
         cfg.update({k: v for k, v in overrides.items() if v is not None})
         plan = _make_plan(B, H, xw.dtype, compiled_cuda, device, cfg)
     else:
-        plan = _default_plan(B, H, xw.dtype, compiled_cuda, device, method, T == 1)
+        plan = _default_plan(B, H, xw.dtype, compiled_cuda, device, method, T == 1, clusters)
     (_launch_split if plan[0] == "split" else _launch_rows)(xw, h0, w_rec, tau, y, dt, plan)
     return y
