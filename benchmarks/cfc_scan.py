@@ -152,12 +152,10 @@ def split_configs(B, H, sms):
         configs.append({**first, "num_warps": num_warps})
     configs.append({**first, "w_resident": not first["w_resident"]})
     configs.append({**first, "fast_tanh": False})   # the exp-based tanh
-    if clusters:
-        other = launch_config(B, H, DTYPE, "cuda", method="split")
-        if first["cluster"]:   # the cluster-less exchange at its own default tiling
-            other = kernels._split_config(B, H, DTYPE, sms)
-            if math.prod(split_grid(B, H, other["block_b"], other["block_n"])) <= sms:
-                configs.append({k: other[k] for k in keys})
+    if first["cluster"]:   # the cluster-less exchange at its own default tiling
+        other = kernels._split_config(B, H, DTYPE, sms)
+        if math.prod(split_grid(B, H, other["block_b"], other["block_n"])) <= sms:
+            configs.append({k: other[k] for k in keys})
     return unique(configs)
 
 

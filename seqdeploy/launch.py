@@ -62,13 +62,38 @@ class Launcher:
         self._stream = None
         self.fast_calls = 0   # how many calls took the fast path (tests check it is used)
 
-    def _plain(self, grid, args, values, options) -> Any:
+    def _constexprs(self, args, values) -> dict[str, Any]:
         names = self.kernel.arg_names[len(args):]
         if len(names) != len(values):
             raise TypeError(f"{self.kernel.__name__}: {len(args)} runtime arguments and "
                             f"{len(values)} constexprs, but it has {len(names)} parameters "
                             "after the runtime ones")
-        return self.kernel[grid](*args, **dict(zip(names, values)), **options)
+        return dict(zip(names, values))
+
+    def _plain(self, grid, args, values, options) -> Any:
+        return self.kernel[grid](*args, **self._constexprs(args, values), **options)
+
+    def _key(self, device, grid, args, ptrs, values, options) -> tuple:
+        """What a cached binary is keyed on (see the module docstring)."""
+        n = self.tensors
+        return (device, grid, values, *options.values(), *[t.dtype for t in args[:n]],
+                *[p & 255 for p in ptrs], *args[n:])
+
+    def _remember(self, key, entry) -> None:
+        if len(self._binaries) >= MAX_SIGNATURES:
+            self._binaries.clear()
+        self._binaries[key] = entry
+
+    def _raw_launch(self, direct, grid_x, grid_y, grid_z, device, ptrs, args, values) -> None:
+        """Call the C launcher of ``direct`` (:func:`_direct_launch`) on the current stream;
+        pointers go as the integers already read for the key."""
+        if self._stream is None:
+            from triton.runtime import driver
+
+            self._stream = driver.active.get_current_stream
+        launch, function, cooperative, pdl, packed = direct
+        launch(grid_x, grid_y, grid_z, self._stream(device), function, cooperative, pdl, None,
+               None, packed, None, None, None, *ptrs, *args[self.tensors:], *values)
 
     def __call__(self, grid: tuple[int, ...], args: tuple, values: tuple,
                  **options: Any) -> None:
@@ -82,34 +107,23 @@ class Launcher:
             self._plain(grid, args, values, options)
             return
         n = self.tensors
-        tensors = args[:n]
-        ptrs = [t.data_ptr() for t in tensors]
-        key = (device, grid, values, *options.values(), *[t.dtype for t in tensors],
-               *[p & 255 for p in ptrs], *args[n:])
+        ptrs = [t.data_ptr() for t in args[:n]]
+        key = self._key(device, grid, args, ptrs, values, options)
         entry = self._binaries.get(key)
         if entry is None:
-            if any(not isinstance(a, torch.Tensor) for a in tensors) or \
+            if any(not isinstance(a, torch.Tensor) for a in args[:n]) or \
                     any(isinstance(a, torch.Tensor) for a in args[n:]):
                 raise TypeError(f"{self.kernel.__name__}: the first {n} arguments must be "
                                 "tensors and the rest scalars")
             binary = self._plain(grid, args, values, options)
-            if len(self._binaries) >= MAX_SIGNATURES:
-                self._binaries.clear()
             if binary is not None:
-                self._binaries[key] = (binary, _direct_launch(binary))
+                self._remember(key, (binary, _direct_launch(binary)))
             return
         binary, direct = entry
         try:
             g = (*grid, 1, 1)
             if direct is not None:
-                if self._stream is None:
-                    from triton.runtime import driver
-
-                    self._stream = driver.active.get_current_stream
-                launch, function, cooperative, pdl, packed = direct
-                # the C launcher takes pointers as integers: the addresses read for the key
-                launch(g[0], g[1], g[2], self._stream(device), function, cooperative, pdl, None,
-                       None, packed, None, None, None, *ptrs, *args[n:], *values)
+                self._raw_launch(direct, g[0], g[1], g[2], device, ptrs, args, values)
             else:
                 binary[g[:3]](*args, *values)
         except (AttributeError, TypeError):
@@ -121,7 +135,6 @@ class Launcher:
             self._plain(grid, args, values, options)
             return
         self.fast_calls += 1
-
 
     def clustered(self, grid: tuple[int], cluster: int, args: tuple, values: tuple,
                   **options: Any) -> None:
@@ -144,31 +157,20 @@ class Launcher:
             with torch.cuda.device(device):
                 self.clustered(grid, cluster, args, values, **options)
             return
-        n = self.tensors
-        ptrs = [t.data_ptr() for t in args[:n]]
-        key = ("cluster", cluster, device, grid, values, *options.values(),
-               *[t.dtype for t in args[:n]], *[p & 255 for p in ptrs], *args[n:])
-        entry = self._binaries.get(key)
-        if entry is None:
-            names = self.kernel.arg_names[len(args):]
-            binary = self.kernel.warmup(*args, **dict(zip(names, values)), grid=grid,
+        ptrs = [t.data_ptr() for t in args[:self.tensors]]
+        key = ("cluster", cluster, *self._key(device, grid, args, ptrs, values, options))
+        direct = self._binaries.get(key)
+        if direct is None:
+            binary = self.kernel.warmup(*args, **self._constexprs(args, values), grid=grid,
                                         **options)
             direct = _direct_launch(binary)
             if direct is None:
                 raise RuntimeError(f"{self.kernel.__name__}: a kernel that needs scratch "
                                    "memory cannot be launched in clusters")
-            launch, function, cooperative, pdl, packed = direct
-            entry = (launch, function, cooperative, pdl, (packed[0], cluster, *packed[2:]))
-            if len(self._binaries) >= MAX_SIGNATURES:
-                self._binaries.clear()
-            self._binaries[key] = entry
-        if self._stream is None:
-            from triton.runtime import driver
-            self._stream = driver.active.get_current_stream
-        launch, function, cooperative, pdl, packed = entry
-        # the launcher multiplies the grid by the cluster size it reads from ``packed``
-        launch(grid[0] // cluster, 1, 1, self._stream(device), function, cooperative, pdl,
-               None, None, packed, None, None, None, *ptrs, *args[n:], *values)
+            direct = (*direct[:4], (direct[4][0], cluster, *direct[4][2:]))
+            self._remember(key, direct)
+        # the launcher multiplies the grid by the cluster size it reads from the metadata
+        self._raw_launch(direct, grid[0] // cluster, 1, 1, device, ptrs, args, values)
         self.fast_calls += 1
 
 

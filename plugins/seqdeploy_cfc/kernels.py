@@ -317,12 +317,19 @@ def _cluster_barrier(dep):
 
 
 @triton.jit
-def _previous_state(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks, t,
-                    out_ty: tl.constexpr, COUNT_ONLY: tl.constexpr):
+def _previous_state(h0_ptr, sh_b, y_ptr, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks, hk, t,
+                    out_ty: tl.constexpr, COUNT_ONLY: tl.constexpr, CLUSTER: tl.constexpr):
     """All of ``h_{t-1}`` for this program's rows, in ``out_ty``: ``h0`` at step 0, else
-    awaited from ``y[:, t-1]`` (``COUNT_ONLY``: see ``_await_state``)."""
+    ``y[:, t-1]``: with ``CLUSTER`` read after the cluster barrier (``hk``: the offsets of
+    the rows' words in one step of ``y``), otherwise awaited (``COUNT_ONLY``: see
+    ``_await_state``)."""
     if t == 0:
         hp = tl.load(h0_ptr + rows[:, None] * sh_b + ks[None, :], mask=mask_hk, other=0.0)
+    elif CLUSTER:
+        # every sibling's y_{t-1} is stored and visible (offsets formed before the loop and
+        # the barrier in this branch: 4-11% faster on the H200 than both in the loop body)
+        _cluster_barrier(t)
+        hp = tl.load(y_ptr + (t - 1) * sy_t + hk, mask=mask_hk, other=0.0, cache_modifier=".cg")
     else:
         # (the pointers are formed here, not before the branch: formed before it, this path
         # measured 18% slower at H=512 on the H200)
@@ -374,31 +381,19 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
         # the next xw load is issued before the wait and the dot, so it hides behind them
         x, x_next = _prefetch(x_ptrs, x_next, mask, step, t, T, sx_t)
         if W_RESIDENT:
-            if CLUSTER:
-                if t == 0:
-                    hp = tl.load(h0_ptr + rows[:, None] * sh_b + ks[None, :], mask=mask_hk,
-                                 other=0.0)
-                else:
-                    # every sibling's y_{t-1} is stored and visible (offsets formed before
-                    # the loop, the barrier in this branch: 4-11% faster on the H200)
-                    _cluster_barrier(t)
-                    hp = tl.load(y_ptr + (t - 1) * sy_t + hk,
-                                 mask=mask_hk, other=0.0, cache_modifier=".cg")
-            else:
-                hp = _previous_state(h0_ptr, sh_b, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks,
-                                     t, out_ty, DOT_F32)
+            hp = _previous_state(h0_ptr, sh_b, y_ptr, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks,
+                                 hk, t, out_ty, DOT_F32, CLUSTER)
             if DOT_F32:
                 z = tl.dot(hp.to(tl.float32), w, x, input_precision="ieee")
             else:
                 z = tl.dot(hp, w, x)
         else:
-            if CLUSTER:
-                if t > 0:
-                    _cluster_barrier(t)
             if t == 0:
                 acc = _streamed_matmul(h0_ptr, sh_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H,
                                        BLOCK_B, BLOCK_H, BLOCK_N, BLOCK_K, DOT_F32, False, h0_ptr)
             else:
+                if CLUSTER:
+                    _cluster_barrier(t)   # then y_{t-1} is read without waiting on each slice
                 acc = _streamed_matmul(y_ptr + (t - 1) * sy_t, sy_b, w_ptr, sw_k, rows, mask_b,
                                        cols, mask_n, H, BLOCK_B, BLOCK_H, BLOCK_N, BLOCK_K,
                                        DOT_F32, not CLUSTER, ybits_ptr + (t - 1) * sy_t)
@@ -436,7 +431,11 @@ def clusters_available(device) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or _INTERPRETED or not torch.cuda.is_available():
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _clusters(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _clusters(index: int) -> bool:
+    """:func:`clusters_available` for compiled Triton on CUDA device ``index``."""
     return cluster_launch_available() and _capability(index) >= (9, 0)
 
 
@@ -546,10 +545,8 @@ def _launch_config(B: int, H: int, dtype: torch.dtype, sms: int | None, method: 
         split = _split_config(B, H, dtype, sms, clusters=True)
         if method == "split":
             return split
-        n_nb = split_grid(B, H, split["block_b"], split["block_n"])[1]
-        if n_nb >= 2 and _block_h(H) >= 256:
-            return split
-        return rows
+        # (from H >= 256 on, the cluster tilings always have 3 to 8 column blocks)
+        return split if _block_h(H) >= 256 else rows
     split = _split_config(B, H, dtype, sms)
     if method == "split":
         return split
@@ -581,10 +578,8 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
     if cfg["method"] == "split":
         block_b, block_n = cfg["block_b"], min(cfg["block_n"], block_h)
         n_bb, n_nb = split_grid(B, H, block_b, block_n)
-        # clusters only where compiled for a GPU that has them (the caller checked)
-        cluster = bool(cfg.get("cluster", False)) and compiled_cuda
         values = (block_b, block_h, block_n, block_k, cfg["w_resident"], dot_f32, SERIES_BELOW,
-                  fast_tanh, cluster)
+                  fast_tanh, cfg["cluster"])
         return "split", (n_bb * n_nb,), values, cfg["num_warps"], n_bb, n_nb
     values = (cfg["block_b"], block_h, block_k, cfg["w_resident"], dot_f32, SERIES_BELOW,
               fast_tanh)
@@ -624,15 +619,15 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
                          f"{block_n}")
     n_bb, n_nb = plan[4], plan[5]
     sx, sy = xw.stride(), y.stride()
+    ybits = y.view(_BITS[y.element_size()])
+    args = (xw, h0, w_rec, tau, y, ybits, float(dt), B, T, H, sx[0], sx[1], h0.stride(0),
+            w_rec.stride(0), sy[0], sy[1])
     if plan[2][-1]:   # CLUSTER: a batch block's programs meet at the cluster barrier
         if n_nb > MAX_CLUSTER:
             raise RuntimeError(
                 f"cfc_scan method='split': {n_nb} column blocks exceed the largest cluster "
                 f"({MAX_CLUSTER} programs); raise block_n or pass cluster=False")
-        _split_launcher.clustered(
-            plan[1], n_nb, (xw, h0, w_rec, tau, y, y.view(_BITS[y.element_size()]), float(dt),
-                            B, T, H, sx[0], sx[1], h0.stride(0), w_rec.stride(0), sy[0], sy[1]),
-            plan[2], num_warps=plan[3])
+        _split_launcher.clustered(plan[1], n_nb, args, plan[2], num_warps=plan[3])
         return
     if _INTERPRETED or not xw.is_cuda:
         if n_nb > 1 and T > 1:   # with one column block or one step, nobody waits on another
@@ -648,12 +643,9 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
                 f"cfc_scan method='split': {n_bb} x {n_nb} = {n_bb * n_nb} programs exceed the "
                 f"{sms} SMs, so not all would be resident and a program could wait forever on "
                 "a sibling that never starts; raise block_b / block_n or use method='rows'")
-    ybits = y.view(_BITS[y.element_size()])
     if T > 1:   # (with one step nobody waits: step 0 reads h0)
         ybits.fill_(-1)   # every word "not arrived" (see _await_state); a memset under graphs
-    _split_launcher(plan[1], (xw, h0, w_rec, tau, y, ybits, float(dt), B, T, H, sx[0], sx[1],
-                              h0.stride(0), w_rec.stride(0), sy[0], sy[1]),
-                    plan[2], num_warps=plan[3])
+    _split_launcher(plan[1], args, plan[2], num_warps=plan[3])
 
 
 @functools.lru_cache(maxsize=None)
@@ -726,7 +718,7 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
         return y
     compiled_cuda = xw.is_cuda and not _INTERPRETED
     device = xw.get_device() if compiled_cuda else -1
-    clusters = compiled_cuda and cluster_launch_available() and _capability(device) >= (9, 0)
+    clusters = compiled_cuda and _clusters(device)
     if cluster and not clusters:
         raise RuntimeError("cfc_scan cluster=True needs thread-block clusters: a CUDA GPU of "
                            "compute capability 9.0 or later and compiled Triton "
