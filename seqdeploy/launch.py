@@ -73,10 +73,11 @@ class Launcher:
     def _plain(self, grid, args, values, options) -> Any:
         return self.kernel[grid](*args, **self._constexprs(args, values), **options)
 
-    def _key(self, device, grid, args, ptrs, values, options) -> tuple:
-        """What a cached binary is keyed on (see the module docstring)."""
+    def _key(self, cluster, device, grid, args, ptrs, values, options) -> tuple:
+        """What a cached binary is keyed on (see the module docstring); ``cluster``: the
+        cluster size of :meth:`clustered`, 0 for plain launches."""
         n = self.tensors
-        return (device, grid, values, *options.values(), *[t.dtype for t in args[:n]],
+        return (cluster, device, grid, values, *options.values(), *[t.dtype for t in args[:n]],
                 *[p & 255 for p in ptrs], *args[n:])
 
     def _remember(self, key, entry) -> None:
@@ -108,7 +109,7 @@ class Launcher:
             return
         n = self.tensors
         ptrs = [t.data_ptr() for t in args[:n]]
-        key = self._key(device, grid, args, ptrs, values, options)
+        key = self._key(0, device, grid, args, ptrs, values, options)
         entry = self._binaries.get(key)
         if entry is None:
             if any(not isinstance(a, torch.Tensor) for a in args[:n]) or \
@@ -146,11 +147,9 @@ class Launcher:
         call of a signature compiles with ``warmup`` (no launch). Where that launcher is not
         available (:func:`cluster_launch_available` is False), it raises RuntimeError.
         Launch hooks are not called."""
-        if not cluster_launch_available():
+        if not (Launcher.raw and Launcher.enabled):   # cluster_launch_available, inlined
             raise RuntimeError("cluster launches need the direct C launcher of triton "
                                f"{' or '.join(RAW_LAUNCH_VERSIONS)}, not {triton.__version__}")
-        if grid[0] % cluster:
-            raise ValueError(f"{grid[0]} programs do not split into clusters of {cluster}")
         device = args[0].get_device()
         if device != torch._C._cuda_getDevice():
             # Triton compiles for, and launches on, the current device
@@ -158,20 +157,28 @@ class Launcher:
                 self.clustered(grid, cluster, args, values, **options)
             return
         ptrs = [t.data_ptr() for t in args[:self.tensors]]
-        key = ("cluster", cluster, *self._key(device, grid, args, ptrs, values, options))
+        key = self._key(cluster, device, grid, args, ptrs, values, options)
         direct = self._binaries.get(key)
-        if direct is None:
-            binary = self.kernel.warmup(*args, **self._constexprs(args, values), grid=grid,
-                                        **options)
-            direct = _direct_launch(binary)
-            if direct is None:
-                raise RuntimeError(f"{self.kernel.__name__}: a kernel that needs scratch "
-                                   "memory cannot be launched in clusters")
-            direct = (*direct[:4], (direct[4][0], cluster, *direct[4][2:]))
-            self._remember(key, direct)
+        if direct is None:   # (a signature seen before passed the checks in here)
+            direct = self._cluster_binary(key, grid, cluster, args, values, options)
         # the launcher multiplies the grid by the cluster size it reads from the metadata
         self._raw_launch(direct, grid[0] // cluster, 1, 1, device, ptrs, args, values)
         self.fast_calls += 1
+
+    def _cluster_binary(self, key, grid, cluster, args, values, options) -> tuple:
+        """Compile (``warmup``: no launch) what :meth:`clustered` launches for ``key``, and
+        remember its direct launch with ``cluster`` in place of ``num_ctas``."""
+        if grid[0] % cluster:
+            raise ValueError(f"{grid[0]} programs do not split into clusters of {cluster}")
+        binary = self.kernel.warmup(*args, **self._constexprs(args, values), grid=grid,
+                                    **options)
+        direct = _direct_launch(binary)
+        if direct is None:
+            raise RuntimeError(f"{self.kernel.__name__}: a kernel that needs scratch "
+                               "memory cannot be launched in clusters")
+        direct = (*direct[:4], (direct[4][0], cluster, *direct[4][2:]))
+        self._remember(key, direct)
+        return direct
 
 
 def cluster_launch_available() -> bool:

@@ -577,7 +577,14 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
     block_k = min(cfg["block_k"], block_h)
     if cfg["method"] == "split":
         block_b, block_n = cfg["block_b"], min(cfg["block_n"], block_h)
+        if block_b < 16 or block_n < 16:
+            raise ValueError(f"split needs block_b and block_n >= 16 (tl.dot), got {block_b}, "
+                             f"{block_n}")
         n_bb, n_nb = split_grid(B, H, block_b, block_n)
+        if cfg["cluster"] and n_nb > MAX_CLUSTER:
+            raise RuntimeError(
+                f"cfc_scan method='split': {n_nb} column blocks exceed the largest cluster "
+                f"({MAX_CLUSTER} programs); raise block_n or pass cluster=False")
         values = (block_b, block_h, block_n, block_k, cfg["w_resident"], dot_f32, SERIES_BELOW,
                   fast_tanh, cfg["cluster"])
         return "split", (n_bb * n_nb,), values, cfg["num_warps"], n_bb, n_nb
@@ -611,23 +618,16 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
     """Launch the split kernel, refusing the launches that could hang: more programs than
     SMs, or (in the interpreter, which runs programs one by one) any launch where a program
     waits on a sibling: more than one column block per batch block and more than one step.
-    Inputs as prepared by ``triton_cfc_scan``."""
+    Inputs as prepared by ``triton_cfc_scan``; ``plan`` checked by ``_make_plan``."""
     B, T, H = xw.shape
-    block_b, block_n = plan[2][0], plan[2][2]
-    if block_b < 16 or block_n < 16:
-        raise ValueError(f"split needs block_b and block_n >= 16 (tl.dot), got {block_b}, "
-                         f"{block_n}")
     n_bb, n_nb = plan[4], plan[5]
     sx, sy = xw.stride(), y.stride()
-    ybits = y.view(_BITS[y.element_size()])
-    args = (xw, h0, w_rec, tau, y, ybits, float(dt), B, T, H, sx[0], sx[1], h0.stride(0),
-            w_rec.stride(0), sy[0], sy[1])
-    if plan[2][-1]:   # CLUSTER: a batch block's programs meet at the cluster barrier
-        if n_nb > MAX_CLUSTER:
-            raise RuntimeError(
-                f"cfc_scan method='split': {n_nb} column blocks exceed the largest cluster "
-                f"({MAX_CLUSTER} programs); raise block_n or pass cluster=False")
-        _split_launcher.clustered(plan[1], n_nb, args, plan[2], num_warps=plan[3])
+    scalars = (float(dt), B, T, H, sx[0], sx[1], h0.stride(0), w_rec.stride(0), sy[0], sy[1])
+    if plan[2][-1]:
+        # CLUSTER: a batch block's programs meet at the cluster barrier; the kernel never
+        # touches the integer view, so y stands in for it (this path runs per eager call)
+        _split_launcher.clustered(plan[1], n_nb, (xw, h0, w_rec, tau, y, y, *scalars), plan[2],
+                                  num_warps=plan[3])
         return
     if _INTERPRETED or not xw.is_cuda:
         if n_nb > 1 and T > 1:   # with one column block or one step, nobody waits on another
@@ -643,9 +643,11 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
                 f"cfc_scan method='split': {n_bb} x {n_nb} = {n_bb * n_nb} programs exceed the "
                 f"{sms} SMs, so not all would be resident and a program could wait forever on "
                 "a sibling that never starts; raise block_b / block_n or use method='rows'")
+    ybits = y.view(_BITS[y.element_size()])
     if T > 1:   # (with one step nobody waits: step 0 reads h0)
         ybits.fill_(-1)   # every word "not arrived" (see _await_state); a memset under graphs
-    _split_launcher(plan[1], args, plan[2], num_warps=plan[3])
+    _split_launcher(plan[1], (xw, h0, w_rec, tau, y, ybits, *scalars), plan[2],
+                    num_warps=plan[3])
 
 
 @functools.lru_cache(maxsize=None)
@@ -704,14 +706,15 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     whether ``split`` runs as thread-block clusters; ``None`` where ``clusters_available``,
     ``False`` for the cluster-less exchange (and its defaults); ``True`` raises where
     clusters are not available."""
-    if method is not None and method not in METHODS:
-        raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
-    if method == "split" and (not xw.is_cuda or _INTERPRETED):
-        raise RuntimeError(
-            "cfc_scan method='split' needs a CUDA device and compiled Triton: in the interpreter "
-            "(CPU tensors, TRITON_INTERPRET=1) programs run one after another, so one would wait "
-            "forever for the previous step of a sibling that has not started; use "
-            "method='rows' (the default there)")
+    if method is not None:
+        if method not in METHODS:
+            raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
+        if method == "split" and (not xw.is_cuda or _INTERPRETED):
+            raise RuntimeError(
+                "cfc_scan method='split' needs a CUDA device and compiled Triton: in the "
+                "interpreter (CPU tensors, TRITON_INTERPRET=1) programs run one after another, "
+                "so one would wait forever for the previous step of a sibling that has not "
+                "started; use method='rows' (the default there)")
     B, T, H = xw.shape
     xw, h0, w_rec, tau, y = _prepare(xw, h0, w_rec, tau, out)
     if B == 0 or T == 0:
