@@ -147,7 +147,7 @@ class Launcher:
         call of a signature compiles with ``warmup`` (no launch). Where that launcher is not
         available (:func:`cluster_launch_available` is False), it raises RuntimeError.
         Launch hooks are not called."""
-        if not (Launcher.raw and Launcher.enabled):   # cluster_launch_available, inlined
+        if not cluster_launch_available():
             raise RuntimeError("cluster launches need the direct C launcher of triton "
                                f"{' or '.join(RAW_LAUNCH_VERSIONS)}, not {triton.__version__}")
         device = args[0].get_device()
