@@ -131,7 +131,7 @@ def split_configs(B, H, sms):
     each)."""
     default = launch_config(B, H, DTYPE, "cuda", method="split")
     block_h = max(16, 1 << (H - 1).bit_length())
-    keys = ("block_b", "block_n", "num_warps", "w_resident", "cluster")
+    keys = ("block_b", "block_n", "num_warps", "w_resident", "cluster", "k_split")
     first = {k: default[k] for k in keys}
     clusters = kernels.clusters_available("cuda")
     configs = [first]
@@ -142,7 +142,7 @@ def split_configs(B, H, sms):
             n_bb, n_nb = split_grid(B, H, block_b, block_n)
             if block_n > block_h or n_nb < 2:
                 continue
-            tile = {"block_b": block_b, "block_n": block_n,
+            tile = {"block_b": block_b, "block_n": block_n, "k_split": 1,
                     **split_tile_defaults(block_b, block_n, H, DTYPE)}
             if clusters and n_nb <= kernels.MAX_CLUSTER:
                 configs.append({**tile, "cluster": True})
@@ -152,6 +152,8 @@ def split_configs(B, H, sms):
         configs.append({**first, "num_warps": num_warps})
     configs.append({**first, "w_resident": not first["w_resident"]})
     configs.append({**first, "fast_tanh": False})   # the exp-based tanh
+    if first["w_resident"]:   # the dot as one or as two half-K dots
+        configs.append({**first, "k_split": 3 - first["k_split"]})
     if first["cluster"]:   # the cluster-less exchange at its own default tiling
         other = kernels._split_config(B, H, DTYPE, sms)
         if math.prod(split_grid(B, H, other["block_b"], other["block_n"])) <= sms:

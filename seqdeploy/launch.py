@@ -30,7 +30,7 @@ launch.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import triton
@@ -89,9 +89,7 @@ class Launcher:
         """Call the C launcher of ``direct`` (:func:`_direct_launch`) on the current stream;
         pointers go as the integers already read for the key."""
         if self._stream is None:
-            from triton.runtime import driver
-
-            self._stream = driver.active.get_current_stream
+            self._stream = _current_stream()
         launch, function, cooperative, pdl, packed = direct
         launch(grid_x, grid_y, grid_z, self._stream(device), function, cooperative, pdl, None,
                None, packed, None, None, None, *ptrs, *args[self.tensors:], *values)
@@ -165,6 +163,49 @@ class Launcher:
         self._raw_launch(direct, grid[0] // cluster, 1, 1, device, ptrs, args, values)
         self.fast_calls += 1
 
+    def bind(self, grid: tuple[int, ...], args: tuple, values: tuple, cluster: int = 0,
+             **options: Any) -> Callable[..., bool] | None:
+        """The launch just made with these arguments (by ``__call__``, or by :meth:`clustered`
+        with ``cluster``), as a function of its tensors alone: ``run(*tensors)`` launches the
+        same binary with the same grid, scalars, constexprs and options on new tensors of
+        the same dtypes, through the C launcher, and returns True. It launches nothing and
+        returns False where the normal call must run instead: a tensor is not 16-byte
+        aligned (Triton specializes on that), the current CUDA device is another, the fast
+        path was switched off, or (plain launches) launch hooks are installed.
+
+        This is for a caller that memoises launches under its own cheaper signature of the
+        inputs: that signature must determine everything here but the tensors' addresses.
+        None where no direct launch of these arguments is cached (another Triton version,
+        the interpreter, a binary that needs scratch memory) or a tensor of this call is not
+        16-byte aligned."""
+        if not (Launcher.enabled and Launcher.raw and self._jit and args[0].is_cuda):
+            return None
+        n = self.tensors
+        device = args[0].get_device()
+        ptrs = [t.data_ptr() for t in args[:n]]
+        entry = self._binaries.get(self._key(cluster, device, grid, args, ptrs, values, options))
+        direct = entry if cluster else (entry[1] if entry is not None else None)
+        if direct is None or any(p & 15 for p in ptrs):
+            return None
+        launch, function, cooperative, pdl, packed = direct
+        grid_x, grid_y, grid_z = (grid[0] // cluster, 1, 1) if cluster else (*grid, 1, 1)[:3]
+        tail = (*args[n:], *values)
+        stream, current = _current_stream(), torch._C._cuda_getDevice
+
+        def run(*tensors) -> bool:
+            ptrs = [t.data_ptr() for t in tensors]
+            for p in ptrs:
+                if p & 15:
+                    return False
+            if current() != device or not Launcher.enabled or not (cluster or _plain_launch()):
+                return False
+            launch(grid_x, grid_y, grid_z, stream(device), function, cooperative, pdl, None,
+                   None, packed, None, None, None, *ptrs, *tail)
+            self.fast_calls += 1
+            return True
+
+        return run
+
     def _cluster_binary(self, key, grid, cluster, args, values, options) -> tuple:
         """Compile (``warmup``: no launch) what :meth:`clustered` launches for ``key``, and
         remember its direct launch with ``cluster`` in place of ``num_ctas``."""
@@ -179,6 +220,13 @@ class Launcher:
         direct = (*direct[:4], (direct[4][0], cluster, *direct[4][2:]))
         self._remember(key, direct)
         return direct
+
+
+def _current_stream() -> Callable[[int], int]:
+    """Triton's lookup of a device's current CUDA stream (imported when first needed)."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_stream
 
 
 def cluster_launch_available() -> bool:

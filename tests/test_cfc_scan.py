@@ -162,6 +162,24 @@ def test_split_kernel_one_column_block_matches_naive(B, T, H, strided, w_residen
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,T,H,block_n", [(3, 63, 20, 32), (19, 37, 40, 64), (19, 1, 40, 16)])
+def test_split_kernel_half_k_dots_match_naive(B, T, H, block_n, dtype):
+    """``k_split=2``: the step's dot as two dots over the halves of the contraction axis,
+    each half of h read on its own (H=20 and 40: the second half partly or wholly padded;
+    three column blocks for a single step)."""
+    args = make(B, T, H, dtype, DEVICE, seed=9, strided=True)
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    out = run_split(args, 1.0, poisoned(args[0]), block_n=block_n, w_resident=True,
+                    num_warps=4, k_split=2)
+    assert rel_l2(out, ref) < TOL[dtype]
+    for bad, H in [({"k_split": 3, "w_resident": True}, 40),
+                   ({"k_split": 2, "w_resident": False}, 40),
+                   ({"k_split": 2, "w_resident": True}, 16)]:     # halves of 8: too small
+        with pytest.raises(ValueError, match="k_split"):
+            run_split(make(2, 1, H, dtype, DEVICE), 1.0, None, **bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("w_resident", [True, False], ids=["w-resident", "w-streamed"])
 def test_split_kernel_column_blocks_one_step_per_call(w_resident, dtype):
     """Several column blocks (H=40 in blocks of 16: the last one partial) and batch blocks,
@@ -248,6 +266,8 @@ def test_launch_config_with_clusters(monkeypatch):
                     config["block_n"]) == ("split", True, 16, block_n), (B, H, dtype)
             # fp32 at H=512 streams its slice (on chip, ptxas spills the FMA dot's tiles)
             assert config["w_resident"] == (dtype != torch.float32), (B, H, dtype)
+            # two half-K dots at H=512 in fp16 / bf16
+            assert config["k_split"] == (2 if block_n == 128 else 1), (B, H, dtype)
             n_nb = kernels.split_grid(B, H, 16, block_n)[1]
             assert 2 <= n_nb <= kernels.MAX_CLUSTER
     assert launch_config(64, 128, torch.float16, "cuda", T=50)["method"] == "rows"
@@ -551,6 +571,10 @@ def test_split_matches_naive(B, T, H, dtype):
             assert torch.equal(run(), out), cluster
         common = {"block_b": 16, "block_n": 64 if H > 256 else 32}
         outs[cluster, "common"] = run(**common)
+        if kernels._launch_config(B, H, dtype, kernels.sm_count("cuda"), "split", False,
+                                  cluster)["w_resident"]:   # the dot as one or two half-K dots
+            for k_split in (1, 2):
+                assert rel_l2(run(k_split=k_split), ref) < TOL[dtype], (cluster, k_split)
     if len(outs) == 4:
         assert torch.equal(outs[True, "common"], outs[False, "common"])
 

@@ -210,6 +210,54 @@ def test_cached_binaries_follow_every_specialization(monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("B,T,H", [(5, 9, 40), (32, 10, 256), (1, 1, 256)])
+def test_ready_launch_matches_and_steps_aside(B, T, H, monkeypatch):
+    """A repeat default call launches what the first one kept ready (``_READY``): the rows
+    kernel, split as clusters, and a single split step. It gives the plain path's bits on
+    new data each time; an input that is not 16-byte aligned (which is never kept ready),
+    a launch hook, and the fast path switched off send the call down the normal path,
+    still right."""
+    args = inputs(B=B, T=T, H=H, dtype=torch.float16, device="cuda")
+    wide = torch.randn(B, T, H + 8, device="cuda").half()
+    ran = []
+    for i in range(3):
+        args[0] = wide[..., :H] * (1 + 0.1 * i)     # new data, same layout
+        y = triton_cfc_scan(*args, 0.5)
+        torch.testing.assert_close(y, plain(args, 0.5, monkeypatch), rtol=0, atol=0)
+        signature = kernels._signature(*args, 0.5)
+        if i == 0:   # the first call made it ready: count the launches it makes from now on
+            run, split = kernels._READY[signature]
+            monkeypatch.setitem(kernels._READY, signature,
+                                (lambda *t, run=run: run(*t) and not ran.append(1), split))
+    assert len(ran) == 2
+    flat = torch.empty(B * T * H + 1, device="cuda", dtype=torch.float16)
+    misaligned = flat[1:].view(B, T, H).copy_(args[0])   # 2 bytes off, the same signature
+    assert kernels._signature(misaligned, *args[1:], 0.5) == signature
+    for variant in ("misaligned", "hooked", "off"):
+        before = len(ran)
+        with monkeypatch.context() as m:
+            xw = misaligned if variant == "misaligned" else args[0]
+            if variant == "hooked":
+                m.setattr(triton.knobs.runtime.launch_enter_hook, "calls", [lambda *a: None])
+            if variant == "off":
+                m.setattr(Launcher, "enabled", False)
+            y = triton_cfc_scan(xw, *args[1:], 0.5)
+        expected = plain([xw, *args[1:]], 0.5, monkeypatch)
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+        ref = naive_cfc_scan(*[a.cpu() for a in (xw, *args[1:])], 0.5)
+        assert float((y.double().cpu() - ref).norm() / ref.norm()) < 1e-3, variant
+        # the kept launch stepped aside (a cluster launch calls no hooks, as clustered)
+        hooks_ignored = variant == "hooked" and plan_is_clustered(B, T, H)
+        assert len(ran) == before + hooks_ignored, variant
+
+
+def plan_is_clustered(B, T, H):
+    plan = kernels._default_plan(B, H, torch.float16, True, torch.cuda.current_device(), None,
+                                 T == 1, kernels.clusters_available("cuda"))
+    return plan[0] == "split" and plan[2][-1]
+
+
+@gpu
 def test_direct_call_captures_into_a_cuda_graph():
     """The direct path launches on the current stream, so it records into a CUDA graph on a
     side stream like any op, and replays with new data."""
@@ -244,6 +292,7 @@ def test_launcher_falls_back_when_the_binary_api_differs(path, monkeypatch):
         raise TypeError("launch() takes different arguments")
 
     monkeypatch.setattr(Launcher, "enabled", True)
+    monkeypatch.setattr(kernels, "_READY", {})   # (launches kept ready skip the table)
     table = kernels._rows_launcher._binaries
     entry = (Incompatible(), None) if path == "binary" else (None, (launch, None, 0, 0, None))
     monkeypatch.setattr(kernels._rows_launcher, "_binaries", {k: entry for k in table})

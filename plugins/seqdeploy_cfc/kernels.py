@@ -318,17 +318,19 @@ def _cluster_barrier(dep):
 
 @triton.jit
 def _previous_state(h0_ptr, sh_b, y_ptr, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks, hk, t,
-                    out_ty: tl.constexpr, COUNT_ONLY: tl.constexpr, CLUSTER: tl.constexpr):
-    """All of ``h_{t-1}`` for this program's rows, in ``out_ty``: ``h0`` at step 0, else
+                    out_ty: tl.constexpr, COUNT_ONLY: tl.constexpr, CLUSTER: tl.constexpr,
+                    BARRIER: tl.constexpr):
+    """``h_{t-1}[:, ks]`` for this program's rows, in ``out_ty``: ``h0`` at step 0, else
     ``y[:, t-1]``: with ``CLUSTER`` read after the cluster barrier (``hk``: the offsets of
-    the rows' words in one step of ``y``), otherwise awaited (``COUNT_ONLY``: see
-    ``_await_state``)."""
+    the rows' words in one step of ``y``; ``BARRIER=False`` where this step already met
+    it), otherwise awaited (``COUNT_ONLY``: see ``_await_state``)."""
     if t == 0:
         hp = tl.load(h0_ptr + rows[:, None] * sh_b + ks[None, :], mask=mask_hk, other=0.0)
     elif CLUSTER:
         # every sibling's y_{t-1} is stored and visible (offsets formed before the loop and
         # the barrier in this branch: 4-11% faster on the H200 than both in the loop body)
-        _cluster_barrier(t)
+        if BARRIER:
+            _cluster_barrier(t)
         hp = tl.load(y_ptr + (t - 1) * sy_t + hk, mask=mask_hk, other=0.0, cache_modifier=".cg")
     else:
         # (the pointers are formed here, not before the branch: formed before it, this path
@@ -344,9 +346,14 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_F32: tl.constexpr,
                       SERIES_BELOW: tl.constexpr, FAST_TANH: tl.constexpr,
-                      CLUSTER: tl.constexpr):
+                      K_SPLIT: tl.constexpr, CLUSTER: tl.constexpr):
     """The split design: program (pb, pn) computes columns ``pn*BLOCK_N ...`` of rows
     ``pb*BLOCK_B ...`` for every step. The grid is 1-D with pn fastest.
+
+    ``K_SPLIT == 2`` (``W_RESIDENT`` only): the step's dot is two independent dots over the
+    halves of the contraction axis, summed, each half of ``h_{t-1}`` read (or awaited) on
+    its own, so the two chains of MMAs interleave and the first can start while the
+    second half is still loading.
 
     ``CLUSTER``: the programs of a batch block form one thread-block cluster; step t writes
     ``y_t`` with plain stores, and step t+1 meets its siblings at the cluster barrier
@@ -370,19 +377,40 @@ def _cfc_split_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, ybits_ptr, dt, B, T
 
     # the state is of this program's own columns
     alpha, gain, h = _start(h0_ptr, tau_ptr, rows, cols, mask, mask_n, dt, sh_b, SERIES_BELOW)
+    # the halves of the contraction axis (used where K_SPLIT == 2)
+    KH: tl.constexpr = BLOCK_H // 2
+    ks0 = tl.arange(0, KH)
+    ks1 = KH + ks0
     if W_RESIDENT:
-        w = _load_w(w_ptr, sw_k, ks, mask_k, cols, mask_n, DOT_F32, out_ty)
+        if K_SPLIT == 2:
+            w0 = _load_w(w_ptr, sw_k, ks0, ks0 < H, cols, mask_n, DOT_F32, out_ty)
+            w1 = _load_w(w_ptr, sw_k, ks1, ks1 < H, cols, mask_n, DOT_F32, out_ty)
+        else:
+            w = _load_w(w_ptr, sw_k, ks, mask_k, cols, mask_n, DOT_F32, out_ty)
     x_ptrs, step, x_next = _first_x(xw_ptr, rows, cols, mask, T, sx_b)
     y_ptrs = ybits_ptr + rows[:, None] * sy_b + cols[None, :]
     yv_ptrs = y_ptr + rows[:, None] * sy_b + cols[None, :]
     hk = rows[:, None] * sy_b + ks[None, :]
+    hk0 = rows[:, None] * sy_b + ks0[None, :]
+    mask_hk0 = mask_b[:, None] & (ks0 < H)[None, :]
+    mask_hk1 = mask_b[:, None] & (ks1 < H)[None, :]
     # num_stages=1: a pipelined loop could issue the next step's loads of y early
     for t in tl.range(0, T, num_stages=1):
         # the next xw load is issued before the wait and the dot, so it hides behind them
         x, x_next = _prefetch(x_ptrs, x_next, mask, step, t, T, sx_t)
-        if W_RESIDENT:
+        if W_RESIDENT and K_SPLIT == 2:
+            hp0 = _previous_state(h0_ptr, sh_b, y_ptr, ybits_ptr, sy_b, sy_t, rows, mask_hk0,
+                                  ks0, hk0, t, out_ty, DOT_F32, CLUSTER, True)
+            hp1 = _previous_state(h0_ptr, sh_b, y_ptr, ybits_ptr, sy_b, sy_t, rows, mask_hk1,
+                                  ks1, hk0 + KH, t, out_ty, DOT_F32, CLUSTER, False)
+            if DOT_F32:
+                z = tl.dot(hp0.to(tl.float32), w0, x, input_precision="ieee") + \
+                    tl.dot(hp1.to(tl.float32), w1, input_precision="ieee")
+            else:
+                z = tl.dot(hp0, w0, x) + tl.dot(hp1, w1)
+        elif W_RESIDENT:
             hp = _previous_state(h0_ptr, sh_b, y_ptr, ybits_ptr, sy_b, sy_t, rows, mask_hk, ks,
-                                 hk, t, out_ty, DOT_F32, CLUSTER)
+                                 hk, t, out_ty, DOT_F32, CLUSTER, True)
             if DOT_F32:
                 z = tl.dot(hp.to(tl.float32), w, x, input_precision="ieee")
             else:
@@ -479,10 +507,12 @@ def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None,
         # H200 (fp16, CUDA-graph time): 8 programs of 32 columns at H=256 (0.0653 ms at
         # B=64 T=50 against 0.0720 with 4 of 64), 4 programs of 128 columns at H=512
         # (0.1145 ms at B=256 T=50 against 0.1298 with 8 of 64 and 0.1524 with 16 of 32).
+        # At H=512 the dot runs as two half-K dots (k_split 2): 0.112 against 0.116 ms at
+        # B=256 T=50; at H=256 one dot stayed faster (0.066 against 0.069 ms at B=64 T=50).
         wide = dtype != torch.float32 and block_h >= 512
         block_n = max(16, block_h // (4 if wide else MAX_CLUSTER))
         return {"method": "split", "block_b": 16, "block_k": min(32, block_h),
-                "block_n": block_n, "cluster": True,
+                "block_n": block_n, "cluster": True, "k_split": 2 if wide else 1,
                 **split_tile_defaults(16, block_n, H, dtype)}
     # w slice [block_h, block_n] on chip: 64 KiB at H=512 in fp16 (block_n 64) and in fp32
     # (block_n 32); narrower slices at H <= 256, where more programs share the short step
@@ -494,7 +524,7 @@ def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None,
     while sms is not None and block_b < 64 and triton.cdiv(B, block_b) * n_nb > sms:
         block_b *= 2
     return {"method": "split", "block_b": block_b, "block_k": min(32, block_h),
-            "block_n": block_n, "cluster": False,
+            "block_n": block_n, "cluster": False, "k_split": 1,
             **split_tile_defaults(block_b, block_n, H, dtype)}
 
 
@@ -507,7 +537,8 @@ def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str |
                   T: int | None = None) -> dict:
     """Default launch for ``[B, T, H]`` inputs of ``dtype`` on ``device``: ``method``,
     ``block_b``, ``block_n`` (columns per program: all of ``block_h`` for rows), ``num_warps``,
-    ``w_resident`` and ``block_k`` (benchmarks/cfc_scan.py --sweep measures the alternatives).
+    ``w_resident``, ``block_k`` and, for ``split``, ``cluster`` and ``k_split``
+    (benchmarks/cfc_scan.py --sweep measures the alternatives).
 
     ``split`` runs as thread-block clusters (one per batch block, see ``_cfc_split_kernel``)
     where ``clusters_available``: Hopper on, with a launcher that can ask for clusters. It is
@@ -585,8 +616,12 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
             raise RuntimeError(
                 f"cfc_scan method='split': {n_nb} column blocks exceed the largest cluster "
                 f"({MAX_CLUSTER} programs); raise block_n or pass cluster=False")
+        k_split = cfg.get("k_split", 1)
+        if k_split not in (1, 2) or (k_split == 2 and not (cfg["w_resident"] and block_h >= 32)):
+            raise ValueError(f"split k_split must be 1, or 2 with w_rec resident and H > 16 "
+                             f"(each half >= 16 for tl.dot), got {k_split}")
         values = (block_b, block_h, block_n, block_k, cfg["w_resident"], dot_f32, SERIES_BELOW,
-                  fast_tanh, cfg["cluster"])
+                  fast_tanh, k_split, cfg["cluster"])
         return "split", (n_bb * n_nb,), values, cfg["num_warps"], n_bb, n_nb
     values = (cfg["block_b"], block_h, block_k, cfg["w_resident"], dot_f32, SERIES_BELOW,
               fast_tanh)
@@ -602,32 +637,41 @@ def _default_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, devic
                       _launch_config(B, H, dtype, sms, method, single_step, clusters))
 
 
-def _launch_rows(xw, h0, w_rec, tau, y, dt, plan):
+def _launch_rows(xw, h0, w_rec, tau, y, dt, plan, signature=None):
+    """Launch the rows kernel; with ``signature``, also keep the launch ready for repeat
+    calls (see ``_READY``)."""
     B, T, H = xw.shape
     sx, sy = xw.stride(), y.stride()
-    _rows_launcher(plan[1], (xw, h0, w_rec, tau, y, float(dt), B, T, H, sx[0], sx[1],
-                             h0.stride(0), w_rec.stride(0), sy[0], sy[1]),
-                   plan[2], num_warps=plan[3])
+    args = (xw, h0, w_rec, tau, y, float(dt), B, T, H, sx[0], sx[1], h0.stride(0),
+            w_rec.stride(0), sy[0], sy[1])
+    _rows_launcher(plan[1], args, plan[2], num_warps=plan[3])
+    if signature is not None:
+        _ready(signature, _rows_launcher.bind(plan[1], args, plan[2], num_warps=plan[3]), False)
 
 
 #: integer views of y for each width: the split kernel's exchange words
 _BITS = {2: torch.int16, 4: torch.int32}
 
 
-def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
+def _launch_split(xw, h0, w_rec, tau, y, dt, plan, signature=None):
     """Launch the split kernel, refusing the launches that could hang: more programs than
     SMs, or (in the interpreter, which runs programs one by one) any launch where a program
     waits on a sibling: more than one column block per batch block and more than one step.
-    Inputs as prepared by ``triton_cfc_scan``; ``plan`` checked by ``_make_plan``."""
+    Inputs as prepared by ``triton_cfc_scan``; ``plan`` checked by ``_make_plan``. With
+    ``signature``, also keep the launch ready for repeat calls (see ``_READY``) where it
+    needs nothing else: as clusters, or a single step (no fill of ``y``)."""
     B, T, H = xw.shape
     n_bb, n_nb = plan[4], plan[5]
     sx, sy = xw.stride(), y.stride()
     scalars = (float(dt), B, T, H, sx[0], sx[1], h0.stride(0), w_rec.stride(0), sy[0], sy[1])
     if plan[2][-1]:
         # CLUSTER: a batch block's programs meet at the cluster barrier; the kernel never
-        # touches the integer view, so y stands in for it (this path runs per eager call)
-        _split_launcher.clustered(plan[1], n_nb, (xw, h0, w_rec, tau, y, y, *scalars), plan[2],
-                                  num_warps=plan[3])
+        # touches the integer view, so y stands in for it
+        args = (xw, h0, w_rec, tau, y, y, *scalars)
+        _split_launcher.clustered(plan[1], n_nb, args, plan[2], num_warps=plan[3])
+        if signature is not None:
+            _ready(signature, _split_launcher.bind(plan[1], args, plan[2], n_nb,
+                                                   num_warps=plan[3]), True)
         return
     if _INTERPRETED or not xw.is_cuda:
         if n_nb > 1 and T > 1:   # with one column block or one step, nobody waits on another
@@ -646,8 +690,34 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, plan):
     ybits = y.view(_BITS[y.element_size()])
     if T > 1:   # (with one step nobody waits: step 0 reads h0)
         ybits.fill_(-1)   # every word "not arrived" (see _await_state); a memset under graphs
-    _split_launcher(plan[1], (xw, h0, w_rec, tau, y, ybits, *scalars), plan[2],
-                    num_warps=plan[3])
+    args = (xw, h0, w_rec, tau, y, ybits, *scalars)
+    _split_launcher(plan[1], args, plan[2], num_warps=plan[3])
+    if signature is not None and T == 1:   # (ybits is y's memory: y stands in for it)
+        _ready(signature, _split_launcher.bind(plan[1], args, plan[2], num_warps=plan[3]), True)
+
+
+#: launches of :func:`triton_cfc_scan`'s default plan kept ready by call signature
+#: (``_signature``): ``(run, split)``, where ``run`` is a bound launch
+#: (``seqdeploy.launch.Launcher.bind``) of ``(xw, h0, w_rec, tau, y)`` plus ``y`` once more
+#: where ``split``. A repeat eager call then reads its inputs' layout once and launches,
+#: without ``_prepare``'s conversions, the plan and the launcher's own key.
+_READY: dict[tuple, tuple] = {}
+
+
+def _signature(xw, h0, w_rec, tau, dt) -> tuple:
+    """Everything a default launch depends on but the tensors' addresses: the device, each
+    input's dtype and layout (which decide ``_prepare``'s conversions, the plan, the
+    strides passed and ``y``'s layout) and ``dt``."""
+    return (xw.get_device(), xw.shape, xw.stride(), xw.dtype, h0.stride(), h0.dtype,
+            w_rec.stride(0), w_rec.is_contiguous(), w_rec.dtype, tau.is_contiguous(),
+            tau.dtype, dt)
+
+
+def _ready(signature: tuple, run, split: bool) -> None:
+    if run is not None:
+        if len(_READY) >= 4096:
+            _READY.clear()
+        _READY[signature] = (run, split)
 
 
 @functools.lru_cache(maxsize=None)
@@ -694,7 +764,7 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_warps=None,
                     w_resident=None, block_k=None, method=None, block_n=None, fast_tanh=None,
-                    cluster=None) -> torch.Tensor:
+                    cluster=None, k_split=None) -> torch.Tensor:
     """Launch one of the kernels. ``xw [B, T, H]`` and ``h0 [B, H]`` may be strided views with
     unit stride over H (``h0`` is typically ``h[:, layer]`` of a ``[B, L, H]`` state); ``h0``
     and ``w_rec [H, H]`` share the dtype of ``xw`` (fp32, fp16 or bf16), ``tau [H]`` is fp32.
@@ -705,7 +775,20 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     ``fast_tanh=False`` keeps the exp-based tanh on fp16/bf16 GPU inputs). ``cluster``:
     whether ``split`` runs as thread-block clusters; ``None`` where ``clusters_available``,
     ``False`` for the cluster-less exchange (and its defaults); ``True`` raises where
-    clusters are not available."""
+    clusters are not available. ``k_split``: ``split``'s dot as 1 or 2 independent dots
+    over the contraction axis (2 needs ``w_rec`` resident)."""
+    defaults = out is None and method is None and cluster is None and block_b is None and \
+        num_warps is None and w_resident is None and block_k is None and block_n is None and \
+        fast_tanh is None and k_split is None
+    signature = None
+    if defaults:   # a repeat eager call: launch what the first one prepared (see _READY)
+        signature = _signature(xw, h0, w_rec, tau, dt)
+        ready = _READY.get(signature)
+        if ready is not None:
+            y = torch.empty_like(xw, memory_format=torch.contiguous_format)
+            run, split = ready
+            if run(xw, h0, w_rec, tau, y, y) if split else run(xw, h0, w_rec, tau, y):
+                return y
     if method is not None:
         if method not in METHODS:
             raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
@@ -716,10 +799,13 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
                 "so one would wait forever for the previous step of a sibling that has not "
                 "started; use method='rows' (the default there)")
     B, T, H = xw.shape
+    given = (xw, h0, w_rec, tau)
     xw, h0, w_rec, tau, y = _prepare(xw, h0, w_rec, tau, out)
     if B == 0 or T == 0:
         return y
     compiled_cuda = xw.is_cuda and not _INTERPRETED
+    if not compiled_cuda or any(a is not b for a, b in zip(given, (xw, h0, w_rec, tau))):
+        signature = None   # kept ready only where the inputs were used as given
     device = xw.get_device() if compiled_cuda else -1
     clusters = compiled_cuda and _clusters(device)
     if cluster and not clusters:
@@ -729,14 +815,16 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     if cluster is not None:
         clusters = cluster
     if (block_b or num_warps or w_resident is not None or block_k or block_n
-            or fast_tanh is not None):
+            or fast_tanh is not None or k_split):
         sms = _sm_count(device) if compiled_cuda else None
         cfg = dict(_launch_config(B, H, xw.dtype, sms, method, T == 1, clusters))
         overrides = {"block_b": block_b, "num_warps": num_warps, "w_resident": w_resident,
-                     "block_k": block_k, "block_n": block_n, "fast_tanh": fast_tanh}
+                     "block_k": block_k, "block_n": block_n, "fast_tanh": fast_tanh,
+                     "k_split": k_split}
         cfg.update({k: v for k, v in overrides.items() if v is not None})
         plan = _make_plan(B, H, xw.dtype, compiled_cuda, device, cfg)
     else:
         plan = _default_plan(B, H, xw.dtype, compiled_cuda, device, method, T == 1, clusters)
-    (_launch_split if plan[0] == "split" else _launch_rows)(xw, h0, w_rec, tau, y, dt, plan)
+    (_launch_split if plan[0] == "split" else _launch_rows)(xw, h0, w_rec, tau, y, dt, plan,
+                                                            signature)
     return y
