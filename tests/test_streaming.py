@@ -222,6 +222,51 @@ def test_cuda_graph_stream_checks_values_inside_the_graph(streamed):
 
 
 @gpu
+def test_checked_cuda_graph_reads_cuda_feeds_where_they_are(streamed):
+    """A checked CUDA stream's graph copies contiguous CUDA feeds in itself, from addresses
+    the host writes into pinned slots; other feeds (strided, on the CPU) are copied into the
+    buffers first. Every step equals the unchecked stream's (host-side copies), a bad value
+    read this way is still refused with the state kept, and a feed changed after its step
+    does not change that step's result."""
+    registry, artifact = streamed
+    arch = registry.architecture(artifact.manifest["arch"])
+    config = artifact.manifest["config"]
+    specs = [s for s in step_specs(arch.input_specs(config)) if s.name not in arch.state_map]
+    frames = [{k: v.cuda() for k, v in f.items()} for f in _frames(arch, config, 2, 7, seed=8)]
+    checked, plain = _checked_and_plain_cuda_streams(registry, artifact, batch=2)
+
+    def same_step(frame, reference=None):
+        a, b = checked.step(frame), plain.step(reference or frame)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        return a
+
+    same_step(frames[0])                                      # captures
+    out = same_step(frames[1])                                # read in place
+    slots = checked._graphs[True][4]
+    assert [int(slots[i]) for i in range(len(specs))] == \
+        [frames[1][s.name].data_ptr() for s in specs]
+    kept = {k: v.clone() for k, v in out.items()}
+    for v in frames[1].values():
+        v.zero_()                                             # after the step: no effect
+    assert all(torch.equal(kept[k], out[k]) for k in out)
+    strided = {k: torch.stack([v, v], -1)[..., 0] for k, v in frames[2].items()}
+    same_step(strided, frames[2])                             # copied into the buffers
+    assert [int(slots[i]) for i in range(len(specs))] == \
+        [checked._static_in[s.name].data_ptr() for s in specs]
+    same_step({k: v.cpu() for k, v in frames[3].items()}, frames[3])
+    before = checked.state
+    for spec in specs:
+        spoilt = _spoil(spec, frames[4])
+        if spoilt is None:
+            continue
+        with pytest.raises(InputError, match=spoilt[1]):
+            checked.step(spoilt[0])
+        assert all(torch.equal(before[k], v) for k, v in checked.state.items())
+    for frame in frames[4:]:
+        same_step(frame)
+
+
+@gpu
 def test_cuda_graph_stream_still_checks_names_shapes_and_dtypes(streamed):
     """A CUDA stream skips the Python checks for feeds shaped as last time; any change of
     name, shape or dtype after that is still refused, and the state is untouched."""

@@ -148,3 +148,35 @@ def test_float_bounds_are_exact(dtype):
                 assert _flags([spec], {"p": x}) == (expected, [expected]), (lo, hi, x)
                 if dtype == torch.float32:
                     assert _rejected(spec, x) == expected
+
+
+def test_sources_copy_every_input_in_before_checking():
+    """With ``sources``, each input (checked or not: an unbounded bool too) is first copied
+    into its buffer from the address in its slot, then checked there; the flags are those
+    of the copied values."""
+    specs = [TensorSpec("x", "float16", ("batch", 700)), TensorSpec("m", "bool", ("batch", 3)),
+             TensorSpec("t", "int64", ("batch", 4), bounds=(0, 10))]
+    g = torch.Generator().manual_seed(4)
+    feeds = {"x": torch.randn(2, 700, generator=g).half(), "m": torch.rand(2, 3, generator=g) > 0.5,
+             "t": torch.randint(0, 10, (2, 4), generator=g)}
+    for bad in (None, "x", "t"):
+        given = {k: v.clone().to(DEVICE) for k, v in feeds.items()}
+        if bad == "x":
+            given["x"][1, 650] = float("nan")       # in the second block of the kernel
+        if bad == "t":
+            given["t"][0, 3] = 10
+        buffers = {k: torch.full_like(v, 3) for k, v in given.items()}
+        sources = torch.tensor([given[s.name].data_ptr() for s in specs], dtype=torch.int64)
+        host = torch.zeros(len(specs), dtype=torch.bool)
+        any_bad = torch.ones((), dtype=torch.bool, device=DEVICE)      # poisoned
+        if DEVICE == "cuda":
+            sources, host = sources.pin_memory(), host.pin_memory()
+        flag_bad_values(specs, buffers, any_bad, host, sources)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        for k in given:   # (NaN where it was given)
+            torch.testing.assert_close(buffers[k], given[k], rtol=0, atol=0, equal_nan=True)
+        assert host.tolist() == [bad == "x", False, bad == "t"]
+        assert bool(any_bad) == (bad is not None)
+    with pytest.raises(ValueError, match="sources"):
+        flag_bad_values(specs, buffers, any_bad, host, sources[:2])
