@@ -50,10 +50,12 @@ SCRIPT = textwrap.dedent("""
                                                   "sy_b", "sy_t")}}
         for resident in (True, False):
             for cluster in (True, False):
-                compile(cfc._cfc_split_kernel, split_sig,
-                        dict(BLOCK_B=16, BLOCK_H=512, BLOCK_N=64 if dt != "fp32" else 32,
-                             BLOCK_K=32, W_RESIDENT=resident, DOT_F32=dt == "fp32",
-                             SERIES_BELOW=0.5, FAST_TANH=dt != "fp32", CLUSTER=cluster), 8)
+                for k_split in ((1, 2) if resident else (1,)):
+                    compile(cfc._cfc_split_kernel, split_sig,
+                            dict(BLOCK_B=16, BLOCK_H=512, BLOCK_N=64 if dt != "fp32" else 32,
+                                 BLOCK_K=32, W_RESIDENT=resident, DOT_F32=dt == "fp32",
+                                 SERIES_BELOW=0.5, FAST_TANH=dt != "fp32", K_SPLIT=k_split,
+                                 CLUSTER=cluster), 8)
 """)
 
 
@@ -64,4 +66,4 @@ def test_kernels_compile_for_sm90():
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
         pytest.skip("this triton build ships no ptxas")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count(" ok") == 3 * 7
+    assert out.stdout.count(" ok") == 3 * 9
