@@ -85,14 +85,17 @@ class Launcher:
             self._binaries.clear()
         self._binaries[key] = entry
 
-    def _raw_launch(self, direct, grid_x, grid_y, grid_z, device, ptrs, args, values) -> None:
+    def _raw_launch(self, direct, grid_x, grid_y, grid_z, device, ptrs, tail) -> None:
         """Call the C launcher of ``direct`` (:func:`_direct_launch`) on the current stream;
-        pointers go as the integers already read for the key."""
+        pointers go as the integers already read for the key, then ``tail``: the scalar
+        arguments and the constexpr values."""
         if self._stream is None:
-            self._stream = _current_stream()
+            from triton.runtime import driver
+
+            self._stream = driver.active.get_current_stream
         launch, function, cooperative, pdl, packed = direct
         launch(grid_x, grid_y, grid_z, self._stream(device), function, cooperative, pdl, None,
-               None, packed, None, None, None, *ptrs, *args[self.tensors:], *values)
+               None, packed, None, None, None, *ptrs, *tail)
 
     def __call__(self, grid: tuple[int, ...], args: tuple, values: tuple,
                  **options: Any) -> None:
@@ -122,7 +125,7 @@ class Launcher:
         try:
             g = (*grid, 1, 1)
             if direct is not None:
-                self._raw_launch(direct, g[0], g[1], g[2], device, ptrs, args, values)
+                self._raw_launch(direct, g[0], g[1], g[2], device, ptrs, (*args[n:], *values))
             else:
                 binary[g[:3]](*args, *values)
         except (AttributeError, TypeError):
@@ -160,7 +163,8 @@ class Launcher:
         if direct is None:   # (a signature seen before passed the checks in here)
             direct = self._cluster_binary(key, grid, cluster, args, values, options)
         # the launcher multiplies the grid by the cluster size it reads from the metadata
-        self._raw_launch(direct, grid[0] // cluster, 1, 1, device, ptrs, args, values)
+        self._raw_launch(direct, grid[0] // cluster, 1, 1, device, ptrs,
+                         (*args[self.tensors:], *values))
         self.fast_calls += 1
 
     def bind(self, grid: tuple[int, ...], args: tuple, values: tuple, cluster: int = 0,
@@ -187,10 +191,9 @@ class Launcher:
         direct = entry if cluster else (entry[1] if entry is not None else None)
         if direct is None or any(p & 15 for p in ptrs):
             return None
-        launch, function, cooperative, pdl, packed = direct
         grid_x, grid_y, grid_z = (grid[0] // cluster, 1, 1) if cluster else (*grid, 1, 1)[:3]
         tail = (*args[n:], *values)
-        stream, current = _current_stream(), torch._C._cuda_getDevice
+        current = torch._C._cuda_getDevice
 
         def run(*tensors) -> bool:
             ptrs = [t.data_ptr() for t in tensors]
@@ -199,8 +202,7 @@ class Launcher:
                     return False
             if current() != device or not Launcher.enabled or not (cluster or _plain_launch()):
                 return False
-            launch(grid_x, grid_y, grid_z, stream(device), function, cooperative, pdl, None,
-                   None, packed, None, None, None, *ptrs, *tail)
+            self._raw_launch(direct, grid_x, grid_y, grid_z, device, ptrs, tail)
             self.fast_calls += 1
             return True
 
@@ -220,13 +222,6 @@ class Launcher:
         direct = (*direct[:4], (direct[4][0], cluster, *direct[4][2:]))
         self._remember(key, direct)
         return direct
-
-
-def _current_stream() -> Callable[[int], int]:
-    """Triton's lookup of a device's current CUDA stream (imported when first needed)."""
-    from triton.runtime import driver
-
-    return driver.active.get_current_stream
 
 
 def cluster_launch_available() -> bool:

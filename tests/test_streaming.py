@@ -202,23 +202,32 @@ def test_cuda_graph_stream_checks_values_inside_the_graph(streamed):
     specs = [s for s in step_specs(arch.input_specs(config)) if s.name not in arch.state_map]
     frames = _frames(arch, config, 2, 6, seed=7)
     checked, plain = _checked_and_plain_cuda_streams(registry, artifact, batch=2)
-
-    def same_step(frame):
-        a, b = checked.step(frame), plain.step(frame)
-        assert all(torch.equal(a[k], b[k]) for k in a)
-
     for frame in frames[:3]:
-        same_step(frame)
-    before = checked.state
+        _step_both(checked, plain, frame)
+    _refuses_each_bad_input(checked, specs, frames[3])
+    for frame in frames[3:]:
+        _step_both(checked, plain, frame)
+
+
+def _step_both(checked, plain, frame, reference=None):
+    """One step of each stream (``plain`` on ``reference``, by default the same feeds): the
+    outputs must be equal bit for bit. Returns ``checked``'s."""
+    a, b = checked.step(frame), plain.step(reference or frame)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    return a
+
+
+def _refuses_each_bad_input(stream, specs, frame):
+    """``frame`` with each checked input spoilt in turn raises that input's one-line error,
+    and the stream's state stays as it was."""
+    before = stream.state
     for spec in specs:
-        spoilt = _spoil(spec, frames[3])
+        spoilt = _spoil(spec, frame)
         if spoilt is None:
             continue
         with pytest.raises(InputError, match=spoilt[1]):
-            checked.step(spoilt[0])
-        assert all(torch.equal(before[k], v) for k, v in checked.state.items())
-    for frame in frames[3:]:
-        same_step(frame)
+            stream.step(spoilt[0])
+        assert all(torch.equal(before[k], v) for k, v in stream.state.items())
 
 
 @gpu
@@ -234,14 +243,8 @@ def test_checked_cuda_graph_reads_cuda_feeds_where_they_are(streamed):
     specs = [s for s in step_specs(arch.input_specs(config)) if s.name not in arch.state_map]
     frames = [{k: v.cuda() for k, v in f.items()} for f in _frames(arch, config, 2, 7, seed=8)]
     checked, plain = _checked_and_plain_cuda_streams(registry, artifact, batch=2)
-
-    def same_step(frame, reference=None):
-        a, b = checked.step(frame), plain.step(reference or frame)
-        assert all(torch.equal(a[k], b[k]) for k in a)
-        return a
-
-    same_step(frames[0])                                      # captures
-    out = same_step(frames[1])                                # read in place
+    _step_both(checked, plain, frames[0])                     # captures
+    out = _step_both(checked, plain, frames[1])               # read in place
     slots = checked._graphs[True][4]
     assert [int(slots[i]) for i in range(len(specs))] == \
         [frames[1][s.name].data_ptr() for s in specs]
@@ -250,20 +253,13 @@ def test_checked_cuda_graph_reads_cuda_feeds_where_they_are(streamed):
         v.zero_()                                             # after the step: no effect
     assert all(torch.equal(kept[k], out[k]) for k in out)
     strided = {k: torch.stack([v, v], -1)[..., 0] for k, v in frames[2].items()}
-    same_step(strided, frames[2])                             # copied into the buffers
+    _step_both(checked, plain, strided, frames[2])           # copied into the buffers
     assert [int(slots[i]) for i in range(len(specs))] == \
         [checked._static_in[s.name].data_ptr() for s in specs]
-    same_step({k: v.cpu() for k, v in frames[3].items()}, frames[3])
-    before = checked.state
-    for spec in specs:
-        spoilt = _spoil(spec, frames[4])
-        if spoilt is None:
-            continue
-        with pytest.raises(InputError, match=spoilt[1]):
-            checked.step(spoilt[0])
-        assert all(torch.equal(before[k], v) for k, v in checked.state.items())
+    _step_both(checked, plain, {k: v.cpu() for k, v in frames[3].items()}, frames[3])
+    _refuses_each_bad_input(checked, specs, frames[4])
     for frame in frames[4:]:
-        same_step(frame)
+        _step_both(checked, plain, frame)
 
 
 @gpu

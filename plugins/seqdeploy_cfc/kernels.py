@@ -777,11 +777,11 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     ``False`` for the cluster-less exchange (and its defaults); ``True`` raises where
     clusters are not available. ``k_split``: ``split``'s dot as 1 or 2 independent dots
     over the contraction axis (2 needs ``w_rec`` resident)."""
-    defaults = out is None and method is None and cluster is None and block_b is None and \
-        num_warps is None and w_resident is None and block_k is None and block_n is None and \
-        fast_tanh is None and k_split is None
+    tuned = (block_b or num_warps or w_resident is not None or block_k or block_n
+             or fast_tanh is not None or k_split)
     signature = None
-    if defaults:   # a repeat eager call: launch what the first one prepared (see _READY)
+    if out is None and method is None and cluster is None and not tuned:
+        # a repeat eager call: launch what the first one prepared (see _READY)
         signature = _signature(xw, h0, w_rec, tau, dt)
         ready = _READY.get(signature)
         if ready is not None:
@@ -814,8 +814,7 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
                            "(seqdeploy.launch.cluster_launch_available)")
     if cluster is not None:
         clusters = cluster
-    if (block_b or num_warps or w_resident is not None or block_k or block_n
-            or fast_tanh is not None or k_split):
+    if tuned:
         sms = _sm_count(device) if compiled_cuda else None
         cfg = dict(_launch_config(B, H, xw.dtype, sms, method, T == 1, clusters))
         overrides = {"block_b": block_b, "num_warps": num_warps, "w_resident": w_resident,
