@@ -15,11 +15,14 @@ is also timed through ``torch.ops`` (the dispatcher) beside the direct eager cal
 Then the streaming case: one step (B=1, T=1, H=256) per call.
 
     python benchmarks/cfc_scan.py [--sweep [--sweep-budget S]] [--engines kernel,cudnn]
-                                  [--json out.json]
+                                  [--wgmma] [--json out.json]
+
+``--wgmma`` makes the registered op default to the cluster kernel's wgmma form
+(``wgmma.py``) where it runs (``kernels.WGMMA_BY_DEFAULT``).
 
 ``--sweep`` also times the kernel's launch configurations at every point, both designs:
 ``rows`` (block_b, num_warps, w_resident, block_k) and ``split`` (block_b, block_n, num_warps,
-w_resident), the defaults first, within ``--sweep-budget`` seconds in all (configurations
+w_resident, cluster, k_split, wgmma), the defaults first, within ``--sweep-budget`` seconds in all (configurations
 past a point's share are listed as skipped). All numbers come from this run.
 """
 from __future__ import annotations
@@ -122,19 +125,28 @@ def rows_configs(B, H):
 
 
 def split_configs(B, H, sms):
-    """``split`` launches to time: the default first, then every block_b x block_n (with the
-    default's rules for num_warps and w_resident) with each exchange that can run it (as
-    thread-block clusters where this GPU has them and the column blocks form a cluster;
-    cluster-less where the grid fits on the SMs), then the default tiling with other warp
-    counts, with w_rec streamed, with the exp-based tanh and with the other exchange. A
-    block_b above 16 that holds the whole batch is left out (fewer programs, same work
-    each)."""
-    default = launch_config(B, H, DTYPE, "cuda", method="split")
+    """``split`` launches to time: the default first, then the wgmma form's tilings (where it
+    runs) and the Triton kernel's default, then every block_b x block_n of the Triton kernel
+    (with the default's rules for num_warps and w_resident) with each exchange that can run
+    it (as thread-block clusters where this GPU has them and the column blocks form a
+    cluster; cluster-less where the grid fits on the SMs), then the Triton kernel's default
+    tiling with other warp counts, with w_rec streamed, with the other dot split and with
+    the other exchange, and the default with the exp-based tanh. A block_b above 16 that
+    holds the whole batch is left out (fewer programs, same work each)."""
     block_h = max(16, 1 << (H - 1).bit_length())
-    keys = ("block_b", "block_n", "num_warps", "w_resident", "cluster", "k_split")
-    first = {k: default[k] for k in keys}
+    keys = ("block_b", "block_n", "num_warps", "w_resident", "cluster", "k_split", "wgmma")
+    first = {k: launch_config(B, H, DTYPE, "cuda", method="split")[k] for k in keys}
     clusters = kernels.clusters_available("cuda")
     configs = [first]
+    if clusters and kernels.wgmma_available() and DTYPE != torch.float32 and block_h <= 512:
+        for block_n in (64, 128):   # the wgmma form's tilings (its warps follow block_n)
+            if block_n <= block_h and -(-H // block_n) <= kernels.MAX_CLUSTER:
+                configs.append({"block_b": 16, "block_n": block_n, "num_warps": block_n // 16,
+                                "w_resident": True, "cluster": True, "k_split": 1,
+                                "wgmma": True})
+    # the Triton kernel's default (the base of the variants below)
+    base = {k: launch_config(B, H, DTYPE, "cuda", method="split", wgmma=False)[k] for k in keys}
+    configs.append(base)
     for block_b in (16, 32, 64):
         if block_b > 16 and block_b >= B:
             continue
@@ -142,19 +154,19 @@ def split_configs(B, H, sms):
             n_bb, n_nb = split_grid(B, H, block_b, block_n)
             if block_n > block_h or n_nb < 2:
                 continue
-            tile = {"block_b": block_b, "block_n": block_n, "k_split": 1,
+            tile = {"block_b": block_b, "block_n": block_n, "k_split": 1, "wgmma": False,
                     **split_tile_defaults(block_b, block_n, H, DTYPE)}
             if clusters and n_nb <= kernels.MAX_CLUSTER:
                 configs.append({**tile, "cluster": True})
             if n_bb * n_nb <= sms:
                 configs.append({**tile, "cluster": False})
     for num_warps in (1, 2, 4, 8):
-        configs.append({**first, "num_warps": num_warps})
-    configs.append({**first, "w_resident": not first["w_resident"]})
+        configs.append({**base, "num_warps": num_warps})
+    configs.append({**base, "w_resident": not base["w_resident"]})
     configs.append({**first, "fast_tanh": False})   # the exp-based tanh
-    if first["w_resident"]:   # the dot as one or as two half-K dots
-        configs.append({**first, "k_split": 3 - first["k_split"]})
-    if first["cluster"]:   # the cluster-less exchange at its own default tiling
+    if base["w_resident"]:   # the dot as one or as two half-K dots
+        configs.append({**base, "k_split": 3 - base["k_split"]})
+    if base["cluster"]:   # the cluster-less exchange at its own default tiling
         other = kernels._split_config(B, H, DTYPE, sms)
         if math.prod(split_grid(B, H, other["block_b"], other["block_n"])) <= sms:
             configs.append({k: other[k] for k in keys})
@@ -218,8 +230,13 @@ def main():
                              "torch.compile's compile time)")
     parser.add_argument("--designs", default="split,rows",
                         help="designs the sweep times (default %(default)s)")
+    parser.add_argument("--wgmma", action="store_true",
+                        help="make the cluster kernel's wgmma form the registered op's default "
+                             "(kernels.WGMMA_BY_DEFAULT; off by default until verified on a "
+                             "GPU)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
+    kernels.WGMMA_BY_DEFAULT = args.wgmma or kernels.WGMMA_BY_DEFAULT   # before any launch
     engines = [e for e in ENGINES if e in args.engines.split(",")]
     start = time.perf_counter()
     sweep_left = args.sweep_budget

@@ -248,28 +248,65 @@ def test_launch_config_picks_split_where_rows_loses(monkeypatch):
     assert launch_config(1, 256, torch.float16, "cpu", T=1)["method"] == "rows"
 
 
-def test_launch_config_with_clusters(monkeypatch):
+@pytest.fixture(params=[False, True], ids=["wgmma-on-request", "wgmma-by-default"])
+def wgmma_by_default(request, monkeypatch):
+    """``kernels.WGMMA_BY_DEFAULT`` set both ways, with the memoised configs, plans and
+    kept-ready launches cleared around."""
+    def clear():
+        kernels._launch_config.cache_clear()
+        kernels._default_plan.cache_clear()
+        kernels._READY.clear()
+
+    monkeypatch.setattr(kernels, "WGMMA_BY_DEFAULT", request.param)
+    clear()
+    yield request.param
+    monkeypatch.undo()
+    clear()
+
+
+def test_launch_config_with_clusters(monkeypatch, wgmma_by_default):
     """Where thread-block clusters are available (Hopper on): split as clusters for H >= 256
-    over several steps, whatever the batch (clusters need no co-residency), 8 programs of
-    32 columns at H=256, 4 of 128 at H=512 in fp16/bf16 and 8 of 64 in fp32; rows below
-    H=256; a single step keeps the cluster-less tiling (nobody waits)."""
+    over several steps, whatever the batch (clusters need no co-residency). In fp16/bf16,
+    where Triton has Gluon and ``WGMMA_BY_DEFAULT`` (or ``wgmma=True``), the wgmma form: 4
+    programs of 64 columns (4 warps) at H <= 256,
+    of 128 (8 warps) at H <= 512. Otherwise (``wgmma=False``, fp32) the Triton kernel: 8
+    programs of 32 columns at H=256, 4 of 128 at H=512 in fp16/bf16 and 8 of 64 in fp32; rows
+    below H=256; a single step keeps the cluster-less tiling (nobody waits) unless the
+    wgmma form is asked for."""
     monkeypatch.setattr(kernels, "sm_count",
                         lambda device: 132 if torch.device(device).type == "cuda" else None)
     monkeypatch.setattr(kernels, "clusters_available",
                         lambda device: torch.device(device).type == "cuda")
     for B in (1, 32, 64, 128, 256, 8192):
-        for H, dtype, block_n in [(256, torch.float16, 32), (512, torch.float16, 128),
-                                  (512, torch.bfloat16, 128), (512, torch.float32, 64),
-                                  (200, torch.float16, 32)]:
-            config = launch_config(B, H, dtype, "cuda", T=50)
+        for H, dtype, block_n, wgmma_n in [(256, torch.float16, 32, 64),
+                                           (512, torch.float16, 128, 128),
+                                           (512, torch.bfloat16, 128, 128),
+                                           (512, torch.float32, 64, None),
+                                           (200, torch.float16, 32, 64)]:
+            config = launch_config(B, H, dtype, "cuda", T=50, wgmma=False)
             assert (config["method"], config["cluster"], config["block_b"],
-                    config["block_n"]) == ("split", True, 16, block_n), (B, H, dtype)
+                    config["block_n"], config["wgmma"]) == ("split", True, 16, block_n,
+                                                            False), (B, H, dtype)
             # fp32 at H=512 streams its slice (on chip, ptxas spills the FMA dot's tiles)
             assert config["w_resident"] == (dtype != torch.float32), (B, H, dtype)
             # two half-K dots at H=512 in fp16 / bf16
             assert config["k_split"] == (2 if block_n == 128 else 1), (B, H, dtype)
             n_nb = kernels.split_grid(B, H, 16, block_n)[1]
             assert 2 <= n_nb <= kernels.MAX_CLUSTER
+            default = launch_config(B, H, dtype, "cuda", T=50)
+            if wgmma_n is None or not kernels.wgmma_available():
+                assert default == config, (B, H, dtype)
+                continue
+            asked = launch_config(B, H, dtype, "cuda", T=50, wgmma=True)
+            assert default == (asked if wgmma_by_default else config), (B, H, dtype)
+            assert (asked["method"], asked["cluster"], asked["block_b"],
+                    asked["block_n"], asked["num_warps"], asked["wgmma"],
+                    asked["k_split"]) == ("split", True, 16, wgmma_n, wgmma_n // 16, True,
+                                          1), (B, H, dtype)
+            assert 3 <= kernels.split_grid(B, H, 16, wgmma_n)[1] <= 4
+    if kernels.wgmma_available():
+        one = launch_config(32, 512, torch.float16, "cuda", T=1, wgmma=True)
+        assert (one["cluster"], one["wgmma"], one["block_n"]) == (True, True, 128)
     assert launch_config(64, 128, torch.float16, "cuda", T=50)["method"] == "rows"
     assert launch_config(64, 512, torch.float16, "cpu", T=50)["method"] == "rows"
     one = launch_config(32, 512, torch.float16, "cuda", T=1)
@@ -621,11 +658,73 @@ def test_split_refuses_more_programs_than_sms():
 
 
 def test_cluster_true_refused_without_clusters():
-    """``cluster=True`` where clusters cannot run (CPU tensors, the interpreter, pre-Hopper
-    GPUs) is a one-line error, not a silent fallback."""
+    """``cluster=True`` or ``wgmma=True`` where clusters cannot run (CPU tensors, the
+    interpreter, pre-Hopper GPUs) is a one-line error, not a silent fallback."""
     args = make(4, 3, 32, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="clusters"):
         triton_cfc_scan(*args, 1.0, cluster=True)
+    with pytest.raises(RuntimeError, match="wgmma=True"):
+        triton_cfc_scan(*make(4, 3, 256, torch.float16, "cpu"), 1.0, wgmma=True)
+
+
+def _wgmma_gpu() -> bool:
+    return torch.cuda.is_available() and kernels.clusters_available("cuda") and \
+        kernels.wgmma_available()
+
+
+needs_wgmma = pytest.mark.skipif(not _wgmma_gpu(), reason="the wgmma form needs a GPU with "
+                                 "thread-block clusters (Hopper on) and Triton's Gluon")
+
+
+@needs_wgmma
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,T,H", SPLIT_SHAPES + [(37, 13, 500), (5, 3, 300), (19, 6, 100),
+                                                  (3, 1, 512)])
+def test_wgmma_form_matches_naive(B, T, H, dtype):
+    """The wgmma form (``wgmma.py``) at the seed's four points and odd shapes (padded rows
+    and columns, strided inputs, H=100 only on request, a single step), NaN-poisoned: within
+    the dtype's tolerance of the float64 loop, repeated launches bit for bit equal, and
+    (with ``WGMMA_BY_DEFAULT``) it is what the registered op runs at H of 129 to 512 over
+    several steps. The Triton
+    cluster kernel (``wgmma=False``) meets the same tolerance on the same inputs."""
+    args = make(B, T, H, dtype, "cuda", seed=21, strided=H % 16 != 0)
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    run = lambda **kw: triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), **kw)  # noqa: E731
+    out = run(wgmma=True)
+    assert rel_l2(out, ref) < TOL[dtype]
+    for _ in range(3):
+        assert torch.equal(run(wgmma=True), out)
+    assert rel_l2(run(wgmma=False, method="split"), ref) < TOL[dtype]
+    default = launch_config(B, H, dtype, "cuda", T=T)
+    assert default.get("wgmma", False) == (kernels.WGMMA_BY_DEFAULT and T > 1 and
+                                           128 < H <= 512)
+    launcher = kernels._wgmma_launcher()
+    before = launcher.fast_calls
+    y = cfc_scan(*args, 1.0)
+    assert (launcher.fast_calls > before) == default.get("wgmma", False)
+    assert torch.equal(y, out) or not default.get("wgmma", False)
+
+
+@needs_wgmma
+def test_wgmma_form_refuses_what_it_cannot_run():
+    """Tilings and inputs the wgmma form cannot run are one-line errors naming the limit."""
+    half = make(20, 4, 512, torch.float16, "cuda")
+    for kw in ({"block_n": 32}, {"block_n": 128, "num_warps": 4}, {"block_b": 32},
+               {"k_split": 2}, {"w_resident": False}):
+        with pytest.raises(ValueError, match="wgmma=True runs"):
+            triton_cfc_scan(*half, 1.0, wgmma=True, **kw)
+    with pytest.raises(ValueError, match="wgmma=True runs"):
+        triton_cfc_scan(*make(20, 4, 1024, torch.float16, "cuda"), 1.0, wgmma=True)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        triton_cfc_scan(*make(20, 4, 256, torch.float32, "cuda"), 1.0, wgmma=True)
+    with pytest.raises(RuntimeError, match="wgmma=True"):
+        triton_cfc_scan(*half, 1.0, wgmma=True, method="rows")
+    with pytest.raises(RuntimeError, match="wgmma=True"):
+        triton_cfc_scan(*half, 1.0, wgmma=True, cluster=False)
+    # block_n 64 at H=512: 8 programs per cluster, 4 warps (the warps follow block_n)
+    ref = naive_cfc_scan(*cpu(half), 1.0)
+    out = triton_cfc_scan(*half, 1.0, out=poisoned(half[0]), wgmma=True, block_n=64)
+    assert rel_l2(out, ref) < TOL[torch.float16]
 
 
 @gpu

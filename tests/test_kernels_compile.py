@@ -21,9 +21,9 @@ SCRIPT = textwrap.dedent("""
     from seqdeploy_ten import kernels as ten
     from seqdeploy_cfc import kernels as cfc
 
-    def compile(fn, sig, const, num_warps):
+    def compile(fn, sig, const, num_warps, source=ASTSource):
         sig = {**sig, **{k: "constexpr" for k in const}}
-        k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+        k = triton.compile(source(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": num_warps})
         assert k.asm["cubin"], fn.__name__
         print(fn.__name__, "ok", flush=True)
@@ -56,6 +56,19 @@ SCRIPT = textwrap.dedent("""
                                  BLOCK_K=32, W_RESIDENT=resident, DOT_F32=dt == "fp32",
                                  SERIES_BELOW=0.5, FAST_TANH=dt != "fp32", K_SPLIT=k_split,
                                  CLUSTER=cluster), 8)
+
+    # the wgmma form (Gluon) of the cluster kernel, at its two default tilings
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from seqdeploy_cfc import wgmma
+    for dt in ("fp16", "bf16"):
+        p = "*" + dt
+        sig = dict(xw_ptr=p, h0_ptr=p, w_ptr=p, tau_ptr="*fp32", y_ptr=p, dt="fp32", B=i32,
+                   T=i32, H=i32, sx_b=i32, sx_t=i32, sh_b=i32, sw_k=i32, sy_b=i32, sy_t=i32)
+        for block_h, block_n in ((256, 64), (512, 128)):
+            compile(wgmma._cfc_wgmma_kernel, sig,
+                    dict(BLOCK_B=16, BLOCK_H=block_h, BLOCK_N=block_n, SERIES_BELOW=0.5,
+                         FAST_TANH=True, NUM_WARPS=block_n // 16), block_n // 16,
+                    source=GluonASTSource)
 """)
 
 
@@ -66,4 +79,4 @@ def test_kernels_compile_for_sm90():
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
         pytest.skip("this triton build ships no ptxas")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count(" ok") == 3 * 9
+    assert out.stdout.count(" ok") == 3 * 9 + 4

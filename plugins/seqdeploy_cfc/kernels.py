@@ -69,6 +69,12 @@ fails instead), so all programs are resident together. It cannot rule out SMs he
 work that itself waits on this kernel (e.g. two split launches on concurrent streams, each
 partly resident), or an SM count cut below the reported one (MPS limits).
 
+On Hopper, the cluster split kernel has a second form for fp16/bf16 at H of 129 to 512
+(``wgmma.py``, written in Gluon): the same exchange and arithmetic, with the step's product
+computed transposed so that ``w_rec`` sits in registers as warpgroup MMA's left operand
+instead of being re-read from shared memory every step (``wgmma`` in the config; on request
+until ``WGMMA_BY_DEFAULT``).
+
 The Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) runs programs one after the
 other, so a program would spin forever on a sibling that has not started: the split kernel
 is refused there (``triton_cfc_scan(method="split")`` raises). The CPU tests still run it
@@ -467,6 +473,27 @@ def _clusters(index: int) -> bool:
     return cluster_launch_available() and _capability(index) >= (9, 0)
 
 
+@functools.lru_cache(maxsize=None)
+def wgmma_available() -> bool:
+    """Whether this Triton has Gluon's warpgroup MMA, which the Hopper form of the cluster
+    kernel (``wgmma.py``) is written in. It runs only where ``clusters_available`` too."""
+    try:
+        from seqdeploy_cfc.wgmma import _cfc_wgmma_kernel
+    except (ImportError, AttributeError):
+        return False
+    return _cfc_wgmma_kernel is not None
+
+
+#: the block_h (H rounded up) at which the cluster kernel may default to its wgmma form,
+#: with its columns per program (the tiling measured on the H200)
+WGMMA_BLOCK_N = {256: 64, 512: 128}
+#: whether ``launch_config`` picks the wgmma form by itself (at ``WGMMA_BLOCK_N``). Off for
+#: now: the kernel in ``wgmma.py`` was measured on the H200 as a prototype (same body, see
+#: ``_split_config``), but this module's dispatch to it and the GPU tests
+#: (``test_wgmma_form_*``) have not yet run on a GPU. ``wgmma=True`` asks for it.
+WGMMA_BY_DEFAULT = False
+
+
 def _block_h(H: int) -> int:
     return max(16, triton.next_power_of_2(H))
 
@@ -500,8 +527,20 @@ def split_tile_defaults(block_b: int, block_n: int, H: int, dtype: torch.dtype) 
 
 
 def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None,
-                  clusters: bool = False) -> dict:
+                  clusters: bool = False, wgmma: bool | None = None) -> dict:
     block_h = _block_h(H)
+    if clusters and (wgmma or (wgmma is None and WGMMA_BY_DEFAULT and dtype != torch.float32
+                                and block_h in WGMMA_BLOCK_N and wgmma_available())):
+        # (asked for where it cannot run, the plan refuses it: _wgmma_plan)
+        # the wgmma form (wgmma.py), measured as a prototype on the H200 (fp16, CUDA-graph
+        # time, two rounds): 0.089-0.091 ms against 0.112-0.114 for the Triton cluster
+        # kernel at B=256 T=50 H=512, 0.060-0.062 against 0.065-0.067 at B=64 T=50 H=256,
+        # 0.117 against 0.128-0.130 at B=128 T=100, 0.0165-0.0167 against 0.0170-0.0171 at
+        # B=32 T=10; at H=256, 4 programs of 64 columns beat 2 of 128 (0.060 against 0.068)
+        block_n = WGMMA_BLOCK_N.get(block_h, 64 if block_h <= 256 else 128)
+        return {"method": "split", "block_b": 16, "block_k": min(32, block_h),
+                "block_n": block_n, "cluster": True, "k_split": 1, "w_resident": True,
+                "num_warps": block_n // 16, "wgmma": True}
     if clusters:
         # One cluster per batch block of 16 rows; its programs share the columns. On the
         # H200 (fp16, CUDA-graph time): 8 programs of 32 columns at H=256 (0.0653 ms at
@@ -513,7 +552,7 @@ def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None,
         block_n = max(16, block_h // (4 if wide else MAX_CLUSTER))
         return {"method": "split", "block_b": 16, "block_k": min(32, block_h),
                 "block_n": block_n, "cluster": True, "k_split": 2 if wide else 1,
-                **split_tile_defaults(16, block_n, H, dtype)}
+                "wgmma": False, **split_tile_defaults(16, block_n, H, dtype)}
     # w slice [block_h, block_n] on chip: 64 KiB at H=512 in fp16 (block_n 64) and in fp32
     # (block_n 32); narrower slices at H <= 256, where more programs share the short step
     block_n = min(32 if dtype == torch.float32 or block_h < 512 else 64, block_h)
@@ -524,7 +563,7 @@ def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None,
     while sms is not None and block_b < 64 and triton.cdiv(B, block_b) * n_nb > sms:
         block_b *= 2
     return {"method": "split", "block_b": block_b, "block_k": min(32, block_h),
-            "block_n": block_n, "cluster": False, "k_split": 1,
+            "block_n": block_n, "cluster": False, "k_split": 1, "wgmma": False,
             **split_tile_defaults(block_b, block_n, H, dtype)}
 
 
@@ -534,10 +573,10 @@ def split_grid(B: int, H: int, block_b: int, block_n: int) -> tuple[int, int]:
 
 
 def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str | None = None,
-                  T: int | None = None) -> dict:
+                  T: int | None = None, wgmma: bool | None = None) -> dict:
     """Default launch for ``[B, T, H]`` inputs of ``dtype`` on ``device``: ``method``,
     ``block_b``, ``block_n`` (columns per program: all of ``block_h`` for rows), ``num_warps``,
-    ``w_resident``, ``block_k`` and, for ``split``, ``cluster`` and ``k_split``
+    ``w_resident``, ``block_k`` and, for ``split``, ``cluster``, ``k_split`` and ``wgmma``
     (benchmarks/cfc_scan.py --sweep measures the alternatives).
 
     ``split`` runs as thread-block clusters (one per batch block, see ``_cfc_split_kernel``)
@@ -546,7 +585,11 @@ def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str |
     tanh) it beat rows at every seed point (0.0170 against 0.0203 ms at B=32 T=10 H=256,
     0.0653 against 0.0716 at B=64 T=50, 0.1266 against 0.1370 at B=128 T=100) and beat
     cluster-less split at H=512 (0.1145 against 0.1388 ms at B=256 T=50). A cluster's
-    programs are scheduled together, so any number of clusters may run.
+    programs are scheduled together, so any number of clusters may run. ``wgmma=True`` asks
+    for the clusters' wgmma form (``wgmma.py``, fp16/bf16, H up to 512, also for a single
+    step) where Triton has Gluon (``wgmma_available``); with ``WGMMA_BY_DEFAULT`` it is also
+    the default in fp16/bf16 at ``block_h`` 256 or 512, and ``wgmma=False`` asks for the
+    Triton cluster kernel's defaults.
 
     Without clusters, ``split`` is chosen on a CUDA device when its grid fits on the SMs (its
     programs wait on each other, so all must be resident), H spans at least two column
@@ -563,17 +606,18 @@ def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str |
         raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
     sms = sm_count(device) if device is not None else None
     clusters = device is not None and clusters_available(device)
-    return dict(_launch_config(B, H, dtype, sms, method, T == 1, clusters))
+    return dict(_launch_config(B, H, dtype, sms, method, T == 1, clusters, wgmma))
 
 
 @functools.lru_cache(maxsize=4096)
 def _launch_config(B: int, H: int, dtype: torch.dtype, sms: int | None, method: str | None,
-                   single_step: bool = False, clusters: bool = False) -> dict:
+                   single_step: bool = False, clusters: bool = False,
+                   wgmma: bool | None = None) -> dict:
     rows = _rows_config(B, H, dtype)
     if method == "rows":
         return rows
-    if clusters and not single_step:
-        split = _split_config(B, H, dtype, sms, clusters=True)
+    if clusters and (not single_step or wgmma):
+        split = _split_config(B, H, dtype, sms, clusters=True, wgmma=wgmma)
         if method == "split":
             return split
         # (from H >= 256 on, the cluster tilings always have 3 to 8 column blocks)
@@ -590,6 +634,15 @@ def _launch_config(B: int, H: int, dtype: torch.dtype, sms: int | None, method: 
 
 _rows_launcher = Launcher(_cfc_scan_kernel, tensors=5)
 _split_launcher = Launcher(_cfc_split_kernel, tensors=6)
+
+
+@functools.lru_cache(maxsize=None)
+def _wgmma_launcher() -> Launcher:
+    """The launcher of the wgmma form (imported on first use: Gluon loads only where it
+    runs)."""
+    from seqdeploy_cfc.wgmma import _cfc_wgmma_kernel
+
+    return Launcher(_cfc_wgmma_kernel, tensors=5)
 
 
 def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: int,
@@ -616,6 +669,9 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
             raise RuntimeError(
                 f"cfc_scan method='split': {n_nb} column blocks exceed the largest cluster "
                 f"({MAX_CLUSTER} programs); raise block_n or pass cluster=False")
+        if cfg.get("wgmma"):
+            return _wgmma_plan(H, dtype, block_h, block_b, block_n, n_bb, n_nb, cfg,
+                               fast_tanh)
         k_split = cfg.get("k_split", 1)
         if k_split not in (1, 2) or (k_split == 2 and not (cfg["w_resident"] and block_h >= 32)):
             raise ValueError(f"split k_split must be 1, or 2 with w_rec resident and H > 16 "
@@ -628,13 +684,46 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
     return "rows", (triton.cdiv(B, cfg["block_b"]),), values, cfg["num_warps"], None, None
 
 
+def _wgmma_plan(H, dtype, block_h, block_b, block_n, n_bb, n_nb, cfg, fast_tanh) -> tuple:
+    """:func:`_make_plan` for the wgmma form, refusing tilings it cannot run (see
+    ``wgmma.py``)."""
+    if dtype == torch.float32 or not cfg["cluster"]:
+        raise ValueError("cfc_scan wgmma=True needs fp16 or bf16 inputs and cluster launches, "
+                         f"got {dtype} with cluster={cfg['cluster']}")
+    if block_b != 16 or block_n not in (64, 128) or cfg["num_warps"] != block_n // 16 or \
+            not 64 <= block_h <= 512 or not cfg["w_resident"] or cfg.get("k_split", 1) != 1:
+        raise ValueError(
+            "cfc_scan wgmma=True runs 16 rows per program, block_n 64 or 128 columns with "
+            "block_n / 16 warps, w_rec resident, one dot (k_split 1), and 64 <= H (rounded up "
+            f"to a power of two) <= 512; got block_b={block_b}, block_n={block_n}, "
+            f"num_warps={cfg['num_warps']}, w_resident={cfg['w_resident']}, "
+            f"k_split={cfg.get('k_split', 1)}, H={H}")
+    values = (block_b, block_h, block_n, SERIES_BELOW, fast_tanh, cfg["num_warps"])
+    return "wgmma", (n_bb * n_nb,), values, cfg["num_warps"], n_bb, n_nb
+
+
 @functools.lru_cache(maxsize=4096)
 def _default_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: int,
-                  method: str | None, single_step: bool, clusters: bool) -> tuple:
+                  method: str | None, single_step: bool, clusters: bool,
+                  wgmma: bool | None = None) -> tuple:
     """:func:`_make_plan` of :func:`launch_config`'s choice, memoised: it runs per call."""
     sms = _sm_count(device) if compiled_cuda else None
     return _make_plan(B, H, dtype, compiled_cuda, device,
-                      _launch_config(B, H, dtype, sms, method, single_step, clusters))
+                      _launch_config(B, H, dtype, sms, method, single_step, clusters, wgmma))
+
+
+def _launch_wgmma(xw, h0, w_rec, tau, y, dt, plan, signature=None):
+    """Launch the wgmma form as clusters of a batch block's programs; with ``signature``,
+    also keep the launch ready for repeat calls (see ``_READY``)."""
+    B, T, H = xw.shape
+    sx, sy = xw.stride(), y.stride()
+    args = (xw, h0, w_rec, tau, y, float(dt), B, T, H, sx[0], sx[1], h0.stride(0),
+            w_rec.stride(0), sy[0], sy[1])
+    launcher = _wgmma_launcher()
+    launcher.clustered(plan[1], plan[5], args, plan[2], num_warps=plan[3])
+    if signature is not None:
+        _ready(signature, launcher.bind(plan[1], args, plan[2], plan[5], num_warps=plan[3]),
+               False)
 
 
 def _launch_rows(xw, h0, w_rec, tau, y, dt, plan, signature=None):
@@ -764,7 +853,7 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_warps=None,
                     w_resident=None, block_k=None, method=None, block_n=None, fast_tanh=None,
-                    cluster=None, k_split=None) -> torch.Tensor:
+                    cluster=None, k_split=None, wgmma=None) -> torch.Tensor:
     """Launch one of the kernels. ``xw [B, T, H]`` and ``h0 [B, H]`` may be strided views with
     unit stride over H (``h0`` is typically ``h[:, layer]`` of a ``[B, L, H]`` state); ``h0``
     and ``w_rec [H, H]`` share the dtype of ``xw`` (fp32, fp16 or bf16), ``tau [H]`` is fp32.
@@ -776,11 +865,14 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     whether ``split`` runs as thread-block clusters; ``None`` where ``clusters_available``,
     ``False`` for the cluster-less exchange (and its defaults); ``True`` raises where
     clusters are not available. ``k_split``: ``split``'s dot as 1 or 2 independent dots
-    over the contraction axis (2 needs ``w_rec`` resident)."""
+    over the contraction axis (2 needs ``w_rec`` resident). ``wgmma``: whether the cluster
+    split runs its wgmma form (``wgmma.py``); ``None`` takes it where ``launch_config`` does
+    unless a tiling keyword is given (those tune the Triton kernel), ``False`` never, ``True``
+    always (raises where it cannot run: no clusters, no Gluon, fp32, H > 512)."""
     tuned = (block_b or num_warps or w_resident is not None or block_k or block_n
              or fast_tanh is not None or k_split)
     signature = None
-    if out is None and method is None and cluster is None and not tuned:
+    if out is None and method is None and cluster is None and wgmma is None and not tuned:
         # a repeat eager call: launch what the first one prepared (see _READY)
         signature = _signature(xw, h0, w_rec, tau, dt)
         ready = _READY.get(signature)
@@ -814,16 +906,29 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
                            "(seqdeploy.launch.cluster_launch_available)")
     if cluster is not None:
         clusters = cluster
+    if wgmma:
+        if method == "rows" or not clusters or not wgmma_available():
+            raise RuntimeError(
+                "cfc_scan wgmma=True needs the cluster split kernel (method None or 'split', "
+                "a CUDA GPU of compute capability 9.0 or later, compiled Triton) and Gluon "
+                "(seqdeploy_cfc.kernels.wgmma_available)")
+    elif wgmma is None and tuned:
+        wgmma = False   # the tiling keywords tune the Triton kernel
     if tuned:
         sms = _sm_count(device) if compiled_cuda else None
-        cfg = dict(_launch_config(B, H, xw.dtype, sms, method, T == 1, clusters))
+        cfg = dict(_launch_config(B, H, xw.dtype, sms, method, T == 1, clusters, wgmma))
         overrides = {"block_b": block_b, "num_warps": num_warps, "w_resident": w_resident,
                      "block_k": block_k, "block_n": block_n, "fast_tanh": fast_tanh,
                      "k_split": k_split}
         cfg.update({k: v for k, v in overrides.items() if v is not None})
+        if cfg.get("wgmma") and num_warps is None:
+            cfg["num_warps"] = cfg["block_n"] // 16   # the wgmma form's warps follow block_n
         plan = _make_plan(B, H, xw.dtype, compiled_cuda, device, cfg)
     else:
-        plan = _default_plan(B, H, xw.dtype, compiled_cuda, device, method, T == 1, clusters)
-    (_launch_split if plan[0] == "split" else _launch_rows)(xw, h0, w_rec, tau, y, dt, plan,
-                                                            signature)
+        plan = _default_plan(B, H, xw.dtype, compiled_cuda, device, method, T == 1, clusters,
+                             wgmma)
+    _LAUNCH[plan[0]](xw, h0, w_rec, tau, y, dt, plan, signature)
     return y
+
+
+_LAUNCH = {"rows": _launch_rows, "split": _launch_split, "wgmma": _launch_wgmma}
