@@ -69,7 +69,7 @@ fails instead), so all programs are resident together. It cannot rule out SMs he
 work that itself waits on this kernel (e.g. two split launches on concurrent streams, each
 partly resident), or an SM count cut below the reported one (MPS limits).
 
-On Hopper, the cluster split kernel has a second form for fp16/bf16 at H of 129 to 512
+On Hopper, the cluster split kernel has a second form for fp16/bf16 up to H=512
 (``wgmma.py``, written in Gluon): the same exchange and arithmetic, with the step's product
 computed transposed so that ``w_rec`` sits in registers as warpgroup MMA's left operand
 instead of being re-read from shared memory every step (``wgmma`` in the config; on request
