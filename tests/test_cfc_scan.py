@@ -682,10 +682,8 @@ needs_wgmma = pytest.mark.skipif(not _wgmma_gpu(), reason="the wgmma form needs 
                                                   (3, 1, 512)])
 def test_wgmma_form_matches_naive(B, T, H, dtype):
     """The wgmma form (``wgmma.py``) at the seed's four points and odd shapes (padded rows
-    and columns, strided inputs, H=100 only on request, a single step), NaN-poisoned: within
-    the dtype's tolerance of the float64 loop, repeated launches bit for bit equal, and
-    (with ``WGMMA_BY_DEFAULT``) it is what the registered op runs at H of 129 to 512 over
-    several steps. The Triton
+    and columns, strided inputs, H=100, a single step), NaN-poisoned: within the dtype's
+    tolerance of the float64 loop, and repeated launches bit for bit equal. The Triton
     cluster kernel (``wgmma=False``) meets the same tolerance on the same inputs."""
     args = make(B, T, H, dtype, "cuda", seed=21, strided=H % 16 != 0)
     ref = naive_cfc_scan(*cpu(args), 1.0)
@@ -695,14 +693,25 @@ def test_wgmma_form_matches_naive(B, T, H, dtype):
     for _ in range(3):
         assert torch.equal(run(wgmma=True), out)
     assert rel_l2(run(wgmma=False, method="split"), ref) < TOL[dtype]
-    default = launch_config(B, H, dtype, "cuda", T=T)
-    assert default.get("wgmma", False) == (kernels.WGMMA_BY_DEFAULT and T > 1 and
-                                           128 < H <= 512)
+
+
+@needs_wgmma
+@pytest.mark.parametrize("B,T,H", [(64, 50, 256), (40, 9, 512)])
+def test_wgmma_form_as_the_default(B, T, H, wgmma_by_default):
+    """With ``WGMMA_BY_DEFAULT`` (and only then) the registered op runs the wgmma form at
+    H of 129 to 512 over several steps, first through the full launch, then through the
+    kept-ready one (``_READY``), both bit for bit equal to ``wgmma=True``."""
+    args = make(B, T, H, torch.float16, "cuda", seed=22)
+    assert launch_config(B, H, torch.float16, "cuda", T=T)["wgmma"] == wgmma_by_default
+    asked = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), wgmma=True)
     launcher = kernels._wgmma_launcher()
-    before = launcher.fast_calls
-    y = cfc_scan(*args, 1.0)
-    assert (launcher.fast_calls > before) == default.get("wgmma", False)
-    assert torch.equal(y, out) or not default.get("wgmma", False)
+    for _ in range(3):   # the first call keeps its launch ready, the next ones use it
+        before = launcher.fast_calls
+        y = cfc_scan(*args, 1.0)
+        assert (launcher.fast_calls > before) == wgmma_by_default
+        assert torch.equal(y, asked) or not wgmma_by_default
+    ref = naive_cfc_scan(*cpu(args), 1.0)
+    assert rel_l2(y, ref) < TOL[torch.float16]
 
 
 @needs_wgmma
