@@ -267,16 +267,18 @@ def wgmma_by_default(request, monkeypatch):
 def test_launch_config_with_clusters(monkeypatch, wgmma_by_default):
     """Where thread-block clusters are available (Hopper on): split as clusters for H >= 256
     over several steps, whatever the batch (clusters need no co-residency). In fp16/bf16,
-    where Triton has Gluon and ``WGMMA_BY_DEFAULT`` (or ``wgmma=True``), the wgmma form: 4
-    programs of 64 columns (4 warps) at H <= 256,
-    of 128 (8 warps) at H <= 512. Otherwise (``wgmma=False``, fp32) the Triton kernel: 8
-    programs of 32 columns at H=256, 4 of 128 at H=512 in fp16/bf16 and 8 of 64 in fp32; rows
-    below H=256; a single step keeps the cluster-less tiling (nobody waits) unless the
-    wgmma form is asked for."""
+    where the wgmma form runs (compute capability 9.x, Gluon) and ``WGMMA_BY_DEFAULT`` (or
+    ``wgmma=True``), the wgmma form: 4 programs of 64 columns (4 warps) at H of 129 to 256,
+    of 128 (8 warps) at H of 257 to 512. Otherwise (``wgmma=False``, fp32, a GPU where it
+    cannot run) the Triton kernel: 8 programs of 32 columns at H=256, 4 of 128 at H=512 in
+    fp16/bf16 and 8 of 64 in fp32; rows below H=256; a single step keeps the cluster-less
+    tiling (nobody waits) unless the wgmma form is asked for, as does a small H."""
     monkeypatch.setattr(kernels, "sm_count",
                         lambda device: 132 if torch.device(device).type == "cuda" else None)
     monkeypatch.setattr(kernels, "clusters_available",
                         lambda device: torch.device(device).type == "cuda")
+    monkeypatch.setattr(kernels, "wgmma_runs", lambda device: torch.device(device).type ==
+                        "cuda" and kernels.wgmma_available())
     for B in (1, 32, 64, 128, 256, 8192):
         for H, dtype, block_n, wgmma_n in [(256, torch.float16, 32, 64),
                                            (512, torch.float16, 128, 128),
@@ -307,6 +309,10 @@ def test_launch_config_with_clusters(monkeypatch, wgmma_by_default):
     if kernels.wgmma_available():
         one = launch_config(32, 512, torch.float16, "cuda", T=1, wgmma=True)
         assert (one["cluster"], one["wgmma"], one["block_n"]) == (True, True, 128)
+        small = launch_config(32, 100, torch.float16, "cuda", T=9, wgmma=True)   # not rows
+        assert (small["method"], small["wgmma"], small["block_n"]) == ("split", True, 64)
+    monkeypatch.setattr(kernels, "wgmma_runs", lambda device: False)   # e.g. sm_100
+    assert not launch_config(32, 512, torch.float16, "cuda", T=9).get("wgmma")
     assert launch_config(64, 128, torch.float16, "cuda", T=50)["method"] == "rows"
     assert launch_config(64, 512, torch.float16, "cpu", T=50)["method"] == "rows"
     one = launch_config(32, 512, torch.float16, "cuda", T=1)
@@ -705,11 +711,18 @@ def test_wgmma_form_as_the_default(B, T, H, wgmma_by_default):
     assert launch_config(B, H, torch.float16, "cuda", T=T)["wgmma"] == wgmma_by_default
     asked = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), wgmma=True)
     launcher = kernels._wgmma_launcher()
-    for _ in range(3):   # the first call keeps its launch ready, the next ones use it
-        before = launcher.fast_calls
-        y = cfc_scan(*args, 1.0)
-        assert (launcher.fast_calls > before) == wgmma_by_default
-        assert torch.equal(y, asked) or not wgmma_by_default
+    full, clustered = [], launcher.clustered
+    launcher.clustered = lambda *a, **k: full.append(1) or clustered(*a, **k)  # noqa: E731
+    try:
+        for i in range(3):   # the first call keeps its launch ready, the next ones use it
+            before, full_before = launcher.fast_calls, len(full)
+            y = cfc_scan(*args, 1.0)
+            assert (launcher.fast_calls > before) == wgmma_by_default
+            assert len(full) - full_before == (wgmma_by_default and i == 0)
+            assert torch.equal(y, asked) or not wgmma_by_default
+    finally:
+        del launcher.clustered   # the class's method again
+    assert (kernels._signature(*args, 1.0) in kernels._READY) == wgmma_by_default
     ref = naive_cfc_scan(*cpu(args), 1.0)
     assert rel_l2(y, ref) < TOL[torch.float16]
 
@@ -722,6 +735,8 @@ def test_wgmma_form_refuses_what_it_cannot_run():
                {"k_split": 2}, {"w_resident": False}):
         with pytest.raises(ValueError, match="wgmma=True runs"):
             triton_cfc_scan(*half, 1.0, wgmma=True, **kw)
+    with pytest.raises(ValueError, match="block_k"):
+        triton_cfc_scan(*half, 1.0, wgmma=True, block_k=64)
     with pytest.raises(ValueError, match="wgmma=True runs"):
         triton_cfc_scan(*make(20, 4, 1024, torch.float16, "cuda"), 1.0, wgmma=True)
     with pytest.raises(ValueError, match="fp16 or bf16"):

@@ -254,7 +254,7 @@ def test_ready_launch_matches_and_steps_aside(B, T, H, monkeypatch):
 def plan_is_clustered(B, T, H):
     plan = kernels._default_plan(B, H, torch.float16, True, torch.cuda.current_device(), None,
                                  T == 1, kernels.clusters_available("cuda"))
-    return plan[0] == "split" and plan[2][-1]
+    return plan[0] == "wgmma" or (plan[0] == "split" and plan[2][-1])
 
 
 @gpu

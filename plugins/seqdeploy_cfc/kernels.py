@@ -473,10 +473,25 @@ def _clusters(index: int) -> bool:
     return cluster_launch_available() and _capability(index) >= (9, 0)
 
 
+def wgmma_runs(device) -> bool:
+    """Whether the wgmma form (``wgmma.py``) can run on ``device``: thread-block clusters
+    (``clusters_available``), compute capability 9.x (wgmma is Hopper's: later GPUs lack the
+    instruction, and compiling it for them aborts the process) and Gluon
+    (``wgmma_available``)."""
+    device = torch.device(device)
+    return clusters_available(device) and _wgmma_device(
+        device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _wgmma_device(index: int) -> bool:
+    """:func:`wgmma_runs` for a CUDA device where clusters are available."""
+    return _capability(index)[0] == 9 and wgmma_available()
+
+
 @functools.lru_cache(maxsize=None)
 def wgmma_available() -> bool:
     """Whether this Triton has Gluon's warpgroup MMA, which the Hopper form of the cluster
-    kernel (``wgmma.py``) is written in. It runs only where ``clusters_available`` too."""
+    kernel (``wgmma.py``) is written in."""
     try:
         from seqdeploy_cfc.wgmma import _cfc_wgmma_kernel
     except (ImportError, AttributeError):
@@ -530,7 +545,7 @@ def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None,
                   clusters: bool = False, wgmma: bool | None = None) -> dict:
     block_h = _block_h(H)
     if clusters and (wgmma or (wgmma is None and WGMMA_BY_DEFAULT and dtype != torch.float32
-                                and block_h in WGMMA_BLOCK_N and wgmma_available())):
+                                and block_h in WGMMA_BLOCK_N)):
         # (asked for where it cannot run, the plan refuses it: _wgmma_plan)
         # the wgmma form (wgmma.py), measured as a prototype on the H200 (fp16, CUDA-graph
         # time, two rounds): 0.089-0.091 ms against 0.112-0.114 for the Triton cluster
@@ -586,10 +601,11 @@ def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str |
     0.0653 against 0.0716 at B=64 T=50, 0.1266 against 0.1370 at B=128 T=100) and beat
     cluster-less split at H=512 (0.1145 against 0.1388 ms at B=256 T=50). A cluster's
     programs are scheduled together, so any number of clusters may run. ``wgmma=True`` asks
-    for the clusters' wgmma form (``wgmma.py``, fp16/bf16, H up to 512, also for a single
-    step) where Triton has Gluon (``wgmma_available``); with ``WGMMA_BY_DEFAULT`` it is also
-    the default in fp16/bf16 at ``block_h`` 256 or 512, and ``wgmma=False`` asks for the
-    Triton cluster kernel's defaults.
+    for the clusters' wgmma form (``wgmma.py``; also for a single step, and at any H, where
+    the plan then refuses what it cannot run: fp32, H rounded up outside 64..512). With
+    ``WGMMA_BY_DEFAULT``, where it runs (``wgmma_runs``), it is also the default in fp16/bf16
+    at ``block_h`` 256 or 512 over several steps; ``wgmma=False`` asks for the Triton
+    cluster kernel's defaults.
 
     Without clusters, ``split`` is chosen on a CUDA device when its grid fits on the SMs (its
     programs wait on each other, so all must be resident), H spans at least two column
@@ -606,6 +622,8 @@ def launch_config(B: int, H: int, dtype: torch.dtype, device=None, method: str |
         raise ValueError(f"method must be None, 'rows' or 'split', not {method!r}")
     sms = sm_count(device) if device is not None else None
     clusters = device is not None and clusters_available(device)
+    if wgmma is None and not (device is not None and wgmma_runs(device)):
+        wgmma = False   # no wgmma form by default where it cannot run
     return dict(_launch_config(B, H, dtype, sms, method, T == 1, clusters, wgmma))
 
 
@@ -618,7 +636,7 @@ def _launch_config(B: int, H: int, dtype: torch.dtype, sms: int | None, method: 
         return rows
     if clusters and (not single_step or wgmma):
         split = _split_config(B, H, dtype, sms, clusters=True, wgmma=wgmma)
-        if method == "split":
+        if method == "split" or wgmma:
             return split
         # (from H >= 256 on, the cluster tilings always have 3 to 8 column blocks)
         return split if _block_h(H) >= 256 else rows
@@ -661,6 +679,8 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
     block_k = min(cfg["block_k"], block_h)
     if cfg["method"] == "split":
         block_b, block_n = cfg["block_b"], min(cfg["block_n"], block_h)
+        if cfg.get("wgmma"):
+            return _wgmma_plan(B, H, dtype, block_h, block_b, block_n, cfg, fast_tanh)
         if block_b < 16 or block_n < 16:
             raise ValueError(f"split needs block_b and block_n >= 16 (tl.dot), got {block_b}, "
                              f"{block_n}")
@@ -669,9 +689,6 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
             raise RuntimeError(
                 f"cfc_scan method='split': {n_nb} column blocks exceed the largest cluster "
                 f"({MAX_CLUSTER} programs); raise block_n or pass cluster=False")
-        if cfg.get("wgmma"):
-            return _wgmma_plan(H, dtype, block_h, block_b, block_n, n_bb, n_nb, cfg,
-                               fast_tanh)
         k_split = cfg.get("k_split", 1)
         if k_split not in (1, 2) or (k_split == 2 and not (cfg["w_resident"] and block_h >= 32)):
             raise ValueError(f"split k_split must be 1, or 2 with w_rec resident and H > 16 "
@@ -684,9 +701,9 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
     return "rows", (triton.cdiv(B, cfg["block_b"]),), values, cfg["num_warps"], None, None
 
 
-def _wgmma_plan(H, dtype, block_h, block_b, block_n, n_bb, n_nb, cfg, fast_tanh) -> tuple:
+def _wgmma_plan(B, H, dtype, block_h, block_b, block_n, cfg, fast_tanh) -> tuple:
     """:func:`_make_plan` for the wgmma form, refusing tilings it cannot run (see
-    ``wgmma.py``)."""
+    ``wgmma.py``; its column blocks, at most 512 / 64, always form one cluster)."""
     if dtype == torch.float32 or not cfg["cluster"]:
         raise ValueError("cfc_scan wgmma=True needs fp16 or bf16 inputs and cluster launches, "
                          f"got {dtype} with cluster={cfg['cluster']}")
@@ -698,6 +715,7 @@ def _wgmma_plan(H, dtype, block_h, block_b, block_n, n_bb, n_nb, cfg, fast_tanh)
             f"to a power of two) <= 512; got block_b={block_b}, block_n={block_n}, "
             f"num_warps={cfg['num_warps']}, w_resident={cfg['w_resident']}, "
             f"k_split={cfg.get('k_split', 1)}, H={H}")
+    n_bb, n_nb = split_grid(B, H, block_b, block_n)
     values = (block_b, block_h, block_n, SERIES_BELOW, fast_tanh, cfg["num_warps"])
     return "wgmma", (n_bb * n_nb,), values, cfg["num_warps"], n_bb, n_nb
 
@@ -867,8 +885,10 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
     clusters are not available. ``k_split``: ``split``'s dot as 1 or 2 independent dots
     over the contraction axis (2 needs ``w_rec`` resident). ``wgmma``: whether the cluster
     split runs its wgmma form (``wgmma.py``); ``None`` takes it where ``launch_config`` does
-    unless a tiling keyword is given (those tune the Triton kernel), ``False`` never, ``True``
-    always (raises where it cannot run: no clusters, no Gluon, fp32, H > 512)."""
+    unless another keyword above is given (those tune the Triton kernel), ``False`` never,
+    ``True`` always (with ``block_n``, ``fast_tanh`` and a ``num_warps`` of ``block_n / 16``
+    as its only knobs; raises where it cannot run: no clusters, not compute capability 9.x,
+    no Gluon, fp32, H rounded up outside 64..512)."""
     tuned = (block_b or num_warps or w_resident is not None or block_k or block_n
              or fast_tanh is not None or k_split)
     signature = None
@@ -906,14 +926,15 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
                            "(seqdeploy.launch.cluster_launch_available)")
     if cluster is not None:
         clusters = cluster
+    runs = clusters and _wgmma_device(device)   # (clusters: compiled CUDA, so a device index)
     if wgmma:
-        if method == "rows" or not clusters or not wgmma_available():
+        if method == "rows" or not runs:
             raise RuntimeError(
                 "cfc_scan wgmma=True needs the cluster split kernel (method None or 'split', "
-                "a CUDA GPU of compute capability 9.0 or later, compiled Triton) and Gluon "
-                "(seqdeploy_cfc.kernels.wgmma_available)")
-    elif wgmma is None and tuned:
-        wgmma = False   # the tiling keywords tune the Triton kernel
+                "cluster launches, compiled Triton), a GPU of compute capability 9.x and "
+                "Gluon (seqdeploy_cfc.kernels.wgmma_runs)")
+    elif wgmma is None and (tuned or not runs):
+        wgmma = False   # tuning keywords tune the Triton kernel; nor where it cannot run
     if tuned:
         sms = _sm_count(device) if compiled_cuda else None
         cfg = dict(_launch_config(B, H, xw.dtype, sms, method, T == 1, clusters, wgmma))
@@ -921,8 +942,13 @@ def triton_cfc_scan(xw, h0, w_rec, tau, dt: float, out=None, block_b=None, num_w
                      "block_k": block_k, "block_n": block_n, "fast_tanh": fast_tanh,
                      "k_split": k_split}
         cfg.update({k: v for k, v in overrides.items() if v is not None})
-        if cfg.get("wgmma") and num_warps is None:
-            cfg["num_warps"] = cfg["block_n"] // 16   # the wgmma form's warps follow block_n
+        if cfg.get("wgmma"):
+            if block_k:
+                raise ValueError("cfc_scan block_k sizes the Triton kernel's slices of a "
+                                 "streamed w_rec; the wgmma form keeps w_rec in registers "
+                                 "(drop block_k, or pass wgmma=False)")
+            if num_warps is None:   # the wgmma form's warps follow its columns
+                cfg["num_warps"] = min(cfg["block_n"], _block_h(H)) // 16
         plan = _make_plan(B, H, xw.dtype, compiled_cuda, device, cfg)
     else:
         plan = _default_plan(B, H, xw.dtype, compiled_cuda, device, method, T == 1, clusters,

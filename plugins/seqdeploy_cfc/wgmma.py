@@ -23,11 +23,13 @@ through a layout with 8 contiguous columns per thread. The arithmetic is the spl
 kernel's, helpers included (``_tanh``, ``_one_minus_exp_neg``): the same fp32
 accumulation of fp16/bf16 products, the same blend.
 
-Limits (``kernels._make_plan`` checks them): fp16 or bf16 (fp32 would need tf32, another
+Limits (``kernels._wgmma_plan`` checks them): fp16 or bf16 (fp32 would need tf32, another
 precision); 16 batch rows per program; ``BLOCK_N`` of 64 or 128 columns with
-``BLOCK_N / 16`` warps (16 rows of M per warp); ``BLOCK_H`` up to 512 (the register budget
-of ``w^T``); launched as clusters only (``seqdeploy.launch.Launcher.clustered``). Gluon has no
-interpreter, so this kernel runs only compiled, on a GPU of compute capability 9.0 or later.
+``BLOCK_N / 16`` warps (16 rows of M per warp); ``BLOCK_H`` from 64 to 512 (512: the
+register budget of ``w^T``); launched as clusters only
+(``seqdeploy.launch.Launcher.clustered``). Gluon has no interpreter, so this kernel runs only
+compiled, and only on compute capability 9.x (``kernels.wgmma_runs``): wgmma is Hopper's
+instruction, and compiling it for later GPUs aborts the process.
 """
 from __future__ import annotations
 
