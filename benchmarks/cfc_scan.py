@@ -22,8 +22,9 @@ Then the streaming case: one step (B=1, T=1, H=256) per call.
 
 ``--sweep`` also times the kernel's launch configurations at every point, both designs:
 ``rows`` (block_b, num_warps, w_resident, block_k) and ``split`` (block_b, block_n, num_warps,
-w_resident, cluster, k_split, wgmma), the defaults first, within ``--sweep-budget`` seconds in all (configurations
-past a point's share are listed as skipped). All numbers come from this run.
+w_resident, cluster, k_split, wgmma), the defaults first, within ``--sweep-budget`` seconds in
+all (configurations past a point's share are listed as skipped). All numbers come from this
+run.
 """
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def split_configs(B, H, sms):
     first = {k: launch_config(B, H, DTYPE, "cuda", method="split")[k] for k in keys}
     clusters = kernels.clusters_available("cuda")
     configs = [first]
-    if clusters and kernels.wgmma_available() and DTYPE != torch.float32 and block_h <= 512:
+    if kernels.wgmma_runs("cuda") and DTYPE != torch.float32 and block_h <= 512:
         for block_n in (64, 128):   # the wgmma form's tilings (its warps follow block_n)
             if block_n <= block_h and -(-H // block_n) <= kernels.MAX_CLUSTER:
                 configs.append({"block_b": 16, "block_n": block_n, "num_warps": block_n // 16,

@@ -673,13 +673,9 @@ def test_cluster_true_refused_without_clusters():
         triton_cfc_scan(*make(4, 3, 256, torch.float16, "cpu"), 1.0, wgmma=True)
 
 
-def _wgmma_gpu() -> bool:
-    return torch.cuda.is_available() and kernels.clusters_available("cuda") and \
-        kernels.wgmma_available()
-
-
-needs_wgmma = pytest.mark.skipif(not _wgmma_gpu(), reason="the wgmma form needs a GPU with "
-                                 "thread-block clusters (Hopper on) and Triton's Gluon")
+needs_wgmma = pytest.mark.skipif(
+    not (torch.cuda.is_available() and kernels.wgmma_runs("cuda")),
+    reason="the wgmma form needs thread-block clusters, compute capability 9.x and Gluon")
 
 
 @needs_wgmma

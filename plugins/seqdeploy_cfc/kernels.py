@@ -499,10 +499,9 @@ def wgmma_available() -> bool:
     return _cfc_wgmma_kernel is not None
 
 
-#: the block_h (H rounded up) at which the cluster kernel may default to its wgmma form,
-#: with its columns per program (the tiling measured on the H200)
-WGMMA_BLOCK_N = {256: 64, 512: 128}
-#: whether ``launch_config`` picks the wgmma form by itself (at ``WGMMA_BLOCK_N``). Off for
+#: the block_h (H rounded up) at which the cluster kernel may default to its wgmma form
+WGMMA_BLOCK_H = (256, 512)
+#: whether ``launch_config`` picks the wgmma form by itself (at ``WGMMA_BLOCK_H``). Off for
 #: now: the kernel in ``wgmma.py`` was measured on the H200 as a prototype (same body, see
 #: ``_split_config``), but this module's dispatch to it and the GPU tests
 #: (``test_wgmma_form_*``) have not yet run on a GPU. ``wgmma=True`` asks for it.
@@ -545,14 +544,14 @@ def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None,
                   clusters: bool = False, wgmma: bool | None = None) -> dict:
     block_h = _block_h(H)
     if clusters and (wgmma or (wgmma is None and WGMMA_BY_DEFAULT and dtype != torch.float32
-                                and block_h in WGMMA_BLOCK_N)):
+                                and block_h in WGMMA_BLOCK_H)):
         # (asked for where it cannot run, the plan refuses it: _wgmma_plan)
         # the wgmma form (wgmma.py), measured as a prototype on the H200 (fp16, CUDA-graph
         # time, two rounds): 0.089-0.091 ms against 0.112-0.114 for the Triton cluster
         # kernel at B=256 T=50 H=512, 0.060-0.062 against 0.065-0.067 at B=64 T=50 H=256,
         # 0.117 against 0.128-0.130 at B=128 T=100, 0.0165-0.0167 against 0.0170-0.0171 at
         # B=32 T=10; at H=256, 4 programs of 64 columns beat 2 of 128 (0.060 against 0.068)
-        block_n = WGMMA_BLOCK_N.get(block_h, 64 if block_h <= 256 else 128)
+        block_n = 64 if block_h <= 256 else 128
         return {"method": "split", "block_b": 16, "block_k": min(32, block_h),
                 "block_n": block_n, "cluster": True, "k_split": 1, "w_resident": True,
                 "num_warps": block_n // 16, "wgmma": True}
@@ -704,9 +703,8 @@ def _make_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, device: 
 def _wgmma_plan(B, H, dtype, block_h, block_b, block_n, cfg, fast_tanh) -> tuple:
     """:func:`_make_plan` for the wgmma form, refusing tilings it cannot run (see
     ``wgmma.py``; its column blocks, at most 512 / 64, always form one cluster)."""
-    if dtype == torch.float32 or not cfg["cluster"]:
-        raise ValueError("cfc_scan wgmma=True needs fp16 or bf16 inputs and cluster launches, "
-                         f"got {dtype} with cluster={cfg['cluster']}")
+    if dtype == torch.float32:   # (without cluster launches triton_cfc_scan refuses first)
+        raise ValueError(f"cfc_scan wgmma=True needs fp16 or bf16 inputs, got {dtype}")
     if block_b != 16 or block_n not in (64, 128) or cfg["num_warps"] != block_n // 16 or \
             not 64 <= block_h <= 512 or not cfg["w_resident"] or cfg.get("k_split", 1) != 1:
         raise ValueError(
@@ -730,13 +728,17 @@ def _default_plan(B: int, H: int, dtype: torch.dtype, compiled_cuda: bool, devic
                       _launch_config(B, H, dtype, sms, method, single_step, clusters, wgmma))
 
 
+def _scalars(xw, h0, w_rec, y, dt) -> tuple:
+    """The scalar arguments every cfc kernel takes after its tensors, in signature order:
+    ``dt, B, T, H, sx_b, sx_t, sh_b, sw_k, sy_b, sy_t``."""
+    sx, sy = xw.stride(), y.stride()
+    return (float(dt), *xw.shape, sx[0], sx[1], h0.stride(0), w_rec.stride(0), sy[0], sy[1])
+
+
 def _launch_wgmma(xw, h0, w_rec, tau, y, dt, plan, signature=None):
     """Launch the wgmma form as clusters of a batch block's programs; with ``signature``,
     also keep the launch ready for repeat calls (see ``_READY``)."""
-    B, T, H = xw.shape
-    sx, sy = xw.stride(), y.stride()
-    args = (xw, h0, w_rec, tau, y, float(dt), B, T, H, sx[0], sx[1], h0.stride(0),
-            w_rec.stride(0), sy[0], sy[1])
+    args = (xw, h0, w_rec, tau, y, *_scalars(xw, h0, w_rec, y, dt))
     launcher = _wgmma_launcher()
     launcher.clustered(plan[1], plan[5], args, plan[2], num_warps=plan[3])
     if signature is not None:
@@ -747,10 +749,7 @@ def _launch_wgmma(xw, h0, w_rec, tau, y, dt, plan, signature=None):
 def _launch_rows(xw, h0, w_rec, tau, y, dt, plan, signature=None):
     """Launch the rows kernel; with ``signature``, also keep the launch ready for repeat
     calls (see ``_READY``)."""
-    B, T, H = xw.shape
-    sx, sy = xw.stride(), y.stride()
-    args = (xw, h0, w_rec, tau, y, float(dt), B, T, H, sx[0], sx[1], h0.stride(0),
-            w_rec.stride(0), sy[0], sy[1])
+    args = (xw, h0, w_rec, tau, y, *_scalars(xw, h0, w_rec, y, dt))
     _rows_launcher(plan[1], args, plan[2], num_warps=plan[3])
     if signature is not None:
         _ready(signature, _rows_launcher.bind(plan[1], args, plan[2], num_warps=plan[3]), False)
@@ -767,10 +766,9 @@ def _launch_split(xw, h0, w_rec, tau, y, dt, plan, signature=None):
     Inputs as prepared by ``triton_cfc_scan``; ``plan`` checked by ``_make_plan``. With
     ``signature``, also keep the launch ready for repeat calls (see ``_READY``) where it
     needs nothing else: as clusters, or a single step (no fill of ``y``)."""
-    B, T, H = xw.shape
+    T = xw.shape[1]
     n_bb, n_nb = plan[4], plan[5]
-    sx, sy = xw.stride(), y.stride()
-    scalars = (float(dt), B, T, H, sx[0], sx[1], h0.stride(0), w_rec.stride(0), sy[0], sy[1])
+    scalars = _scalars(xw, h0, w_rec, y, dt)
     if plan[2][-1]:
         # CLUSTER: a batch block's programs meet at the cluster barrier; the kernel never
         # touches the integer view, so y stands in for it
