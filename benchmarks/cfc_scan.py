@@ -15,10 +15,11 @@ is also timed through ``torch.ops`` (the dispatcher) beside the direct eager cal
 Then the streaming case: one step (B=1, T=1, H=256) per call.
 
     python benchmarks/cfc_scan.py [--sweep [--sweep-budget S]] [--engines kernel,cudnn]
-                                  [--wgmma] [--json out.json]
+                                  [--no-wgmma] [--json out.json]
 
-``--wgmma`` makes the registered op default to the cluster kernel's wgmma form
-(``wgmma.py``) where it runs (``kernels.WGMMA_BY_DEFAULT``).
+``--no-wgmma`` keeps the registered op off the cluster kernel's wgmma form (``wgmma.py``),
+which it otherwise takes where it is the default (``kernels.WGMMA_BY_DEFAULT``,
+``kernels.WGMMA_BLOCK_H``), so the Triton cluster kernel is timed instead.
 
 ``--sweep`` also times the kernel's launch configurations at every point, both designs:
 ``rows`` (block_b, num_warps, w_resident, block_k) and ``split`` (block_b, block_n, num_warps,
@@ -231,13 +232,12 @@ def main():
                              "torch.compile's compile time)")
     parser.add_argument("--designs", default="split,rows",
                         help="designs the sweep times (default %(default)s)")
-    parser.add_argument("--wgmma", action="store_true",
-                        help="make the cluster kernel's wgmma form the registered op's default "
-                             "(kernels.WGMMA_BY_DEFAULT; off by default until verified on a "
-                             "GPU)")
+    parser.add_argument("--no-wgmma", action="store_true",
+                        help="time the Triton cluster kernel where the registered op would run "
+                             "the wgmma form (kernels.WGMMA_BY_DEFAULT off)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
-    kernels.WGMMA_BY_DEFAULT = args.wgmma or kernels.WGMMA_BY_DEFAULT   # before any launch
+    kernels.WGMMA_BY_DEFAULT = kernels.WGMMA_BY_DEFAULT and not args.no_wgmma   # before any launch
     engines = [e for e in ENGINES if e in args.engines.split(",")]
     start = time.perf_counter()
     sweep_left = args.sweep_budget
@@ -328,6 +328,7 @@ def main():
                   f"{fmt(r['speedup_vs_seed' + sfx], '.2f'):>7}")
     print("\nerr (rel-L2 vs float64) and design per point: " + ", ".join(
         f"({r['B']},{r['T']},{r['H']}) {r['kernel_err']:.1e} {r['config']['method']}"
+        f"{'/wgmma' if r['config'].get('wgmma') else ''}"
         for r in results))
     print("x = other's time / kernel's time (> 1: the kernel is faster)")
     if args.sweep:

@@ -72,8 +72,9 @@ partly resident), or an SM count cut below the reported one (MPS limits).
 On Hopper, the cluster split kernel has a second form for fp16/bf16 up to H=512
 (``wgmma.py``, written in Gluon): the same exchange and arithmetic, with the step's product
 computed transposed so that ``w_rec`` sits in registers as warpgroup MMA's left operand
-instead of being re-read from shared memory every step (``wgmma`` in the config; on request
-until ``WGMMA_BY_DEFAULT``).
+instead of being re-read from shared memory every step (``wgmma`` in the config). It is the
+default at H of 257 to 512, where it measured faster (``WGMMA_BLOCK_H``), and runs on request
+(``wgmma=True``) down to H=64.
 
 The Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) runs programs one after the
 other, so a program would spin forever on a sibling that has not started: the split kernel
@@ -499,13 +500,16 @@ def wgmma_available() -> bool:
     return _cfc_wgmma_kernel is not None
 
 
-#: the block_h (H rounded up) at which the cluster kernel may default to its wgmma form
-WGMMA_BLOCK_H = (256, 512)
-#: whether ``launch_config`` picks the wgmma form by itself (at ``WGMMA_BLOCK_H``). Off for
-#: now: the kernel in ``wgmma.py`` was measured on the H200 as a prototype (same body, see
-#: ``_split_config``), but this module's dispatch to it and the GPU tests
-#: (``test_wgmma_form_*``) have not yet run on a GPU. ``wgmma=True`` asks for it.
-WGMMA_BY_DEFAULT = False
+#: the block_h (H rounded up) at which the cluster kernel defaults to its wgmma form. On the
+#: H200 (fp16, CUDA-graph time, the benchmark's sweep, one run, 2026-11-23) it beat the
+#: Triton cluster kernel at H=512 (0.104 against 0.115 ms at B=256 T=50) and lost at H=256
+#: (0.073 against 0.066 ms at B=64 T=50, 0.141 against 0.128 at B=128 T=100, 0.0188 against
+#: 0.0174 at B=32 T=10), so H of 129 to 256 keeps the Triton kernel
+WGMMA_BLOCK_H = (512,)
+#: whether ``launch_config`` picks the wgmma form by itself (at ``WGMMA_BLOCK_H``, fp16/bf16,
+#: where it runs: ``wgmma_runs``); ``wgmma=True`` asks for it anywhere it can run. Its GPU
+#: tests (``test_wgmma_form_*``) passed on the H200 (2026-11-23)
+WGMMA_BY_DEFAULT = True
 
 
 def _block_h(H: int) -> int:
@@ -546,11 +550,9 @@ def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None,
     if clusters and (wgmma or (wgmma is None and WGMMA_BY_DEFAULT and dtype != torch.float32
                                 and block_h in WGMMA_BLOCK_H)):
         # (asked for where it cannot run, the plan refuses it: _wgmma_plan)
-        # the wgmma form (wgmma.py), measured as a prototype on the H200 (fp16, CUDA-graph
-        # time, two rounds): 0.089-0.091 ms against 0.112-0.114 for the Triton cluster
-        # kernel at B=256 T=50 H=512, 0.060-0.062 against 0.065-0.067 at B=64 T=50 H=256,
-        # 0.117 against 0.128-0.130 at B=128 T=100, 0.0165-0.0167 against 0.0170-0.0171 at
-        # B=32 T=10; at H=256, 4 programs of 64 columns beat 2 of 128 (0.060 against 0.068)
+        # the wgmma form (wgmma.py): the default at WGMMA_BLOCK_H (measured there); asked
+        # for at H <= 256, 4 programs of 64 columns (0.060 ms against 0.068 for 2 of 128 at
+        # B=64 T=50 H=256, as a prototype)
         block_n = 64 if block_h <= 256 else 128
         return {"method": "split", "block_b": 16, "block_k": min(32, block_h),
                 "block_n": block_n, "cluster": True, "k_split": 1, "w_resident": True,

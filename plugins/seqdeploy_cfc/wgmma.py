@@ -44,7 +44,9 @@ from seqdeploy_cfc.kernels import _cluster_barrier, _one_minus_exp_neg, _tanh
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
-@gluon.jit
+# T is never specialized: at T == 1 (a constexpr then) Triton 3.6 fails an LLVM assertion
+# lowering this kernel for sm_90 (ConvertTritonGPUToLLVM; 3.9 compiles it)
+@gluon.jit(do_not_specialize=["T"])
 def _cfc_wgmma_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
                       sx_b, sx_t, sh_b, sw_k, sy_b, sy_t,
                       BLOCK_B: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
