@@ -269,9 +269,9 @@ def test_launch_config_with_clusters(monkeypatch, wgmma_by_default):
     over several steps, whatever the batch (clusters need no co-residency). In fp16/bf16,
     where the wgmma form runs (compute capability 9.x, Gluon), asked for (``wgmma=True``):
     4 programs of 64 columns (4 warps) at H of 129 to 256, of 128 (8 warps) at H of 257 to
-    512; with ``WGMMA_BY_DEFAULT``, also the default at H of 257 to 512. Otherwise
-    (``wgmma=False``, fp32, a GPU where it cannot run) the Triton kernel: 8 programs of 32 columns at H=256, 4 of 128 at H=512 in
-    fp16/bf16 and 8 of 64 in fp32; rows below H=256; a single step keeps the cluster-less
+    512; with ``WGMMA_BY_DEFAULT``, also the default at H of 129 to 512. Otherwise
+    (``wgmma=False``, fp32, a GPU where it cannot run) the Triton kernel: 8 programs of 32
+    columns at H=256, 4 of 128 at H=512 in fp16/bf16 and 8 of 64 in fp32; rows below H=256; a single step keeps the cluster-less
     tiling (nobody waits) unless the wgmma form is asked for, as does a small H."""
     monkeypatch.setattr(kernels, "sm_count",
                         lambda device: 132 if torch.device(device).type == "cuda" else None)
@@ -682,10 +682,13 @@ needs_wgmma = pytest.mark.skipif(
 @needs_wgmma
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("B,T,H", SPLIT_SHAPES + [(37, 13, 500), (5, 3, 300), (19, 6, 100),
-                                                  (3, 1, 512)])
+                                                  (3, 1, 512), (7, 5, 64), (9, 301, 512),
+                                                  (33, 2, 256)])
 def test_wgmma_form_matches_naive(B, T, H, dtype):
     """The wgmma form (``wgmma.py``) at the seed's four points and odd shapes (padded rows
-    and columns, strided inputs, H=100, a single step), NaN-poisoned: within the dtype's
+    and columns, strided inputs, H=100, a single step, one program per cluster at H=64, 301
+    steps: each mbarrier through 150 phases, two steps: one exchange), NaN-poisoned: within
+    the dtype's
     tolerance of the float64 loop, and repeated launches bit for bit equal. The Triton
     cluster kernel (``wgmma=False``) meets the same tolerance on the same inputs."""
     args = make(B, T, H, dtype, "cuda", seed=21, strided=H % 16 != 0)
@@ -702,7 +705,7 @@ def test_wgmma_form_matches_naive(B, T, H, dtype):
 @pytest.mark.parametrize("B,T,H", [(64, 50, 300), (40, 9, 512)])
 def test_wgmma_form_as_the_default(B, T, H, wgmma_by_default):
     """With ``WGMMA_BY_DEFAULT`` (and only then) the registered op runs the wgmma form at
-    H of 257 to 512 over several steps, first through the full launch, then through the
+    H of 129 to 512 over several steps, first through the full launch, then through the
     kept-ready one (``_READY``), both bit for bit equal to ``wgmma=True``; without it, the
     Triton kernel runs (and is kept ready) instead."""
     args = make(B, T, H, torch.float16, "cuda", seed=22)

@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent("""
                            options={"num_warps": num_warps})
         assert k.asm["cubin"], fn.__name__
         print(fn.__name__, "ok", flush=True)
+        return k
 
     i32 = "i32"
     for dt in ("fp32", "fp16", "bf16"):
@@ -62,16 +63,21 @@ SCRIPT = textwrap.dedent("""
     from seqdeploy_cfc import wgmma
     # a single step (T == 1) fails to lower when T is a constexpr, which Triton makes an
     # integer argument equal to 1 unless told not to
-    assert [p.name for p in wgmma._cfc_wgmma_kernel.params if p.do_not_specialize] == ["T"]
+    assert [p.name for p in wgmma._cfc_wgmma_kernel.params
+            if p.do_not_specialize] == ["T", "h_off", "bar_off"]
     for dt in ("fp16", "bf16"):
         p = "*" + dt
         sig = dict(xw_ptr=p, h0_ptr=p, w_ptr=p, tau_ptr="*fp32", y_ptr=p, dt="fp32", B=i32,
-                   T=i32, H=i32, sx_b=i32, sx_t=i32, sh_b=i32, sw_k=i32, sy_b=i32, sy_t=i32)
+                   T=i32, H=i32, sx_b=i32, sx_t=i32, sh_b=i32, sw_k=i32, sy_b=i32, sy_t=i32,
+                   h_off=i32, bar_off=i32)
         for block_h, block_n in ((256, 64), (512, 128)):
-            compile(wgmma._cfc_wgmma_kernel, sig,
-                    dict(BLOCK_B=16, BLOCK_H=block_h, BLOCK_N=block_n, SERIES_BELOW=0.5,
-                         FAST_TANH=True, NUM_WARPS=block_n // 16), block_n // 16,
-                    source=GluonASTSource)
+            k = compile(wgmma._cfc_wgmma_kernel, sig,
+                        dict(BLOCK_B=16, BLOCK_H=block_h, BLOCK_N=block_n,
+                             CLUSTER_N=block_h // block_n, SERIES_BELOW=0.5, FAST_TANH=True,
+                             NUM_WARPS=block_n // 16), block_n // 16, source=GluonASTSource)
+            # the host finds its shared buffers in the PTX (the first two, at offset 0)
+            assert cfc.wgmma_shared_offsets(k.asm["ptx"], 16 * block_h * 2) == \
+                (0, 2 * 16 * block_h * 2), (dt, block_h)
 """)
 
 

@@ -70,11 +70,12 @@ work that itself waits on this kernel (e.g. two split launches on concurrent str
 partly resident), or an SM count cut below the reported one (MPS limits).
 
 On Hopper, the cluster split kernel has a second form for fp16/bf16 up to H=512
-(``wgmma.py``, written in Gluon): the same exchange and arithmetic, with the step's product
-computed transposed so that ``w_rec`` sits in registers as warpgroup MMA's left operand
-instead of being re-read from shared memory every step (``wgmma`` in the config). It is the
-default at H of 257 to 512, where it measured faster (``WGMMA_BLOCK_H``), and runs on request
-(``wgmma=True``) down to H=64.
+(``wgmma.py``, written in Gluon): the same arithmetic, with the step's product computed
+transposed so that ``w_rec`` sits in registers as warpgroup MMA's left operand instead of
+being re-read from shared memory every step, and ``h`` handed to the siblings by bulk copies
+into their shared memory instead of through ``y`` and the cluster barrier (``wgmma`` in the
+config). It is the default at H of 129 to 512, where it measured faster (``WGMMA_BLOCK_H``),
+and runs on request (``wgmma=True``) down to H=64.
 
 The Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) runs programs one after the
 other, so a program would spin forever on a sibling that has not started: the split kernel
@@ -90,6 +91,7 @@ call, fp32 reproduces the whole sequence, since then the state is exactly y).
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import triton
@@ -500,15 +502,17 @@ def wgmma_available() -> bool:
     return _cfc_wgmma_kernel is not None
 
 
-#: the block_h (H rounded up) at which the cluster kernel defaults to its wgmma form. On the
-#: H200 (fp16, CUDA-graph time, the benchmark's sweep, one run, 2026-11-23) it beat the
-#: Triton cluster kernel at H=512 (0.104 against 0.115 ms at B=256 T=50) and lost at H=256
-#: (0.073 against 0.066 ms at B=64 T=50, 0.141 against 0.128 at B=128 T=100, 0.0188 against
-#: 0.0174 at B=32 T=10), so H of 129 to 256 keeps the Triton kernel
-WGMMA_BLOCK_H = (512,)
+#: the block_h (H rounded up) at which the cluster kernel defaults to its wgmma form. With
+#: the exchange through shared memory (``wgmma.py``), on the H200 (fp16, CUDA-graph time, a
+#: prototype of the same kernel, 2026-12-05) it beat the Triton cluster kernel at every seed
+#: point: 17.9 against 19.3 us at B=32 T=10 H=256, 34.5 against 65.9 at B=64 T=50, 63.4
+#: against 130.5 at B=128 T=100, 66.5 against 115.1 at B=256 T=50 H=512; the integrated
+#: kernel on an H100 the same day: 16.8-18.0 / 37.6-37.8 / 66.3-66.8 / 66.9-67.0 against
+#: 19.7 / 70.2 / 134.4 / 113.0-113.2. At a smaller block_h the Triton kernels stay the
+#: default (not measured there)
+WGMMA_BLOCK_H = (256, 512)
 #: whether ``launch_config`` picks the wgmma form by itself (at ``WGMMA_BLOCK_H``, fp16/bf16,
-#: where it runs: ``wgmma_runs``); ``wgmma=True`` asks for it anywhere it can run. Its GPU
-#: tests (``test_wgmma_form_*``) passed on the H200 (2026-11-23)
+#: where it runs: ``wgmma_runs``); ``wgmma=True`` asks for it anywhere it can run
 WGMMA_BY_DEFAULT = True
 
 
@@ -550,9 +554,9 @@ def _split_config(B: int, H: int, dtype: torch.dtype, sms: int | None,
     if clusters and (wgmma or (wgmma is None and WGMMA_BY_DEFAULT and dtype != torch.float32
                                 and block_h in WGMMA_BLOCK_H)):
         # (asked for where it cannot run, the plan refuses it: _wgmma_plan)
-        # the wgmma form (wgmma.py): the default at WGMMA_BLOCK_H (measured there); asked
-        # for at H <= 256, 4 programs of 64 columns (0.060 ms against 0.068 for 2 of 128 at
-        # B=64 T=50 H=256, as a prototype)
+        # the wgmma form (wgmma.py): the default at WGMMA_BLOCK_H (measured there); at
+        # H <= 256, 4 programs of 64 columns (0.060 ms against 0.068 for 2 of 128 at
+        # B=64 T=50 H=256, with the exchange through y)
         block_n = 64 if block_h <= 256 else 128
         return {"method": "split", "block_b": 16, "block_k": min(32, block_h),
                 "block_n": block_n, "cluster": True, "k_split": 1, "w_resident": True,
@@ -716,7 +720,7 @@ def _wgmma_plan(B, H, dtype, block_h, block_b, block_n, cfg, fast_tanh) -> tuple
             f"num_warps={cfg['num_warps']}, w_resident={cfg['w_resident']}, "
             f"k_split={cfg.get('k_split', 1)}, H={H}")
     n_bb, n_nb = split_grid(B, H, block_b, block_n)
-    values = (block_b, block_h, block_n, SERIES_BELOW, fast_tanh, cfg["num_warps"])
+    values = (block_b, block_h, block_n, n_nb, SERIES_BELOW, fast_tanh, cfg["num_warps"])
     return "wgmma", (n_bb * n_nb,), values, cfg["num_warps"], n_bb, n_nb
 
 
@@ -737,10 +741,49 @@ def _scalars(xw, h0, w_rec, y, dt) -> tuple:
     return (float(dt), *xw.shape, sx[0], sx[1], h0.stride(0), w_rec.stride(0), sy[0], sy[1])
 
 
+#: ``(h_off, bar_off)`` of the wgmma form's binaries, by constexpr values and dtype
+_WGMMA_OFFSETS: dict[tuple, tuple[int, int]] = {}
+
+
+def _wgmma_offsets(plan: tuple, args: tuple) -> tuple[int, int]:
+    """The byte offsets in shared memory of the wgmma form's ``h`` buffers and mbarriers
+    (its ``h_off`` and ``bar_off``, see ``wgmma.py``) in the binary that ``plan`` launches
+    (:func:`wgmma_shared_offsets` of its PTX). Compiled here (``warmup``, which Triton
+    caches for the launch) on first use of a plan and dtype."""
+    key = (plan[2], args[0].dtype)
+    offsets = _WGMMA_OFFSETS.get(key)
+    if offsets is None:
+        launcher = _wgmma_launcher()
+        constexprs = launcher._constexprs((*args, 0, 0), plan[2])
+        binary = launcher.kernel.warmup(*args, 0, 16, **constexprs, grid=plan[1],
+                                        num_warps=plan[3])
+        offsets = wgmma_shared_offsets(binary.asm["ptx"], plan[2][0] * plan[2][1] * 2)
+        if offsets is None:
+            raise RuntimeError(f"cfc_scan: cannot locate the wgmma kernel's shared buffers "
+                               f"in its PTX (triton {triton.__version__}); pass wgmma=False")
+        _WGMMA_OFFSETS[key] = offsets
+    return offsets
+
+
+def wgmma_shared_offsets(ptx: str, buffer_bytes: int) -> tuple[int, int] | None:
+    """``(h_off, bar_off)`` in the wgmma form's PTX: the mbarriers are the first words of the
+    third ``h`` buffer (of ``buffer_bytes``) in the same allocation, so the offset from
+    ``global_smem`` that the first ``mbarrier.init`` addresses gives both. None where that
+    is not found, or gives buffers off the 1024-byte alignment their swizzle needs."""
+    init = re.search(r"mbarrier\.init\.shared::cta\.b64 \[(%r\d+)\], 1;", ptx)
+    add = init and re.search(r"add\.s32\s+" + re.escape(init.group(1)) + r", %r\d+, (\d+);",
+                             ptx)
+    if not add:
+        return None
+    h_off = int(add.group(1)) - 2 * buffer_bytes
+    return (h_off, h_off + 2 * buffer_bytes) if h_off >= 0 and h_off % 1024 == 0 else None
+
+
 def _launch_wgmma(xw, h0, w_rec, tau, y, dt, plan, signature=None):
     """Launch the wgmma form as clusters of a batch block's programs; with ``signature``,
     also keep the launch ready for repeat calls (see ``_READY``)."""
     args = (xw, h0, w_rec, tau, y, *_scalars(xw, h0, w_rec, y, dt))
+    args = (*args, *_wgmma_offsets(plan, args))
     launcher = _wgmma_launcher()
     launcher.clustered(plan[1], plan[5], args, plan[2], num_warps=plan[3])
     if signature is not None:
