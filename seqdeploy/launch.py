@@ -208,13 +208,18 @@ class Launcher:
 
         return run
 
+    def compile(self, grid: tuple[int, ...], args: tuple, values: tuple, **options: Any):
+        """The compiled binary (Triton's ``CompiledKernel``) that a launch with these
+        arguments runs, compiled without launching (``warmup``; Triton caches it)."""
+        return self.kernel.warmup(*args, **self._constexprs(args, values), grid=grid,
+                                  **options)
+
     def _cluster_binary(self, key, grid, cluster, args, values, options) -> tuple:
         """Compile (``warmup``: no launch) what :meth:`clustered` launches for ``key``, and
         remember its direct launch with ``cluster`` in place of ``num_ctas``."""
         if grid[0] % cluster:
             raise ValueError(f"{grid[0]} programs do not split into clusters of {cluster}")
-        binary = self.kernel.warmup(*args, **self._constexprs(args, values), grid=grid,
-                                    **options)
+        binary = self.compile(grid, args, values, **options)
         direct = _direct_launch(binary)
         if direct is None:
             raise RuntimeError(f"{self.kernel.__name__}: a kernel that needs scratch "

@@ -271,8 +271,9 @@ def test_launch_config_with_clusters(monkeypatch, wgmma_by_default):
     4 programs of 64 columns (4 warps) at H of 129 to 256, of 128 (8 warps) at H of 257 to
     512; with ``WGMMA_BY_DEFAULT``, also the default at H of 129 to 512. Otherwise
     (``wgmma=False``, fp32, a GPU where it cannot run) the Triton kernel: 8 programs of 32
-    columns at H=256, 4 of 128 at H=512 in fp16/bf16 and 8 of 64 in fp32; rows below H=256; a single step keeps the cluster-less
-    tiling (nobody waits) unless the wgmma form is asked for, as does a small H."""
+    columns at H=256, 4 of 128 at H=512 in fp16/bf16 and 8 of 64 in fp32; rows below
+    H=256; a single step keeps the cluster-less tiling (nobody waits) unless the wgmma form
+    is asked for, as does a small H."""
     monkeypatch.setattr(kernels, "sm_count",
                         lambda device: 132 if torch.device(device).type == "cuda" else None)
     monkeypatch.setattr(kernels, "clusters_available",

@@ -748,15 +748,14 @@ _WGMMA_OFFSETS: dict[tuple, tuple[int, int]] = {}
 def _wgmma_offsets(plan: tuple, args: tuple) -> tuple[int, int]:
     """The byte offsets in shared memory of the wgmma form's ``h`` buffers and mbarriers
     (its ``h_off`` and ``bar_off``, see ``wgmma.py``) in the binary that ``plan`` launches
-    (:func:`wgmma_shared_offsets` of its PTX). Compiled here (``warmup``, which Triton
-    caches for the launch) on first use of a plan and dtype."""
+    (:func:`wgmma_shared_offsets` of its PTX). Compiled here (``Launcher.compile``, which
+    Triton caches for the launch; the offsets are never specialized on) on first use of a
+    plan and dtype."""
     key = (plan[2], args[0].dtype)
     offsets = _WGMMA_OFFSETS.get(key)
     if offsets is None:
-        launcher = _wgmma_launcher()
-        constexprs = launcher._constexprs((*args, 0, 0), plan[2])
-        binary = launcher.kernel.warmup(*args, 0, 16, **constexprs, grid=plan[1],
-                                        num_warps=plan[3])
+        binary = _wgmma_launcher().compile(plan[1], (*args, 0, 16), plan[2],
+                                           num_warps=plan[3])
         offsets = wgmma_shared_offsets(binary.asm["ptx"], plan[2][0] * plan[2][1] * 2)
         if offsets is None:
             raise RuntimeError(f"cfc_scan: cannot locate the wgmma kernel's shared buffers "
