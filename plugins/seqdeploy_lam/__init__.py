@@ -1,0 +1,110 @@
+"""seqdeploy plugin ``lam``: dual-state gated delta-rule encoder (ARCHITECTURES.md section 4)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from seqdeploy.architecture import BATCH, SEQ, Architecture, TensorSpec
+from seqdeploy.bench import OpBenchmark
+from seqdeploy.hookspecs import hookimpl
+
+_KINDS = {f.name for f in dataclasses.fields(TensorSpec)}
+
+
+def _spec(name, dtype, shape, doc="", bounds=None, kind=""):
+    """A TensorSpec with its kind where this core declares kinds (core contract v2)."""
+    extra = {"kind": kind} if kind and "kind" in _KINDS else {}
+    return TensorSpec(name, dtype, shape, doc, bounds, **extra)
+
+
+class Lam(Architecture):
+    name = "lam"
+    description = "LAM encoder: two gated delta-rule memories per layer (DualDeltaRule), pooled embedding"
+    presets = {
+        "tiny": {"vocab": 256, "d_model": 64, "n_heads": 2, "n_layers": 2, "seq_len": 128,
+                 "bench_batch": 8},
+        "base": {"vocab": 30522, "d_model": 768, "n_heads": 12, "n_layers": 6, "seq_len": 512,
+                 "bench_batch": 1},
+    }
+    ops = ("dual_delta_rule",)
+    state_map = {"memory": "memory_out", "conv": "conv_out"}
+    fp32_parameters = ("decay_",)
+    gpu_preset = "base"
+
+    def build(self, config: dict[str, Any]) -> torch.nn.Module:
+        from seqdeploy_lam.model import LamEncoder
+
+        return LamEncoder(config["vocab"], config["d_model"], config["n_heads"], config["n_layers"])
+
+    def bench_shapes(self, config):
+        return [(int(config.get("bench_batch", 1)), 128), (int(config.get("bench_batch", 1)), 512)]
+
+    def _state_shapes(self, config):
+        L, D, n = config["n_layers"], config["d_model"], config["n_heads"]
+        d = D // n
+        return (BATCH, L, n, 2, d, d), (BATCH, L, 3, 3 * D)
+
+    def input_specs(self, config):
+        memory, conv = self._state_shapes(config)
+        return [_spec("input_ids", "int64", (BATCH, SEQ), "token ids", (0, config["vocab"])),
+                _spec("attention_mask", "int64", (BATCH, SEQ), "1 = real token, 0 = padding",
+                      (0, 2), kind="mask"),
+                _spec("memory", "float32", memory, "both memories per layer (fast, slow)"),
+                _spec("conv", "float32", conv, "causal-conv tails: last 3 q|k|v projections")]
+
+    def output_specs(self, config):
+        memory, conv = self._state_shapes(config)
+        return [_spec("token_states", "float", (BATCH, SEQ, config["d_model"]), kind="step"),
+                _spec("embedding", "float", (BATCH, config["d_model"]),
+                      "masked mean of token_states, L2-normalised", kind="pooled"),
+                _spec("memory_out", "float32", memory, "both memories after the call"),
+                _spec("conv_out", "float32", conv, "causal-conv tails after the call")]
+
+    def make_inputs(self, config, batch, seq_len, seed=0, ragged=False):
+        """Random ids, a full mask (``ragged``: row i keeps a seeded length, at least 1, and
+        is right-padded), small random states."""
+        g = torch.Generator().manual_seed(seed)
+        memory, conv = self._state_shapes(config)
+        mask = torch.ones(batch, seq_len, dtype=torch.int64)
+        if ragged:
+            lengths = torch.randint(1, seq_len + 1, (batch,), generator=g)
+            lengths[0] = seq_len
+            mask = (torch.arange(seq_len)[None] < lengths[:, None]).to(torch.int64)
+        return {"input_ids": torch.randint(0, config["vocab"], (batch, seq_len), generator=g),
+                "attention_mask": mask,
+                "memory": 0.1 * torch.randn((batch, *memory[1:]), generator=g),
+                "conv": 0.5 * torch.randn((batch, *conv[1:]), generator=g)}
+
+    def op_benchmarks(self, config, batch, seq_len, dtype, device):
+        from seqdeploy_lam.model import DUAL_DELTA_RULE
+
+        n = config["n_heads"]
+        d = config["d_model"] // n
+        g = torch.Generator(device=device).manual_seed(3)
+        rand = lambda *s: torch.randn(*s, generator=g, device=device)   # noqa: E731
+        q = (F.normalize(rand(batch, seq_len, n, d), dim=-1) / d ** 0.5).to(dtype)
+        k = F.normalize(rand(batch, seq_len, n, d), dim=-1).to(dtype)
+        v = rand(batch, seq_len, n, d).to(dtype)
+        beta, mix = (torch.sigmoid(rand(batch, seq_len, n)).to(dtype) for _ in range(2))
+        g_fast = F.logsigmoid(rand(batch, seq_len, n))
+        g_slow = F.logsigmoid(rand(batch, seq_len, n) + 3.5)
+        state = torch.zeros(batch, n, 2, d, d, device=device)
+        moved = 4 * q.numel() * q.element_size() + 2 * state.numel() * 4
+        return [OpBenchmark("dual_delta_rule",
+                            lambda: DUAL_DELTA_RULE.torch_op(q, k, v, beta, g_fast, g_slow, mix, state),
+                            moved, f"B={batch} T={seq_len} n={n} d={d} {str(dtype)[6:]}")]
+
+
+@hookimpl
+def register_architectures(register):
+    register(Lam())
+
+
+@hookimpl
+def register_ops(register):
+    from seqdeploy_lam.model import DUAL_DELTA_RULE
+
+    register(DUAL_DELTA_RULE)
