@@ -89,3 +89,55 @@ def test_kernels_compile_for_sm90():
         pytest.skip("this triton build ships no ptxas")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count(" ok") == 3 * 9 + 4
+
+
+LAM_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from seqdeploy_lam import kernels as lam
+
+    def compile(fn, sig, const, num_warps=4):
+        sig = {**sig, **{k: "constexpr" for k in const}}
+        k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps})
+        assert k.asm["cubin"], fn.__name__
+        print(fn.__name__, "ok", flush=True)
+
+    i32 = "i32"
+    for dt in ("fp32", "fp16", "bf16"):
+        p = "*" + dt
+        ws = p if dt != "fp32" else "*fp32"
+        prec = "ieee" if dt == "fp32" else "tf32"
+        for d in (32, 64):             # head dims of the tiny and base presets
+            compile(lam._wy_kernel,
+                    dict(k_ptr=p, v_ptr=p, beta_ptr=p, gf_ptr="*fp32", gs_ptr="*fp32", w_ptr=ws,
+                         u_ptr=ws, gam_ptr="*fp32", T=i32, n=i32, d=i32, dv=i32, sk_b=i32,
+                         sk_t=i32, sk_h=i32, sv_b=i32, sv_t=i32, sv_h=i32, Tp=i32),
+                    dict(BT=64, BD=d, BDV=d, PREC=prec))
+            compile(lam._chunk_kernel,
+                    dict(q_ptr=p, k_ptr=p, w_ptr=ws, u_ptr=ws, gam_ptr="*fp32", mix_ptr=p,
+                         s0_ptr="*fp32", o_ptr=p, sT_ptr="*fp32", T=i32, n=i32, d=i32, dv=i32,
+                         sq_b=i32, sq_t=i32, sq_h=i32, sk_b=i32, sk_t=i32, sk_h=i32, so_b=i32,
+                         so_t=i32, so_h=i32, Tp=i32),
+                    dict(BT=64, BD=d, BV=32, PREC=prec))
+            compile(lam._recurrent_kernel,
+                    dict(q_ptr=p, k_ptr=p, v_ptr=p, beta_ptr=p, gf_ptr="*fp32", gs_ptr="*fp32",
+                         mix_ptr=p, s0_ptr="*fp32", o_ptr=p, sT_ptr="*fp32", T=i32, n=i32,
+                         d=i32, dv=i32, sq_b=i32, sq_t=i32, sq_h=i32, sk_b=i32, sk_t=i32,
+                         sk_h=i32, sv_b=i32, sv_t=i32, sv_h=i32, so_b=i32, so_t=i32, so_h=i32),
+                    dict(BD=d, BV=32))
+""")
+
+
+def test_lam_kernels_compile_for_sm90():
+    """The lam kernels (WY prep, chunk recurrence, recurrent step) at d = 32 and 64."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", LAM_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=600)
+    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
+        pytest.skip("this triton build ships no ptxas")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count(" ok") == 3 * 2 * 3

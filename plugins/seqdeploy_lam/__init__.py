@@ -40,7 +40,10 @@ class Lam(Architecture):
         return LamEncoder(config["vocab"], config["d_model"], config["n_heads"], config["n_layers"])
 
     def bench_shapes(self, config):
-        return [(int(config.get("bench_batch", 1)), 128), (int(config.get("bench_batch", 1)), 512)]
+        """base: the seed's encoder shapes (one request of 128 and of 512 tokens)."""
+        if config["d_model"] >= 512:
+            return [(1, 128), (1, 512)]
+        return [(int(config.get("bench_batch", 8)), self.seq_len(config))]
 
     def _state_shapes(self, config):
         L, D, n = config["n_layers"], config["d_model"], config["n_heads"]

@@ -116,7 +116,9 @@ class LamEncoder(nn.Module):
         self.norm = RMSNorm32(d_model)
 
     def forward(self, input_ids, attention_mask, memory, conv):
-        x = self.embed(input_ids)
+        # index_select, not nn.Embedding: the exporter names aten.embedding's value
+        # "embedding", which would collide with the output of that name
+        x = self.embed.weight.index_select(0, input_ids.reshape(-1)).view(*input_ids.shape, -1)
         mask = attention_mask.to(x.dtype)
         memories, tails = [], []
         for i, (mixer, ffn) in enumerate(zip(self.mixers, self.ffns)):
