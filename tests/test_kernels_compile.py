@@ -111,7 +111,7 @@ LAM_SCRIPT = textwrap.dedent("""
         p = "*" + dt
         ws = p if dt != "fp32" else "*fp32"
         prec = "ieee" if dt == "fp32" else "tf32"
-        for d in (32, 64):             # head dims of the tiny and base presets
+        for d in ((32, 64) if dt == "fp16" else (64,)):   # head dims of tiny and base
             compile(lam._wy_kernel,
                     dict(k_ptr=p, v_ptr=p, beta_ptr=p, gf_ptr="*fp32", gs_ptr="*fp32", w_ptr=ws,
                          u_ptr=ws, gam_ptr="*fp32", T=i32, n=i32, d=i32, dv=i32, sk_b=i32,
@@ -140,4 +140,4 @@ def test_lam_kernels_compile_for_sm90():
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
         pytest.skip("this triton build ships no ptxas")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count(" ok") == 3 * 2 * 3
+    assert out.stdout.count(" ok") == 3 * 4

@@ -7,8 +7,9 @@ fp32, and only ``exp(gamma_i - gamma_j)`` with i >= j is formed, masked before t
 
 1. ``_wy_kernel``, grid (chunk, batch*head), fully parallel: loads k, v, beta and both
    log-decays once, forms ``K K^T`` once, then per memory the strictly lower
-   ``A = beta_i (k_i . k_j) e^{gamma_i - gamma_j}``, inverts ``I + A`` by forward substitution in
-   registers (64 x 64, fp32) and writes the WY representation ``W = (I+A)^-1 (beta e^gamma K)``,
+   ``A = beta_i (k_i . k_j) e^{gamma_i - gamma_j}``, inverts ``I + A`` blockwise in registers
+   (forward substitution on its four 16 x 16 diagonal blocks, products for the rest, fp32)
+   and writes the WY representation ``W = (I+A)^-1 (beta e^gamma K)``,
    ``U = (I+A)^-1 (beta V)`` and ``gamma`` to a workspace (W, U in the input dtype for fp16 and
    bf16 inputs, fp32 otherwise).
 2. ``_chunk_kernel``, grid (batch*head, block of dv), sequential over chunks, holding both
@@ -36,54 +37,147 @@ RECURRENT_MAX_T = 16
 
 
 @triton.jit
+def _inv_unit_lower(A, BC: tl.constexpr):
+    """``(I + A)^-1`` of a strictly lower ``[BC, BC]`` fp32 tile, by forward substitution:
+    with ``X = (I + A)^-1 - I`` and ``L = -A``, row i of X is ``L_i + sum_{j<i} L_ij X_j``."""
+    rows = tl.arange(0, BC)
+    X = -A
+    for i in range(1, BC):
+        li = tl.sum(tl.where(rows[:, None] == i, X, 0.0), 0)
+        new = li + tl.sum(li[:, None] * X, 0)
+        X = tl.where(rows[:, None] == i, new[None, :], X)
+    return X + tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t,
+                sv_h, BD: tl.constexpr, BDV: tl.constexpr):
+    """k [16, BD] and beta * v [16, BDV] (fp32), beta [16] of the rows ``t``; zeros past T."""
+    mt = t < T
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BDV)
+    t64 = t.to(tl.int64)
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :],
+                mask=mt[:, None] & (od < d)[None, :], other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + t64[:, None] * sv_t + ov[None, :],
+                mask=mt[:, None] & (ov < dv)[None, :], other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + (b * T + t64) * n + h, mask=mt, other=0.0).to(tl.float32)
+    return k, beta[:, None] * v, beta
+
+
+@triton.jit
+def _log_decays(g_ptr, b, h, t, T, n):
+    return tl.load(g_ptr + (b * T + t.to(tl.int64)) * n + h, mask=t < T, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _off_block(beta_i, kk, gam_i, gam_j):
+    """A_IJ for a block I after block J: every i > j, and gamma_i <= gamma_j."""
+    return beta_i[:, None] * kk * tl.exp(gam_i[:, None] - gam_j[None, :])
+
+
+@triton.jit
+def _diag_block(beta_i, kk, gam_i):
+    r = tl.arange(0, 16)
+    strict = r[:, None] > r[None, :]
+    return beta_i[:, None] * kk * tl.exp(tl.where(strict, gam_i[:, None] - gam_i[None, :], float("-inf")))
+
+
+@triton.jit
+def _store_rows(w_ptr, u_ptr, gam_ptr, base, W, U, gam, d, dv, BD: tl.constexpr, BDV: tl.constexpr):
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BDV)
+    tl.store(w_ptr + base[:, None] * d + od[None, :], W.to(w_ptr.dtype.element_ty), mask=(od < d)[None, :])
+    tl.store(u_ptr + base[:, None] * dv + ov[None, :], U.to(u_ptr.dtype.element_ty), mask=(ov < dv)[None, :])
+    tl.store(gam_ptr + base, gam)
+
+
+@triton.jit
 def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
                T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, Tp,
                BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
+    """One chunk of 64 rows as four blocks of 16: ``(I + A)^-1`` is block lower triangular;
+    its diagonal blocks come from forward substitution on 16 x 16 tiles and the blocks below
+    from products of those (``T_IJ = -T_II sum_{J<=M<I} A_IM T_MJ``), never from powers of A."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n).to(tl.int64)
     h = bh % n
-    rows = tl.arange(0, BT)
-    t = c * BT + rows
-    mt = t < T
-    od = tl.arange(0, BD)
-    ov = tl.arange(0, BDV)
-    md = od < d
-    mv = ov < dv
-    t64 = t.to(tl.int64)
-    kt = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :],
-                 mask=mt[:, None] & md[None, :], other=0.0)
-    vt = tl.load(v_ptr + b * sv_b + h * sv_h + t64[:, None] * sv_t + ov[None, :],
-                 mask=mt[:, None] & mv[None, :], other=0.0)
-    sc = (b * T + t64) * n + h                       # [B, T, n] contiguous per-token scalars
-    bet = tl.load(beta_ptr + sc, mask=mt, other=0.0).to(tl.float32)
-    kf = kt.to(tl.float32)
-    kk = tl.dot(kf, tl.trans(kf), input_precision=PREC)       # once for both memories
-    bv = bet[:, None] * vt.to(tl.float32)
-    strict = rows[:, None] > rows[None, :]
-    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    r = tl.arange(0, 16)
+    t0 = c * BT + r
+    t1 = t0 + 16
+    t2 = t0 + 32
+    t3 = t0 + 48
+    k0, bv0, b0 = _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t0, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, BD, BDV)
+    k1, bv1, b1 = _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t1, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, BD, BDV)
+    k2, bv2, b2 = _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t2, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, BD, BDV)
+    k3, bv3, b3 = _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t3, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, BD, BDV)
+    # K K^T once for both memories (its lower blocks)
+    kk00 = tl.dot(k0, tl.trans(k0), input_precision=PREC)
+    kk11 = tl.dot(k1, tl.trans(k1), input_precision=PREC)
+    kk22 = tl.dot(k2, tl.trans(k2), input_precision=PREC)
+    kk33 = tl.dot(k3, tl.trans(k3), input_precision=PREC)
+    kk10 = tl.dot(k1, tl.trans(k0), input_precision=PREC)
+    kk20 = tl.dot(k2, tl.trans(k0), input_precision=PREC)
+    kk21 = tl.dot(k2, tl.trans(k1), input_precision=PREC)
+    kk30 = tl.dot(k3, tl.trans(k0), input_precision=PREC)
+    kk31 = tl.dot(k3, tl.trans(k1), input_precision=PREC)
+    kk32 = tl.dot(k3, tl.trans(k2), input_precision=PREC)
     for s in tl.static_range(2):
         if s == 0:
-            g = tl.load(gf_ptr + sc, mask=mt, other=0.0).to(tl.float32)
+            g_ptr = gf_ptr
         else:
-            g = tl.load(gs_ptr + sc, mask=mt, other=0.0).to(tl.float32)
-        gam = tl.cumsum(g, 0)
-        dec = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], float("-inf")))
-        # X = (I + A)^-1 - I by forward substitution: row i = L_i + sum_j L_ij X_j, L = -A
-        X = -(bet[:, None] * kk * dec)
-        for i in range(1, BT):
-            li = tl.sum(tl.where(rows[:, None] == i, X, 0.0), 0)
-            new = li + tl.sum(li[:, None] * X, 0)
-            X = tl.where(rows[:, None] == i, new[None, :], X)
-        inv = X + eye
-        W = tl.dot(inv, (bet * tl.exp(gam))[:, None] * kf, input_precision=PREC)
-        U = tl.dot(inv, bv, input_precision=PREC)
-        base = (bh * 2 + s).to(tl.int64) * Tp + c * BT + rows
-        tl.store(w_ptr + base[:, None] * d + od[None, :], W.to(w_ptr.dtype.element_ty),
-                 mask=md[None, :])
-        tl.store(u_ptr + base[:, None] * dv + ov[None, :], U.to(u_ptr.dtype.element_ty),
-                 mask=mv[None, :])
-        tl.store(gam_ptr + base, gam)
+            g_ptr = gs_ptr
+        g0 = _log_decays(g_ptr, b, h, t0, T, n)
+        g1 = _log_decays(g_ptr, b, h, t1, T, n)
+        g2 = _log_decays(g_ptr, b, h, t2, T, n)
+        g3 = _log_decays(g_ptr, b, h, t3, T, n)
+        e0 = tl.cumsum(g0, 0)
+        e1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
+        e2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
+        e3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
+        T00 = _inv_unit_lower(_diag_block(b0, kk00, e0), 16)
+        T11 = _inv_unit_lower(_diag_block(b1, kk11, e1), 16)
+        T22 = _inv_unit_lower(_diag_block(b2, kk22, e2), 16)
+        T33 = _inv_unit_lower(_diag_block(b3, kk33, e3), 16)
+        A10 = _off_block(b1, kk10, e1, e0)
+        A20 = _off_block(b2, kk20, e2, e0)
+        A21 = _off_block(b2, kk21, e2, e1)
+        A30 = _off_block(b3, kk30, e3, e0)
+        A31 = _off_block(b3, kk31, e3, e1)
+        A32 = _off_block(b3, kk32, e3, e2)
+        T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=PREC), input_precision=PREC)
+        T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=PREC), input_precision=PREC)
+        T32 = -tl.dot(T33, tl.dot(A32, T22, input_precision=PREC), input_precision=PREC)
+        T20 = -tl.dot(T22, tl.dot(A20, T00, input_precision=PREC) + tl.dot(A21, T10, input_precision=PREC),
+                      input_precision=PREC)
+        T31 = -tl.dot(T33, tl.dot(A31, T11, input_precision=PREC) + tl.dot(A32, T21, input_precision=PREC),
+                      input_precision=PREC)
+        T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=PREC) + tl.dot(A31, T10, input_precision=PREC)
+                      + tl.dot(A32, T20, input_precision=PREC), input_precision=PREC)
+        # W = (I+A)^-1 (beta e^gamma K), U = (I+A)^-1 (beta V), block row by block row
+        r0 = (b0 * tl.exp(e0))[:, None] * k0
+        r1 = (b1 * tl.exp(e1))[:, None] * k1
+        r2 = (b2 * tl.exp(e2))[:, None] * k2
+        r3 = (b3 * tl.exp(e3))[:, None] * k3
+        base = (bh * 2 + s).to(tl.int64) * Tp + c * BT + r
+        _store_rows(w_ptr, u_ptr, gam_ptr, base, tl.dot(T00, r0, input_precision=PREC),
+                    tl.dot(T00, bv0, input_precision=PREC), e0, d, dv, BD, BDV)
+        _store_rows(w_ptr, u_ptr, gam_ptr, base + 16,
+                    tl.dot(T10, r0, input_precision=PREC) + tl.dot(T11, r1, input_precision=PREC),
+                    tl.dot(T10, bv0, input_precision=PREC) + tl.dot(T11, bv1, input_precision=PREC),
+                    e1, d, dv, BD, BDV)
+        _store_rows(w_ptr, u_ptr, gam_ptr, base + 32,
+                    tl.dot(T20, r0, input_precision=PREC) + tl.dot(T21, r1, input_precision=PREC)
+                    + tl.dot(T22, r2, input_precision=PREC),
+                    tl.dot(T20, bv0, input_precision=PREC) + tl.dot(T21, bv1, input_precision=PREC)
+                    + tl.dot(T22, bv2, input_precision=PREC), e2, d, dv, BD, BDV)
+        _store_rows(w_ptr, u_ptr, gam_ptr, base + 48,
+                    tl.dot(T30, r0, input_precision=PREC) + tl.dot(T31, r1, input_precision=PREC)
+                    + tl.dot(T32, r2, input_precision=PREC) + tl.dot(T33, r3, input_precision=PREC),
+                    tl.dot(T30, bv0, input_precision=PREC) + tl.dot(T31, bv1, input_precision=PREC)
+                    + tl.dot(T32, bv2, input_precision=PREC) + tl.dot(T33, bv3, input_precision=PREC),
+                    e3, d, dv, BD, BDV)
 
 
 @triton.jit
