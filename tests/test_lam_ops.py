@@ -154,7 +154,10 @@ def test_triton_recurrent_matches_naive(T, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_long_sequence_half(dtype):
-    """T = 4096 in fp16 and bf16 (small heads in the interpreter: it emulates every element)."""
+    """T = 4096 in fp16 and bf16 (small heads in the interpreter: it emulates every element;
+    there only bf16, the coarser of the two, runs: 64 chunks cost over a minute)."""
+    if DEVICE == "cpu" and dtype == torch.float16:
+        pytest.skip("the interpreter runs T = 4096 in bf16 only (time); the GPU runs both")
     B, n, d = (1, 1, 16) if DEVICE == "cpu" else (2, 4, 64)
     args = make(B, 4096, n, d, d, dtype, DEVICE, seed=7)
     ref_o, ref_S = naive_dual_delta_rule(*args)
@@ -178,7 +181,7 @@ def test_split_sequence_equals_full(form):
           "triton-steps": lambda *a: triton_dual_delta_rule(*a, out=poisoned(a))}[form]
     device = DEVICE if form.startswith("triton") else "cpu"
     T = 12 if form == "triton-steps" else 97
-    args = make(2, T, 2, 16, 16, torch.float32, device, seed=3)
+    args = make(2, T, 1, 16, 16, torch.float32, device, seed=3)
     full_o, full_S = fn(*args)
     cuts = list(range(1, T)) if form == "triton-steps" else [40]
     state, pieces = args[7], []
