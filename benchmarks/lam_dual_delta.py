@@ -3,7 +3,7 @@ formulation (a per-token Python loop over both memories) vs flash-linear-attenti
 ``chunk_gated_delta_rule`` for ONE memory (when ``fla`` is importable), plus the ``base``
 encoder's latency at B=1, T=128 and 512 on the torch engine.
 
-    python benchmarks/lam_dual_delta.py [--json out.json] [--dtype bf16]
+    python benchmarks/lam_dual_delta.py [--json out.json] [--dtype bf16] [--sweep]
 
 Target: both memories in at most 1.5x fla's time for one memory. Every number printed comes
 from this run on this GPU; the seed's own figures (13.7 / 23.9 ms per 128 / 512-token batch)
@@ -79,12 +79,13 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--no-encoder", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also time BV x num_warps tilings")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     fla, why = fla_one_memory()
     gpu = torch.cuda.get_device_name()
     print(f"GPU: {gpu}, torch {torch.__version__}, dtype {args.dtype}" + (f"; {why}" if why else ""))
-    results = {"gpu": gpu, "dtype": args.dtype, "fla": why or "available", "ops": [], "encoder": []}
+    results = {"gpu": gpu, "dtype": args.dtype, "fla": why or "available", "ops": [], "encoder": [], "sweep": []}
     for B, n, T, d in SHAPES:
         x = make(B, n, T, d, dtype)
         row = {"B": B, "n": n, "T": T, "d": d}
@@ -126,6 +127,23 @@ def main():
                      f"rel {row['rel_diff_vs_fla']:.1e}")
         print(line, flush=True)
         del x
+    if args.sweep:
+        # tilings of the sequential kernel at the first shape (the grid is B * n * dv / BV)
+        B, n, T, d = SHAPES[0]
+        x = make(B, n, T, d, dtype)
+        ref, _ = triton_dual_delta_rule(*x)
+        for block_v in (16, 32, 64):
+            for warps in (4, 8):
+                try:
+                    o, _ = triton_dual_delta_rule(*x, block_v=block_v, num_warps=warps)
+                    ms = time_fn(lambda: triton_dual_delta_rule(*x, block_v=block_v, num_warps=warps),
+                                 "cuda", cuda_graph=True).median_ms
+                    err = rel(o.float(), ref.float())
+                    results["sweep"].append({"BV": block_v, "num_warps": warps, "graph_ms": ms,
+                                             "rel_vs_default": err})
+                    print(f"sweep T={T}: BV={block_v:2d} warps={warps}: {ms:8.3f} ms (rel vs default {err:.1e})")
+                except Exception as exc:   # noqa: BLE001 - a tiling that fails to compile is reported
+                    print(f"sweep BV={block_v} warps={warps}: failed: {str(exc).splitlines()[0][:200]}")
     if not args.no_encoder:
         encoder_latency(results, args.dtype)
     if args.json:

@@ -18,7 +18,7 @@ fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$O/lam_env.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_lam_ops.py tests/test_lam_model.py 2>&1 \
   | tail -15 | tee "$O/lam_pytest_gpu.txt"
-timeout 90 python3 benchmarks/lam_dual_delta.py --json "$O/lam_dual_delta.json" 2>&1 | grep -v Warning \
+timeout 110 python3 benchmarks/lam_dual_delta.py --sweep --json "$O/lam_dual_delta.json" 2>&1 | grep -v Warning \
   | tee "$O/lam_dual_delta.txt"
 timeout 100 seqdeploy run lam --out /tmp/seqdeploy-lam --long-seq 1024 --no-plot 2>&1 | grep -v "^  \[" \
   | tee "$O/run_lam.txt"

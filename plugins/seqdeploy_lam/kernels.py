@@ -299,9 +299,12 @@ def launch_config(T: int, d: int, dv: int, dtype: torch.dtype) -> dict:
 
 
 def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
-                           recurrent: bool | None = None):
+                           recurrent: bool | None = None, block_v: int | None = None,
+                           num_warps: int = 4):
     """Launch the kernels (see the module docstring). ``out``: optional preallocated
-    ``(o [B, T, n, dv] q.dtype, stateT [B, n, 2, d, dv] fp32)``; ``recurrent`` forces a path."""
+    ``(o [B, T, n, dv] q.dtype, stateT [B, n, 2, d, dv] fp32)``; ``recurrent`` forces a path;
+    ``block_v`` and ``num_warps`` tune the sequential kernels (benchmarks/lam_dual_delta.py
+    --sweep)."""
     B, T, n, d = q.shape
     dv = v.shape[3]
     q, k, v = _rows(q), _rows(k), _rows(v)
@@ -314,12 +317,14 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
     cfg = launch_config(T, d, dv, q.dtype)
     if recurrent is None:
         recurrent = cfg["recurrent"]
+    if block_v is not None:
+        cfg["BV"] = block_v
     strides = lambda x: (x.stride(0), x.stride(1), x.stride(2))   # noqa: E731
     if recurrent:
         _recurrent((B * n, triton.cdiv(dv, cfg["BV"])),
                    (q, k, v, beta, g_fast, g_slow, mix, state0, o, state, T, n, d, dv,
                     *strides(q), *strides(k), *strides(v), *strides(o)),
-                   (cfg["BD"], cfg["BV"]), num_warps=4)
+                   (cfg["BD"], cfg["BV"]), num_warps=num_warps)
         return o, state
     n_chunks = triton.cdiv(T, BT)
     Tp = n_chunks * BT
@@ -333,5 +338,5 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
     _chunk((B * n, triton.cdiv(dv, cfg["BV"])),
            (q, k, w, u, gam, mix, state0, o, state, T, n, d, dv, *strides(q), *strides(k),
             *strides(o), Tp),
-           (BT, cfg["BD"], cfg["BV"], cfg["PREC"]), num_warps=4)
+           (BT, cfg["BD"], cfg["BV"], cfg["PREC"]), num_warps=num_warps)
     return o, state

@@ -66,7 +66,8 @@ class DualDeltaMixer(nn.Module):
         p = self.qkv(u) * mask[..., None]              # masked positions feed the conv zeros
         ext = torch.cat([conv_tail.to(p.dtype), p], 1)  # [B, 3 + T, 3D]
         c = F.conv1d(ext.transpose(1, 2), self.conv.to(p.dtype)[:, None, :], groups=3 * D)
-        q, k, v = F.silu(c.transpose(1, 2)).view(B, T, 3, self.n, self.d).unbind(2)
+        # [B, T, 3D] contiguous, so q, k, v are views with unit stride over the head dim
+        q, k, v = F.silu(c.transpose(1, 2).contiguous()).view(B, T, 3, self.n, self.d).unbind(2)
         q = (F.normalize(q.float(), dim=-1) / math.sqrt(self.d)).to(x.dtype)
         k = F.normalize(k.float(), dim=-1).to(x.dtype)
         m32 = mask.float()[..., None]
