@@ -107,7 +107,13 @@ def main():
             call = lambda: fla(q, k, v, g=g_fast, beta=beta, scale=1.0, initial_state=h0,   # noqa: E731
                                output_final_state=True)
             row["fla_one_memory_ms"] = time_fn(call, "cuda").median_ms
-            row["fla_one_memory_graph_ms"] = time_fn(call, "cuda", cuda_graph=True).median_ms
+            try:
+                row["fla_one_memory_graph_ms"] = time_fn(call, "cuda", cuda_graph=True).median_ms
+            except Exception as exc:   # noqa: BLE001 - fla may not capture; compare eager then
+                print(f"fla under a CUDA graph failed ({type(exc).__name__}); comparing eager times")
+                row["fla_one_memory_graph_ms"] = row["fla_one_memory_ms"]
+                row["ours_graph_ms_note"] = "ratio uses eager times"
+                row["ours_graph_ms"] = row["ours_ms"]
             # the fast memory alone (mix = 1) must agree with fla's one memory
             fast_only = list(x)
             fast_only[6] = torch.ones_like(x[6])
