@@ -20,7 +20,8 @@ fp32, and only ``exp(gamma_i - gamma_j)`` with i >= j is formed, masked before t
 Rows past T are loaded as zeros (k = v = beta = g = 0): they leave ``A`` and the state
 untouched, so no tail special case exists. Every dot takes fp32 operands: ``ieee`` for fp32
 inputs, ``tf32`` for fp16/bf16 (tf32 holds fp16 and bf16 values exactly, so products of the
-inputs lose nothing; products with the fp32 state round it as the half inputs are rounded).
+inputs lose nothing; products with fp32 intermediates, the state and the inverse, round
+those to about fp16 precision, as fine as the half inputs themselves).
 """
 from __future__ import annotations
 
