@@ -96,10 +96,12 @@ def _store_rows(w_ptr, u_ptr, gam_ptr, base, W, U, gam, d, dv, BD: tl.constexpr,
 @triton.jit
 def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
                T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, Tp,
-               BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
+               BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
+               INV_PREC: tl.constexpr):
     """One chunk of 64 rows as four blocks of 16: ``(I + A)^-1`` is block lower triangular;
     its diagonal blocks come from forward substitution on 16 x 16 tiles and the blocks below
-    from products of those (``T_IJ = -T_II sum_{J<=M<I} A_IM T_MJ``), never from powers of A."""
+    from products of those (``T_IJ = -T_II sum_{J<=M<I} A_IM T_MJ``), never from powers of A.
+    Those products chain, so they run at ``INV_PREC`` (``tf32x3``, about fp32, for half inputs)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n).to(tl.int64)
@@ -147,15 +149,15 @@ def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
         A30 = _off_block(b3, kk30, e3, e0)
         A31 = _off_block(b3, kk31, e3, e1)
         A32 = _off_block(b3, kk32, e3, e2)
-        T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=PREC), input_precision=PREC)
-        T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=PREC), input_precision=PREC)
-        T32 = -tl.dot(T33, tl.dot(A32, T22, input_precision=PREC), input_precision=PREC)
-        T20 = -tl.dot(T22, tl.dot(A20, T00, input_precision=PREC) + tl.dot(A21, T10, input_precision=PREC),
-                      input_precision=PREC)
-        T31 = -tl.dot(T33, tl.dot(A31, T11, input_precision=PREC) + tl.dot(A32, T21, input_precision=PREC),
-                      input_precision=PREC)
-        T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=PREC) + tl.dot(A31, T10, input_precision=PREC)
-                      + tl.dot(A32, T20, input_precision=PREC), input_precision=PREC)
+        T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=INV_PREC), input_precision=INV_PREC)
+        T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=INV_PREC), input_precision=INV_PREC)
+        T32 = -tl.dot(T33, tl.dot(A32, T22, input_precision=INV_PREC), input_precision=INV_PREC)
+        T20 = -tl.dot(T22, tl.dot(A20, T00, input_precision=INV_PREC) + tl.dot(A21, T10, input_precision=INV_PREC),
+                      input_precision=INV_PREC)
+        T31 = -tl.dot(T33, tl.dot(A31, T11, input_precision=INV_PREC) + tl.dot(A32, T21, input_precision=INV_PREC),
+                      input_precision=INV_PREC)
+        T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=INV_PREC) + tl.dot(A31, T10, input_precision=INV_PREC)
+                      + tl.dot(A32, T20, input_precision=INV_PREC), input_precision=INV_PREC)
         # W = (I+A)^-1 (beta e^gamma K), U = (I+A)^-1 (beta V), block row by block row
         r0 = (b0 * tl.exp(e0))[:, None] * k0
         r1 = (b1 * tl.exp(e1))[:, None] * k1
@@ -296,6 +298,7 @@ def launch_config(T: int, d: int, dv: int, dtype: torch.dtype) -> dict:
             "BV": max(16, min(32, triton.next_power_of_2(dv))),
             "BDV": max(16, triton.next_power_of_2(dv)),
             "PREC": "ieee" if dtype == torch.float32 else "tf32",
+            "INV_PREC": "ieee" if dtype == torch.float32 else "tf32x3",
             "recurrent": T <= RECURRENT_MAX_T}
 
 
@@ -335,7 +338,7 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
     gam = torch.empty(B, n, 2, Tp, dtype=torch.float32, device=q.device)
     _wy((n_chunks, B * n),
         (k, v, beta, g_fast, g_slow, w, u, gam, T, n, d, dv, *strides(k), *strides(v), Tp),
-        (BT, cfg["BD"], cfg["BDV"], cfg["PREC"]), num_warps=4)
+        (BT, cfg["BD"], cfg["BDV"], cfg["PREC"], cfg["INV_PREC"]), num_warps=4)
     _chunk((B * n, triton.cdiv(dv, cfg["BV"])),
            (q, k, w, u, gam, mix, state0, o, state, T, n, d, dv, *strides(q), *strides(k),
             *strides(o), Tp),
