@@ -157,6 +157,46 @@ def inspect_engine(rt: "TensorRT", plan: bytes) -> Counter | None:
     return found
 
 
+def graph_shape_rules(model: onnx.ModelProto) -> dict[str, list]:
+    """``{node name: rule}`` for every seqdeploy node whose output shapes the exported graph
+    records. A rule lists, per output, one entry per axis: an int (a static size) or
+    ``(input index, axis)``, the first input axis carrying the same symbolic dimension. A
+    symbolic output axis no input carries is a :class:`BuildError` (TensorRT must know every
+    plugin output's shape from its inputs)."""
+    shapes: dict[str, list] = {}
+    for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        if v.type.tensor_type.HasField("shape"):
+            shapes[v.name] = [d.dim_param if d.dim_param else
+                              (d.dim_value if d.HasField("dim_value") else None)
+                              for d in v.type.tensor_type.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    rules = {}
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        ins = [shapes.get(n) for n in node.input]
+        outs = [shapes.get(n) for n in node.output]
+        if any(o is None for o in outs) or any(i is None for i in ins):
+            continue
+        rule = []
+        for name, out in zip(node.output, outs):
+            entry = []
+            for axis, dim in enumerate(out):
+                if isinstance(dim, int):
+                    entry.append(dim)
+                    continue
+                src = next(((i, a) for i, shape in enumerate(ins)
+                            for a, d in enumerate(shape) if d == dim and isinstance(d, str)), None)
+                if src is None:
+                    raise BuildError(f"{node.op_type} node {node.name}: output {name} axis {axis} "
+                                     f"({dim}) is no input's axis; TensorRT cannot size it")
+                entry.append(src)
+            rule.append(tuple(entry))
+        rules[node.name] = rule
+    return rules
+
+
 class _Monitor:
     """Forwards TensorRT's build phases to a progress callback."""
 
@@ -210,7 +250,8 @@ def build_engine(rt: "TensorRT", onnx_path: Path, precision: str, profile: Profi
     progress(f"parsing {onnx_path.name}")
     data = onnx_path.read_bytes()
     if use_plugins:
-        ok = parser.parse(data, str(onnx_path))
+        with plugins.node_shapes(graph_shape_rules(model)):
+            ok = parser.parse(data, str(onnx_path))
     else:
         with plugins.suspended(rt):
             ok = parser.parse(data, str(onnx_path))

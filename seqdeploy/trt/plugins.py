@@ -11,8 +11,10 @@ an op: everything comes from the op's ONNX schema and its torch op.
   fp32 in fp16 graphs, or ``tensor(int64)``) takes exactly that. ``supports_format_combination``
   accepts exactly these (TensorRT-RTX corrupts its heap when a plugin accepts nothing, so the
   sets are never empty).
-- **output shapes**: each output is shaped like the first input of the same type (``T``
-  outputs like the first ``T`` input), unless the op declares ``CustomOp.shape_rule``.
+- **output shapes** come from the exported graph itself (:func:`graph_shape_rules`): each
+  output axis is a constant or an axis of an input carrying the same symbolic dimension, so
+  an op needs no shape code; only a node without shape information falls back to "like the
+  first input of the same type".
 - **enqueue** (:func:`run_op`): wraps TensorRT's raw device pointers as torch tensors (through
   ``__cuda_array_interface__``; no CUDA binding package needed), makes TensorRT's stream
   torch's current stream, calls ``op.torch_op`` (the op's CUDA kernel) and copies its results
@@ -83,26 +85,37 @@ def node_attributes(op: "CustomOp") -> list[str]:
     return sorted(a for a in op.schema.attributes if a not in routing)
 
 
-def default_shape_rule(op: "CustomOp") -> Callable[[dict[str, Any]], list[tuple]]:
+def default_shape_rule(op: "CustomOp") -> list:
     """Each output shaped like the first input of its own type string (``T`` outputs like
-    the first ``T`` input), axis for axis; input 0 when no input shares its type. Returns a
-    ``shape_rule`` in :class:`~seqdeploy.ops.CustomOp`'s form, with ``("like", i)`` meaning
-    "the whole shape of input i"."""
+    the first ``T`` input), in :func:`graph_shape_rules`' form. Used only for a node whose
+    exported graph carries no shapes."""
     inputs, outputs = io_positions(op)
-
-    def like(out: Position) -> int:
-        for i, inp in enumerate(inputs):
-            if inp.type_str == out.type_str:
-                return i
-        return 0
-
-    picks = [like(o) for o in outputs]
-    return lambda attrs: [("like", i) for i in picks]
+    rule = []
+    for out in outputs:
+        src = next((i for i, inp in enumerate(inputs) if inp.type_str == out.type_str), 0)
+        rule.append(("like", src))
+    return rule
 
 
-def shape_rule(op: "CustomOp") -> Callable[[dict[str, Any]], list]:
-    """The op's declared ``shape_rule`` or :func:`default_shape_rule`."""
-    return getattr(op, "shape_rule", None) or default_shape_rule(op)
+#: node name -> its output shape rule, set while a network is parsed (see
+#: :func:`graph_shape_rules`): TensorRT's parser names each plugin after its node
+_NODE_SHAPES: dict[str, list] = {}
+
+
+class node_shapes:
+    """Within this block, plugins created for the named nodes use these shape rules."""
+
+    def __init__(self, rules: dict[str, list]):
+        self.rules = rules
+
+    def __enter__(self):
+        _NODE_SHAPES.update(self.rules)
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.rules:
+            _NODE_SHAPES.pop(name, None)
+        return False
 
 
 # -- raw pointers as torch tensors -------------------------------------------------------------
@@ -159,7 +172,7 @@ def run_op(op: "CustomOp", attrs: dict[str, Any],
         for out, value in zip(outs, results):
             if tuple(out.shape) != tuple(value.shape):
                 raise RuntimeError(f"{op.onnx_name}: output shape {list(value.shape)} differs "
-                                   f"from TensorRT's {list(out.shape)} (check the op's shape_rule)")
+                                   f"from TensorRT's {list(out.shape)} (the graph's shapes and the op disagree)")
             out.copy_(value)
 
 
@@ -210,7 +223,7 @@ def plugin_classes(rt: "TensorRT", op: "CustomOp"):
         if p.is_param:
             first_of.setdefault(p.type_str, i)
     attr_names = node_attributes(op)
-    rule = shape_rule(op)
+    fallback_rule = default_shape_rule(op)
     out_types = []
     for out in outputs:
         if out.is_param:
@@ -224,7 +237,7 @@ def plugin_classes(rt: "TensorRT", op: "CustomOp"):
         __doc__ = f"TensorRT plugin {PLUGIN_NAMESPACE}::{op.onnx_name} v{PLUGIN_VERSION}: " \
                   f"runs seqdeploy op {op.name!r} through its torch op."
 
-        def __init__(self, attrs: dict[str, Any] | None = None):
+        def __init__(self, attrs: dict[str, Any] | None = None, shapes: list | None = None):
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
             trt.IPluginV3OneBuild.__init__(self)
@@ -236,12 +249,13 @@ def plugin_classes(rt: "TensorRT", op: "CustomOp"):
             # every instance of the op behaves alike: time the plugin once per build
             self.timing_cache_id = f"{op.onnx_name}.{op.version}"
             self.attrs = dict(attrs or {})
+            self.shapes = shapes or fallback_rule
 
         def get_capability_interface(self, kind):
             return self
 
         def clone(self):
-            return Plugin(self.attrs)
+            return Plugin(self.attrs, self.shapes)
 
         # -- build
         def get_output_data_types(self, input_types):
@@ -253,7 +267,7 @@ def plugin_classes(rt: "TensorRT", op: "CustomOp"):
 
         def get_output_shapes(self, in_dims, shape_inputs, builder):
             shapes = []
-            for entry in rule(self.attrs):
+            for entry in self.shapes:
                 if isinstance(entry, tuple) and len(entry) == 2 and entry[0] == "like":
                     shapes.append(trt.DimsExprs(in_dims[entry[1]]))
                     continue
@@ -318,7 +332,7 @@ def plugin_classes(rt: "TensorRT", op: "CustomOp"):
             for f in fields:
                 if f.name in attr_names:
                     attrs[f.name] = _field_value(f)
-            return Plugin(attrs)
+            return Plugin(attrs, _NODE_SHAPES.get(name))
 
     Plugin.__name__ = Plugin.__qualname__ = f"{op.onnx_name}Plugin"
     Creator.__name__ = Creator.__qualname__ = f"{op.onnx_name}PluginCreator"
