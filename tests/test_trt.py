@@ -383,12 +383,16 @@ def test_inlined_function_fails_the_build_in_one_line(copy):
 # -- the CLI ----------------------------------------------------------------------------------
 @needs_trt
 def test_optimize_trt_records_verified_engines(copy, capsys, built):
+    from seqdeploy.trt import current_target, plan_name
+
     code, out, err = run_cli(["--out", copy, "--device", "cpu", "optimize", "ten", "--no-fp16",
                               "--trt"], capsys)
     assert code == 0, err
     artifact = Artifact.load(copy / "ten" / "tiny")
+    target = current_target(RT)
+    assert target == "cpu-build" or torch.cuda.is_available()
     for precision in PRECISIONS:
-        name = f"model.{precision}.cpu-build.plan"
+        name = plan_name(precision, target)
         assert name in out
         record = artifact.manifest["trt"][name]
         assert record["key"] == built[("ten", precision)].key and record["source"] == "cache"
@@ -398,7 +402,7 @@ def test_optimize_trt_records_verified_engines(copy, capsys, built):
     from seqdeploy.trt import engine_for
 
     assert engine_for(load_registry(), artifact, "fp32").source == "artifact"
-    path = artifact.dir / "model.fp32.cpu-build.plan"
+    path = artifact.dir / plan_name("fp32", target)
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -408,8 +412,8 @@ def test_optimize_trt_records_verified_engines(copy, capsys, built):
 
 @needs_trt
 def test_bench_and_validate_trt_without_a_runnable_gpu_say_why(copy, capsys):
-    for cmd in (["bench", "ten", "--engine", "trt"],
-                ["validate", "ten", "--engine", "trt", "--precision", "fp32"]):
+    for cmd in (["bench", "ten", "--preset", "tiny", "--engine", "trt"],
+                ["validate", "ten", "--preset", "tiny", "--engine", "trt", "--precision", "fp32"]):
         code, out, err = run_cli(["--out", copy, *cmd], capsys)
         assert code != 0
         lines = [l for l in err.splitlines() if l.strip() and not l.startswith("  [")]

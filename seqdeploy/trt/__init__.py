@@ -23,15 +23,17 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 
 
-def current_target() -> str:
-    """The GPU an engine built now is for: ``sm<major><minor>`` of CUDA device 0, or
-    ``cpu-build`` on a machine without one (TensorRT-RTX builds there for its own list of
-    compute capabilities)."""
+def current_target(rt: "TensorRT | None" = None) -> str:
+    """The GPU an engine built now is for: ``sm<major><minor>`` of CUDA device 0 when this
+    TensorRT runs engines there, else ``cpu-build``: no GPU, or TensorRT-RTX on a GPU it
+    cannot run on; it then builds for every compute capability it runs on
+    (:func:`seqdeploy.trt.builder.build_engine`)."""
     import torch
 
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        return f"sm{major}{minor}"
+        if rt is None or rt.runs_on((major, minor))[0]:
+            return f"sm{major}{minor}"
     return "cpu-build"
 
 
@@ -68,7 +70,7 @@ def engine_for(registry: "Registry", artifact: "Artifact", precision: str,
     from seqdeploy.trt.cache import EngineCache, cache_dir, engine_key
 
     rt = rt or adapter.load()
-    target = target or current_target()
+    target = target or current_target(rt)
     arch = registry.architecture(artifact.manifest["arch"])
     config = artifact.manifest["config"]
     onnx_path = artifact.path(ONNX_FILES[precision])          # checksum-verified
@@ -103,7 +105,7 @@ def prebuild(registry: "Registry", artifact: "Artifact", precision: str,
     from seqdeploy.trt import adapter
 
     rt = adapter.load()
-    target = current_target()
+    target = current_target(rt)
     engine = engine_for(registry, artifact, precision, use_plugins, rt, target, progress=progress)
     name = plan_name(precision, target, use_plugins)
     record = {"key": engine.key, "tensorrt": rt.describe(), "target": target,

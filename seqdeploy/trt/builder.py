@@ -263,6 +263,16 @@ def build_engine(rt: "TensorRT", onnx_path: Path, precision: str, profile: Profi
     _check_plugins(onnx_path, "network", expected, layers, use_plugins)
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if rt.is_rtx and target == "cpu-build":
+        # TensorRT-RTX away from a GPU it runs on: build for every compute capability it runs
+        # on, stated explicitly, so the same engine comes out on a CPU machine and on a Hopper
+        from seqdeploy.trt.adapter import RTX_RUNS_ON
+
+        caps = [getattr(trt.ComputeCapability, f"SM{a}{b}", None) for a, b in RTX_RUNS_ON]
+        caps = [c for c in caps if c is not None]
+        config.num_compute_capabilities = len(caps)
+        for i, cap in enumerate(caps):
+            config.set_compute_capability(cap, i)
     opt = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
