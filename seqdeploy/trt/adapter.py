@@ -95,9 +95,10 @@ _LOADED: list[TensorRT] = []
 
 
 def load(prefer: str | None = None) -> TensorRT:
-    """Import whichever TensorRT is installed (``prefer``: ``"tensorrt"`` or
-    ``"tensorrt-rtx"`` to pick one when both are), after making TensorRT-RTX's library name
+    """Import whichever TensorRT is installed (``prefer``, or ``$SEQDEPLOY_TENSORRT``:
+    ``"tensorrt"`` or ``"tensorrt-rtx"`` to pick one when both are), after making TensorRT-RTX's library name
     loadable. Raises :class:`EngineUnavailable` in one line when none can be used."""
+    prefer = prefer or os.environ.get("SEQDEPLOY_TENSORRT") or None
     for loaded in _LOADED:
         if prefer in (None, loaded.flavour):
             return loaded

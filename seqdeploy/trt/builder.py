@@ -131,17 +131,21 @@ def plugin_layers_in_plan(plan: bytes, names) -> Counter:
     return found
 
 
-def inspect_engine(rt: "TensorRT", plan: bytes) -> Counter | None:
-    """``{plugin name: count}`` of ``PLUGIN_V3`` layers from TensorRT's own engine inspector
-    (layer information as JSON), or None where this machine cannot deserialize the engine
-    (no GPU, or one this TensorRT cannot run on)."""
+def inspect_engine(rt: "TensorRT", plan: bytes) -> int | None:
+    """The number of plugin layers TensorRT's own engine inspector lists (layer information
+    as JSON, detailed profiling verbosity), or None where this machine cannot deserialize
+    the engine (no GPU, or one this TensorRT cannot run on). Never run so far: no machine
+    here deserializes a TensorRT engine."""
     import json
 
+    import torch
+
+    if not torch.cuda.is_available() or not rt.runs_on(torch.cuda.get_device_capability())[0]:
+        return None
     trt = rt.trt
     runtime = trt.Runtime(rt.logger())
     try:
-        validity = runtime.get_engine_validity(plan)
-        if validity[0] != trt.EngineValidity.VALID:
+        if runtime.get_engine_validity(plan)[0] != trt.EngineValidity.VALID:
             return None
         engine = runtime.deserialize_cuda_engine(plan)
     except Exception:
@@ -150,11 +154,8 @@ def inspect_engine(rt: "TensorRT", plan: bytes) -> Counter | None:
         return None
     inspector = engine.create_engine_inspector()
     info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    found: Counter = Counter()
-    for layer in info.get("Layers", []):
-        if isinstance(layer, dict) and "PluginV3" in str(layer.get("LayerType", "")):
-            found[str(layer.get("PluginName") or layer.get("Name"))] += 1
-    return found
+    layers = [layer for layer in info.get("Layers", []) if isinstance(layer, dict)]
+    return sum(1 for layer in layers if "Plugin" in str(layer.get("LayerType", "")))
 
 
 def graph_shape_rules(model: onnx.ModelProto) -> dict[str, list]:
@@ -302,10 +303,15 @@ def build_engine(rt: "TensorRT", onnx_path: Path, precision: str, profile: Profi
         atomic_write(timing_cache, lambda p: p.write_bytes(blob))
     in_plan = plugin_layers_in_plan(plan, set(expected) | set(layers))
     _check_plugins(onnx_path, "serialized engine", expected, in_plan, use_plugins)
+    inspected = inspect_engine(rt, plan) if use_plugins else None
+    if inspected is not None and inspected != sum(expected.values()):
+        raise BuildError(f"{onnx_path.name}: {sum(expected.values())} seqdeploy node(s) but "
+                         f"TensorRT's engine inspector lists {inspected} plugin layer(s)")
     report = BuildReport(onnx_path.name, precision, use_plugins, dict(expected), dict(layers),
                          dict(in_plan), profile.as_json(), time.perf_counter() - start,
                          rt.describe(), target,
-                         form="python-plugin" if use_plugins else "onnx-function")
+                         form="python-plugin" if use_plugins else "onnx-function",
+                         extra={"inspector_plugin_layers": inspected})
     return plan, report
 
 
