@@ -197,6 +197,28 @@ def test_supports_exactly_the_graph_dtypes(op_name):
         [H if p.is_param else F for p in outs]
 
 
+@needs_trt
+def test_creator_fields_round_trip():
+    """The creator turns plugin fields into the op's keyword arguments, and the plugin
+    serializes them back the same (what a deserialized engine's plugins are made from)."""
+    from seqdeploy.trt.plugins import fields_of, plugin_classes
+
+    trt = RT.trt
+    op = load_registry().ops["cfc_scan"]
+    _, Creator = plugin_classes(RT, op)
+    creator = Creator()
+    assert [f.name for f in creator.field_names] == ["dt"]
+    assert (creator.name, creator.plugin_namespace, creator.plugin_version) == \
+        ("CfCScan", "seqdeploy", "1")
+    fields = trt.PluginFieldCollection(fields_of(trt, {"dt": 0.25}))
+    plugin = creator.create_plugin("node_cfc_scan", fields, trt.TensorRTPhase.BUILD)
+    assert plugin.attrs == {"dt": 0.25}
+    again = creator.create_plugin("n", plugin.get_fields_to_serialize(), trt.TensorRTPhase.RUNTIME)
+    assert again.attrs == {"dt": 0.25} and again.clone().attrs == {"dt": 0.25}
+    assert (plugin.plugin_name, plugin.plugin_namespace, plugin.plugin_version) == \
+        ("CfCScan", "seqdeploy", "1")
+
+
 class CaptureOps(TorchDispatchMode):
     """Records every ``seqdeploy::*`` op call (args, kwargs) a model makes."""
 
