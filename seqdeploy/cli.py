@@ -236,9 +236,7 @@ def doctor(ctx):
         except SeqdeployError as exc:
             state = f"unavailable: {exc}"
         rows.append((f"engine {name}", state))
-        contribute = getattr(engine, "doctor", None)    # optional: an engine's own rows
-        if contribute is not None:
-            rows.extend(contribute(registry, _device(ctx)))
+        rows.extend(engine.doctor(_device(ctx)))
     for f in registry.failures:
         rows.append((f"plugin {f.name}", f"FAILED: {f.error}"))
     width = max(len(k) for k, _ in rows)
@@ -275,39 +273,17 @@ def export(ctx, arch, preset, checkpoint, seed, streaming):
 @click.option("--preset")
 @click.option("--fp16/--no-fp16", default=True, show_default=True,
               help="Write model.fp16.onnx under the FP16 precision policy.")
-@click.option("--trt", is_flag=True,
-              help="Also prebuild the TensorRT engines (fp32, and fp16 when its ONNX exists) and "
-                   "record them in the manifest.")
-@click.option("--no-plugins", is_flag=True,
-              help="With --trt: build the ONNX fallback-function form, without seqdeploy plugins.")
 @click.pass_context
-def optimize(ctx, arch, preset, fp16, trt, no_plugins):
-    """FP16 optimisation of an exported artifact; with --trt, TensorRT engines too."""
+def optimize(ctx, arch, preset, fp16):
+    """FP16 optimisation of an exported artifact."""
     from seqdeploy import pipeline
 
     artifact = _artifact(ctx, arch, preset)
-    if not fp16 and not trt:
-        raise SeqdeployError("nothing to do: pass --fp16 and/or --trt")
-    if no_plugins and not trt:
-        raise SeqdeployError("--no-plugins applies to --trt only")
-    if fp16:
-        with _Progress(f"optimize {arch}") as progress:
-            summary = pipeline.optimize_fp16(_registry(ctx), artifact, progress=progress)
-        click.echo(f"wrote {artifact.dir / 'model.fp16.onnx'}: fp32 islands {summary['fp32_islands']}")
-    if trt:
-        from seqdeploy.precision import ONNX_FILES
-        from seqdeploy.trt import prebuild
-
-        for precision in ("fp32", "fp16"):
-            if not artifact.has(ONNX_FILES[precision]):
-                continue
-            with _Progress(f"tensorrt {arch} {precision}") as progress:
-                built = prebuild(_registry(ctx), artifact, precision,
-                                 use_plugins=not no_plugins, progress=progress)
-            layers = built["build"].get("plan_plugin_layers", {})
-            click.echo(f"wrote {artifact.dir / built['file']} ({built['tensorrt']}, target "
-                       f"{built['target']}, {built['source']}): plugin layers {layers}, "
-                       f"sha256 {built['sha256'][:16]}")
+    if not fp16:
+        raise SeqdeployError("nothing to do: only --fp16 optimisation exists")
+    with _Progress(f"optimize {arch}") as progress:
+        summary = pipeline.optimize_fp16(_registry(ctx), artifact, progress=progress)
+    click.echo(f"wrote {artifact.dir / 'model.fp16.onnx'}: fp32 islands {summary['fp32_islands']}")
 
 
 def _validate(ctx, arch: str, preset, engines, precisions, long_seq) -> bool:

@@ -10,10 +10,12 @@ it supports (not Hopper): there ``check`` says so in one line instead of buildin
 """
 from __future__ import annotations
 
+import click
 import torch
 
 from seqdeploy.engines.base import Engine, Session
 from seqdeploy.errors import EngineUnavailable, InputError, SeqdeployError
+from seqdeploy.hookspecs import hookimpl
 
 
 def _rt():
@@ -107,9 +109,10 @@ class TrtEngine(Engine):
         return TrtSession(arch, artifact.manifest["config"], precision, rt, engine.plan,
                           engine.source)
 
-    def doctor(self, registry, device: str) -> list[tuple[str, str]]:
+    def doctor(self, device: str) -> list[tuple[str, str]]:
         """``seqdeploy doctor`` rows: flavour and version, whether this GPU runs its engines,
-        whether every registered op's plugin registers, which plugin form is offered."""
+        whether every installed op's plugin registers, which plugin form is offered."""
+        from seqdeploy.plugins import load_registry
         from seqdeploy.trt import adapter
         from seqdeploy.trt.plugins import register_plugins
 
@@ -122,13 +125,62 @@ class TrtEngine(Engine):
         ok, why = rt.runs_on(cap)
         rows.append(("trt runs here", f"yes (compute capability {cap[0]}.{cap[1]})"
                      if ok else f"no: {why}"))
-        state = register_plugins(rt, list(registry.ops.values()))
+        state = register_plugins(rt, list(load_registry().ops.values()))
         bad = {k: v for k, v in state.items() if v != "registered"}
         rows.append(("trt plugins", (f"{len(state) - len(bad)} of {len(state)} register "
-                                          f"(seqdeploy::{', seqdeploy::'.join(sorted(state))})"
-                                          if not bad else
-                                          "; ".join(f"{k}: {v}" for k, v in sorted(bad.items())))))
+                                     f"(seqdeploy::{', seqdeploy::'.join(sorted(state))})"
+                                     if not bad else
+                                     "; ".join(f"{k}: {v}" for k, v in sorted(bad.items())))))
         rows.append(("trt plugin form", "python IPluginV3 (needs Python at run time); "
                      + ("tensorrt.plugin AOT offered by this TensorRT but not built by seqdeploy"
                         if rt.has_aot_plugins else "no AOT plugin API in this TensorRT")))
         return rows
+
+
+# -- optimize --trt ---------------------------------------------------------------------------
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    """The built-in ``optimize`` of this (fresh) group, plus ``--trt`` (prebuild the engines
+    and record them in the manifest) and ``--no-plugins`` (the function form): the engine
+    adds its own options, so the core CLI names no engine."""
+    base = cli.commands.get("optimize")
+    if base is None:
+        return
+    params = [*base.params,
+              click.Option(["--trt"], is_flag=True,
+                           help="Also prebuild the TensorRT engines (fp32, and fp16 when its "
+                                "ONNX exists) and record them in the manifest."),
+              click.Option(["--no-plugins"], is_flag=True,
+                           help="With --trt: build the fallback-function form, without "
+                                "seqdeploy's plugins.")]
+
+    def optimize(trt: bool, no_plugins: bool, **kwargs):
+        if no_plugins and not trt:
+            raise SeqdeployError("--no-plugins applies to --trt only")
+        if kwargs.get("fp16", True) or not trt:
+            base.callback(**kwargs)
+        if trt:
+            _prebuild(kwargs["arch"], kwargs.get("preset"), not no_plugins)
+
+    cli.add_command(click.Command("optimize", params=params, callback=optimize,
+                                  help=(base.help or "") + " With --trt, TensorRT engines too.",
+                                  short_help=base.short_help))
+
+
+def _prebuild(arch: str, preset: str | None, use_plugins: bool) -> None:
+    from seqdeploy.cli import _artifact, _Progress, _registry
+    from seqdeploy.precision import ONNX_FILES
+    from seqdeploy.trt import prebuild
+
+    ctx = click.get_current_context()
+    artifact = _artifact(ctx, arch, preset)
+    for precision in ("fp32", "fp16"):
+        if not artifact.has(ONNX_FILES[precision]):
+            continue
+        with _Progress(f"tensorrt {arch} {precision}") as progress:
+            built = prebuild(_registry(ctx), artifact, precision, use_plugins=use_plugins,
+                             progress=progress)
+        layers = built["build"].get("plan_plugin_layers", {})
+        click.echo(f"wrote {artifact.dir / built['file']} ({built['tensorrt']}, target "
+                   f"{built['target']}, {built['source']}): plugin layers {layers}, "
+                   f"sha256 {built['sha256'][:16]}")
