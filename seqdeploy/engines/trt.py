@@ -13,7 +13,7 @@ from __future__ import annotations
 import click
 import torch
 
-from seqdeploy.engines.base import Engine, Session
+from seqdeploy.engines.base import Engine, Session, StepRunner
 from seqdeploy.errors import EngineUnavailable, InputError, SeqdeployError
 from seqdeploy.hookspecs import hookimpl
 
@@ -83,6 +83,8 @@ class TrtEngine(Engine):
     name = "trt"
     description = "TensorRT (full or TensorRT-RTX): strongly typed engine, seqdeploy plugins"
     needs_onnx = True
+    #: one step is the sequence engine at T = 1 (its profile starts at 1)
+    streams = True
 
     def check(self, device: str) -> None:
         rt = _rt()
@@ -108,6 +110,23 @@ class TrtEngine(Engine):
         arch = registry.architecture(artifact.manifest["arch"])
         return TrtSession(arch, artifact.manifest["config"], precision, rt, engine.plan,
                           engine.source)
+
+    def open_step(self, artifact, registry, precision: str, device: str) -> StepRunner:
+        """One time step through the sequence engine at T = 1: step inputs get their time
+        axis back, outputs lose it; the state stays on the GPU between steps."""
+        from seqdeploy.architecture import SEQ
+
+        session = self.load(artifact, registry, precision, device)
+        seq_in = {s.name: s.shape.index(SEQ) for s in session.input_specs if SEQ in s.shape}
+        seq_out = {s.name: s.shape.index(SEQ) for s in session.output_specs if SEQ in s.shape}
+        names = [s.name for s in session.output_specs]
+
+        def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            feeds = {k: (v.unsqueeze(seq_in[k]) if k in seq_in else v) for k, v in inputs.items()}
+            out = session._run(feeds)
+            return [out[n].squeeze(seq_out[n]) if n in seq_out else out[n] for n in names]
+
+        return StepRunner(run, "cuda")
 
     def doctor(self, device: str) -> list[tuple[str, str]]:
         """``seqdeploy doctor`` rows: flavour and version, whether this GPU runs its engines,
