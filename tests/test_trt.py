@@ -9,7 +9,6 @@ does instead (tensor descriptors, raw device pointers, a non-default stream).
 """
 from __future__ import annotations
 
-import json
 import shutil
 
 import onnx
