@@ -112,6 +112,10 @@ def load(prefer: str | None = None) -> TensorRT:
             trt = importlib.import_module(module)
         except ImportError:
             continue
+        except Exception as exc:   # e.g. a stub wheel that fails at import: try the next
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            too_old.append(f"{module} fails to import ({type(exc).__name__}: {first})")
+            continue
         version = str(getattr(trt, "__version__", "0"))
         if _version_tuple(version) < minimum:
             too_old.append(f"{module} {version} (needs >= {'.'.join(map(str, minimum))})")
@@ -120,7 +124,7 @@ def load(prefer: str | None = None) -> TensorRT:
         _LOADED.append(found)
         return found
     if too_old:
-        raise EngineUnavailable(f"TensorRT too old: {', '.join(too_old)}")
+        raise EngineUnavailable(f"no usable TensorRT: {'; '.join(too_old)}")
     raise EngineUnavailable("tensorrt is not installed (pip install 'seqdeploy[tensorrt]' for "
                             "full TensorRT, or 'seqdeploy[tensorrt-rtx]' for TensorRT-RTX)")
 
