@@ -213,7 +213,7 @@ def validate(registry: Registry, artifact: Artifact, engines: list[str], precisi
         ref_out = {k: v.cpu() for k, v in reference.run(inputs).items()}
         for session in sessions:
             if session.engine not in STREAM_ENGINES or (
-                    session.engine == "ort" and not artifact.has(STEP_FILES[session.precision])):
+                    session.engine in ("ort", "ort-onnx") and not artifact.has(STEP_FILES[session.precision])):
                 progress(f"{name}: {session.describe()} cannot stream; not checked")
                 continue
             progress(f"{name}: {session.describe()} one step at a time")

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from seqdeploy.plugins import Registry
 
 STEP_FILES = {"fp32": "model.step.onnx", "fp16": "model.step.fp16.onnx"}
-STREAM_ENGINES = ("torch", "torch-ref", "ort")
+STREAM_ENGINES = ("torch", "torch-ref", "ort", "ort-onnx")
 
 
 def step_specs(specs: list[TensorSpec]) -> list[TensorSpec]:
@@ -108,15 +108,15 @@ class Stream:
                     return list(step(*(inputs[s.name].to(self.device) for s in self.input_specs)))
 
             return run
-        if self.engine == "ort":
-            from seqdeploy.engines.ort import open_inference_session
+        if self.engine in ("ort", "ort-onnx"):
+            from seqdeploy.engines.ort import engine_session
 
             if not artifact.has(STEP_FILES[self.precision]):
                 raise SeqdeployError(f"{artifact.dir}: no {STEP_FILES[self.precision]}; export "
                                      f"with `seqdeploy export {self.arch.name} --streaming`"
                                      + (" and run `optimize --fp16`" if self.precision == "fp16" else ""))
-            session, self.device = open_inference_session(artifact.path(STEP_FILES[self.precision]),
-                                                           self.device)
+            session, self.device = engine_session(self.engine, registry,
+                                                  artifact.path(STEP_FILES[self.precision]), self.device)
             names = [s.name for s in self.output_specs]
 
             def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -149,7 +149,7 @@ class Stream:
         keep_graph = bool(self._graphs) and self._batch == batch
         self._accepted = None
         self._batch = batch
-        device = self.device if self.engine != "ort" else "cpu"
+        device = self.device if self.engine not in ("ort", "ort-onnx") else "cpu"
         if keep_graph:
             for k, v in values.items():            # the captured graph reads these buffers
                 self._state[k].copy_(v)
