@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqdeploy.engines.base import Engine, Session
+from seqdeploy.engines.base import Engine, Session, StepRunner
 from seqdeploy.errors import ArtifactError, EngineUnavailable, SeqdeployError
 from seqdeploy.precision import ONNX_FILES
 
@@ -186,6 +186,7 @@ class OrtEngine(Engine):
     description = ("ONNX Runtime with seqdeploy's native op library (our kernels; CUDA EP with "
                    "onnxruntime-gpu, else CPU)")
     needs_onnx = True
+    streams = True
     native = True
 
     def check(self, device: str) -> None:
@@ -203,6 +204,25 @@ class OrtEngine(Engine):
             except BuildError as exc:
                 raise EngineUnavailable(f"the seqdeploy ORT op library cannot be built: "
                                         f"{exc}") from None
+
+    def open_step(self, artifact, registry, precision: str, device: str) -> StepRunner:
+        """The one-step graph (``model.step*.onnx``) in an ORT session; state on the host."""
+        from seqdeploy.streaming import STEP_FILES, step_specs
+
+        arch = registry.architecture(artifact.manifest["arch"])
+        if not artifact.has(STEP_FILES[precision]):
+            raise ArtifactError(f"{artifact.dir}: no {STEP_FILES[precision]}; export with "
+                                f"`seqdeploy export {arch.name} --streaming`"
+                                + (" and run `optimize --fp16`" if precision == "fp16" else ""))
+        session, _ = engine_session(self.name, registry, artifact.path(STEP_FILES[precision]),
+                                    device)
+        names = [s.name for s in step_specs(arch.output_specs(artifact.manifest["config"]))]
+
+        def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+            return [torch.from_numpy(o) for o in session.run(names, feeds)]
+
+        return StepRunner(run, "cpu")
 
     def load(self, artifact, registry, precision: str, device: str) -> Session:
         path = artifact.path(ONNX_FILES[precision])

@@ -232,6 +232,29 @@ def _generated(facts: list[dict], kernels: dict[str, OrtKernel]) -> tuple[str, s
     return "\n".join(cpp) + "\n", "\n".join(asm) + "\n"
 
 
+def _compile_ptx(jobs: list[dict], work: Path) -> list[dict]:
+    """Run :mod:`.aot` on ``jobs``, one process per architecture, side by side."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = []
+    for arch in ARCHS:
+        part = work / f"sm{arch}"
+        part.mkdir()
+        (part / "jobs.json").write_text(json.dumps([j for j in jobs if j["arch"] == arch]))
+        procs.append((part, subprocess.Popen(
+            [sys.executable, "-m", "seqdeploy.ort_native.aot", str(part / "jobs.json"), str(part)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)))
+    facts, failure = [], None
+    for part, proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0 and failure is None:
+            failure = (err.strip().splitlines() or ["?"])[-1]
+        elif proc.returncode == 0:
+            facts += json.loads((part / "kernels.json").read_text())
+    if failure:
+        raise BuildError(f"compiling the Triton kernels for the ORT library failed: {failure}")
+    return facts
+
+
 def build_library(registry: "Registry", force: bool = False,
                   echo: Callable[[str], None] = lambda _: None) -> Path:
     """The path of the library for the registered ops, building it if it is not cached."""
@@ -253,16 +276,8 @@ def build_library(registry: "Registry", force: bool = False,
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=out_dir))
     try:
-        (work / "jobs.json").write_text(json.dumps(jobs))
         echo(f"compiling {len(jobs)} Triton kernels to PTX (sm_{', sm_'.join(map(str, ARCHS))})")
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        done = subprocess.run([sys.executable, "-m", "seqdeploy.ort_native.aot",
-                               str(work / "jobs.json"), str(work)], capture_output=True, text=True,
-                              env=env)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["?"])[-1]
-            raise BuildError(f"compiling the Triton kernels for the ORT library failed: {last}")
-        facts = json.loads((work / "kernels.json").read_text())
+        facts = _compile_ptx(jobs, work)
         table, asm = _generated(facts, kernels)
         (work / "seqdeploy_ort_generated.inc").write_text(table)
         (work / "kernels.S").write_text(asm)
