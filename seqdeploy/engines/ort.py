@@ -205,6 +205,18 @@ class OrtEngine(Engine):
                 raise EngineUnavailable(f"the seqdeploy ORT op library cannot be built: "
                                         f"{exc}") from None
 
+    def doctor(self, device: str) -> list[tuple[str, str]]:
+        rows = []
+        if self.native:
+            from seqdeploy.ort_native.build import BuildError, header_version, ort_headers
+
+            try:
+                include = ort_headers(fetch=False)
+                rows.append(("ORT C API headers", f"{include} (API {header_version(include)})"))
+            except BuildError:
+                rows.append(("ORT C API headers", "not here yet (build-ort-ops fetches them)"))
+        return rows
+
     def open_step(self, artifact, registry, precision: str, device: str) -> StepRunner:
         """The one-step graph (``model.step*.onnx``) in an ORT session; state on the host."""
         from seqdeploy.streaming import STEP_FILES, step_specs
