@@ -46,7 +46,7 @@ timeout 150 $S validate cfc --preset seed --engine ort --precision fp32 --precis
   | tail -6 | tee "$O/ort_validate_cfc.txt"
 cp $EX/cfc/seed/parity.json "$O/ort_parity_cfc.json" 2>/dev/null
 timeout 200 $S validate ten --preset base --engine ort --precision fp32 --precision fp16 \
-  --long-seq 4096 2>&1 | tail -6 | tee "$O/ort_validate_ten.txt"
+  --long-seq 2048 2>&1 | tail -6 | tee "$O/ort_validate_ten.txt"
 cp $EX/ten/base/parity.json "$O/ort_parity_ten.json" 2>/dev/null
 
 # the table: ort against torch (target <= 1.3x its time) and ort-onnx (target >= 20x faster)

@@ -83,7 +83,8 @@ OP_CASES = {
 def test_every_op_with_an_ort_kernel_has_a_case():
     registry = load_registry()
     with_kernel = {op.name for op in registry.ops.values() if op.onnx_name in ort_ops(registry)}
-    assert with_kernel == set(OP_CASES) and with_kernel == set(registry.ops)
+    # the built-in ops have kernels; an op without one makes `ort` refuse models using it
+    assert with_kernel == set(OP_CASES) and {"eigen_scan", "cfc_scan"} <= with_kernel
 
 
 def single_node_model(op, inputs: dict, attrs: dict, dtype: str) -> bytes:
