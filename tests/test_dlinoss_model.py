@@ -103,7 +103,7 @@ def test_plain_onnxruntime_runs_the_model_without_seqdeploy(artifact_root):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-@pytest.mark.parametrize("precision,limit", [("fp32", 1e-5), ("fp16", 5e-3)])
+@pytest.mark.parametrize("precision,limit", [("fp32", 1e-4), ("fp16", 5e-3)])
 def test_ort_equals_torch(artifact_root, precision, limit):
     registry = load_registry()
     artifact = art(artifact_root)
@@ -138,7 +138,7 @@ def test_streaming_step_at_a_time_equals_full_run(artifact_root, engine, precisi
     stream = Stream(registry, artifact, engine, precision, "cpu")
     stepped = pipeline.run_steps(stream, arch, inputs)
     assert stepped["state_out"].dtype == torch.float32
-    limit = 1e-5 if precision == "fp32" else 5e-3
+    limit = 1e-4 if precision == "fp32" else 5e-3
     for name in full:
         assert compare(full[name].float(), stepped[name].float()).rel_l2 < limit, name
     # and the split run through the session equals it too

@@ -270,7 +270,6 @@ def test_schema_dtypes_per_position():
     """The node's exact types: b/x are T (fp32/fp16/bf16), A, G, dt, state0, stateT fp32."""
     import onnx.defs
 
-    import seqdeploy_dlinoss.model  # noqa: F401  (registers the schema)
 
     schema = onnx.defs.get_schema("LinossScan", 1, "seqdeploy")
     assert [(i.name, i.type_str) for i in schema.inputs] == [

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from seqdeploy.architecture import BATCH, SEQ, Architecture, TensorSpec
+from seqdeploy.architecture import BATCH, DEFAULT_LIMITS, SEQ, Architecture, ParityLimits, TensorSpec
 from seqdeploy.bench import OpBenchmark
 from seqdeploy.hookspecs import hookimpl
 
@@ -38,6 +38,17 @@ class DLinoss(Architecture):
             shapes = [(32, 1024), (8, 4096)]
         return shapes
 
+    def parity_limits(self, precision, config):
+        """fp32: rel-L2 <= 1e-4, not the default 1e-5. The reference is the fp32 step loop,
+        and an oscillator with |lambda| near 1 carries every rounding error for its damping
+        time, so two fp32 orderings of the same recurrence drift apart like u T (ops.py): at
+        T = 4096 on ``tiny`` the chunked form and the step loop differ by 1.2e-5 (y) and 2.8e-5
+        (state_out), and the chunked form is the one nearer the float64 loop. fp16: the
+        defaults."""
+        if precision == "fp32":
+            return ParityLimits(rel_l2=1e-4)
+        return DEFAULT_LIMITS[precision]
+
     def _state_shape(self, config):
         return (BATCH, config["n_layers"], config["p"], 4)
 
@@ -57,7 +68,8 @@ class DLinoss(Architecture):
                 "state": 0.5 * torch.randn(batch, config["n_layers"], config["p"], 4, generator=g)}
 
     def op_benchmarks(self, config, batch, seq_len, dtype, device):
-        from seqdeploy_dlinoss.model import LINOSS_SCAN, LinossBlock
+        from seqdeploy_dlinoss.model import LinossBlock
+        from seqdeploy_dlinoss.ops import LINOSS_SCAN
 
         p = config["p"]
         g = torch.Generator(device=device).manual_seed(3)
@@ -78,6 +90,6 @@ def register_architectures(register):
 
 @hookimpl
 def register_ops(register):
-    from seqdeploy_dlinoss.model import LINOSS_SCAN
+    from seqdeploy_dlinoss.ops import LINOSS_SCAN
 
     register(LINOSS_SCAN)

@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqdeploy_dlinoss.ops import linoss_scan_op, stable_band
-
-LINOSS_SCAN = linoss_scan_op()
+from seqdeploy_dlinoss.ops import LINOSS_SCAN, stable_band
 
 
 class LayerNorm32(nn.LayerNorm):

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from seqdeploy.ops import CustomOp, lazy_kernel, make_schema, register_schema
+from seqdeploy.ops import CustomOp, define_op
 
 CHUNK = 64  # vectorised CPU form: relative powers M^d, 0 <= d <= CHUNK, within one chunk
 
@@ -175,10 +175,9 @@ def check_args(b_re, b_im, A, G, dt, state0) -> None:
                          f"{list(state0.shape)} {state0.dtype}")
 
 
-@torch.library.custom_op("seqdeploy::linoss_scan", mutates_args=())
-def linoss_scan(b_re: torch.Tensor, b_im: torch.Tensor, A: torch.Tensor, G: torch.Tensor,
-                dt: torch.Tensor, state0: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cpu_linoss_scan(b_re: torch.Tensor, b_im: torch.Tensor, A: torch.Tensor, G: torch.Tensor,
+                    dt: torch.Tensor, state0: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CPU (and any non-CUDA device): the vectorised chunked form."""
     check_args(b_re, b_im, A, G, dt, state0)
     device = b_re.device
@@ -187,17 +186,11 @@ def linoss_scan(b_re: torch.Tensor, b_im: torch.Tensor, A: torch.Tensor, G: torc
     return x_re.to(device), x_im.to(device), state.to(device)
 
 
-@linoss_scan.register_fake
-def _(b_re, b_im, A, G, dt, state0):
+def fake_linoss_scan(b_re, b_im, A, G, dt, state0):
     B, _, P = b_re.shape
     return (torch.empty_like(b_re, memory_format=torch.contiguous_format),
             torch.empty_like(b_re, memory_format=torch.contiguous_format),
             b_re.new_empty((B, P, 4), dtype=torch.float32))
-
-
-#: CUDA: the Triton kernel (imported on first use: CPU-only runs never load it)
-cuda_linoss_scan = lazy_kernel("seqdeploy_dlinoss.kernels", "triton_linoss_scan")
-linoss_scan.register_kernel("cuda")(cuda_linoss_scan)
 
 
 INPUTS = ("b_re", "b_im", "A", "G", "dt", "state0")
@@ -210,11 +203,15 @@ FLOAT32_OUTPUTS = ("stateT",)
 def linoss_scan_op() -> CustomOp:
     from seqdeploy_dlinoss.onnx import linoss_scan_function, linoss_scan_translation
 
-    schema = make_schema("LinossScan", INPUTS, OUTPUTS, doc=__doc__.split("\n\n")[0],
-                         float_inputs=FLOAT32_INPUTS, float_outputs=FLOAT32_OUTPUTS)
-    register_schema(schema)
-    return CustomOp(name="linoss_scan", onnx_name="LinossScan", torch_op=linoss_scan,
-                    reference=reference_linoss_scan, schema=schema,
-                    translation=linoss_scan_translation, fallback=linoss_scan_function,
-                    doc="damped oscillators w_t = M w_{t-1} + c b_t (D-LinOSS, IMEX)",
-                    eager={"cuda": cuda_linoss_scan})
+    return define_op("linoss_scan", "LinossScan", cpu_linoss_scan, fake_linoss_scan,
+                     reference_linoss_scan, linoss_scan_translation, linoss_scan_function,
+                     INPUTS, OUTPUTS,
+                     doc="damped oscillators w_t = M w_{t-1} + c b_t (D-LinOSS, IMEX)",
+                     schema_doc=__doc__.split("\n\n")[0],
+                     cuda=("seqdeploy_dlinoss.kernels", "triton_linoss_scan"),
+                     float_inputs=FLOAT32_INPUTS, float_outputs=FLOAT32_OUTPUTS)
+
+
+LINOSS_SCAN = linoss_scan_op()
+#: the registered torch op ``torch.ops.seqdeploy.linoss_scan`` (CPU: vectorised, CUDA: Triton)
+linoss_scan = LINOSS_SCAN.torch_op
