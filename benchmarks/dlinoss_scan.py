@@ -22,9 +22,9 @@ from seqdeploy_dlinoss.kernels import launch_config, triton_linoss_scan
 from seqdeploy_dlinoss.ops import naive_linoss_scan, stable_band, transition
 
 #: (B, T, P): the seed's point (chunk kernel with look-back) and >= 1 GB with many rows
-#: (rows kernel), 2.1 GB in fp32; ``--long`` adds >= 1 GB with few rows and a long T (chunk
-#: kernel), 2.1 GB in fp32.
-SIZES = [(32, 1024, 128), (512, 2048, 128)]
+#: (rows kernel: 1024 one-warp programs, a single wave at 12 per SM), 2.1 GB in fp32;
+#: ``--long`` adds >= 1 GB with few rows and a long T (chunk kernel), 2.1 GB in fp32.
+SIZES = [(32, 1024, 128), (256, 4096, 128)]
 LONG = (64, 16384, 128)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -144,6 +144,7 @@ def main():
                 ms = time_fn(lambda: triton_linoss_scan(*a, out=out, kernel=other), "cuda",
                              cuda_graph=True, budget_s=1.0).median_ms
                 row[f"{other}_kernel_ms"] = ms
+                print(f"  B={B} T={T} P={P}: the {other} kernel instead: {ms:.4f} ms", flush=True)
         c_out = compiled(*a)
         row["compiled_err"] = check_sample(a, c_out)
         row["compiled_ms"] = time_fn(lambda: compiled(*a), "cuda", cuda_graph=True).median_ms

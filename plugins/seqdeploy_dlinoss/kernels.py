@@ -290,9 +290,11 @@ def _linoss_rows_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi
     _store_state(sT_ptr, b, offs_p, mask_p, P, h_zr, h_zi, h_xr, h_xi)
 
 
-#: the rows kernel needs this many (batch row, block of P) programs per SM to keep HBM busy
-#: on its own (each program has one tile in flight while it scans the one before)
-ROWS_PER_SM = 8
+#: the rows kernel needs about this many (batch row, block of P) programs per SM to keep HBM
+#: busy on its own (each one-warp program has one 4 KB tile in flight while it scans the one
+#: before; 164 registers allow 12 per SM). A guess until benchmarks/dlinoss_scan.py has run
+#: on a GPU: it times both kernels at every size.
+ROWS_PER_SM = 6
 
 
 @functools.lru_cache(maxsize=None)
