@@ -463,13 +463,32 @@ def run(ctx, archs, preset, long_seq, plot):
         streaming = bool(registry.architecture(arch).state_map)
         ctx.invoke(export, arch=arch, preset=chosen, checkpoint=None, seed=0, streaming=streaming)
         ctx.invoke(optimize, arch=arch, preset=chosen, fp16=True)
-        ok = _validate(ctx, arch, chosen, engines, ["fp32", "fp16"], long_seq) and ok
-        _bench(ctx, arch, chosen, [registry.reference_engine().name, *engines],
+        usable = _engines_for(ctx, arch, chosen, engines)
+        ok = _validate(ctx, arch, chosen, usable, ["fp32", "fp16"], long_seq) and ok
+        _bench(ctx, arch, chosen, [registry.reference_engine().name, *usable],
                "fp16" if device == "cuda" else "fp32",
                None, None, False, plot)
     if not ok:
         click.echo("validation failed: see the FAIL lines above", err=True)
         sys.exit(1)
+
+
+def _engines_for(ctx, arch: str, preset: str, engines: list[str]) -> list[str]:
+    """The engines that can open this artifact. An engine usable on the device may still
+    refuse one model (the ORT op library has no kernel for one of its ops): ``run`` skips it
+    for that architecture, saying why, as it skips engines the device cannot run."""
+    from seqdeploy import pipeline
+    from seqdeploy.errors import EngineUnavailable
+
+    artifact = _artifact(ctx, arch, preset)
+    usable = []
+    for name in engines:
+        try:
+            pipeline.open_session(_registry(ctx), artifact, name, "fp32", _device(ctx))
+            usable.append(name)
+        except EngineUnavailable as exc:
+            click.echo(f"skipping engine {name} for {arch}: {exc}", err=True)
+    return usable
 
 
 # -- entry point -----------------------------------------------------------------------------
