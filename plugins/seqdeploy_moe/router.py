@@ -1,0 +1,139 @@
+"""``seqdeploy::top1_router``: the Switch top-1 router with per-row first-come capacity.
+
+Layout: ``logits [B, T, E]`` float32 (the router is an fp32 island in every precision) and the
+float attribute ``capacity_factor``. Returns ``expert [B, T] int64`` and ``gate [B, T]``
+float32::
+
+    p = softmax(logits)            (fp32)
+    expert_t = argmax_e logits_t   (= argmax p; among equal logits the lowest index wins)
+    gate_t = p[expert_t]           (= 1 / sum_e exp(logits_e - max))
+    cap = ceil(capacity_factor * T / E)      (capacity_factor > 0; else no dropping)
+
+Capacity is per sequence row, first come first served in token order: the k-th token of a
+row routed to expert e (k = 1, 2, ...) keeps its gate when ``k <= cap`` and gets gate 0
+otherwise. A dropped token keeps its argmax id in ``expert`` (so the route an engine reports
+is the router's choice, comparable across engines), and ``moe_experts`` writes 0 for every
+token whose gate is 0: only the residual passes through, as the Switch Transformer does.
+
+``cap`` is computed the same way in every form: ``capacity_factor`` rounded to fp32 (the
+ONNX attribute's type), then ``ceil(cf * T / E)`` in float64 (``cf * T`` is exact there), so
+an integral quotient never rounds up by one ulp.
+
+Forms, side by side: ``naive_top1_router`` (float64 loop, tests only), ``reference_top1_router``
+(the loop a user would write, fp32: the ``torch-ref`` engine), ``vectorised_top1_router`` (the
+CPU kernel), the Triton kernel (``kernels.triton_top1_router``, CUDA) and the ONNX forms
+(``onnx.top1_router_translation`` / ``onnx.top1_router_function``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from seqdeploy.errors import InputError
+from seqdeploy.ops import CustomOp, lazy_kernel, make_schema, register_schema
+
+
+def capacity(capacity_factor: float, T: int, E: int) -> int:
+    """Tokens each expert accepts per row; ``T`` (no dropping) when ``capacity_factor <= 0``."""
+    cf = float(np.float32(capacity_factor))
+    if cf <= 0:
+        return T
+    return int(math.ceil(cf * T / E))
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    if logits.dim() != 3 or logits.shape[-1] < 1:
+        raise InputError(f"top1_router: logits must be [B, T, E] with E >= 1, got {list(logits.shape)}")
+    if logits.dtype != torch.float32:
+        raise InputError(f"top1_router: logits must be float32 (the router is fp32), got {logits.dtype}")
+
+
+def naive_top1_router(logits: torch.Tensor, capacity_factor: float):
+    """Float64 loop over rows and tokens, written independently of the kernels.
+    Returns ``(expert int64 [B, T], gate float64 [B, T])``."""
+    B, T, E = logits.shape
+    cap = capacity(capacity_factor, T, E)
+    lg = logits.double().cpu()
+    expert = torch.zeros(B, T, dtype=torch.int64)
+    gate = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        taken = [0] * E
+        for t in range(T):
+            row = lg[b, t].tolist()
+            best = 0
+            for e in range(1, E):
+                if row[e] > row[best]:      # strict: the lowest index wins ties
+                    best = e
+            m = row[best]
+            total = sum(math.exp(v - m) for v in row)
+            taken[best] += 1
+            expert[b, t] = best
+            gate[b, t] = (1.0 / total) if taken[best] <= cap else 0.0
+    return expert, gate
+
+
+def reference_top1_router(logits: torch.Tensor, capacity_factor: float):
+    """The loop a user would write: softmax and argmax in fp32, capacity token by token."""
+    check_logits(logits)
+    B, T, E = logits.shape
+    cap = capacity(capacity_factor, T, E)
+    p = torch.softmax(logits.float(), dim=-1)
+    gate, expert = p.max(dim=-1)            # torch returns the first maximal index
+    taken = torch.zeros(B, E, dtype=torch.int64, device=logits.device)
+    rows = torch.arange(B, device=logits.device)
+    keep = []
+    for t in range(T):
+        taken[rows, expert[:, t]] += 1
+        keep.append(taken[rows, expert[:, t]] <= cap)
+    return expert, torch.where(torch.stack(keep, 1), gate, torch.zeros_like(gate))
+
+
+def vectorised_top1_router(logits: torch.Tensor, capacity_factor: float):
+    """CPU kernel: one pass of tensor ops; the capacity prefix count is a cumsum of the one-hot
+    choices along T (``[B, T, E]`` int32)."""
+    B, T, E = logits.shape
+    lg = logits.float()
+    m = lg.max(dim=-1, keepdim=True).values
+    expert = (lg == m).to(torch.int8).argmax(dim=-1)        # first maximal index
+    gate = 1.0 / torch.exp(lg - m).sum(dim=-1)
+    cap = capacity(capacity_factor, T, E)
+    if cap < T:
+        one_hot = torch.nn.functional.one_hot(expert, E).to(torch.int32)
+        position = (one_hot.cumsum(dim=1) * one_hot).sum(dim=-1)   # 1-based rank in its expert
+        gate = torch.where(position <= cap, gate, torch.zeros_like(gate))
+    return expert, gate
+
+
+@torch.library.custom_op("seqdeploy::top1_router", mutates_args=())
+def top1_router(logits: torch.Tensor, capacity_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU (and any non-CUDA device): the vectorised form."""
+    check_logits(logits)
+    expert, gate = vectorised_top1_router(logits.cpu(), capacity_factor)
+    return expert.to(logits.device), gate.to(logits.device)
+
+
+@top1_router.register_fake
+def _(logits, capacity_factor):
+    B, T, _ = logits.shape
+    return (logits.new_empty((B, T), dtype=torch.int64), logits.new_empty((B, T), dtype=torch.float32))
+
+
+#: CUDA: the fused Triton kernel (imported on first use)
+cuda_top1_router = lazy_kernel("seqdeploy_moe.kernels", "triton_top1_router")
+top1_router.register_kernel("cuda")(cuda_top1_router)
+
+
+def top1_router_op() -> CustomOp:
+    from seqdeploy_moe.onnx import top1_router_function, top1_router_translation
+
+    schema = make_schema("Top1Router", ("logits",), ("expert", "gate"), doc=__doc__.split("\n\n")[0],
+                         float_attrs=("capacity_factor",), float_inputs=("logits",),
+                         int_outputs=("expert",), float_outputs=("gate",))
+    register_schema(schema)
+    return CustomOp(name="top1_router", onnx_name="Top1Router", torch_op=top1_router,
+                    reference=reference_top1_router, schema=schema,
+                    translation=top1_router_translation, fallback=top1_router_function,
+                    doc="Switch top-1 router: fp32 softmax, argmax, gate, per-row capacity",
+                    eager={"cuda": cuda_top1_router})
