@@ -5,7 +5,7 @@ kernels.
 
 - ``Top1Router``: ReduceMax / ArgMax (first maximal index) / Exp / ReduceSum in fp32; the
   capacity rank is the CumSum along T of the one-hot choices, and ``cap`` is computed in
-  float64 from the fp32 attribute exactly as the other forms do.
+  fp32 exactly as the other forms do (``router.capacity``).
 - ``MoEExperts``: computes every expert's FFN for every token (one broadcast MatMul per layer,
   ``[B, T, E, 1, f]``) and keeps each token's own expert (GatherElements). That is E times
   the work of the kernels and is only the portability path: correct everywhere, slow.
@@ -46,12 +46,12 @@ def _attribute_constant(name: str, attribute: str) -> onnx.NodeProto:
 
 
 def top1_router_function(opset: int) -> onnx.FunctionProto:
-    f32, f64, i64 = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     n = helper.make_node
     nodes = [
         _attribute_constant("cf", "capacity_factor"),
         _const("last", i64, [-1]), _const("axis_t", i64, 1), _const("one", i64, 1),
-        _const("two", i64, 2), _const("zero_i", i64, 0), _const("zero_d", f64, 0.0),
+        _const("two", i64, 2), _const("zero_i", i64, 0), _const("zero_d", f32, 0.0),
         _const("zero_f", f32, 0.0),
         n("Cast", ["logits"], ["lg"], to=f32),
         # softmax pieces: gate = p[argmax] = 1 / sum exp(l - max)
@@ -61,13 +61,13 @@ def top1_router_function(opset: int) -> onnx.FunctionProto:
         n("ReduceSum", ["ez", "last"], ["total"], keepdims=0),
         n("Reciprocal", ["total"], ["gate_all"]),
         n("ArgMax", ["lg"], ["expert"], axis=-1, keepdims=0, select_last_index=0),
-        # cap = ceil(cf * T / E) in float64; cf <= 0: no dropping (cap = T)
+        # cap = ceil(fp32(cf * T) / E) in fp32; cf <= 0: no dropping (cap = T)
         n("Shape", ["lg"], ["shape"]),
         n("Gather", ["shape", "one"], ["T"], axis=0),
         n("Gather", ["shape", "two"], ["E"], axis=0),
-        n("Cast", ["cf"], ["cfd"], to=f64),
-        n("Cast", ["T"], ["Td"], to=f64),
-        n("Cast", ["E"], ["Ed"], to=f64),
+        n("Cast", ["cf"], ["cfd"], to=f32),
+        n("Cast", ["T"], ["Td"], to=f32),
+        n("Cast", ["E"], ["Ed"], to=f32),
         n("Mul", ["cfd", "Td"], ["cf_t"]),
         n("Div", ["cf_t", "Ed"], ["quota"]),
         n("Ceil", ["quota"], ["cap_on"]),
@@ -77,7 +77,7 @@ def top1_router_function(opset: int) -> onnx.FunctionProto:
         n("Range", ["zero_i", "E", "one"], ["ids"]),
         n("Unsqueeze", ["expert", "last"], ["expert_1"]),
         n("Equal", ["expert_1", "ids"], ["chosen"]),
-        n("Cast", ["chosen"], ["one_hot"], to=f64),
+        n("Cast", ["chosen"], ["one_hot"], to=f32),   # exact counts up to 2^24
         n("CumSum", ["one_hot", "axis_t"], ["running"]),
         n("Mul", ["running", "one_hot"], ["rank_e"]),
         n("ReduceSum", ["rank_e", "last"], ["rank"], keepdims=0),

@@ -15,9 +15,9 @@ otherwise. A dropped token keeps its argmax id in ``expert`` (so the route an en
 is the router's choice, comparable across engines), and ``moe_experts`` writes 0 for every
 token whose gate is 0: only the residual passes through, as the Switch Transformer does.
 
-``cap`` is computed the same way in every form: ``capacity_factor`` rounded to fp32 (the
-ONNX attribute's type), then ``ceil(cf * T / E)`` in float64 (``cf * T`` is exact there), so
-an integral quotient never rounds up by one ulp.
+``cap`` is computed the same way in every form, in fp32 (the ONNX attribute's type):
+``ceil(fp32(fp32(cf) * T) / E)``. Rounding the product to fp32 absorbs the representation
+error of a decimal ``cf``: 0.8 * 5 / 2 gives 2 (in float64 on fp32(0.8) it would give 3).
 
 Forms, side by side: ``naive_top1_router`` (float64 loop, tests only), ``reference_top1_router``
 (the loop a user would write, fp32: the ``torch-ref`` engine), ``vectorised_top1_router`` (the
@@ -37,10 +37,10 @@ from seqdeploy.ops import CustomOp, lazy_kernel, make_schema, register_schema
 
 def capacity(capacity_factor: float, T: int, E: int) -> int:
     """Tokens each expert accepts per row; ``T`` (no dropping) when ``capacity_factor <= 0``."""
-    cf = float(np.float32(capacity_factor))
+    cf = np.float32(capacity_factor)
     if cf <= 0:
         return T
-    return int(math.ceil(cf * T / E))
+    return int(np.ceil((cf * np.float32(T)) / np.float32(E)))
 
 
 def check_logits(logits: torch.Tensor) -> None:
@@ -54,7 +54,9 @@ def naive_top1_router(logits: torch.Tensor, capacity_factor: float):
     """Float64 loop over rows and tokens, written independently of the kernels.
     Returns ``(expert int64 [B, T], gate float64 [B, T])``."""
     B, T, E = logits.shape
-    cap = capacity(capacity_factor, T, E)
+    f32 = np.float32                               # the attribute is an fp32 in ONNX
+    cf = f32(capacity_factor)
+    cap = int(np.ceil(f32(cf * f32(T)) / f32(E))) if cf > 0 else T + 1
     lg = logits.double().cpu()
     expert = torch.zeros(B, T, dtype=torch.int64)
     gate = torch.zeros(B, T, dtype=torch.float64)
