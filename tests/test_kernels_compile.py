@@ -108,7 +108,7 @@ MOE_SCRIPT = textwrap.dedent("""
 
     i32 = "i32"
     for capacity in (False, True):
-        for block_t, block_e in ((512, 8), (64, 64)):
+        for block_t, block_e in ((64, 64),):
             compile(moe._top1_router_kernel,
                     dict(logits_ptr="*fp32", expert_ptr="*i64", gate_ptr="*fp32", T=i32, E=i32,
                          cap=i32, s_b=i32, s_t=i32),
@@ -123,7 +123,7 @@ MOE_SCRIPT = textwrap.dedent("""
         p = "*" + dt
         cfg = moe.experts_config(8192, 8, 768, 3072, {"fp32": moe.torch.float32,
                                   "fp16": moe.torch.float16, "bf16": moe.torch.bfloat16}[dt])
-        for block_m in (64, 128):
+        for block_m in ((64, 128) if dt == "bf16" else (64,)):
             for first in (True, False):
                 compile(moe._grouped_ffn_kernel,
                         dict(a_ptr=p, row_token_ptr="*i32", tile_expert_ptr="*i32", w_ptr=p,
@@ -142,4 +142,4 @@ def test_moe_kernels_compile_for_sm90():
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
         pytest.skip("this triton build ships no ptxas")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count(" ok") == 4 + 2 + 3 * 2 * 2
+    assert out.stdout.count(" ok") == 2 + 2 + 4 * 2

@@ -1,0 +1,131 @@
+"""The Switch encoder: export (one Top1Router and one MoEExperts node per layer, no control
+flow), plain ONNX Runtime equals torch, the CLI end to end, and the training-time pieces
+(jitter, differentiable path, auxiliary losses)."""
+from __future__ import annotations
+
+import math
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import run_cli
+
+from seqdeploy.ops import reference_ops
+from seqdeploy_moe.model import (MoEFeedForward, SwitchEncoder, auxiliary_losses,
+                                 load_balance_loss, router_z_loss)
+
+
+@pytest.fixture(scope="module")
+def moe_artifact(tmp_path_factory):
+    from seqdeploy import pipeline
+    from seqdeploy.plugins import load_registry
+
+    root = tmp_path_factory.mktemp("exported")
+    registry = load_registry()
+    pipeline.export(registry, "moe", "tiny", root)
+    return root / "moe" / "tiny"
+
+
+def test_export_holds_one_router_and_one_experts_node_per_layer(moe_artifact, registry):
+    model = onnx.load(str(moe_artifact / "model.onnx"))
+    layers = registry.architecture("moe").config("tiny")["n_layers"]
+    custom = [n for n in model.graph.node if n.domain == "seqdeploy"]
+    assert sorted(n.op_type for n in custom) == ["MoEExperts"] * layers + ["Top1Router"] * layers
+    assert not [n for n in model.graph.node if n.op_type in ("Loop", "Scan", "If")]
+    for fn in model.functions:          # the fallbacks are control-flow free too
+        assert not [n for n in fn.node if n.op_type in ("Loop", "Scan", "If")], fn.name
+    for node in custom:
+        attrs = {a.name: a for a in node.attribute}
+        assert attrs["plugin_namespace"].s == b"seqdeploy"
+        if node.op_type == "Top1Router":
+            assert attrs["capacity_factor"].type == onnx.AttributeProto.FLOAT
+
+
+def test_plain_onnxruntime_equals_torch(moe_artifact, registry):
+    """The fallback functions run the model in ONNX Runtime with no seqdeploy kernels."""
+    from seqdeploy.checkpoint import load_checkpoint
+
+    arch = registry.architecture("moe")
+    config = arch.config("tiny")
+    model = arch.build(config).eval()
+    load_checkpoint(model, moe_artifact / "model.safetensors")
+    inputs = arch.make_inputs(config, 3, 45, seed=7)
+    with torch.no_grad():
+        logits, routes = model(*inputs.values())
+        with reference_ops():
+            ref_logits, ref_routes = model(*inputs.values())
+    assert torch.equal(routes, ref_routes)
+    assert float((logits - ref_logits).norm() / ref_logits.norm()) < 1e-5
+    session = ort.InferenceSession(str(moe_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    out_logits, out_routes = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    assert torch.equal(torch.from_numpy(out_routes), routes)
+    assert routes.shape == (3, 45, config["n_layers"]) and len(routes.unique()) > 1
+    out = torch.from_numpy(out_logits)
+    assert float((out - logits).norm() / logits.norm()) < 1e-5
+
+
+def test_cli_export_and_validate_fp32(tmp_path, capsys):
+    code, out, err = run_cli(["--out", tmp_path, "--device", "cpu", "export", "moe",
+                              "--preset", "tiny"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["--out", tmp_path, "--device", "cpu", "validate", "moe",
+                              "--preset", "tiny", "--precision", "fp32", "--long-seq", "300"], capsys)
+    assert code == 0, out + err
+    assert "PASS" in out and "FAIL" not in out
+
+
+def test_complexity_input_moves_the_router():
+    torch.manual_seed(0)
+    block = MoEFeedForward(16, 32, 4, complexity=True).eval()
+    u = torch.randn(1, 6, 16)
+    c0, c1 = torch.zeros(1, 6), torch.ones(1, 6)
+    delta = block.router_logits(u, c1) - block.router_logits(u, c0)
+    assert torch.allclose(delta, block.router_complexity.detach().expand(1, 6, 4))
+    with pytest.raises(ValueError, match="pass c"):
+        block(u)
+
+
+def test_jitter_only_in_training():
+    torch.manual_seed(1)
+    block = MoEFeedForward(16, 32, 4, jitter=0.1)
+    u = torch.randn(2, 5, 16)
+    block.eval()
+    assert torch.equal(block.router_logits(u), block.router_logits(u))
+    block.train()
+    a, b = block.router_logits(u), block.router_logits(u)
+    assert not torch.equal(a, b)
+    clean = torch.nn.functional.linear(u, block.router.weight)
+    ratio = (a - clean).abs().max() / (u.abs().sum(-1).max() * block.router.weight.abs().max())
+    assert ratio <= 0.1 + 1e-6          # at most epsilon of each product
+
+
+def test_training_forward_is_differentiable_and_matches_inference():
+    torch.manual_seed(2)
+    model = SwitchEncoder(64, 16, 32, 4, 2, 2, capacity_factor=1.0)
+    ids = torch.randint(0, 64, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        want, want_routes = model(ids)
+    model.train()
+    logits, routes = model(ids)
+    assert torch.equal(routes, want_routes)
+    assert float((logits.detach() - want).norm() / want.norm()) < 1e-5
+    losses = auxiliary_losses(model)
+    (logits.square().mean() + 0.01 * losses["load_balance"] + 1e-3 * losses["z_loss"]).backward()
+    for p in (model.moes[0].router.weight, model.moes[0].w1, model.moes[1].w2):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_auxiliary_losses_against_hand_values():
+    E = 4
+    # perfect balance, uniform probabilities: f_i = P_i = 1/E -> E * E * 1/E^2 = 1
+    logits = torch.zeros(8, E)
+    expert = torch.arange(8) % E
+    assert math.isclose(float(load_balance_loss(logits, expert)), 1.0, rel_tol=1e-6)
+    # all tokens on expert 0 with p_0 = 1: E * 1 * 1 = E
+    peaked = torch.tensor([[50.0, 0.0, 0.0, 0.0]]).expand(8, E)
+    assert math.isclose(float(load_balance_loss(peaked, torch.zeros(8, dtype=torch.int64))), E,
+                        rel_tol=1e-6)
+    # z-loss: logsumexp of zeros is log E
+    assert math.isclose(float(router_z_loss(logits)), math.log(E) ** 2, rel_tol=1e-6)
