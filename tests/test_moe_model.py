@@ -129,3 +129,26 @@ def test_auxiliary_losses_against_hand_values():
                         rel_tol=1e-6)
     # z-loss: logsumexp of zeros is log E
     assert math.isclose(float(router_z_loss(logits)), math.log(E) ** 2, rel_tol=1e-6)
+
+
+def test_ten_preset_with_the_moe_ffn_exports_and_runs_in_plain_onnxruntime(tmp_path, registry):
+    """ten's tiny-moe preset: every FFN is the Switch block; one router and one experts node
+    per layer beside the EigenScan nodes, and plain ORT equals torch."""
+    from seqdeploy import pipeline
+    from seqdeploy.checkpoint import load_checkpoint
+
+    pipeline.export(registry, "ten", "tiny-moe", tmp_path)
+    directory = tmp_path / "ten" / "tiny-moe"
+    model = onnx.load(str(directory / "model.onnx"))
+    kinds = sorted(n.op_type for n in model.graph.node if n.domain == "seqdeploy")
+    assert kinds == ["EigenScan"] * 2 + ["MoEExperts"] * 2 + ["Top1Router"] * 2
+    arch = registry.architecture("ten")
+    config = arch.config("tiny-moe")
+    torch_model = arch.build(config).eval()
+    load_checkpoint(torch_model, directory / "model.safetensors")
+    inputs = arch.make_inputs(config, 2, 19, seed=3)
+    with torch.no_grad():
+        want = torch_model(*inputs.values())[0]
+    session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
+    assert float((got - want).norm() / want.norm()) < 1e-5
