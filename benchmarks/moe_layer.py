@@ -51,9 +51,10 @@ def grouped_mm_reason(dtype) -> str | None:
 def main(argv=None) -> int:
     import triton.testing
 
-    from seqdeploy_moe.experts import moe_experts
     from seqdeploy_moe.kernels import experts_config, triton_moe_experts
-    from seqdeploy_moe.router import top1_router
+    # the ops as the model calls them (seqdeploy.ops.call: the kernel directly in eager inference)
+    from seqdeploy_moe.model import MOE_EXPERTS as moe_experts
+    from seqdeploy_moe.model import TOP1_ROUTER as top1_router
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=8192)
