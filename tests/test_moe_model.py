@@ -152,3 +152,19 @@ def test_ten_preset_with_the_moe_ffn_exports_and_runs_in_plain_onnxruntime(tmp_p
     session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
     assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_on_cuda_matches_cpu():
+    """The whole encoder with the Triton kernels (fp32) against the CPU forms."""
+    torch.manual_seed(5)
+    model = SwitchEncoder(128, 64, 128, 8, 2, 4, capacity_factor=1.25, complexity=True).eval()
+    ids = torch.randint(0, 128, (3, 200))
+    c = torch.rand(3, 200)
+    with torch.no_grad():
+        want, want_routes = model(ids, c)
+        got, routes = model.cuda()(ids.cuda(), c.cuda())
+    assert float((routes.cpu() == want_routes).float().mean()) >= 0.99
+    agree = (routes.cpu() == want_routes).all(-1)
+    err = (got.cpu()[agree] - want[agree]).norm() / want[agree].norm()
+    assert float(err) < 1e-4
