@@ -99,7 +99,12 @@ def export_onnx(arch: Architecture, config: dict[str, Any], model: torch.nn.Modu
     batch = torch.export.Dim(BATCH, min=1)
     seq_max = arch.max_seq_len(config)
     seq = torch.export.Dim(SEQ, min=1, **({"max": seq_max} if seq_max else {}))
-    dims = {BATCH: batch, SEQ: seq}
+    dims = {BATCH: batch, SEQ: seq,
+            **{name: torch.export.Dim(name, **bounds) for name, bounds in arch.axes.items()}}
+    undeclared = sorted({d for s in in_specs for d in s.dynamic_axes().values()} - set(dims))
+    if undeclared:
+        raise SeqdeployError(f"{arch.name}: symbolic axes {', '.join(undeclared)} are not "
+                             f"declared in Architecture.axes")
     # positional, in input order: forward's own argument names may differ from the specs'
     dynamic_shapes = tuple({axis: dims[d] for axis, d in s.dynamic_axes().items()} or None
                            for s in in_specs)

@@ -157,11 +157,13 @@ def plugin_attributes() -> dict[str, str]:
 def make_schema(onnx_name: str, inputs: Sequence[str], outputs: Sequence[str], doc: str,
                 float_attrs: Sequence[str] = (), int_inputs: Sequence[str] = (),
                 float_inputs: Sequence[str] = (), int_outputs: Sequence[str] = (),
-                float_outputs: Sequence[str] = ()) -> OpSchema:
+                float_outputs: Sequence[str] = (), int_attrs: Sequence[str] = (),
+                string_attrs: Sequence[str] = ()) -> OpSchema:
     """Build the OpSchema of a seqdeploy node.
 
     Inputs and outputs are of type ``T`` (fp32/fp16/bf16) unless listed in ``int_*`` (int64)
-    or ``float_*`` (always fp32, e.g. router logits).
+    or ``float_*`` (always fp32, e.g. router logits or recurrent state). Attributes named in
+    ``float_attrs``, ``int_attrs`` and ``string_attrs`` are required, of that type.
     """
     formal = OpSchema.FormalParameter
 
@@ -174,7 +176,9 @@ def make_schema(onnx_name: str, inputs: Sequence[str], outputs: Sequence[str], d
 
     attributes = [OpSchema.Attribute(a, OpSchema.AttrType.STRING, f"TensorRT plugin {a}", required=False)
                   for a in plugin_attributes()]
-    attributes += [OpSchema.Attribute(a, OpSchema.AttrType.FLOAT, a, required=True) for a in float_attrs]
+    kinds = ((float_attrs, OpSchema.AttrType.FLOAT), (int_attrs, OpSchema.AttrType.INT),
+             (string_attrs, OpSchema.AttrType.STRING))
+    attributes += [OpSchema.Attribute(a, kind, a, required=True) for names, kind in kinds for a in names]
     return OpSchema(
         onnx_name, DOMAIN, 1, doc=doc,
         inputs=[param(n, int_inputs, float_inputs) for n in inputs],

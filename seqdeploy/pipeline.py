@@ -5,25 +5,24 @@ writing its files through :class:`~seqdeploy.artifacts.Artifact`. The CLI is a t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import onnx
 import torch
 
-from seqdeploy.architecture import SEQ, Architecture
+from seqdeploy.architecture import MASK, POOLED, STATE, Architecture, Case
 from seqdeploy.artifacts import Artifact
 from seqdeploy.bench import bench_op, hbm_bandwidth_gbs, time_fn
 from seqdeploy.checkpoint import load_checkpoint, save_checkpoint
-from seqdeploy.engines.base import Session, resolve_device
+from seqdeploy.engines.base import REFERENCE, Session, resolve_device
 from seqdeploy.engines.torch import WEIGHTS, load_model
 from seqdeploy.errors import EngineUnavailable, SeqdeployError
 from seqdeploy.export import export_onnx
 from seqdeploy.parity import Check, check_outputs
 from seqdeploy.plugins import Registry
 from seqdeploy.precision import ONNX_FILES, cast_inputs, fp32_islands
-from seqdeploy.streaming import STEP_FILES, STREAM_ENGINES, Stream
+from seqdeploy.streaming import STEP_FILES, Stream
 
 Progress = Callable[[str], None]
 STREAM_STEPS = 48  # length of the step-at-a-time validation case
@@ -112,57 +111,61 @@ def open_session(registry: Registry, artifact: Artifact, engine_name: str, preci
 
 
 # -- validate --------------------------------------------------------------------------------
-@dataclass
-class Case:
-    name: str
-    batch: int
-    seq_len: int
-    split: int | None = None  # split the sequence at this step and pass the state across
-
-
 def validation_cases(arch: Architecture, config: dict[str, Any], long_seq: int = 4096) -> list[Case]:
-    preset_t = arch.seq_len(config)
-    limit = arch.max_seq_len(config)
-    long_t = min(long_seq, limit) if limit else long_seq
-    cases = [Case("B1-T1", 1, 1), Case("B2-T63", 2, 63), Case(f"B2-T{preset_t}", 2, preset_t),
-             Case(f"B1-T{long_t}", 1, long_t)]
-    if arch.state_map and preset_t >= 2:
-        cut = min(preset_t // 2 + 1, preset_t - 1)
-        cases.append(Case(f"B2-T{preset_t}-split{cut}", 2, preset_t, split=cut))
-    seen, unique = set(), []
-    for c in cases:
-        if c.name not in seen:
-            seen.add(c.name)
-            unique.append(c)
-    return unique
+    """The architecture's validation cases (:meth:`Architecture.validation_cases`)."""
+    return arch.validation_cases(config, long_seq)
+
+
+def case_inputs(arch: Architecture, config: dict[str, Any], case: Case,
+                seed: int) -> dict[str, torch.Tensor]:
+    """The case's inputs; for a ragged case, row ``i`` of every ``mask`` input keeps its first
+    ``ceil(T / (i + 1))`` steps and is padding after them."""
+    seed = case.seed if case.seed is not None else seed
+    make = case.inputs or arch.make_inputs
+    inputs = make(config, case.batch, case.seq_len, seed)
+    if case.ragged:
+        for spec in arch.input_specs(config):
+            if spec.kind == MASK:
+                mask = inputs[spec.name].clone()
+                for i in range(mask.shape[0]):
+                    mask[i, -(-case.seq_len // (i + 1)):] = 0
+                inputs[spec.name] = mask
+    return inputs
+
+
+def _mask(arch: Architecture, config, inputs) -> torch.Tensor | None:
+    spec = next((s for s in arch.input_specs(config) if s.kind == MASK), None)
+    return None if spec is None else inputs[spec.name]
 
 
 def run_steps(stream: Stream, arch: Architecture, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Feed ``inputs`` one time step at a time through ``stream``; stack the step outputs
-    back along their sequence axis (the final state is the last step's)."""
-    seq_in = {s.name: s.shape.index(SEQ) for s in arch.input_specs(stream.config) if SEQ in s.shape}
-    seq_out = {s.name: s.shape.index(SEQ) for s in arch.output_specs(stream.config) if SEQ in s.shape}
+    """Feed ``inputs`` one time step at a time through ``stream``. Per-step outputs are
+    stacked back along their time axis and the final state is the stream's; outputs with
+    neither (pooled) are left out: one step's pooling is not the sequence's."""
+    seq_in = {s.name: s.seq_axis for s in arch.input_specs(stream.config) if s.seq_axis is not None}
+    seq_out = {s.name: s.seq_axis for s in arch.output_specs(stream.config) if s.seq_axis is not None}
     states = {k: v for k, v in inputs.items() if k in arch.state_map}
     batch = next(iter(inputs.values())).shape[0]
     stream.reset(batch=batch, state=states)
     steps = next(inputs[k].shape[a] for k, a in seq_in.items())
     collected: dict[str, list[torch.Tensor]] = {k: [] for k in seq_out}
-    last: dict[str, torch.Tensor] = {}
     for t in range(steps):
         feeds = {k: inputs[k].select(a, t) for k, a in seq_in.items()}
         last = stream.step(feeds)
         for k in seq_out:
             collected[k].append(last[k].cpu())
     final = {arch.state_map[k]: v.cpu() for k, v in stream.state.items()}
-    return {**{k: v.cpu() for k, v in last.items()}, **final,
-            **{k: torch.stack(v, dim=seq_out[k]) for k, v in collected.items()}}
+    return {**final, **{k: torch.stack(v, dim=seq_out[k]) for k, v in collected.items()}}
 
 
 def run_split(session: Session, arch: Architecture, inputs: dict[str, torch.Tensor],
               cut: int) -> dict[str, torch.Tensor]:
-    """Run ``inputs`` as two calls, [0, cut) then [cut, T), passing the state across."""
-    seq_in = {s.name: s.shape.index(SEQ) for s in session.input_specs if SEQ in s.shape}
-    seq_axis = {s.name: s.shape.index(SEQ) for s in session.output_specs if SEQ in s.shape}
+    """Run ``inputs`` as two calls, [0, cut) then [cut, T), passing the state across.
+    Per-step outputs are joined, state outputs are the second call's; pooled outputs are
+    left out (the second call pools only its own half)."""
+    seq_in = {s.name: s.seq_axis for s in session.input_specs if s.seq_axis is not None}
+    seq_out = {s.name: s.seq_axis for s in session.output_specs if s.seq_axis is not None}
+    states = {s.name for s in session.output_specs if s.kind == STATE}
     first = {k: (v.narrow(seq_in[k], 0, cut) if k in seq_in else v) for k, v in inputs.items()}
     out1 = session.run(first)
     second = {k: (v.narrow(seq_in[k], cut, v.shape[seq_in[k]] - cut) if k in seq_in else v)
@@ -170,41 +173,84 @@ def run_split(session: Session, arch: Architecture, inputs: dict[str, torch.Tens
     for state_in, state_out in arch.state_map.items():
         second[state_in] = out1[state_out].to(inputs[state_in].dtype)
     out2 = session.run(second)
-    return {k: (torch.cat([out1[k], out2[k].to(out1[k].device)], dim=seq_axis[k])
-                if k in seq_axis else out2[k]) for k in out2}
+    joined = {k: torch.cat([out1[k].cpu(), out2[k].cpu()], dim=a) for k, a in seq_out.items()}
+    return {**joined, **{k: out2[k] for k in states}}
+
+
+def run_rows_alone(session: Session, arch: Architecture, inputs: dict[str, torch.Tensor],
+                   mask: torch.Tensor) -> list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """For each row of a padded batch: ``(row, padded batch's outputs for it, outputs of the
+    row run alone)``, trimmed to the row's length, for every per-step and pooled output."""
+    full = {k: v.cpu() for k, v in session.run(inputs).items()}
+    seq_in = {s.name: s.seq_axis for s in session.input_specs if s.seq_axis is not None}
+    keep = [s for s in session.output_specs if s.kind != STATE]
+    rows = []
+    for i in range(mask.shape[0]):
+        length = int(mask[i].sum())
+        alone_in = {k: v[i:i + 1] for k, v in inputs.items()}
+        alone_in = {k: (v.narrow(seq_in[k], 0, length) if k in seq_in else v)
+                    for k, v in alone_in.items()}
+        alone = session.run(alone_in)
+        padded, single = {}, {}
+        for spec in keep:
+            p, a = full[spec.name][i:i + 1], alone[spec.name].cpu()
+            if spec.seq_axis is not None:
+                p = p.narrow(spec.seq_axis, 0, length)
+            padded[spec.name], single[spec.name] = p, a
+        rows.append((i, padded, single))
+    return rows
 
 
 def validate(registry: Registry, artifact: Artifact, engines: list[str], precisions: list[str],
              device: str = "auto", long_seq: int = 4096, progress: Progress = _quiet) -> dict:
-    """Parity of every (engine, precision) against the fp32 ``torch-ref`` reference, at every
-    validation case. Writes ``parity.json``; ``result["passed"]`` says whether all passed."""
+    """Parity of every (engine, precision) against the fp32 run of the reference engine
+    (the one whose role is ``reference``), at every validation case of the architecture,
+    each output compared by its kind (:mod:`seqdeploy.parity`). Writes ``parity.json``;
+    ``result["passed"]`` says whether all passed."""
     device = resolve_device(device)
     arch = registry.architecture(artifact.manifest["arch"])
     config = artifact.manifest["config"]
+    out_specs = arch.output_specs(config)
     sessions = []
     for engine_name in engines:
         for precision in precisions:
             sessions.append(open_session(registry, artifact, engine_name, precision, device))
-    reference = open_session(registry, artifact, "torch-ref", "fp32", device)
+    ref_engine = registry.reference_engine()
+    reference = open_session(registry, artifact, ref_engine.name, "fp32", device)
     checks: list[Check] = []
+    pooled = {s.name for s in out_specs if s.kind == POOLED}
+
+    def whole(ref_out):   # what a split or step run can compare: not the pooled outputs
+        return {k: v for k, v in ref_out.items() if k not in pooled}
+
+    def check(session, case_name, ref_out, out, mask=None):
+        checks.extend(check_outputs(
+            session.engine, session.precision, case_name, ref_out, out, out_specs,
+            lambda name: arch.limits_for(session.precision, config, name), mask))
+
     cases = validation_cases(arch, config, long_seq)
     for i, case in enumerate(cases):
         progress(f"[{i + 1}/{len(cases)}] {case.name}: reference")
-        inputs = arch.make_inputs(config, case.batch, case.seq_len, seed=1000 + i)
+        inputs = case_inputs(arch, config, case, seed=1000 + i)
+        mask = _mask(arch, config, inputs)
         ref_out = {k: v.cpu() for k, v in reference.run(inputs).items()}
         for session in sessions:
             progress(f"[{i + 1}/{len(cases)}] {case.name}: {session.describe()}")
             cast = cast_inputs(inputs, session.input_specs, session.precision)
             if case.split:
                 out = run_split(session, arch, cast, case.split)
+                expected = whole(ref_out)
             else:
                 out = session.run(cast)
-            limits = arch.parity_limits(session.precision, config)
-            checks.extend(check_outputs(session.engine, session.precision, case.name, ref_out,
-                                        {k: v.cpu() for k, v in out.items()}, limits))
+                expected = ref_out
+            check(session, case.name, expected, {k: v.cpu() for k, v in out.items()}, mask)
             del out
+            if case.ragged and mask is not None:
+                for row, padded, alone in run_rows_alone(session, arch, cast, mask):
+                    check(session, f"{case.name}-row{row}-alone", padded, alone)
         del ref_out
-    if artifact.has(STEP_FILES["fp32"]):
+    streaming = [s for s in sessions if registry.engine(s.engine).streams]
+    if arch.state_map and streaming and artifact.has(STEP_FILES["fp32"]):
         # streaming: one step at a time must equal the full-sequence reference run
         steps = min(arch.seq_len(config), STREAM_STEPS)
         name = f"B2-T{steps}-steps"
@@ -212,18 +258,20 @@ def validate(registry: Registry, artifact: Artifact, engines: list[str], precisi
         inputs = arch.make_inputs(config, 2, steps, seed=999)
         ref_out = {k: v.cpu() for k, v in reference.run(inputs).items()}
         for session in sessions:
-            if session.engine not in STREAM_ENGINES or (
-                    session.engine == "ort" and not artifact.has(STEP_FILES[session.precision])):
+            if session not in streaming:
                 progress(f"{name}: {session.describe()} cannot stream; not checked")
                 continue
+            try:
+                stream = Stream(registry, artifact, session.engine, session.precision, device)
+            except SeqdeployError as exc:
+                progress(f"{name}: {session.describe()} not checked ({exc})")
+                continue
             progress(f"{name}: {session.describe()} one step at a time")
-            stream = Stream(registry, artifact, session.engine, session.precision, device)
             out = run_steps(stream, arch, cast_inputs(inputs, session.input_specs, session.precision))
-            checks.extend(check_outputs(session.engine, session.precision, name, ref_out, out,
-                                        arch.parity_limits(session.precision, config)))
+            check(session, name, whole(ref_out), out)
     failed = [c for c in checks if not c.passed]
     result = {"arch": arch.name, "preset": artifact.manifest["preset"], "device": device,
-              "reference": "torch-ref fp32",
+              "reference": f"{ref_engine.name} fp32",
               "sessions": [s.describe() for s in sessions],
               "passed": not failed, "checks": [c.as_dict() for c in checks]}
     artifact.write_json("parity.json", result)
@@ -261,7 +309,7 @@ def bench(registry: Registry, artifact: Artifact, engines: list[str], precision:
                          "precision": precision, "batch": batch, "seq_len": seq_len,
                          **timing.summary(),
                          "tokens_per_s": batch * seq_len / (timing.median_ms * 1e-3),
-                         "peak_mem_bytes": peak if session.engine.startswith("torch") else None})
+                         "peak_mem_bytes": peak if session.allocates_through_torch else None})
         del session
     op_rows = []
     if ops:
@@ -305,8 +353,12 @@ def plot_bench(artifact: Artifact, result: dict) -> Path:
     return path
 
 
-def engines_available(registry: Registry, names: list[str], device: str) -> tuple[list[str], dict[str, str]]:
-    """Split engine names into those that can run here and {name: reason} for the rest."""
+def engines_available(registry: Registry, names: list[str] | None, device: str,
+                      ) -> tuple[list[str], dict[str, str]]:
+    """Split engine names (default: every registered engine but the reference) into those
+    that can run here and {name: reason} for the rest."""
+    if names is None:
+        names = [n for n, e in sorted(registry.engines.items()) if e.role != REFERENCE]
     ok, skipped = [], {}
     for name in names:
         try:
@@ -315,4 +367,3 @@ def engines_available(registry: Registry, names: list[str], device: str) -> tupl
         except EngineUnavailable as exc:
             skipped[name] = str(exc)
     return ok, skipped
-

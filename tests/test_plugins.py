@@ -46,16 +46,6 @@ def test_third_party_plugin_via_env(monkeypatch, capsys):
     assert (code, out.strip()) == (0, "hello from toy")
 
 
-def test_third_party_plugin_exports_and_validates(tmp_path, capsys):
-    args = ["--plugin", "seqdeploy_toy", "--out", tmp_path, "--device", "cpu"]
-    assert run_cli([*args, "export", "toy"], capsys)[0] == 0
-    assert run_cli([*args, "optimize", "toy"], capsys)[0] == 0
-    code, out, err = run_cli([*args, "validate", "toy", "--long-seq", "128"], capsys)
-    assert code == 0, err
-    report = json.loads((tmp_path / "toy" / "tiny" / "parity.json").read_text())
-    assert report["passed"] and len(report["checks"]) == 4 * 2 * 2   # cases x engines x precisions
-
-
 def test_broken_plugin_is_named_and_the_rest_works(capsys):
     code, out, _ = run_cli(["--plugin", "seqdeploy_broken", "list"], capsys)
     assert code == 0
