@@ -309,3 +309,19 @@ def test_cuda_ops_at_benchmark_shape(E, dtype):
     sub = [x[pick][None], expert.cpu()[pick][None], gate.cpu()[pick][None], w1, b1, w2, b2]
     ref = naive_moe_experts(*sub)
     assert rel_l2(y[pick][None], ref) < TOL[dtype]
+
+
+def test_torch_compile_keeps_both_ops_whole():
+    from conftest import compile_and_trace
+
+    x, expert, gate, w1, b1, w2, b2 = make_experts(2, 11, 16, 32, 3, torch.float32)
+    logits = torch.randn(2, 11, 3)
+
+    def layer(logits, x, w1, b1, w2, b2):
+        e, g = top1_router(logits, 1.0)
+        return moe_experts(x, e, g, w1, b1, w2, b2)
+
+    out, seen = compile_and_trace(layer, logits, x, w1, b1, w2, b2)
+    assert "seqdeploy.top1_router.default" in seen and "seqdeploy.moe_experts.default" in seen
+    e, g = naive_top1_router(logits, 1.0)
+    assert rel_l2(out, naive_moe_experts(x, e, g, w1, b1, w2, b2)) < TOL[torch.float32]
