@@ -325,3 +325,14 @@ def test_torch_compile_keeps_both_ops_whole():
     assert "seqdeploy.top1_router.default" in seen and "seqdeploy.moe_experts.default" in seen
     e, g = naive_top1_router(logits, 1.0)
     assert rel_l2(out, naive_moe_experts(x, e, g, w1, b1, w2, b2)) < TOL[torch.float32]
+
+
+def test_router_nan_rows_keep_valid_ids():
+    """A NaN row (an overflow upstream) still names an expert in [0, E): the experts never
+    index out of bounds, and the NaN gate propagates to that token's output."""
+    logits = torch.randn(1, 6, 5)
+    logits[0, 2] = math.nan
+    for name, form in router_forms().items():
+        expert, gate = (t.cpu() for t in form(logits, 0.0))
+        assert ((expert >= 0) & (expert < 5)).all(), name
+        assert torch.isfinite(gate[0, [0, 1, 3, 4, 5]]).all(), name

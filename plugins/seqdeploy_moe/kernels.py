@@ -28,8 +28,9 @@ program walks its row's T blocks in order: grid (row,).
 
 Accumulation is fp32; ``h`` is stored in the activation dtype between the layers (as a dense
 FFN in that dtype would). The work is one FFN per token plus the padding of each group to
-``BLOCK_M`` rows. Expert ids are assumed in ``[0, E)`` (the router makes them; the CPU form
-checks them).
+``BLOCK_M`` rows. Expert ids must lie in ``[0, E)`` (the router makes them so, NaN logits
+included; the CPU form checks them): a token with an id out of range joins no group, nothing
+is written out of bounds, and its row of ``y`` is left unwritten.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import triton
 import triton.language as tl
 
 from seqdeploy.launch import Launcher
+from seqdeploy_moe.experts import check_experts_args
 from seqdeploy_moe.router import capacity, check_logits
 
 
@@ -66,6 +68,7 @@ def _top1_router_kernel(logits_ptr, expert_ptr, gate_ptr, T, E, cap, s_b, s_t,
         lg = tl.where(mask_e[None, :], lg, float("-inf"))
         m = tl.max(lg, axis=1)
         choice = tl.min(tl.where(lg == m[:, None], offs_e[None, :], BLOCK_E), axis=1)
+        choice = tl.minimum(choice, E - 1)    # a NaN row matches nothing: keep the id valid
         gate = 1.0 / tl.sum(tl.exp(lg - m[:, None]), axis=1)
         if CAPACITY:
             one_hot = ((offs_e[None, :] == choice[:, None]) & mask_t[:, None]).to(tl.int32)
@@ -137,6 +140,7 @@ def _layout_kernel(expert_ptr, rank_ptr, counts_ptr, row_token_ptr, tile_expert_
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     e = tl.load(expert_ptr + offs, mask=mask, other=0).to(tl.int32)
+    mask = mask & (e >= 0) & (e < E)          # an id out of range is in no group
     rank = tl.load(rank_ptr + offs, mask=mask, other=0)
     one_hot = (offs_e[None, :] == e[:, None]).to(tl.int32)
     start = tl.sum(one_hot * tile_start[None, :], axis=1)
@@ -254,6 +258,7 @@ def triton_moe_experts(x, expert, gate, w1, b1, w2, b2, out=None, block_m=None, 
     """Launch the grouping kernels and the two grouped GEMMs (see the module docstring).
     ``x [B, T, d]``; weights ``[E, ...]`` contiguous in their last dim. ``out``: optional
     preallocated ``y [B, T, d]`` (contiguous)."""
+    check_experts_args(x, expert, gate, w1, b1, w2, b2)
     B, T, d = x.shape
     E, _, f = w1.shape
     N = B * T
