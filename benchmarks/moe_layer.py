@@ -51,7 +51,7 @@ def grouped_mm_reason(dtype) -> str | None:
 def main(argv=None) -> int:
     import triton.testing
 
-    from seqdeploy_moe.kernels import experts_config, triton_moe_experts
+    from seqdeploy_moe.kernels import experts_config, group_tokens, padded_rows, triton_moe_experts
     # the ops as the model calls them (seqdeploy.ops.call: the kernel directly in eager inference)
     from seqdeploy_moe.model import MOE_EXPERTS as moe_experts
     from seqdeploy_moe.model import TOP1_ROUTER as top1_router
@@ -127,6 +127,8 @@ def main(argv=None) -> int:
             "router_capacity_1.25": bench(lambda: top1_router(logits, 1.25)),
             "moe layer": bench(layer),
             "experts op": bench(lambda: moe_experts(xb, expert, gate, w1, b1, w2, b2)),
+            "grouping only": bench(lambda: group_tokens(expert.view(-1), E,
+                                                        experts_config(N, E, d, f, dtype)["block_m"])),
             "mask loop": bench(mask_loop),
             "dense floor": bench(dense),
         }
@@ -148,10 +150,20 @@ def main(argv=None) -> int:
         point["x_floor"] = {k: v / floor for k, v in times.items()}
         point["default_block_m"] = default_bm
         results["points"].append(point)
+        flops = 4.0 * N * d * f                 # two GEMMs of one FFN over N tokens
+        weight_bytes = 2 * E * d * f * x.element_size()
+        point["tflops"] = {k: flops / (v * 1e-3) / 1e12 for k, v in times.items()
+                           if k in ("moe layer", "experts op", "dense floor", "grouped_mm")}
+        point["padded_rows"] = {bm: padded_rows(point["tokens_per_expert"], bm) for bm in args.block_m}
+        point["expert_weight_MB"] = weight_bytes / 1e6
         print(f"\nE={E}  tokens/expert {min(point['tokens_per_expert'])}..{max(point['tokens_per_expert'])}"
               f"  default BLOCK_M={default_bm}  layer vs mask loop rel-L2 {err:.2e}")
+        print(f"  expert weights {weight_bytes / 1e6:.0f} MB (read at least once per layer); rows "
+              f"computed per BLOCK_M: {point['padded_rows']} for {N} tokens")
         for k, v in times.items():
-            print(f"  {k:28s} {v * 1e3:10.1f} us   {v / floor:6.2f}x floor")
+            tf = point["tflops"].get(k)
+            print(f"  {k:28s} {v * 1e3:10.1f} us   {v / floor:6.2f}x floor"
+                  + (f"   {tf:6.1f} TFLOP/s" if tf else ""))
         if reason:
             print(f"  grouped_mm: skipped ({reason})")
         layer_ok = times["moe layer"] <= 1.5 * floor

@@ -18,7 +18,7 @@ from seqdeploy.errors import InputError
 from seqdeploy.ops import DOMAIN, plugin_attributes
 from seqdeploy_moe.experts import (grouped_moe_experts, moe_experts, naive_moe_experts,
                                    reference_moe_experts)
-from seqdeploy_moe.kernels import triton_moe_experts, triton_top1_router
+from seqdeploy_moe.kernels import group_tokens, triton_moe_experts, triton_top1_router
 from seqdeploy_moe.onnx import moe_experts_function, top1_router_function
 from seqdeploy_moe.router import (naive_top1_router, reference_top1_router, top1_router,
                                   vectorised_top1_router)
@@ -206,6 +206,31 @@ def test_triton_experts_many_tiles_per_group(block_m):
     args = make_experts(2, 45, 32, 64, 3, torch.bfloat16, seed=4)
     y = experts_forms()["triton"](*args, block_m=block_m)
     assert rel_l2(y, naive_moe_experts(*args)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("route", ["random", "one"])
+def test_group_tokens_layout(route):
+    """Every token sits in exactly one row; each used tile holds one expert's tokens only,
+    groups start on tile boundaries, padding rows are -1, unused tiles say E."""
+    E, N, bm = 5, 70, 16
+    g = torch.Generator().manual_seed(3)
+    expert = torch.randint(0, E, (N,), generator=g) if route == "random" else torch.full((N,), 2)
+    expert[expert == 1] = 0                                 # an empty group
+    row_token, tile_expert = (t.cpu() for t in group_tokens(expert.to(DEVICE), E, bm))
+    counts = torch.bincount(expert, minlength=E)
+    used = int(((counts + bm - 1) // bm).sum())
+    assert tile_expert.numel() == -(-N // bm) + E
+    assert (tile_expert[used:] == E).all() and (tile_expert[:used] < E).all()
+    assert (tile_expert[:used].diff() >= 0).all()           # groups in expert order
+    rows = row_token[:used * bm].reshape(used, bm)
+    seen = rows[rows >= 0]
+    assert torch.equal(seen.sort().values, torch.arange(N, dtype=torch.int32))
+    for j in range(used):
+        tokens = rows[j][rows[j] >= 0].long()
+        assert len(tokens) and (expert[tokens] == tile_expert[j]).all()
+        assert (rows[j][len(tokens):] == -1).all()          # padding only at the group's end
+    for e in range(E):
+        assert int((tile_expert == e).sum()) == -(-int(counts[e]) // bm)
 
 
 def test_dropped_tokens_are_zero_even_if_the_ffn_overflows():

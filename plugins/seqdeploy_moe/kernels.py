@@ -253,6 +253,26 @@ def _fit(block: int, size: int) -> int:
     return max(16, min(block, triton.next_power_of_2(size)))
 
 
+def group_tokens(expert: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouped row layout of ``expert [N]`` (int64, on the GPU), with no host sync:
+    ``row_token [max_tiles * block_m]`` int32 (the token of each padded row, -1 for padding;
+    rows of unused tiles are unset) and ``tile_expert [max_tiles]`` int32 (E: unused tile),
+    where ``max_tiles = cdiv(N, block_m) + min(E, N)`` bounds the tiles any routing needs."""
+    N = expert.numel()
+    device = expert.device
+    max_tiles = triton.cdiv(N, block_m) + min(E, N)
+    counts = torch.zeros(E, dtype=torch.int32, device=device)
+    rank = torch.empty(N, dtype=torch.int32, device=device)
+    row_token = torch.empty(max_tiles * block_m, dtype=torch.int32, device=device)
+    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=device)
+    block_e = max(2, triton.next_power_of_2(E))
+    grid = (triton.cdiv(N, LAYOUT_BLOCK),)
+    _rank_launcher(grid, (expert, counts, rank, N, E), (LAYOUT_BLOCK, block_e), num_warps=4)
+    _layout_launcher(grid, (expert, rank, counts, row_token, tile_expert, N, E, max_tiles),
+                     (LAYOUT_BLOCK, block_e, block_m, 64), num_warps=4)
+    return row_token, tile_expert
+
+
 def triton_moe_experts(x, expert, gate, w1, b1, w2, b2, out=None, block_m=None, block_n=None,
                        block_k=None, num_warps=None, num_stages=None):
     """Launch the grouping kernels and the two grouped GEMMs (see the module docstring).
@@ -275,16 +295,8 @@ def triton_moe_experts(x, expert, gate, w1, b1, w2, b2, out=None, block_m=None, 
     cfg = experts_config(N, E, d, f, x.dtype)
     bm = block_m or cfg["block_m"]
     warps, stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
-    max_tiles = triton.cdiv(N, bm) + min(E, N)
-    counts = torch.zeros(E, dtype=torch.int32, device=device)
-    rank = torch.empty(N, dtype=torch.int32, device=device)
-    row_token = torch.empty(max_tiles * bm, dtype=torch.int32, device=device)
-    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=device)
-    block_e = max(2, triton.next_power_of_2(E))
-    grid = (triton.cdiv(N, LAYOUT_BLOCK),)
-    _rank_launcher(grid, (ef, counts, rank, N, E), (LAYOUT_BLOCK, block_e), num_warps=4)
-    _layout_launcher(grid, (ef, rank, counts, row_token, tile_expert, N, E, max_tiles),
-                     (LAYOUT_BLOCK, block_e, bm, 64), num_warps=4)
+    row_token, tile_expert = group_tokens(ef, E, bm)
+    max_tiles = tile_expert.numel()
     h = torch.empty(max_tiles * bm, f, dtype=x.dtype, device=device)
     y = out if out is not None else torch.empty(B, T, d, dtype=x.dtype, device=device)
     yf = y.view(N, d)
