@@ -83,6 +83,8 @@ def reference_top1_router(logits: torch.Tensor, capacity_factor: float):
     cap = capacity(capacity_factor, T, E)
     p = torch.softmax(logits.float(), dim=-1)
     gate, expert = p.max(dim=-1)            # torch returns the first maximal index
+    if cap >= T:
+        return expert, gate
     taken = torch.zeros(B, E, dtype=torch.int64, device=logits.device)
     rows = torch.arange(B, device=logits.device)
     keep = []
