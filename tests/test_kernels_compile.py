@@ -130,7 +130,8 @@ MOE_SCRIPT = textwrap.dedent("""
                              bias_ptr=p, gate_ptr="*fp32", out_ptr=p, K=i32, N=i32, E=i32,
                              s_a=i32, s_we=i32, s_wk=i32, s_be=i32, s_o=i32),
                         dict(BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-                             FIRST=first, DOT_F32=dt == "fp32", WIDEN=False),
+                             FIRST=first, DOT_F32=dt == "fp32", WIDEN=False,
+                             EVEN_K=block_m == 64),
                         8 if block_m == 128 else 4, cfg["num_stages"])
 """)
 

@@ -175,9 +175,11 @@ def _gelu(z):
 def _grouped_ffn_kernel(a_ptr, row_token_ptr, tile_expert_ptr, w_ptr, bias_ptr, gate_ptr,
                         out_ptr, K, N, E, s_a, s_we, s_wk, s_be, s_o,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        FIRST: tl.constexpr, DOT_F32: tl.constexpr, WIDEN: tl.constexpr):
+                        FIRST: tl.constexpr, DOT_F32: tl.constexpr, WIDEN: tl.constexpr,
+                        EVEN_K: tl.constexpr):
     """FIRST: ``out[row] = GELU(a[token(row)] @ w[e] + b[e])``;
-    else: ``out[token(row)] = gate[token] * (a[row] @ w[e] + b[e])`` (0 where the gate is 0)."""
+    else: ``out[token(row)] = gate[token] * (a[row] @ w[e] + b[e])`` (0 where the gate is 0).
+    EVEN_K: ``K % BLOCK_K == 0``, so the loads of the K loop need no K mask."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     pid_m = pid // n_blocks
@@ -197,11 +199,15 @@ def _grouped_ffn_kernel(a_ptr, row_token_ptr, tile_expert_ptr, w_ptr, bias_ptr, 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            a = tl.load(a_ptr + a_rows[:, None] * s_a + offs_k[None, :],
-                        mask=valid[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_base + offs_k[:, None].to(tl.int64) * s_wk + offs_n[None, :],
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            a_ptrs = a_ptr + a_rows[:, None] * s_a + offs_k[None, :]
+            w_ptrs = w_base + offs_k[:, None].to(tl.int64) * s_wk + offs_n[None, :]
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                mask_k = offs_k < K
+                a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if WIDEN:      # the interpreter's bf16 dot (see _widen_in_interpreter)
                 acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             elif DOT_F32:
@@ -308,7 +314,7 @@ def triton_moe_experts(x, expert, gate, w1, b1, w2, b2, out=None, block_m=None, 
         _ffn_launcher((max_tiles * triton.cdiv(Nn, bn),),
                       (a, row_token, tile_expert, w, bias, gf, dst, K, Nn, E, a.stride(0),
                        w.stride(0), w.stride(1), bias.stride(0), dst.stride(0)),
-                      (bm, bn, bk, first, f32, widen), num_warps=warps, num_stages=stages)
+                      (bm, bn, bk, first, f32, widen, K % bk == 0), num_warps=warps, num_stages=stages)
     return y
 
 
