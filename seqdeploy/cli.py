@@ -53,6 +53,9 @@ def _artifact(ctx: click.Context, arch_name: str, preset: str | None):
     if found != (arch_name, preset):
         raise SeqdeployError(f"{artifact.dir}: the manifest says {found[0]}/{found[1]}, not "
                              f"{arch_name}/{preset}")
+    from seqdeploy.pipeline import io_manifest
+
+    artifact.check_io(io_manifest(registry.architecture(arch_name), artifact.manifest["config"]))
     return artifact
 
 
@@ -347,7 +350,8 @@ def _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot)
         result = pipeline.bench(registry, artifact, engines, precision, shapes,
                                 ctx.obj["device"], progress=progress)
     if plot:
-        click.echo(f"wrote {pipeline.plot_bench(artifact, result)}", err=as_json)
+        path = pipeline.plot_bench(artifact, result, registry.reference_engine().name)
+        click.echo(f"wrote {path}", err=as_json)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -149,6 +149,34 @@ def lazy_kernel(module: str, name: str) -> Callable[..., Any]:
     return run
 
 
+def define_op(name: str, onnx_name: str, cpu: Callable[..., Any], fake: Callable[..., Any],
+              reference: Callable[..., Any], translation: Callable[..., Any],
+              fallback: Callable[[int], onnx.FunctionProto], inputs: Sequence[str],
+              outputs: Sequence[str], doc: str, cuda: tuple[str, str] | None = None,
+              schema_doc: str | None = None, **schema_types: Sequence[str]) -> CustomOp:
+    """Every form of one op from its parts, the way each plugin would otherwise repeat it:
+
+    - ``cpu``: the function ``torch.library.custom_op("seqdeploy::<name>")`` wraps (typed
+      like a custom op; it runs on every device without a kernel of its own);
+    - ``fake``: its fake implementation (output shapes and dtypes);
+    - ``cuda``: ``(module, function)`` of the CUDA kernel's launcher, imported on first use,
+      so CPU-only runs never load Triton; also the op's eager fast path (:func:`call`);
+    - the ONNX schema (``inputs``, ``outputs`` and ``schema_types`` as in
+      :func:`make_schema`), registered with onnx once per process.
+    """
+    torch_op = torch.library.custom_op(f"{DOMAIN}::{name}", cpu, mutates_args=())
+    torch_op.register_fake(fake)
+    eager = {}
+    if cuda is not None:
+        eager["cuda"] = lazy_kernel(*cuda)
+        torch_op.register_kernel("cuda")(eager["cuda"])
+    schema = make_schema(onnx_name, inputs, outputs, doc=schema_doc or doc, **schema_types)
+    register_schema(schema)
+    return CustomOp(name=name, onnx_name=onnx_name, torch_op=torch_op, reference=reference,
+                    schema=schema, translation=translation, fallback=fallback, doc=doc,
+                    eager=eager)
+
+
 def plugin_attributes() -> dict[str, str]:
     """The string attributes every seqdeploy node carries, so TensorRT finds its plugin."""
     return {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}

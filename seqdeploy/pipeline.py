@@ -34,7 +34,7 @@ def _quiet(_: str) -> None:
 
 def io_manifest(arch: Architecture, config: dict[str, Any]) -> dict[str, Any]:
     def specs(items):
-        return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape),
+        return [{"name": s.name, "kind": s.kind, "dtype": s.dtype, "shape": list(s.shape),
                  "dynamic_axes": {str(k): v for k, v in s.dynamic_axes().items()}} for s in items]
 
     return {"inputs": specs(arch.input_specs(config)), "outputs": specs(arch.output_specs(config)),
@@ -58,26 +58,38 @@ def export(registry: Registry, arch_name: str, preset: str, out_root: Path,
     model = arch.build(config).eval()
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
+        bad = [n for n, t in model.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise SeqdeployError(f"checkpoint {checkpoint}: NaN or Inf in {bad[0]}"
+                                 + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                                 + "; refusing to export")
     directory = Path(out_root) / arch_name / preset
     ops = {o: {"onnx": f"{registry.ops[o].onnx_name}", "version": registry.ops[o].version}
            for o in arch.ops}
-    artifact = Artifact.create(directory, arch_name, preset, config, io=io_manifest(arch, config),
-                               ops=ops, checkpoint=str(checkpoint) if checkpoint else None,
-                               seed=seed)
-    progress("writing weights")
-    artifact.write(WEIGHTS, lambda p: save_checkpoint(model, p), kind="weights")
-    progress("exporting fp32 ONNX")
-    _export_precision(registry, artifact, arch, model, "fp32")
-    if streaming:
-        progress("exporting the fp32 one-step graph")
-        _export_precision(registry, artifact, arch, model, "fp32", streaming=True)
+    # a transaction: the old artifact stays whole until the new one is complete
+    artifact = Artifact.begin(directory, arch_name, preset, config, io=io_manifest(arch, config),
+                              ops=ops, checkpoint=str(checkpoint) if checkpoint else None,
+                              seed=seed)
+    try:
+        progress("writing weights")
+        artifact.write(WEIGHTS, lambda p: save_checkpoint(model, p), kind="weights")
+        progress("exporting fp32 ONNX")
+        _export_precision(registry, artifact, arch, model, "fp32")
+        if streaming:
+            progress("exporting the fp32 one-step graph")
+            _export_precision(registry, artifact, arch, model, "fp32", streaming=True)
+        artifact.publish()
+    except BaseException:
+        artifact.abandon()
+        raise
     return artifact
 
 
 def _export_precision(registry, artifact, arch, model, precision: str,
                       streaming: bool = False) -> dict[str, Any]:
     proto, summary = export_onnx(arch, artifact.manifest["config"], model, precision, registry,
-                                 streaming=streaming)
+                                 streaming=streaming, preset=artifact.manifest["preset"])
     if precision == "fp16":
         summary["fp32_islands"] = fp32_islands(proto)
     name = (STEP_FILES if streaming else ONNX_FILES)[precision]
@@ -102,6 +114,8 @@ def optimize_fp16(registry: Registry, artifact: Artifact, progress: Progress = _
 # -- sessions --------------------------------------------------------------------------------
 def open_session(registry: Registry, artifact: Artifact, engine_name: str, precision: str,
                  device: str) -> Session:
+    arch = registry.architecture(artifact.manifest["arch"])
+    artifact.check_io(io_manifest(arch, artifact.manifest["config"]))
     engine = registry.engine(engine_name)
     engine.check(device)
     if engine.needs_onnx and not artifact.has(ONNX_FILES[precision]):
@@ -325,8 +339,10 @@ def bench(registry: Registry, artifact: Artifact, engines: list[str], precision:
     return result
 
 
-def plot_bench(artifact: Artifact, result: dict) -> Path:
-    """Tokens/s per engine and shape as a bar chart, written to ``bench.png``."""
+def plot_bench(artifact: Artifact, result: dict, reference: str | None = None) -> Path:
+    """``bench.png``: one panel per (batch, T), a bar per engine on a linear tokens/s axis,
+    labelled with its tokens/s and its speed-up over ``reference``; whiskers reach down to
+    the tokens/s of the p90 (thick) and p99 (thin) call times."""
     try:
         import matplotlib
 
@@ -335,14 +351,36 @@ def plot_bench(artifact: Artifact, result: dict) -> Path:
     except ImportError:
         raise SeqdeployError("--plot needs matplotlib (pip install matplotlib)") from None
     rows = result["engines"]
-    labels = [f"{r['engine']}\nB={r['batch']} T={r['seq_len']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(rows)), 3.5))
-    ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows], color="#3a6ea5")
-    ax.set_xticks(range(len(rows)), labels, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("tokens / s (log)")
-    ax.set_title(f"{result['arch']}/{result['preset']} {result['precision']} on "
-                 f"{result['gpu'] or 'CPU'}")
+    shapes = sorted({(r["batch"], r["seq_len"]) for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(max(4.5, 3.2 * len(shapes)), 4.2),
+                             squeeze=False)
+    for ax, (batch, seq_len) in zip(axes[0], shapes):
+        here = [r for r in rows if (r["batch"], r["seq_len"]) == (batch, seq_len)]
+        tokens = batch * seq_len
+        median = [r["tokens_per_s"] for r in here]
+        p90 = [tokens / (r["p90_ms"] * 1e-3) for r in here]
+        p99 = [tokens / (r["p99_ms"] * 1e-3) for r in here]
+        x = range(len(here))
+        ax.bar(x, median, color="#3a6ea5")
+        ax.errorbar(x, median, yerr=[[max(0.0, m - q) for m, q in zip(median, p90)], [0] * len(here)],
+                    fmt="none", ecolor="black", elinewidth=2, capsize=0)
+        ax.errorbar(x, median, yerr=[[max(0.0, m - q) for m, q in zip(median, p99)], [0] * len(here)],
+                    fmt="none", ecolor="black", elinewidth=0.8, capsize=3)
+        base = next((r["median_ms"] for r in here if r["engine"] == reference), None)
+        for i, r in enumerate(here):
+            label = f"{r['tokens_per_s']:,.0f}"
+            if base and r["engine"] != reference:
+                label += f"\n{base / r['median_ms']:.1f}x"
+            ax.annotate(label, (i, median[i]), ha="center", va="bottom", fontsize=7,
+                        xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(list(x), [r["engine"] for r in here], fontsize=8, rotation=20)
+        ax.set_title(f"B={batch} T={seq_len}", fontsize=9)
+        ax.set_ylim(0, max(median) * 1.25)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    axes[0][0].set_ylabel("tokens / s (bar: median; whiskers: p90, p99)")
+    fig.suptitle(f"{result['arch']}/{result['preset']} {result['precision']} on "
+                 f"{result['gpu'] or 'CPU'}" + (f" (speed-up over {reference})" if reference else ""),
+                 fontsize=10)
     fig.tight_layout()
 
     def save(path):

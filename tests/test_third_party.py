@@ -78,10 +78,12 @@ def test_run_validates_and_benches_on_every_engine_including_its_own(installed, 
     assert all(c["passed"] for c in parity["checks"])
 
 
-@pytest.fixture
-def toy(tmp_path):
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """One exported toy/tiny artifact (fp32 and fp16, with the one-step graphs)."""
     registry = load_registry(["seqdeploy_toy"])
-    artifact = pipeline.export(registry, "toy", "tiny", tmp_path, streaming=True)
+    artifact = pipeline.export(registry, "toy", "tiny", tmp_path_factory.mktemp("toy"),
+                               streaming=True)
     pipeline.optimize_fp16(registry, artifact)
     return registry, artifact
 

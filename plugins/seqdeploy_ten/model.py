@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqdeploy_ten.ops import eigen_scan_op
-
-EIGEN_SCAN = eigen_scan_op()
+from seqdeploy_ten.ops import EIGEN_SCAN
 
 
 class LayerNorm32(nn.LayerNorm):
