@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from seqdeploy.errors import InputError
-from seqdeploy.ops import CustomOp, lazy_kernel, make_schema, register_schema
+from seqdeploy.ops import CustomOp, define_op
 
 
 def check_experts_args(x, expert, gate, w1, b1, w2, b2) -> None:
@@ -104,24 +104,17 @@ def grouped_moe_experts(x, expert, gate, w1, b1, w2, b2) -> torch.Tensor:
     return y.reshape(B, T, d).to(x.dtype)
 
 
-@torch.library.custom_op("seqdeploy::moe_experts", mutates_args=())
-def moe_experts(x: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor,
-                b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """CPU (and any non-CUDA device): the grouped form."""
+def cpu_moe_experts(x: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor,
+                    b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """The op on the CPU (and any device without a kernel): the grouped form."""
     check_experts_args(x, expert, gate, w1, b1, w2, b2)
-    device = x.device
     y = grouped_moe_experts(*(a.cpu() for a in (x, expert, gate, w1, b1, w2, b2)))
-    return y.to(device)
+    return y.to(x.device)
 
 
-@moe_experts.register_fake
-def _(x, expert, gate, w1, b1, w2, b2):
+def fake_moe_experts(x, expert, gate, w1, b1, w2, b2):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-
-#: CUDA: the Triton grouped GEMMs (imported on first use)
-cuda_moe_experts = lazy_kernel("seqdeploy_moe.kernels", "triton_moe_experts")
-moe_experts.register_kernel("cuda")(cuda_moe_experts)
 
 INPUTS = ("x", "expert", "gate", "w1", "b1", "w2", "b2")
 
@@ -129,11 +122,15 @@ INPUTS = ("x", "expert", "gate", "w1", "b1", "w2", "b2")
 def moe_experts_op() -> CustomOp:
     from seqdeploy_moe.onnx import moe_experts_function, moe_experts_translation
 
-    schema = make_schema("MoEExperts", INPUTS, ("y",), doc=__doc__.split("\n\n")[0],
-                         int_inputs=("expert",), float_inputs=("gate",))
-    register_schema(schema)
-    return CustomOp(name="moe_experts", onnx_name="MoEExperts", torch_op=moe_experts,
-                    reference=reference_moe_experts, schema=schema,
-                    translation=moe_experts_translation, fallback=moe_experts_function,
-                    doc="top-1 experts: grouped GEMMs with fused bias + GELU, gated, scattered back",
-                    eager={"cuda": cuda_moe_experts})
+    return define_op("moe_experts", "MoEExperts", cpu_moe_experts, fake_moe_experts,
+                     reference_moe_experts, moe_experts_translation, moe_experts_function,
+                     INPUTS, ("y",),
+                     doc="top-1 experts: grouped GEMMs with fused bias + GELU, gated, scattered back",
+                     schema_doc=__doc__.split("\n\n")[0],
+                     cuda=("seqdeploy_moe.kernels", "triton_moe_experts"),
+                     int_inputs=("expert",), float_inputs=("gate",))
+
+
+MOE_EXPERTS = moe_experts_op()
+#: the registered torch op ``torch.ops.seqdeploy.moe_experts`` (CPU: grouped, CUDA: Triton)
+moe_experts = MOE_EXPERTS.torch_op

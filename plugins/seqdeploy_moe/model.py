@@ -20,11 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqdeploy_moe.experts import moe_experts_op, reference_moe_experts
-from seqdeploy_moe.router import top1_router_op
-
-TOP1_ROUTER = top1_router_op()
-MOE_EXPERTS = moe_experts_op()
+from seqdeploy_moe.experts import MOE_EXPERTS, reference_moe_experts
+from seqdeploy_moe.router import TOP1_ROUTER
 
 
 class LayerNorm32(nn.LayerNorm):

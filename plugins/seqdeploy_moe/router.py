@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from seqdeploy.errors import InputError
-from seqdeploy.ops import CustomOp, lazy_kernel, make_schema, register_schema
+from seqdeploy.ops import CustomOp, define_op
 
 
 def capacity(capacity_factor: float, T: int, E: int) -> int:
@@ -110,34 +110,31 @@ def vectorised_top1_router(logits: torch.Tensor, capacity_factor: float):
     return expert, gate
 
 
-@torch.library.custom_op("seqdeploy::top1_router", mutates_args=())
-def top1_router(logits: torch.Tensor, capacity_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU (and any non-CUDA device): the vectorised form."""
+def cpu_top1_router(logits: torch.Tensor, capacity_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op on the CPU (and any device without a kernel): the vectorised form."""
     check_logits(logits)
     expert, gate = vectorised_top1_router(logits.cpu(), capacity_factor)
     return expert.to(logits.device), gate.to(logits.device)
 
 
-@top1_router.register_fake
-def _(logits, capacity_factor):
+def fake_top1_router(logits, capacity_factor):
     B, T, _ = logits.shape
     return (logits.new_empty((B, T), dtype=torch.int64), logits.new_empty((B, T), dtype=torch.float32))
-
-
-#: CUDA: the fused Triton kernel (imported on first use)
-cuda_top1_router = lazy_kernel("seqdeploy_moe.kernels", "triton_top1_router")
-top1_router.register_kernel("cuda")(cuda_top1_router)
 
 
 def top1_router_op() -> CustomOp:
     from seqdeploy_moe.onnx import top1_router_function, top1_router_translation
 
-    schema = make_schema("Top1Router", ("logits",), ("expert", "gate"), doc=__doc__.split("\n\n")[0],
-                         float_attrs=("capacity_factor",), float_inputs=("logits",),
-                         int_outputs=("expert",), float_outputs=("gate",))
-    register_schema(schema)
-    return CustomOp(name="top1_router", onnx_name="Top1Router", torch_op=top1_router,
-                    reference=reference_top1_router, schema=schema,
-                    translation=top1_router_translation, fallback=top1_router_function,
-                    doc="Switch top-1 router: fp32 softmax, argmax, gate, per-row capacity",
-                    eager={"cuda": cuda_top1_router})
+    return define_op("top1_router", "Top1Router", cpu_top1_router, fake_top1_router,
+                     reference_top1_router, top1_router_translation, top1_router_function,
+                     ("logits",), ("expert", "gate"),
+                     doc="Switch top-1 router: fp32 softmax, argmax, gate, per-row capacity",
+                     schema_doc=__doc__.split("\n\n")[0],
+                     cuda=("seqdeploy_moe.kernels", "triton_top1_router"),
+                     float_attrs=("capacity_factor",), float_inputs=("logits",),
+                     int_outputs=("expert",), float_outputs=("gate",))
+
+
+TOP1_ROUTER = top1_router_op()
+#: the registered torch op ``torch.ops.seqdeploy.top1_router`` (CPU: vectorised, CUDA: Triton)
+top1_router = TOP1_ROUTER.torch_op
