@@ -8,7 +8,8 @@ Without capacity (the inference default) tokens are independent: the grid is
 (row, block of T). With capacity the rank depends on every earlier token of the row, so one
 program walks its row's T blocks in order: grid (row,).
 
-**Experts** (``triton_moe_experts``): four launches, none of which waits on the host:
+**Experts** (``triton_moe_experts``): four kernels (after a memset of the E counters), none
+of which waits on the host:
 
 1. ``_rank_kernel``: per block of tokens, the one-hot cumsum gives each token's rank among
    the block's tokens of its expert; one atomic add per (block, expert) on the expert's
@@ -244,8 +245,11 @@ def _widen_in_interpreter(dtype: torch.dtype) -> bool:
 def experts_config(N: int, E: int, d: int, f: int, dtype: torch.dtype) -> dict[str, int]:
     """Tiles of the grouped GEMMs. BLOCK_M follows the mean group size: each group is padded
     to BLOCK_M rows, so at E=64 over 8192 tokens (128 per expert) 128-row tiles would waste
-    about a third of the work and 64-row tiles a fifth. Untuned on hardware: the benchmark
-    (``benchmarks/moe_layer.py``) reports both BLOCK_M at each E."""
+    about a third of the work and 64-row tiles a fifth. Compiled for sm_90 (triton 3.6 and
+    3.9, 16-byte aligned operands), both layers at these tiles lower to wgmma fed by a
+    4-stage cp.async pipeline (128 KB / 96 KB of shared memory at BLOCK_M 128 / 64, bf16).
+    Not yet timed on hardware: the benchmark (``benchmarks/moe_layer.py``) reports both
+    BLOCK_M at each E."""
     mean = N / max(E, 1)
     block_m = 128 if mean >= 512 else 64 if mean >= 64 else 32 if mean >= 24 else 16
     f32 = dtype == torch.float32
