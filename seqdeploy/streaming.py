@@ -9,6 +9,10 @@ writes it as ``model.step.onnx`` (and ``optimize --fp16`` as ``model.step.fp16.o
     for x_t in frames:                         # x_t: [4, in]
         y_t = stream.step({"x": x_t})["y"]     # stream.state holds h after this step
 
+Feeds and states may be torch tensors or numpy arrays; float values are cast to the
+stream's precision (fp16 frames into an fp32 stream and the other way round), and the state
+stays fp32 whatever the precision. Integer inputs are never cast: a wrong dtype is refused.
+
 On CUDA the ``torch`` stream captures the step once as a CUDA graph and replays it, so a
 step costs one graph launch instead of one Python launch per kernel; the graph's state
 buffers are the stream's own copies. There the value checks (NaN, token range) run inside
@@ -105,7 +109,7 @@ class Stream:
     def reset(self, batch: int = 1, state: dict[str, torch.Tensor] | None = None) -> None:
         """Start a new sequence: zero state for ``batch`` rows, or the given state (copied;
         the caller's tensors are never written)."""
-        state = dict(state or {})
+        state = _as_tensors(dict(state or {}), self.state_specs, self.precision)
         unknown = sorted(set(state) - {s.name for s in self.state_specs})
         if unknown:
             raise InputError(f"unknown state(s) {', '.join(unknown)} (the state is "
@@ -145,6 +149,7 @@ class Stream:
         unless ``check_values=False`` (default: the stream's ``check_values``): on a GPU that
         check synchronises with the device on every step."""
         check = self.check_values if check_values is None else check_values
+        inputs = _as_tensors(inputs, self.feed_specs, self.precision)
         graphed = self._cuda_graphs
         # a CUDA graph step checks values itself, inside the graph; and feeds with the names,
         # shapes and dtypes it accepted last time pass again without the Python checks
@@ -260,6 +265,26 @@ class Stream:
         # allocated; sources' numpy view is what the step writes through (no torch call)
         return (graph, outs, host_flags, any_bad, None if sources is None else sources.numpy(),
                 sources)
+
+
+def _as_tensors(values: dict, specs: list[TensorSpec], precision: str) -> dict[str, torch.Tensor]:
+    """Feeds and states as the stream takes them: numpy arrays become tensors, and float
+    values of a float tensor are cast to its dtype at the stream's precision (fp16 frames
+    into an fp32 stream, fp32 frames into an fp16 one; state stays fp32). Integer and other
+    values are left for the checks to refuse with a clear message."""
+    import numpy as np
+
+    dtypes = {s.name: s.torch_dtype(precision) for s in specs if s.dtype in ("float", "float32")}
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        want = dtypes.get(name)
+        if (want is not None and isinstance(value, torch.Tensor) and value.is_floating_point()
+                and value.dtype != want):
+            value = value.to(want)
+        out[name] = value
+    return out
 
 
 def _index_range(spec: TensorSpec) -> tuple[int, int]:

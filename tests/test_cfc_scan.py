@@ -510,7 +510,8 @@ def test_run_end_to_end_on_cpu(tmp_path, capsys):
     parity = json.loads((folder / "parity.json").read_text())
     assert parity["passed"]
     assert {(c["engine"], c["precision"]) for c in parity["checks"]} == \
-        {("torch", "fp32"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16")}
+        {("torch", "fp32"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16"),
+         ("ort-onnx", "fp32"), ("ort-onnx", "fp16")}
     assert {"B1-T1", "B2-T63", "B2-T64", "B1-T256", "B2-T64-split33"} <= \
         {c["case"] for c in parity["checks"]}
     for name in ("model.onnx", "model.fp16.onnx"):
@@ -521,7 +522,7 @@ def test_run_end_to_end_on_cpu(tmp_path, capsys):
         assert not [n for n in model.graph.node if n.op_type in ("Loop", "Scan")]
         assert [f.name for f in model.functions] == ["CfCScan"]
     bench = json.loads((folder / "bench.json").read_text())
-    assert {r["engine"] for r in bench["engines"]} == {"torch-ref", "torch", "ort"}
+    assert {r["engine"] for r in bench["engines"]} == {"torch-ref", "torch", "ort", "ort-onnx"}
     assert [o["op"] for o in bench["ops"]] == ["cfc_scan"]
 
 

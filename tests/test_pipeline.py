@@ -369,10 +369,12 @@ def test_run_end_to_end_on_cpu(tmp_path):
     parity = json.loads((folder / "parity.json").read_text())
     assert parity["passed"]
     assert {(c["engine"], c["precision"]) for c in parity["checks"]} == \
-        {("torch", "fp32"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16")}
+        {("torch", "fp32"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16"),
+         ("ort-onnx", "fp32"), ("ort-onnx", "fp16")}
     stepped = {(c["engine"], c["precision"]) for c in parity["checks"] if c["case"].endswith("-steps")}
-    assert stepped == {("torch", "fp32"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16")}
+    assert stepped == {("torch", "fp32"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16"),
+         ("ort-onnx", "fp32"), ("ort-onnx", "fp16")}
     bench = json.loads((folder / "bench.json").read_text())
-    assert {r["engine"] for r in bench["engines"]} == {"torch-ref", "torch", "ort"}
+    assert {r["engine"] for r in bench["engines"]} == {"torch-ref", "torch", "ort", "ort-onnx"}
     assert all(r["tokens_per_s"] > 0 for r in bench["engines"])
     assert "skipping engine trt" in out.stderr

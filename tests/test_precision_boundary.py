@@ -77,3 +77,47 @@ def test_onnx_files_hold_no_path_of_the_build_machine_and_describe_themselves(te
         assert meta["seqdeploy.version"] == model.producer_version == seqdeploy.__version__
         assert "h_re_out" in meta["seqdeploy.state.h_re"]
         assert all(v.doc_string for v in (*model.graph.input, *model.graph.output))
+
+
+def test_exporting_loads_no_gpu_runtime_code(tmp_path):
+    """Export needs no kernel: seqdeploy's Triton modules (launch fast path, value-check
+    kernel, the plugins' kernels) stay unimported. (torch.export itself probes for the triton
+    package; that is torch's, not ours.)"""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from seqdeploy import pipeline
+from seqdeploy.plugins import load_registry
+registry = load_registry()
+for arch in ("ten", "cfc"):
+    a = pipeline.export(registry, arch, "tiny", {str(tmp_path)!r}, streaming=True)
+    pipeline.optimize_fp16(registry, a)
+ours = sorted(m for m in sys.modules if m in ("seqdeploy.launch", "seqdeploy.value_flags")
+              or (m.startswith("seqdeploy_") and m.endswith((".kernels", ".wgmma", ".rows", ".split"))))
+print("loaded:", ours)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=900, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "loaded: []"
+
+
+def test_streams_take_numpy_and_cast_float_frames_to_their_precision(ten_streaming):
+    import numpy as np
+
+    registry, artifact = ten_streaming
+    arch = registry.architecture("ten")
+    config = artifact.manifest["config"]
+    inputs = arch.make_inputs(config, 2, 3, seed=5)
+    fp16 = open_stream(artifact.dir, engine="torch", precision="fp16", registry=registry,
+                       device="cpu")
+    fp16.reset(batch=2, state={k: inputs[k].numpy() for k in arch.state_map})   # numpy, fp32
+    assert all(v.dtype == torch.float32 for v in fp16.state.values())
+    as_numpy = fp16.step({"input_ids": inputs["input_ids"][:, 0].numpy()})["logits"]
+    fp16.reset(batch=2, state={k: inputs[k].double() for k in arch.state_map})  # float64 cast
+    as_tensor = fp16.step({"input_ids": inputs["input_ids"][:, 0]})["logits"]
+    assert as_numpy.dtype == torch.float16 and torch.equal(as_numpy, as_tensor)
+    with pytest.raises(Exception, match="input_ids"):
+        fp16.step({"input_ids": np.zeros(2, dtype=np.float32)})   # ids are never cast

@@ -91,6 +91,37 @@ INPUTS = ("xw", "h0", "w_rec", "tau")
 OUTPUTS = ("y",)
 
 
+def _ort_rows_variants(dtype: str) -> dict:
+    """The rows kernel's tilings for each ``BLOCK_H`` up to 512 (fp32: 256), as
+    ``kernels._rows_config`` picks them (fast tanh for fp16, as on a GPU). fp32 at 512 is left
+    out: its unrolled fp32 dot took Triton over 5 minutes to lower on the CI machine."""
+    import torch
+
+    from seqdeploy_cfc.kernels import SERIES_BELOW, _rows_config
+
+    variants = {}
+    for block_h in (16, 32, 64, 128, 256) + ((512,) if dtype != "fp32" else ()):
+        cfg = _rows_config(16, block_h, {"fp32": torch.float32, "fp16": torch.float16}[dtype])
+        constexprs = dict(BLOCK_B=cfg["block_b"], BLOCK_H=block_h, BLOCK_K=cfg["block_k"],
+                          W_RESIDENT=cfg["w_resident"], DOT_F32=dtype == "fp32",
+                          SERIES_BELOW=SERIES_BELOW, FAST_TANH=dtype != "fp32")
+        variants[f"h{block_h}"] = (constexprs, cfg["num_warps"])
+    return variants
+
+
+def ort_kernel():
+    """The ONNX Runtime kernels (``ort_cfc_scan.cc``): a CPU loop, and on CUDA this plugin's
+    rows Triton kernel compiled ahead of time (a plain grid launch: no clusters)."""
+    from seqdeploy.ort_native import OrtKernel, TritonAOT
+
+    p, i = "*T", "i32"
+    signature = dict(xw_ptr=p, h0_ptr=p, w_ptr=p, tau_ptr="*fp32", y_ptr=p, dt="fp32", B=i, T=i,
+                     H=i, sx_b=i, sx_t=i, sh_b=i, sw_k=i, sy_b=i, sy_t=i)
+    aot = TritonAOT("cfc_scan", "seqdeploy_cfc.kernels:_cfc_scan_kernel", signature,
+                    _ort_rows_variants)
+    return OrtKernel("seqdeploy_cfc", ("ort_cfc_scan.cc",), "CfcScanKernel", (aot,))
+
+
 def cfc_scan_op() -> CustomOp:
     from seqdeploy_cfc.onnx import cfc_scan_function, cfc_scan_translation
 
@@ -101,4 +132,4 @@ def cfc_scan_op() -> CustomOp:
                     reference=reference_cfc_scan, schema=schema,
                     translation=cfc_scan_translation, fallback=cfc_scan_function,
                     doc="liquid recurrence h_t = a h_{t-1} + (1-a) tanh(xw_t + h_{t-1} W)",
-                    eager={"cuda": cuda_cfc_scan})
+                    eager={"cuda": cuda_cfc_scan}, extra={"ort": ort_kernel()})

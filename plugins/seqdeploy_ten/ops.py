@@ -107,15 +107,31 @@ INPUTS = ("x_re", "x_im", "nu", "theta", "h0_re", "h0_im")
 OUTPUTS = ("y_re", "y_im")
 
 
+def ort_kernel():
+    """The ONNX Runtime kernels (``ort_eigen_scan.cc``): a CPU loop, and on CUDA this plugin's
+    Triton kernel compiled ahead of time, one tile shape for every input shape."""
+    from seqdeploy.ort_native import OrtKernel, TritonAOT
+
+    p, f, i = "*T", "*fp32", "i32"
+    signature = dict(xr_ptr=p, xi_ptr=p, nu_ptr=f, th_ptr=f, h0r_ptr=p, h0i_ptr=p, yr_ptr=p,
+                     yi_ptr=p, carry_ptr=f, flag_ptr="*i32", B=i, T=i, K=i, sx_b=i, sx_t=i,
+                     sy_b=i, sy_t=i, sh_b=i)
+    aot = TritonAOT("eigen_scan", "seqdeploy_ten.kernels:_eigen_scan_kernel", signature,
+                    lambda dtype: {"t32k32": ({"BLOCK_T": 32, "BLOCK_K": 32}, 1)})
+    return OrtKernel("seqdeploy_ten", ("ort_eigen_scan.cc",), "EigenScanKernel", (aot,))
+
+
 def eigen_scan_op() -> CustomOp:
     from seqdeploy_ten.onnx import eigen_scan_function, eigen_scan_translation
 
-    return define_op("eigen_scan", "EigenScan", cpu_eigen_scan, fake_eigen_scan,
-                     reference_eigen_scan, eigen_scan_translation, eigen_scan_function,
-                     INPUTS, OUTPUTS, doc="complex diagonal recurrence h_t = lam h_{t-1} + x_t",
-                     schema_doc=__doc__.split("\n\n")[0],
-                     cuda=("seqdeploy_ten.kernels", "triton_eigen_scan"),
-                     float_inputs=("nu", "theta"))
+    op = define_op("eigen_scan", "EigenScan", cpu_eigen_scan, fake_eigen_scan,
+                   reference_eigen_scan, eigen_scan_translation, eigen_scan_function,
+                   INPUTS, OUTPUTS, doc="complex diagonal recurrence h_t = lam h_{t-1} + x_t",
+                   schema_doc=__doc__.split("\n\n")[0],
+                   cuda=("seqdeploy_ten.kernels", "triton_eigen_scan"),
+                   float_inputs=("nu", "theta"))
+    op.extra["ort"] = ort_kernel()
+    return op
 
 
 EIGEN_SCAN = eigen_scan_op()

@@ -1,13 +1,31 @@
-"""ONNX Runtime: the CUDA execution provider when onnxruntime-gpu is present and a GPU is
-there, else the CPU provider. Custom nodes run their model-local fallback functions."""
+"""ONNX Runtime engines: the CUDA execution provider when onnxruntime-gpu is present and a GPU
+is there, else the CPU provider.
+
+- ``ort``: seqdeploy's native op library (``seqdeploy build-ort-ops``, built on first use) is
+  registered, so every seqdeploy node runs the op's own kernel: a C++ loop on the CPU, the
+  plugin's Triton kernel (compiled ahead of time) on CUDA. It never falls back to the fallback
+  functions: if the library cannot be built or loaded, or the model uses an op the library has
+  no kernel for, the engine is unavailable and says why in one line.
+- ``ort-onnx``: plain ONNX Runtime; custom nodes run their model-local fallback functions
+  (standard ops, a Scan): the proof that any ONNX runtime runs the file.
+
+On CUDA, sessions bind torch CUDA tensors as inputs and outputs (IO binding), so a run moves no
+data through the host, as the torch engine's does not.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from seqdeploy.engines.base import Engine, Session, StepRunner
-from seqdeploy.errors import ArtifactError, EngineUnavailable
+from seqdeploy.errors import ArtifactError, EngineUnavailable, SeqdeployError
 from seqdeploy.precision import ONNX_FILES
+
+_TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
+                 "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
+                 "tensor(bool)": torch.bool}
 
 
 def _ort():
@@ -38,49 +56,166 @@ def ort_device(device: str) -> str:
     return device
 
 
-def open_inference_session(path, device: str):
-    """An ``InferenceSession`` on ``path`` (already checksum-verified) for ``device``;
-    returns it with the device ORT really runs on."""
+def native_library(registry) -> Path:
+    """The built (or cached) op library; :class:`EngineUnavailable` with the reason if it
+    cannot be built here."""
+    from seqdeploy.ort_native.build import BuildError, build_library
+
+    try:
+        return build_library(registry)
+    except BuildError as exc:
+        raise EngineUnavailable(f"the seqdeploy ORT op library cannot be built: {exc}") from None
+
+
+def check_native_ops(path, registry) -> None:
+    """Refuse a model using a seqdeploy op the library has no kernel for: registering the
+    library would leave that node on its fallback function, silently."""
+    import onnx
+
+    from seqdeploy.ops import DOMAIN
+    from seqdeploy.ort_native.build import ort_ops
+
+    model = onnx.load(str(path), load_external_data=False)
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    missing = sorted(used - set(ort_ops(registry)))
+    if missing:
+        raise EngineUnavailable(f"the seqdeploy ORT op library has no kernel for "
+                                f"{', '.join(missing)} (the op's plugin sets no extra['ort'])")
+
+
+def open_inference_session(path, device: str, library: Path | None = None,
+                           profile_prefix: str | None = None):
+    """An ``InferenceSession`` on ``path`` (already checksum-verified) for ``device``, with the
+    op ``library`` registered if given; returns it with the device ORT really runs on."""
     ort = _ort()
     device = ort_device(device)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    if library is not None:
+        try:
+            options.register_custom_ops_library(str(library))
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise EngineUnavailable(f"onnxruntime {ort.__version__} cannot load {library} "
+                                    f"({first})") from None
     try:
         session = ort.InferenceSession(str(path), options, providers=providers_for(device))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ArtifactError(f"{path}: onnxruntime cannot load it ({first})") from None
     return session, device
 
 
+def engine_session(engine: str, registry, path, device: str, profile_prefix: str | None = None):
+    """``open_inference_session`` as engine ``ort`` (op library registered, every seqdeploy
+    node checked to have a kernel) or ``ort-onnx`` (fallback functions)."""
+    library = None
+    if engine == "ort":
+        library = native_library(registry)
+        check_native_ops(path, registry)
+    return open_inference_session(path, device, library, profile_prefix)
+
+
 class OrtSession(Session):
-    def __init__(self, arch, config, precision, device, session):
-        super().__init__("ort", arch, config, precision, device)
+    def __init__(self, engine, arch, config, precision, device, session):
+        super().__init__(engine, arch, config, precision, device)
         self.session = session
         self.provider = session.get_providers()[0]
+        self._cuda = device == "cuda" and self.provider == "CUDAExecutionProvider"
+        self._out_types = {o.name: _TORCH_DTYPES.get(o.type) for o in session.get_outputs()}
 
     def prepare(self, inputs):
+        if self._cuda:
+            return {k: torch.as_tensor(v).to("cuda", non_blocking=True).contiguous()
+                    for k, v in inputs.items()}
         return {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
                 for k, v in inputs.items()}
 
     def _run(self, inputs) -> dict[str, torch.Tensor]:
-        feeds = self.prepare(inputs) if any(isinstance(v, torch.Tensor) for v in inputs.values()) else inputs
         names = [s.name for s in self.output_specs]
+        if self._cuda:
+            return self._run_bound(self.prepare(inputs), names)
+        feeds = self.prepare(inputs) if any(isinstance(v, torch.Tensor) for v in inputs.values()) else inputs
         outputs = self.session.run(names, feeds)
         return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(names, outputs)}
 
-    def synchronize(self) -> None:  # session.run returns host arrays: already synchronous
+    def _axes(self, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Sizes of the named axes (batch, seq, ...) as the inputs have them."""
+        sizes = {}
+        for spec in self.input_specs:
+            for axis, dim in zip(spec.shape, inputs[spec.name].shape):
+                if isinstance(axis, str):
+                    sizes[axis] = dim
+        return sizes
+
+    def _run_bound(self, inputs: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        binding = self.session.io_binding()
+        device_id = torch.cuda.current_device()
+        for name, t in inputs.items():
+            binding.bind_input(name, "cuda", device_id, _numpy_dtype(t.dtype), list(t.shape),
+                               t.data_ptr())
+        axes = self._axes(inputs)
+        outputs = {}
+        for spec in self.output_specs:
+            shape = [axes[d] if isinstance(d, str) else d for d in spec.shape]
+            out = torch.empty(shape, dtype=self._out_types[spec.name], device="cuda")
+            binding.bind_output(spec.name, "cuda", device_id, _numpy_dtype(out.dtype), shape,
+                                out.data_ptr())
+            outputs[spec.name] = out
+        torch.cuda.current_stream().synchronize()   # inputs copied before ORT's stream reads them
+        self.session.run_with_iobinding(binding)
+        return {n: outputs[n] for n in names}
+
+    def synchronize(self) -> None:  # run / run_with_iobinding return after the outputs are ready
         pass
 
     def describe(self) -> str:
-        return f"ort[{self.provider}] ({self.precision}, {self.device})"
+        return f"{self.engine}[{self.provider}] ({self.precision}, {self.device})"
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+            torch.int32: np.int32, torch.bool: np.bool_}[dtype]
 
 
 class OrtEngine(Engine):
     name = "ort"
-    description = "ONNX Runtime (CUDA EP with onnxruntime-gpu, else CPU); fallback functions"
+    description = ("ONNX Runtime with seqdeploy's native op library (our kernels; CUDA EP with "
+                   "onnxruntime-gpu, else CPU)")
     needs_onnx = True
     streams = True
+    native = True
+
+    def check(self, device: str) -> None:
+        _ort()
+        if self.native:
+            import os
+
+            from seqdeploy.ort_native.build import BuildError, compiler, ort_headers
+
+            if os.environ.get("SEQDEPLOY_ORT_LIBRARY"):
+                return
+            try:
+                compiler()
+                ort_headers()
+            except BuildError as exc:
+                raise EngineUnavailable(f"the seqdeploy ORT op library cannot be built: "
+                                        f"{exc}") from None
+
+    def doctor(self, device: str) -> list[tuple[str, str]]:
+        rows = []
+        if self.native:
+            from seqdeploy.ort_native.build import BuildError, header_version, ort_headers
+
+            try:
+                include = ort_headers(fetch=False)
+                rows.append(("ORT C API headers", f"{include} (API {header_version(include)})"))
+            except BuildError:
+                rows.append(("ORT C API headers", "not here yet (build-ort-ops fetches them)"))
+        return rows
 
     def open_step(self, artifact, registry, precision: str, device: str) -> StepRunner:
         """The one-step graph (``model.step*.onnx``) in an ORT session; state on the host."""
@@ -91,7 +226,8 @@ class OrtEngine(Engine):
             raise ArtifactError(f"{artifact.dir}: no {STEP_FILES[precision]}; export with "
                                 f"`seqdeploy export {arch.name} --streaming`"
                                 + (" and run `optimize --fp16`" if precision == "fp16" else ""))
-        session, _ = open_inference_session(artifact.path(STEP_FILES[precision]), device)
+        session, _ = engine_session(self.name, registry, artifact.path(STEP_FILES[precision]),
+                                    device)
         names = [s.name for s in step_specs(arch.output_specs(artifact.manifest["config"]))]
 
         def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -100,10 +236,34 @@ class OrtEngine(Engine):
 
         return StepRunner(run, "cpu")
 
-    def check(self, device: str) -> None:
-        _ort()
-
     def load(self, artifact, registry, precision: str, device: str) -> Session:
-        session, device = open_inference_session(artifact.path(ONNX_FILES[precision]), device)
+        path = artifact.path(ONNX_FILES[precision])
+        session, device = engine_session(self.name, registry, path, device)
         arch = registry.architecture(artifact.manifest["arch"])
-        return OrtSession(arch, artifact.manifest["config"], precision, device, session)
+        return OrtSession(self.name, arch, artifact.manifest["config"], precision, device, session)
+
+
+class OrtOnnxEngine(OrtEngine):
+    name = "ort-onnx"
+    description = "plain ONNX Runtime; custom nodes run their fallback functions (portability)"
+    native = False
+
+
+def register_commands(cli) -> None:
+    """``seqdeploy build-ort-ops``: build (or find cached) the op library, print its path."""
+    import click
+
+    @cli.command("build-ort-ops")
+    @click.option("--force", is_flag=True, help="Rebuild even if a cached library matches.")
+    @click.pass_context
+    def build_ort_ops(ctx, force):
+        """Build seqdeploy's native ONNX Runtime op library (CPU + CUDA kernels of every
+        registered op); the last line of output is its path."""
+        from seqdeploy.ort_native.build import build_library
+
+        registry = ctx.obj["registry"]
+        try:
+            path = build_library(registry, force=force, echo=lambda m: click.echo(m, err=True))
+        except SeqdeployError:
+            raise
+        click.echo(str(path))

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU evidence for issue 18 (the `ort` engine's native op library), for the device tool.
+#
+# Prepare on the CI machine (the device has no network, so no ORT headers to build against):
+#   mkdir -p .ort-lib && cp "$(seqdeploy build-ort-ops | tail -1)" .ort-lib/
+# and carry `.ort-lib` (a few MB) with the onnxruntime-gpu wheel installed in /tmp/site
+# (../shared/DEVICE.md). Assumes `python3 -m pip install -q --no-deps --no-build-isolation -e .`
+# ran. Writes everything under $OUT; prints a short table last. About 3-4 minutes on an H100.
+set -uo pipefail
+O=${OUT:-/tmp/seqdeploy-out}
+mkdir -p "$O"
+EX=/tmp/seqdeploy-ort-ex
+if [ -f .ort-lib/libseqdeploy_ort.so ]; then
+  export SEQDEPLOY_ORT_LIBRARY=$PWD/.ort-lib/libseqdeploy_ort.so
+fi
+CPU_PYTHONPATH=${PYTHONPATH:-}
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+
+{
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import onnxruntime as o; print('onnxruntime-gpu', o.__version__, o.get_available_providers())"
+  PYTHONPATH=$CPU_PYTHONPATH python3 -c "import onnxruntime as o; print('onnxruntime (cpu)', o.__version__)"
+  echo "library: ${SEQDEPLOY_ORT_LIBRARY:-built here}"
+} 2>&1 | tee "$O/ort_env.txt"
+
+# GPU tests: every op's CUDA kernel on ORT's CUDA provider vs the torch op and the float64 loop,
+# and the CPU kernels again, in onnxruntime-gpu 1.31 ...
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_ort.py \
+  -k "cuda or cpu_kernel or runs_not or version" 2>&1 | tail -15 | tee "$O/ort_pytest_gpu.txt"
+# ... and the library loading into the device's CPU-only onnxruntime 1.30
+PYTHONPATH=$CPU_PYTHONPATH timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ort.py \
+  -k "runs_not or version" 2>&1 | tail -4 | tee "$O/ort_pytest_cpu_ort.txt"
+
+S="seqdeploy --out $EX"
+timeout 150 bash -c "$S export ten --preset base >/dev/null && $S optimize ten --preset base >/dev/null" \
+  2>&1 | tail -3
+timeout 60 bash -c "$S export cfc --preset seed >/dev/null && $S optimize cfc --preset seed >/dev/null" \
+  2>&1 | tail -3
+timeout 200 $S bench ten --preset base --engine torch,ort,ort-onnx --batch 16 --seq-len 2048 \
+  --precision fp16 2>&1 | grep -v "^  \[" | tee "$O/ort_bench_ten.txt"
+cp $EX/ten/base/bench.json "$O/ort_bench_ten.json" 2>/dev/null
+timeout 120 $S bench cfc --preset seed --engine torch,ort,ort-onnx --precision fp16 2>&1 \
+  | grep -v "^  \[" | tee "$O/ort_bench_cfc.txt"
+cp $EX/cfc/seed/bench.json "$O/ort_bench_cfc.json" 2>/dev/null
+timeout 150 $S validate cfc --preset seed --engine ort --precision fp32 --precision fp16 2>&1 \
+  | tail -6 | tee "$O/ort_validate_cfc.txt"
+cp $EX/cfc/seed/parity.json "$O/ort_parity_cfc.json" 2>/dev/null
+timeout 200 $S validate ten --preset base --engine ort --precision fp32 --precision fp16 \
+  --long-seq 2048 2>&1 | tail -6 | tee "$O/ort_validate_ten.txt"
+cp $EX/ten/base/parity.json "$O/ort_parity_ten.json" 2>/dev/null
+
+# the table: ort against torch (target <= 1.3x its time) and ort-onnx (target >= 20x faster)
+python3 - "$O" <<'PY' | tee "$O/ort_summary.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print(f"{'arch':5} {'BxT':>9} {'torch ms':>9} {'ort ms':>9} {'ort-onnx ms':>11} {'ort/torch':>9} {'onnx/ort':>9}")
+for arch in ("ten", "cfc"):
+    p = out / f"ort_bench_{arch}.json"
+    if not p.exists():
+        print(arch, "no bench.json"); continue
+    b = json.loads(p.read_text())
+    rows = {}
+    for r in b["engines"]:
+        rows.setdefault((r["batch"], r["seq_len"]), {})[r["engine"]] = r["median_ms"]
+    for (bb, t), e in rows.items():
+        to, o, f = e.get("torch"), e.get("ort"), e.get("ort-onnx")
+        ratio = lambda a, c: f"{a / c:.2f}" if a and c else "-"
+        print(f"{arch:5} {f'{bb}x{t}':>9} {to or 0:9.3f} {o or 0:9.3f} {f or 0:11.3f} "
+              f"{ratio(o, to):>9} {ratio(f, o):>9}   ({b.get('gpu')})")
+PY
