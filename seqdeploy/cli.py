@@ -463,8 +463,11 @@ def run(ctx, archs, preset, long_seq, plot):
         streaming = bool(registry.architecture(arch).state_map)
         ctx.invoke(export, arch=arch, preset=chosen, checkpoint=None, seed=0, streaming=streaming)
         ctx.invoke(optimize, arch=arch, preset=chosen, fp16=True)
-        ok = _validate(ctx, arch, chosen, engines, ["fp32", "fp16"], long_seq) and ok
-        _bench(ctx, arch, chosen, [registry.reference_engine().name, *engines],
+        usable = pipeline.engines_for_artifact(registry, engines, _artifact(ctx, arch, chosen))
+        for name, reason in usable[1].items():
+            click.echo(f"skipping engine {name} for {arch}: {reason}", err=True)
+        ok = _validate(ctx, arch, chosen, usable[0], ["fp32", "fp16"], long_seq) and ok
+        _bench(ctx, arch, chosen, [registry.reference_engine().name, *usable[0]],
                "fp16" if device == "cuda" else "fp32",
                None, None, False, plot)
     if not ok:

@@ -391,6 +391,20 @@ def plot_bench(artifact: Artifact, result: dict, reference: str | None = None) -
     return path
 
 
+def engines_for_artifact(registry: Registry, names: list[str], artifact: Artifact,
+                         ) -> tuple[list[str], dict[str, str]]:
+    """Split engine names into those that can run ``artifact`` and {name: reason} for the
+    rest (``Engine.check_artifact``: e.g. an op library with no kernel for one of its ops)."""
+    ok, skipped = [], {}
+    for name in names:
+        try:
+            registry.engine(name).check_artifact(artifact, registry)
+            ok.append(name)
+        except EngineUnavailable as exc:
+            skipped[name] = str(exc)
+    return ok, skipped
+
+
 def engines_available(registry: Registry, names: list[str] | None, device: str,
                       ) -> tuple[list[str], dict[str, str]]:
     """Split engine names (default: every registered engine but the reference) into those

@@ -106,6 +106,10 @@ class Engine:
     def check(self, device: str) -> None:
         """Raise :class:`EngineUnavailable` with a one-line reason when it cannot run here."""
 
+    def check_artifact(self, artifact: "Artifact", registry: "Registry") -> None:
+        """Raise :class:`EngineUnavailable` with a one-line reason when it cannot run this
+        artifact (an op it has no kernel for); ``run`` then skips it for that artifact."""
+
     def load(self, artifact: "Artifact", registry: "Registry", precision: str,
              device: str) -> Session:
         raise NotImplementedError

@@ -217,6 +217,10 @@ class OrtEngine(Engine):
                 rows.append(("ORT C API headers", "not here yet (build-ort-ops fetches them)"))
         return rows
 
+    def check_artifact(self, artifact, registry) -> None:
+        if self.native:
+            check_native_ops(artifact.path(ONNX_FILES["fp32"]), registry)
+
     def open_step(self, artifact, registry, precision: str, device: str) -> StepRunner:
         """The one-step graph (``model.step*.onnx``) in an ORT session; state on the host."""
         from seqdeploy.streaming import STEP_FILES, step_specs
