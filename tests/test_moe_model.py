@@ -65,13 +65,14 @@ def test_plain_onnxruntime_equals_torch(moe_artifact, registry):
     assert float((out - logits).norm() / logits.norm()) < 1e-5
 
 
-def test_cli_validate_fp32(moe_artifact, capsys):
-    """``seqdeploy validate`` on the exported artifact: every engine, every case, fp32."""
-    code, out, err = run_cli(["--out", moe_artifact.parent.parent, "--device", "cpu", "validate",
-                              "moe", "--preset", "tiny", "--precision", "fp32",
-                              "--long-seq", "300"], capsys)
+def test_cli_run_end_to_end_on_cpu(tmp_path, capsys):
+    """``seqdeploy run moe``: export, FP16, validate (every usable engine, fp32 and fp16, routes
+    by agreement, logits where routes agree) and bench; exit 0."""
+    code, out, err = run_cli(["run", "moe", "--out", tmp_path, "--device", "cpu",
+                              "--long-seq", "64", "--no-plot"], capsys)
     assert code == 0, out + err
-    assert "routes" in out and "PASS" in out and "FAIL" not in out
+    assert "routes" in out and "ort-onnx" in out and "FAIL" not in out
+    assert "Top1Router': 2" in out and "MoEExperts': 2" in out
 
 
 def test_complexity_input_moves_the_router():
