@@ -50,7 +50,7 @@ def assert_route(got, want):
     assert expert.dtype == torch.int64 and gate.dtype == torch.float32
     assert torch.equal(expert, ref_e), f"{(expert != ref_e).sum()} choices differ"
     assert torch.isfinite(gate).all()
-    assert (gate.double() - ref_g).abs().max() <= 2e-7
+    assert (gate.double() - ref_g).abs().max() <= 1e-6     # fp32 exp and sum (GPU exp2 approx)
     assert torch.equal(gate == 0, ref_g == 0), "dropped tokens differ"
 
 
