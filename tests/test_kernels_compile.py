@@ -89,3 +89,58 @@ def test_kernels_compile_for_sm90():
         pytest.skip("this triton build ships no ptxas")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count(" ok") == 3 * 9 + 4
+
+
+MOE_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from seqdeploy_moe import kernels as moe
+
+    def compile(fn, sig, const, num_warps, num_stages=3):
+        sig = {**sig, **{k: "constexpr" for k in const}}
+        k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+        assert k.asm["cubin"], fn.__name__
+        print(fn.__name__, "ok", flush=True)
+
+    i32 = "i32"
+    for capacity in (False, True):
+        for block_t, block_e in ((64, 64),):
+            compile(moe._top1_router_kernel,
+                    dict(logits_ptr="*fp32", expert_ptr="*i64", gate_ptr="*fp32", T=i32, E=i32,
+                         cap=i32, s_b=i32, s_t=i32),
+                    dict(BLOCK_T=block_t, BLOCK_E=block_e, CAPACITY=capacity), 4)
+    compile(moe._rank_kernel, dict(expert_ptr="*i64", counts_ptr="*i32", rank_ptr="*i32", N=i32,
+                                   E=i32), dict(BLOCK=128, BLOCK_E=64), 4)
+    compile(moe._layout_kernel, dict(expert_ptr="*i64", rank_ptr="*i32", counts_ptr="*i32",
+                                     row_token_ptr="*i32", tile_expert_ptr="*i32", N=i32, E=i32,
+                                     max_tiles=i32), dict(BLOCK=128, BLOCK_E=8, BLOCK_M=64,
+                                                          BLOCK_TILES=64), 4)
+    for dt in ("fp32", "fp16", "bf16"):
+        p = "*" + dt
+        cfg = moe.experts_config(8192, 8, 768, 3072, {"fp32": moe.torch.float32,
+                                  "fp16": moe.torch.float16, "bf16": moe.torch.bfloat16}[dt])
+        for block_m in ((64, 128) if dt == "bf16" else (64,)):
+            for first in (True, False):
+                compile(moe._grouped_ffn_kernel,
+                        dict(a_ptr=p, row_token_ptr="*i32", tile_expert_ptr="*i32", w_ptr=p,
+                             bias_ptr=p, gate_ptr="*fp32", out_ptr=p, K=i32, N=i32, E=i32,
+                             s_a=i32, s_we=i32, s_wk=i32, s_be=i32, s_o=i32),
+                        dict(BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+                             FIRST=first, DOT_F32=dt == "fp32", WIDEN=False,
+                             EVEN_K=block_m == 64),
+                        8 if block_m == 128 else 4, cfg["num_stages"])
+""")
+
+
+def test_moe_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", MOE_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=600)
+    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
+        pytest.skip("this triton build ships no ptxas")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count(" ok") == 2 + 2 + 4 * 2
