@@ -10,7 +10,10 @@ The recurrence is nonlinear in ``h``, so it is strictly sequential in T: there i
 or chunked form. Forms, side by side: ``naive_cfc_scan`` (float64 loop, tests only),
 ``reference_cfc_scan`` (the step loop a user writes: the ``torch-ref`` engine),
 ``cpu_cfc_scan`` (the same loop with one fused GEMM per step into a preallocated output: the
-CPU kernel) and the Triton kernel (``kernels.py``: all T steps in one launch, the CUDA kernel).
+CPU kernel) and the Triton kernels (the CUDA kernel: all T steps in one launch), one design
+per file, chosen by ``kernels.choose``: ``rows.py`` (a program per 16 batch rows),
+``split.py`` (the columns spread over a thread-block cluster; or one step over independent
+programs) and ``wgmma.py`` (the cluster split for Hopper in Gluon).
 """
 from __future__ import annotations
 
@@ -71,7 +74,11 @@ def cpu_cfc_scan(xw, h0, w_rec, tau, dt: float) -> torch.Tensor:
 @torch.library.custom_op("seqdeploy::cfc_scan", mutates_args=())
 def cfc_scan(xw: torch.Tensor, h0: torch.Tensor, w_rec: torch.Tensor, tau: torch.Tensor,
              dt: float) -> torch.Tensor:
-    """CPU (and any non-CUDA device): the allocation-free step loop."""
+    """``y [B, T, H]`` from ``xw [B, T, H]``, ``h0 [B, H]``, ``w_rec [H, H]`` (one dtype: fp32,
+    fp16 or bf16), ``tau [H]`` fp32 and ``dt``. On CUDA, a Triton kernel design that
+    ``seqdeploy_cfc.kernels.choose`` picks from the shapes, dtype and GPU: ``rows``
+    (``rows.py``), ``split`` (``split.py``) or ``wgmma`` (``wgmma.py``). Here (CPU and any
+    other device): the allocation-free step loop ``cpu_cfc_scan``."""
     device = xw.device
     y = cpu_cfc_scan(*(a.cpu() for a in (xw, h0, w_rec, tau)), dt)
     return y.to(device)
