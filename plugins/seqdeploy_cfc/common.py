@@ -85,9 +85,9 @@ def _streamed_matmul(a_ptr, sa_b, w_ptr, sw_k, rows, mask_b, cols, mask_n, H,
     for k0 in tl.static_range(0, BLOCK_H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask_k = ks < H
+        mask_a = mask_b[:, None] & mask_k[None, :]
         offs = rows[:, None] * sa_b + ks[None, :]
-        a = tl.load(a_ptr + offs, mask=mask_b[:, None] & mask_k[None, :], other=0.0,
-                    cache_modifier=".cg")
+        a = tl.load(a_ptr + offs, mask=mask_a, other=0.0, cache_modifier=".cg")
         w = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :],
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if DOT_F32:
