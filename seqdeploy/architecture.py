@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -19,14 +19,28 @@ from seqdeploy.errors import InputError, SeqdeployError
 BATCH = "batch"
 SEQ = "seq"
 
+# What a tensor is; validation, streaming and parity treat each kind its own way.
+STEP = "step"        #: [batch, seq, ...]: one value per time step
+STATE = "state"      #: recurrent state, carried from one call (or step) to the next
+POOLED = "pooled"    #: [batch, ...], no time axis: a summary of the whole sequence
+INDEX = "index"      #: integer ids (a router's expert choice): compared by agreement rate
+MASK = "mask"        #: [batch, seq] input, 1 = real token, 0 = padding
+KINDS = (STEP, STATE, POOLED, INDEX, MASK)
+
 
 @dataclass(frozen=True)
 class TensorSpec:
     """One model input or output.
 
     ``dtype`` is ``"float"`` (follows the model precision: fp32 or fp16), ``"float32"``
-    (always fp32), ``"int64"`` or ``"bool"``. ``shape`` holds ints and the symbolic axis names
-    ``"batch"`` and ``"seq"``, which are dynamic in the exported ONNX.
+    (always fp32: recurrent state crosses the graph boundary in fp32 even in fp16 graphs),
+    ``"int64"`` or ``"bool"``. ``shape`` holds ints and symbolic axis names: ``"batch"``,
+    ``"seq"`` and any listed in :attr:`Architecture.axes`, all dynamic in the exported ONNX.
+
+    ``kind`` says what the tensor is (:data:`KINDS`); left empty it is ``"step"`` when the
+    shape has a ``seq`` axis and ``"state"`` otherwise, so a pooled output must say so.
+    ``depends_on`` names an ``index`` output: this output is compared only at the positions
+    (rows, or rows and steps) where the engine's ids agree with the reference's.
     """
 
     name: str
@@ -35,6 +49,21 @@ class TensorSpec:
     doc: str = ""
     #: valid value range [lo, hi) of an integer input (token ids), checked before running
     bounds: tuple[int, int] | None = None
+    kind: str = ""
+    depends_on: str | None = None
+
+    def __post_init__(self):
+        if not self.kind:
+            object.__setattr__(self, "kind", STEP if SEQ in self.shape else STATE)
+        if self.kind not in KINDS:
+            raise SeqdeployError(f"tensor {self.name}: unknown kind {self.kind!r} "
+                                 f"(one of {', '.join(KINDS)})")
+        if self.kind in (STATE, POOLED) and SEQ in self.shape:
+            raise SeqdeployError(f"tensor {self.name}: a {self.kind} tensor has no {SEQ!r} axis")
+
+    @property
+    def seq_axis(self) -> int | None:
+        return self.shape.index(SEQ) if SEQ in self.shape else None
 
     def torch_dtype(self, precision: str) -> torch.dtype:
         if self.dtype == "float":
@@ -47,11 +76,35 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ParityLimits:
-    """Pass limits against the fp32 PyTorch reference. NaN or Inf always fails."""
+    """Pass limits against the fp32 PyTorch reference. NaN or Inf always fails.
+    ``min_agreement`` applies to ``index`` outputs: the share of ids equal to the reference's."""
 
     rel_l2: float
     cosine: float = 0.0
     max_abs: float = math.inf
+    min_agreement: float = 1.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One validation case: ``batch`` rows of ``seq_len`` steps from seed ``seed``.
+
+    - ``split``: also run the sequence as two calls, [0, split) then the rest, passing the
+      state across (needs ``state_map``).
+    - ``inputs``: ``(config, batch, seq_len, seed) -> inputs``, replacing ``make_inputs``
+      (routing near-ties, extreme values).
+    - ``ragged``: the core pads the rows to different lengths (zeros at the end of the
+      ``mask`` input: row ``i`` keeps about ``T / (i + 1)`` steps); each row is also run
+      alone, trimmed to its length, and must give the padded batch's results.
+    """
+
+    name: str
+    batch: int
+    seq_len: int
+    split: int | None = None
+    seed: int | None = None
+    inputs: Callable[..., dict[str, torch.Tensor]] | None = None
+    ragged: bool = False
 
 
 DEFAULT_LIMITS = {
@@ -75,6 +128,8 @@ class Architecture:
     #: preset used when the hardware is a CPU / a CUDA GPU (``seqdeploy run`` with no preset)
     cpu_preset: str = "tiny"
     gpu_preset: str = "tiny"
+    #: symbolic axes beyond batch and seq, dynamic in ONNX: name -> {"min": m, "max": n}
+    axes: dict[str, dict[str, int]] = {}
 
     # -- configuration ---------------------------------------------------------------------
     def config(self, preset: str) -> dict[str, Any]:
@@ -95,8 +150,38 @@ class Architecture:
         """(batch, T) points ``seqdeploy bench`` runs when none are given."""
         return [(int(config.get("bench_batch", 8)), self.seq_len(config))]
 
-    def parity_limits(self, precision: str, config: dict[str, Any]) -> ParityLimits:
+    def parity_limits(self, precision: str, config: dict[str, Any]
+                      ) -> ParityLimits | dict[str, ParityLimits]:
+        """Limits for every output, or per output name (names left out get the defaults)."""
         return DEFAULT_LIMITS[precision]
+
+    def limits_for(self, precision: str, config: dict[str, Any], output: str) -> ParityLimits:
+        limits = self.parity_limits(precision, config)
+        if isinstance(limits, ParityLimits):
+            return limits
+        return limits.get(output, DEFAULT_LIMITS[precision])
+
+    def validation_cases(self, config: dict[str, Any], long_seq: int = 4096) -> list[Case]:
+        """The cases ``validate`` runs: batch 1 and 2; T = 1, 63, the preset's and a long T;
+        a split-sequence case when the model streams; a ragged-length batch when it takes a
+        mask. Extend the list (``super().validation_cases(...) + [...]``) for cases of your
+        own, such as routing near-ties."""
+        preset_t = self.seq_len(config)
+        limit = self.max_seq_len(config)
+        long_t = min(long_seq, limit) if limit else long_seq
+        cases = [Case("B1-T1", 1, 1), Case("B2-T63", 2, 63), Case(f"B2-T{preset_t}", 2, preset_t),
+                 Case(f"B1-T{long_t}", 1, long_t)]
+        if self.state_map and preset_t >= 2:
+            cut = min(preset_t // 2 + 1, preset_t - 1)
+            cases.append(Case(f"B2-T{preset_t}-split{cut}", 2, preset_t, split=cut))
+        if any(s.kind == MASK for s in self.input_specs(config)) and preset_t >= 4:
+            cases.append(Case(f"B3-T{preset_t}-ragged", 3, preset_t, ragged=True))
+        seen, unique = set(), []
+        for c in cases:
+            if c.name not in seen:
+                seen.add(c.name)
+                unique.append(c)
+        return unique
 
     # -- model and IO ----------------------------------------------------------------------
     def build(self, config: dict[str, Any]) -> torch.nn.Module:
@@ -112,7 +197,7 @@ class Architecture:
 
     def make_inputs(self, config: dict[str, Any], batch: int, seq_len: int,
                     seed: int = 0) -> dict[str, torch.Tensor]:
-        """Seeded example inputs on the CPU, floats in fp32."""
+        """Seeded example inputs on the CPU, floats in fp32 (a ``mask`` input all ones)."""
         raise NotImplementedError
 
     def op_benchmarks(self, config: dict[str, Any], batch: int, seq_len: int,

@@ -4,6 +4,12 @@ Every write is atomic (temporary file in the same folder, then ``os.replace``), 
 manifest is rewritten last, so an interrupted run never leaves a file that later loads.
 Reading a file through :meth:`Artifact.path` checks its sha256 against the manifest first.
 
+An export is a transaction: it builds the new artifact in a version folder beside the old
+one (``.<preset>.<export_id>/``) and only when that is complete points ``<preset>`` at it, by
+atomically replacing a symbolic link (:meth:`Artifact.publish`). Until then the previous
+artifact stays complete and loadable; afterwards none of its files (fp16 graphs, parity and
+bench reports, engines) survive beside the new model.
+
 Several runs may use one folder at once (``validate`` and ``bench`` in two shells): each
 manifest update happens under an exclusive lock on the folder (``fcntl.flock`` on
 ``.manifest.lock``, where the OS has it) and merges into the manifest on disk, so no run
@@ -19,7 +25,9 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,6 +37,8 @@ from seqdeploy.errors import ArtifactError
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"
 FORMAT_VERSION = 1
+#: a version folder no link points to, older than this, is a crashed export's leftover
+STALE_S = 3600
 
 
 def sha256_file(path: Path) -> str:
@@ -114,6 +124,8 @@ class Artifact:
     def __init__(self, directory: Path, manifest: dict[str, Any]):
         self.dir = Path(directory)
         self.manifest = manifest
+        #: where :meth:`publish` puts an export that :meth:`begin` started (else None)
+        self.target: Path | None = None
 
     # -- creation and loading -------------------------------------------------------------
     @classmethod
@@ -130,8 +142,50 @@ class Artifact:
         return artifact
 
     @classmethod
+    def begin(cls, directory: Path, arch: str, preset: str, config: dict[str, Any],
+              **fields: Any) -> "Artifact":
+        """Start an export transaction for ``directory``: a new, empty version folder beside
+        it, where the caller writes every file; :meth:`publish` then swaps it in whole."""
+        directory = Path(directory)
+        _check_replaceable(directory)
+        export_id = uuid.uuid4().hex
+        version = directory.parent / f".{directory.name}.{export_id}"
+        artifact = cls.create(version, arch, preset, config, export_id=export_id, **fields)
+        artifact.target = directory
+        return artifact
+
+    def publish(self) -> None:
+        """Point the export's target at this version folder, atomically (rename of a symbolic
+        link over the old one), then remove the version it replaced. A real folder in the way
+        (an artifact of an older seqdeploy, or a copy) is first moved aside as
+        ``.<preset>.<id>.previous``, which :meth:`load` restores if the process dies before
+        the link exists."""
+        target: Path = self.target
+        parent = target.parent
+        old = _link_target(target)
+        link = parent / f".{target.name}.link-{uuid.uuid4().hex}"
+        os.symlink(self.dir.name, link)
+        aside = None
+        if target.exists() and not target.is_symlink():
+            aside = parent / f".{target.name}.{uuid.uuid4().hex}.previous"
+            os.rename(target, aside)
+        os.replace(link, target)
+        _fsync_dir(parent)
+        self.dir = target
+        for leftover in (aside, old):
+            if leftover is not None and leftover.name != _link_name(target):
+                shutil.rmtree(leftover, ignore_errors=True)
+        _sweep(target)
+
+    def abandon(self) -> None:
+        """Remove an unpublished version folder (an export that failed or was interrupted)."""
+        if self.target is not None and self.dir != self.target:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    @classmethod
     def load(cls, directory: Path) -> "Artifact":
         directory = Path(directory)
+        _restore(directory)
         path = directory / MANIFEST
         if not path.is_file():
             raise ArtifactError(f"no artifact at {directory} ({MANIFEST} missing); "
@@ -212,6 +266,15 @@ class Artifact:
                                 f"created {on_disk.get('created')}); run again on the new export")
         return on_disk
 
+    def check_io(self, io: dict[str, Any]) -> None:
+        """Refuse an artifact whose recorded inputs and outputs are not the architecture's
+        (exported by another version of its plugin): running it would feed the wrong tensors."""
+        recorded = self.manifest.get("io")
+        if recorded != io:
+            raise ArtifactError(f"{self.dir}: its inputs and outputs no longer match the "
+                                f"{self.manifest['arch']} plugin's (exported by another "
+                                f"version); re-export it")
+
     def write_json(self, name: str, data: Any) -> Path:
         text = json.dumps(data, indent=2, sort_keys=False) + "\n"
         return self.write(name, lambda p: p.write_text(text))
@@ -219,3 +282,66 @@ class Artifact:
     def save_manifest(self) -> None:
         text = json.dumps(self.manifest, indent=2) + "\n"
         atomic_write_text(self.dir / MANIFEST, text)
+
+
+def _link_name(target: Path) -> str | None:
+    return os.readlink(target) if target.is_symlink() else None
+
+
+def _link_target(target: Path) -> Path | None:
+    name = _link_name(target)
+    return None if name is None else target.parent / name
+
+
+def _check_replaceable(target: Path) -> None:
+    """An export may replace an artifact, never a folder of the user's."""
+    if target.is_symlink() or not target.exists():
+        return
+    if not target.is_dir():
+        raise ArtifactError(f"{target} exists and is not an artifact folder; move it away")
+    if any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise ArtifactError(f"{target} is a folder that holds no seqdeploy artifact; refusing "
+                            f"to replace it (move it away, or export with another --out)")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _restore(target: Path) -> None:
+    """Finish what a killed :meth:`Artifact.publish` left: a folder moved aside and no link
+    in its place is the previous artifact, complete; it goes back."""
+    if target.exists() or target.is_symlink():
+        return
+    aside = sorted(target.parent.glob(f".{target.name}.*.previous"), key=lambda p: p.stat().st_mtime)
+    if aside:
+        try:
+            os.rename(aside[-1], target)
+        except OSError:
+            pass
+
+
+def _sweep(target: Path) -> None:
+    """Remove version folders of crashed exports: not the link's target, and old."""
+    current = _link_name(target)
+    now = time.time()
+    for leftover in target.parent.glob(f".{target.name}.*"):
+        if leftover.name == current or leftover.name.endswith(".previous"):
+            continue
+        try:
+            if now - leftover.lstat().st_mtime > STALE_S:
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink()
+        except OSError:
+            pass

@@ -53,7 +53,17 @@ def _artifact(ctx: click.Context, arch_name: str, preset: str | None):
     if found != (arch_name, preset):
         raise SeqdeployError(f"{artifact.dir}: the manifest says {found[0]}/{found[1]}, not "
                              f"{arch_name}/{preset}")
+    from seqdeploy.pipeline import io_manifest
+
+    artifact.check_io(io_manifest(registry.architecture(arch_name), artifact.manifest["config"]))
     return artifact
+
+
+def _usable_engines(ctx: click.Context) -> list[str]:
+    """Every registered engine but the reference that can run on this machine, by name."""
+    from seqdeploy import pipeline
+
+    return pipeline.engines_available(_registry(ctx), None, ctx.obj["device"])[0]
 
 
 class _Progress:
@@ -97,25 +107,66 @@ def _echo_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     Console(width=max(100, len(columns) * 14)).print(table)
 
 
-# -- the group -------------------------------------------------------------------------------
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
-              help="Load a plugin module by name (repeatable; also SEQDEPLOY_PLUGINS).")
-@click.option("--out", default=DEFAULT_OUT, show_default=True, type=click.Path(file_okay=False),
-              help="Artifact root: artifacts live in OUT/<arch>/<preset>/.")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
-              show_default=True, help="Where engines run.")
-@click.version_option(package_name="seqdeploy")
-@click.pass_context
-def cli(ctx: click.Context, plugins, out, device):
-    """seqdeploy: export, optimise, validate and benchmark sequence models."""
-    ctx.ensure_object(dict)
-    if "registry" not in ctx.obj:
-        ctx.obj["registry"] = load_registry(plugins)
-    ctx.obj.update(out=out, device=device)
+# -- options every command takes, before or after the command name ------------------------
+def _set_obj(ctx: click.Context, param: click.Parameter, value):
+    if value is not None:
+        ctx.ensure_object(dict)[param.name] = value
+    return value
 
 
-@cli.command("list")
+def _common(fn):
+    """``--out`` and ``--device`` after the command name too (``export ten --out DIR``)."""
+    fn = click.option("--out", type=click.Path(file_okay=False), expose_value=False,
+                      callback=_set_obj, is_eager=True,
+                      help=f"Artifact root: artifacts live in OUT/<arch>/<preset>/ "
+                           f"[default: {DEFAULT_OUT}].")(fn)
+    fn = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), expose_value=False,
+                      callback=_set_obj, is_eager=True, help="Where engines run [default: auto].")(fn)
+    return fn
+
+
+def _command(*args, **kwargs):
+    """A built-in command: a Click command with the common options, added to every group
+    :func:`make_cli` builds (so no module-level group is ever mutated)."""
+    def decorate(fn):
+        cmd = click.command(*args, **kwargs)(_common(fn))
+        BUILTIN_COMMANDS.append(cmd)
+        return cmd
+
+    return decorate
+
+
+BUILTIN_COMMANDS: list[click.Command] = []
+
+
+def make_cli() -> click.Group:
+    """A fresh ``seqdeploy`` group holding the built-in commands."""
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]},
+                 invoke_without_command=True)
+    @click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
+                  help="Load a plugin module by name (repeatable; also SEQDEPLOY_PLUGINS).")
+    @click.option("--out", default=DEFAULT_OUT, show_default=True, type=click.Path(file_okay=False),
+                  help="Artifact root: artifacts live in OUT/<arch>/<preset>/.")
+    @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+                  show_default=True, help="Where engines run.")
+    @click.version_option(package_name="seqdeploy")
+    @click.pass_context
+    def cli(ctx: click.Context, plugins, out, device):
+        """seqdeploy: export, optimise, validate and benchmark sequence models."""
+        ctx.ensure_object(dict)
+        if "registry" not in ctx.obj:
+            ctx.obj["registry"] = load_registry(plugins)
+        ctx.obj.update(out=out, device=device)
+        if ctx.invoked_subcommand is None:
+            click.echo(ctx.get_help())
+
+    for cmd in BUILTIN_COMMANDS:
+        cli.add_command(cmd)
+    return cli
+
+
+@_command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def list_cmd(ctx, as_json):
@@ -149,7 +200,7 @@ def list_cmd(ctx, as_json):
         click.echo(f"  {f['name']:<10} FAILED: {f['error']}")
 
 
-@cli.command()
+@_command()
 @click.pass_context
 def doctor(ctx):
     """What is installed and usable: CUDA, Triton, ONNX Runtime providers, TensorRT."""
@@ -195,7 +246,7 @@ def doctor(ctx):
         click.echo(f"{k:<{width}}  {v}")
 
 
-@cli.command()
+@_command()
 @click.argument("arch")
 @click.option("--preset", help="Preset name (default: fits the hardware).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
@@ -219,7 +270,7 @@ def export(ctx, arch, preset, checkpoint, seed, streaming):
                f"{summary['custom_nodes']}, control flow in main graph: {summary['control_flow']}")
 
 
-@cli.command()
+@_command()
 @click.argument("arch")
 @click.option("--preset")
 @click.option("--fp16/--no-fp16", default=True, show_default=True,
@@ -261,10 +312,11 @@ def _validate(ctx, arch: str, preset, engines, precisions, long_seq) -> bool:
     return result["passed"]
 
 
-@cli.command()
+@_command()
 @click.argument("archs", nargs=-1)
 @click.option("--preset")
-@click.option("--engine", "engines", multiple=True, help="Engines (default: torch,ort).")
+@click.option("--engine", "engines", multiple=True,
+              help="Engines (default: every engine usable here but the reference).")
 @click.option("--precision", "precisions", multiple=True, help="fp32, fp16 (default: both).")
 @click.option("--long-seq", default=4096, show_default=True, type=click.IntRange(min=2),
               help="T of the long-sequence case.")
@@ -273,7 +325,7 @@ def validate(ctx, archs, preset, engines, precisions, long_seq):
     """Numerical parity of each engine against the PyTorch reference; exit 1 on any failure."""
     registry = _registry(ctx)
     archs = list(archs) or sorted(registry.architectures)
-    engines = _split(engines) or ["torch", "ort"]
+    engines = _split(engines) or _usable_engines(ctx)
     precisions = _split(precisions) or ["fp32", "fp16"]
     for p in precisions:
         if p not in ("fp32", "fp16"):
@@ -298,7 +350,8 @@ def _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot)
         result = pipeline.bench(registry, artifact, engines, precision, shapes,
                                 ctx.obj["device"], progress=progress)
     if plot:
-        click.echo(f"wrote {pipeline.plot_bench(artifact, result)}", err=as_json)
+        path = pipeline.plot_bench(artifact, result, registry.reference_engine().name)
+        click.echo(f"wrote {path}", err=as_json)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -308,12 +361,13 @@ def _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot)
              "noisy" if r["noisy"] else ""] for r in result["engines"]]
     _echo_table(f"bench {arch}/{result['preset']} {precision} on {result['gpu'] or 'CPU'}",
                 ["engine", "BxT", "median ms", "p90 ms", "p99 ms", "tokens/s", "peak MiB", ""], rows)
+    reference = registry.reference_engine().name
     base = {(r["batch"], r["seq_len"]): r["median_ms"] for r in result["engines"]
-            if r["engine"] == "torch-ref"}
+            if r["engine"] == reference}
     for r in result["engines"]:
         ref = base.get((r["batch"], r["seq_len"]))
-        if ref and r["engine"] != "torch-ref":
-            click.echo(f"  {r['engine']}: {ref / r['median_ms']:.1f}x torch-ref at "
+        if ref and r["engine"] != reference:
+            click.echo(f"  {r['engine']}: {ref / r['median_ms']:.1f}x {reference} at "
                        f"B={r['batch']} T={r['seq_len']}")
     for o in result["ops"]:
         frac = f", {100 * o['hbm_fraction']:.0f}% of HBM {result['hbm_gb_s']:.0f} GB/s" \
@@ -322,10 +376,11 @@ def _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot)
     click.echo(f"wrote {artifact.dir / 'bench.json'}")
 
 
-@cli.command()
+@_command()
 @click.argument("arch")
 @click.option("--preset")
-@click.option("--engine", "engines", multiple=True, help="Engines (default: torch-ref,torch,ort).")
+@click.option("--engine", "engines", multiple=True,
+              help="Engines (default: the reference and every engine usable here).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]),
               help="Default: fp16 on CUDA, fp32 on CPU.")
 @click.option("--batch", type=click.IntRange(min=1))
@@ -335,17 +390,17 @@ def _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot)
 @click.pass_context
 def bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot):
     """Time engines side by side: tokens/s, percentiles, peak memory, op GB/s vs HBM."""
-    engines = _split(engines) or ["torch-ref", "torch", "ort"]
+    engines = _split(engines) or [_registry(ctx).reference_engine().name, *_usable_engines(ctx)]
     precision = precision or ("fp16" if _device(ctx) == "cuda" else "fp32")
     _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot)
 
 
-@cli.command()
+@_command()
 @click.argument("arch")
 @click.option("--preset")
 @click.option("--inputs", "inputs_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help=".npz with one array per model input.")
-@click.option("--engine", default="torch", show_default=True)
+@click.option("--engine", help="Default: the first engine usable here (by name), not the reference.")
 @click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16"]), show_default=True)
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write outputs to this .npz (atomically).")
@@ -370,6 +425,9 @@ def predict(ctx, arch, preset, inputs_path, engine, precision, output_path):
             inputs = {k: torch.from_numpy(np.array(data[k])) for k in data.files}
         except (TypeError, ValueError) as exc:
             raise SeqdeployError(f"{inputs_path}: an array has an unsupported dtype ({exc})") from None
+    engine = engine or next(iter(_usable_engines(ctx)), None)
+    if engine is None:
+        raise SeqdeployError("no engine can run here (see `seqdeploy doctor`)")
     session = pipeline.open_session(_registry(ctx), artifact, engine, precision, _device(ctx))
     outputs = session.run(inputs)
     for name, value in outputs.items():
@@ -380,7 +438,7 @@ def predict(ctx, arch, preset, inputs_path, engine, precision, output_path):
         click.echo(f"wrote {output_path}")
 
 
-@cli.command()
+@_command()
 @click.argument("archs", nargs=-1)
 @click.option("--preset", help="Preset for every ARCH (default: fits the hardware).")
 @click.option("--long-seq", default=4096, show_default=True, type=click.IntRange(min=2))
@@ -394,7 +452,7 @@ def run(ctx, archs, preset, long_seq, plot):
     registry = _registry(ctx)
     archs = list(archs) or sorted(registry.architectures)
     device = _device(ctx)
-    engines, skipped = pipeline.engines_available(registry, ["torch", "ort", "trt"], device)
+    engines, skipped = pipeline.engines_available(registry, None, device)
     for name, reason in skipped.items():
         click.echo(f"skipping engine {name}: {reason}", err=True)
     ok = True
@@ -405,7 +463,8 @@ def run(ctx, archs, preset, long_seq, plot):
         ctx.invoke(export, arch=arch, preset=chosen, checkpoint=None, seed=0, streaming=streaming)
         ctx.invoke(optimize, arch=arch, preset=chosen, fp16=True)
         ok = _validate(ctx, arch, chosen, engines, ["fp32", "fp16"], long_seq) and ok
-        _bench(ctx, arch, chosen, ["torch-ref", *engines], "fp16" if device == "cuda" else "fp32",
+        _bench(ctx, arch, chosen, [registry.reference_engine().name, *engines],
+               "fp16" if device == "cuda" else "fp32",
                None, None, False, plot)
     if not ok:
         click.echo("validation failed: see the FAIL lines above", err=True)
@@ -424,19 +483,16 @@ def _plugins_from_argv(argv: list[str]) -> list[str]:
 
 
 def build_cli(registry: Registry) -> click.Group:
-    """Let every plugin add commands; a plugin whose hook raises is recorded, not fatal."""
-    for plugin in list(registry.pm.get_plugins()):
-        impl = getattr(plugin, "register_commands", None)
-        if impl is None:
-            continue
-        try:
-            impl(cli=cli)
-        except Exception as exc:
-            from seqdeploy.plugins import PluginFailure
+    """A fresh group with the built-in commands, then every plugin's, added through the
+    ``register_commands`` hook; a plugin whose hook raises is recorded, not fatal."""
+    from seqdeploy.plugins import call_hook
 
-            registry.failures.append(PluginFailure(registry.pm.get_name(plugin) or "?",
-                                                   f"register_commands: {exc}"))
-    return cli
+    while True:   # a failing plugin may have added half its commands: start from a new group
+        group = make_cli()
+        failures = len(registry.failures)
+        call_hook(registry, "register_commands", cli=group)
+        if len(registry.failures) == failures:
+            return group
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -444,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         registry = load_registry(_plugins_from_argv(argv))
         group = build_cli(registry)
+        for failure in registry.failures:
+            click.echo(f"warning: plugin {failure.name} failed to load: {failure.error}", err=True)
         group.main(args=argv, prog_name="seqdeploy", obj={"registry": registry},
                    standalone_mode=False)
     except SeqdeployError as exc:

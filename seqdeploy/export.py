@@ -74,9 +74,71 @@ def _quiet():
         logger.setLevel(level)
 
 
+def describe_model(proto: onnx.ModelProto, arch: Architecture, config: dict[str, Any],
+                   preset: str, precision: str, in_specs, out_specs, ops: dict[str, CustomOp],
+                   streaming: bool) -> None:
+    """Make the file readable by a deployment engineer and free of the build machine: drop
+    the exporter's per-node stack traces and source paths, and write what the model is
+    (architecture, preset, versions, what each state tensor means) into its metadata and
+    every graph input and output's doc string."""
+    import json
+
+    import seqdeploy
+
+    def scrub(nodes):
+        for node in nodes:
+            keep = [p for p in node.metadata_props if not p.key.startswith("pkg.torch")]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+            node.doc_string = ""
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    scrub(attr.g.node)
+                for g in attr.graphs:
+                    scrub(g.node)
+
+    scrub(proto.graph.node)
+    for fn in proto.functions:
+        scrub(fn.node)
+        del fn.metadata_props[:]
+    for info in (*proto.graph.value_info, *proto.graph.input, *proto.graph.output):
+        keep = [p for p in info.metadata_props if not p.key.startswith("pkg.torch")]
+        del info.metadata_props[:]
+        info.metadata_props.extend(keep)
+    del proto.graph.metadata_props[:]
+    proto.graph.doc_string = ""
+    proto.producer_name = "seqdeploy"
+    proto.producer_version = seqdeploy.__version__
+    proto.doc_string = (f"{arch.name}/{preset} ({arch.description}), {precision}"
+                        + (", one time step" if streaming else ""))
+    by_name = {s.name: s for s in (*in_specs, *out_specs)}
+    for value in (*proto.graph.input, *proto.graph.output):
+        spec = by_name.get(value.name)
+        if spec is not None:
+            shape = "[" + ", ".join(str(d) for d in spec.shape) + "]"
+            value.doc_string = f"{spec.kind} {shape}: {spec.doc}".rstrip(": ")
+    used = {n.op_type for n in proto.graph.node if n.domain == DOMAIN}
+    meta = {"seqdeploy.arch": arch.name, "seqdeploy.preset": preset,
+            "seqdeploy.version": seqdeploy.__version__, "seqdeploy.precision": precision,
+            "seqdeploy.streaming": str(streaming).lower(),
+            "seqdeploy.ops": json.dumps({o.onnx_name: o.version for o in ops.values()
+                                         if o.onnx_name in used}),
+            "seqdeploy.config": json.dumps(config, sort_keys=True)}
+    for state_in, state_out in arch.state_map.items():
+        spec = by_name.get(state_in)
+        if spec is not None:
+            shape = "[" + ", ".join(str(d) for d in spec.shape) + "]"
+            meta[f"seqdeploy.state.{state_in}"] = (
+                f"{spec.doc}; shape {shape}, {spec.dtype}; feed the previous call's "
+                f"{state_out} (zeros to start a sequence)")
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+
+
 def export_onnx(arch: Architecture, config: dict[str, Any], model: torch.nn.Module,
                 precision: str, registry: "Registry",
-                streaming: bool = False) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                streaming: bool = False, preset: str = "") -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Export ``model`` (already loaded with its weights) at ``precision``.
 
     ``streaming=True`` exports the one-step graph instead: every sequence axis is dropped
@@ -99,7 +161,12 @@ def export_onnx(arch: Architecture, config: dict[str, Any], model: torch.nn.Modu
     batch = torch.export.Dim(BATCH, min=1)
     seq_max = arch.max_seq_len(config)
     seq = torch.export.Dim(SEQ, min=1, **({"max": seq_max} if seq_max else {}))
-    dims = {BATCH: batch, SEQ: seq}
+    dims = {BATCH: batch, SEQ: seq,
+            **{name: torch.export.Dim(name, **bounds) for name, bounds in arch.axes.items()}}
+    undeclared = sorted({d for s in in_specs for d in s.dynamic_axes().values()} - set(dims))
+    if undeclared:
+        raise SeqdeployError(f"{arch.name}: symbolic axes {', '.join(undeclared)} are not "
+                             f"declared in Architecture.axes")
     # positional, in input order: forward's own argument names may differ from the specs'
     dynamic_shapes = tuple({axis: dims[d] for axis, d in s.dynamic_axes().items()} or None
                            for s in in_specs)
@@ -120,7 +187,8 @@ def export_onnx(arch: Architecture, config: dict[str, Any], model: torch.nn.Modu
         raise SeqdeployError(f"ONNX export of {arch.name} failed: {first}") from exc
     proto = program.model_proto
     used = attach_fallbacks(proto, registry.ops)
-    proto.producer_name = "seqdeploy"
+    describe_model(proto, arch, config, preset, precision, in_specs, out_specs, registry.ops,
+                   streaming)
     onnx.checker.check_model(proto, full_check=True)
     return proto, {"opset": default_opset(proto), "precision": precision, "ops": used,
                    "streaming": streaming, **graph_summary(proto)}

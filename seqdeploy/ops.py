@@ -149,6 +149,34 @@ def lazy_kernel(module: str, name: str) -> Callable[..., Any]:
     return run
 
 
+def define_op(name: str, onnx_name: str, cpu: Callable[..., Any], fake: Callable[..., Any],
+              reference: Callable[..., Any], translation: Callable[..., Any],
+              fallback: Callable[[int], onnx.FunctionProto], inputs: Sequence[str],
+              outputs: Sequence[str], doc: str, cuda: tuple[str, str] | None = None,
+              schema_doc: str | None = None, **schema_types: Sequence[str]) -> CustomOp:
+    """Every form of one op from its parts, the way each plugin would otherwise repeat it:
+
+    - ``cpu``: the function ``torch.library.custom_op("seqdeploy::<name>")`` wraps (typed
+      like a custom op; it runs on every device without a kernel of its own);
+    - ``fake``: its fake implementation (output shapes and dtypes);
+    - ``cuda``: ``(module, function)`` of the CUDA kernel's launcher, imported on first use,
+      so CPU-only runs never load Triton; also the op's eager fast path (:func:`call`);
+    - the ONNX schema (``inputs``, ``outputs`` and ``schema_types`` as in
+      :func:`make_schema`), registered with onnx once per process.
+    """
+    torch_op = torch.library.custom_op(f"{DOMAIN}::{name}", cpu, mutates_args=())
+    torch_op.register_fake(fake)
+    eager = {}
+    if cuda is not None:
+        eager["cuda"] = lazy_kernel(*cuda)
+        torch_op.register_kernel("cuda")(eager["cuda"])
+    schema = make_schema(onnx_name, inputs, outputs, doc=schema_doc or doc, **schema_types)
+    register_schema(schema)
+    return CustomOp(name=name, onnx_name=onnx_name, torch_op=torch_op, reference=reference,
+                    schema=schema, translation=translation, fallback=fallback, doc=doc,
+                    eager=eager)
+
+
 def plugin_attributes() -> dict[str, str]:
     """The string attributes every seqdeploy node carries, so TensorRT finds its plugin."""
     return {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
@@ -157,11 +185,13 @@ def plugin_attributes() -> dict[str, str]:
 def make_schema(onnx_name: str, inputs: Sequence[str], outputs: Sequence[str], doc: str,
                 float_attrs: Sequence[str] = (), int_inputs: Sequence[str] = (),
                 float_inputs: Sequence[str] = (), int_outputs: Sequence[str] = (),
-                float_outputs: Sequence[str] = ()) -> OpSchema:
+                float_outputs: Sequence[str] = (), int_attrs: Sequence[str] = (),
+                string_attrs: Sequence[str] = ()) -> OpSchema:
     """Build the OpSchema of a seqdeploy node.
 
     Inputs and outputs are of type ``T`` (fp32/fp16/bf16) unless listed in ``int_*`` (int64)
-    or ``float_*`` (always fp32, e.g. router logits).
+    or ``float_*`` (always fp32, e.g. router logits or recurrent state). Attributes named in
+    ``float_attrs``, ``int_attrs`` and ``string_attrs`` are required, of that type.
     """
     formal = OpSchema.FormalParameter
 
@@ -174,7 +204,9 @@ def make_schema(onnx_name: str, inputs: Sequence[str], outputs: Sequence[str], d
 
     attributes = [OpSchema.Attribute(a, OpSchema.AttrType.STRING, f"TensorRT plugin {a}", required=False)
                   for a in plugin_attributes()]
-    attributes += [OpSchema.Attribute(a, OpSchema.AttrType.FLOAT, a, required=True) for a in float_attrs]
+    kinds = ((float_attrs, OpSchema.AttrType.FLOAT), (int_attrs, OpSchema.AttrType.INT),
+             (string_attrs, OpSchema.AttrType.STRING))
+    attributes += [OpSchema.Attribute(a, kind, a, required=True) for names, kind in kinds for a in names]
     return OpSchema(
         onnx_name, DOMAIN, 1, doc=doc,
         inputs=[param(n, int_inputs, float_inputs) for n in inputs],

@@ -63,6 +63,16 @@ class Registry:
             raise SeqdeployError(f"unknown architecture {name!r} (known: {known}{hint})")
         return self.architectures[name]
 
+    def reference_engine(self) -> Engine:
+        """The engine whose role is ``reference``: what ``validate`` compares against."""
+        from seqdeploy.engines.base import REFERENCE
+
+        found = [e for e in self.engines.values() if e.role == REFERENCE]
+        if len(found) != 1:
+            names = ", ".join(sorted(e.name for e in found)) or "none"
+            raise SeqdeployError(f"exactly one engine must have the reference role (found: {names})")
+        return found[0]
+
     def engine(self, name: str) -> Engine:
         if name not in self.engines:
             known = ", ".join(sorted(self.engines))
@@ -75,32 +85,68 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _collect(registry: Registry, plugin: object, name: str) -> None:
-    """Run one plugin's registration hooks, recording rather than raising on failure."""
-    hook_names = ("register_architectures", "register_ops", "register_engines")
+def _culprit(pm: pluggy.PluginManager, hook_name: str, exc: BaseException) -> object | None:
+    """The plugin whose implementation of ``hook_name`` raised ``exc``: the innermost frame
+    of the traceback that runs one of the hook's implementations."""
+    codes = {impl.function.__code__: impl.plugin
+             for impl in getattr(pm.hook, hook_name).get_hookimpls()
+             if hasattr(impl.function, "__code__")}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        found = codes.get(tb.tb_frame.f_code, found)
+        tb = tb.tb_next
+    return found
 
-    def adder(store: dict, kind: str):
-        def register(item) -> None:
-            key = item.name
-            if key in store:
-                raise SeqdeployError(f"{kind} {key!r} registered twice")
-            store[key] = item
 
-        return register
+def call_hook(registry: Registry, hook_name: str, **kwargs) -> None:
+    """Call a hook through the plugin manager (so pluggy's ordering and wrappers apply).
 
-    stores = {
-        "register_architectures": adder(registry.architectures, "architecture"),
-        "register_ops": adder(registry.ops, "op"),
-        "register_engines": adder(registry.engines, "engine"),
-    }
-    for hook_name in hook_names:
-        impl = getattr(plugin, hook_name, None)
-        if impl is None:
-            continue
+    A plugin whose implementation raises is recorded in ``registry.failures``, unregistered,
+    and the hook is called again without it, so one broken plugin never takes the others
+    down. ``kwargs`` are the hook's arguments; a ``register`` argument may be a factory
+    ``() -> (register, commit)``: each attempt gets a fresh one and only the successful
+    attempt commits what it registered."""
+    factory = kwargs.pop("register", None)
+    while True:
+        attempt = dict(kwargs)
+        commit = None
+        if factory is not None:
+            attempt["register"], commit = factory()
         try:
-            impl(register=stores[hook_name])
+            getattr(registry.pm.hook, hook_name)(**attempt)
         except Exception as exc:  # a broken plugin must not take the CLI down
+            plugin = _culprit(registry.pm, hook_name, exc)
+            if plugin is None:
+                raise
+            name = registry.pm.get_name(plugin) or "?"
             registry.failures.append(PluginFailure(name, f"{hook_name}: {_one_line(exc)}"))
+            registry.pm.unregister(plugin)
+            registry.plugins = [p for p in registry.plugins if p.name != name]
+            continue
+        if commit is not None:
+            commit()
+        return
+
+
+def _collect(registry: Registry) -> None:
+    """Run the registration hooks of every plugin through the plugin manager."""
+    kinds = (("register_architectures", registry.architectures, "architecture"),
+             ("register_ops", registry.ops, "op"),
+             ("register_engines", registry.engines, "engine"))
+    for hook_name, store, kind in kinds:
+        def factory(store=store, kind=kind):
+            staged: dict = {}
+
+            def register(item) -> None:
+                key = item.name
+                if key in staged or key in store:
+                    raise SeqdeployError(f"{kind} {key!r} registered twice")
+                staged[key] = item
+
+            return register, lambda: store.update(staged)
+
+        call_hook(registry, hook_name, register=factory)
 
 
 def _register_module(registry: Registry, module_name: str, name: str, source: str,
@@ -116,7 +162,6 @@ def _register_module(registry: Registry, module_name: str, name: str, source: st
     hooks = [h.name for h in registry.pm.get_hookcallers(module) or []]
     registry.plugins.append(PluginInfo(name, getattr(module, "__name__", module_name),
                                        source, version, sorted(hooks)))
-    _collect(registry, module, name)
 
 
 def load_registry(extra_modules: Iterable[str] = (), autoload: bool | None = None) -> Registry:
@@ -139,4 +184,5 @@ def load_registry(extra_modules: Iterable[str] = (), autoload: bool | None = Non
     names = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
     for module_name in [*names, *extra_modules]:
         _register_module(registry, module_name, module_name, "env/cli")
+    _collect(registry)
     return registry

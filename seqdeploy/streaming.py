@@ -19,7 +19,6 @@ they run before the step. Loops that must not wait on the GPU pass ``check_value
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,14 +28,12 @@ from torch import nn
 
 from seqdeploy.architecture import BATCH, SEQ, TensorSpec, check_inputs, raise_bad_values
 from seqdeploy.errors import InputError, SeqdeployError
-from seqdeploy.value_flags import flag_bad_values
 
 if TYPE_CHECKING:
     from seqdeploy.artifacts import Artifact
     from seqdeploy.plugins import Registry
 
 STEP_FILES = {"fp32": "model.step.onnx", "fp16": "model.step.fp16.onnx"}
-STREAM_ENGINES = ("torch", "torch-ref", "ort")
 
 
 def step_specs(specs: list[TensorSpec]) -> list[TensorSpec]:
@@ -94,38 +91,15 @@ class Stream:
 
     # -- engines ---------------------------------------------------------------------------
     def _open(self, registry, artifact):
-        if self.engine in ("torch", "torch-ref"):
-            from seqdeploy.engines.torch import load_model
-            from seqdeploy.ops import reference_ops
-
-            model = load_model(artifact, registry, self.precision, self.device)
-            step = StepModule(model, self.arch.input_specs(self.config),
-                              self.arch.output_specs(self.config))
-            reference = self.engine == "torch-ref"
-
-            def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-                with (reference_ops() if reference else contextlib.nullcontext()), torch.inference_mode():
-                    return list(step(*(inputs[s.name].to(self.device) for s in self.input_specs)))
-
-            return run
-        if self.engine == "ort":
-            from seqdeploy.engines.ort import open_inference_session
-
-            if not artifact.has(STEP_FILES[self.precision]):
-                raise SeqdeployError(f"{artifact.dir}: no {STEP_FILES[self.precision]}; export "
-                                     f"with `seqdeploy export {self.arch.name} --streaming`"
-                                     + (" and run `optimize --fp16`" if self.precision == "fp16" else ""))
-            session, self.device = open_inference_session(artifact.path(STEP_FILES[self.precision]),
-                                                           self.device)
-            names = [s.name for s in self.output_specs]
-
-            def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-                feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
-                return [torch.from_numpy(o) for o in session.run(names, feeds)]
-
-            return run
-        raise SeqdeployError(f"streaming supports the {', '.join(STREAM_ENGINES)} engines, "
-                             f"not {self.engine!r}")
+        engine = registry.engine(self.engine)
+        if not engine.streams:
+            streaming = sorted(n for n, e in registry.engines.items() if e.streams)
+            raise SeqdeployError(f"engine {self.engine} cannot stream (engines that can: "
+                                 f"{', '.join(streaming)})")
+        runner = engine.open_step(artifact, registry, self.precision, self.device)
+        self._state_device = runner.device
+        self._cuda_graphs = runner.cuda_graphs
+        return runner.run
 
     # -- state -----------------------------------------------------------------------------
     def reset(self, batch: int = 1, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -149,7 +123,7 @@ class Stream:
         keep_graph = bool(self._graphs) and self._batch == batch
         self._accepted = None
         self._batch = batch
-        device = self.device if self.engine != "ort" else "cpu"
+        device = self._state_device
         if keep_graph:
             for k, v in values.items():            # the captured graph reads these buffers
                 self._state[k].copy_(v)
@@ -171,7 +145,7 @@ class Stream:
         unless ``check_values=False`` (default: the stream's ``check_values``): on a GPU that
         check synchronises with the device on every step."""
         check = self.check_values if check_values is None else check_values
-        graphed = self.engine == "torch" and self.device == "cuda"
+        graphed = self._cuda_graphs
         # a CUDA graph step checks values itself, inside the graph; and feeds with the names,
         # shapes and dtypes it accepted last time pass again without the Python checks
         signature = [(k, v.shape, v.dtype) for k, v in inputs.items()] if graphed else None
@@ -244,6 +218,8 @@ class Stream:
         return outputs
 
     def _capture(self, check: bool) -> tuple:
+        from seqdeploy.value_flags import flag_bad_values   # Triton: loaded only here
+
         feeds = {**self._static_in, **self._state}
         host_flags = any_bad = sources = None
         if check:

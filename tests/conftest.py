@@ -14,7 +14,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE / "fixtures"))   # the third-party plugin package lives here
+sys.path.insert(0, str(HERE / "fixtures"))   # a broken plugin module
+# the third-party plugin package, importable by name (tests also pip-install it)
+sys.path.insert(0, str(HERE / "fixtures" / "toy_plugin"))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -44,12 +44,12 @@ class CfC(Architecture):
     def input_specs(self, config):
         state = (BATCH, config["n_layers"], config["hidden"])
         return [TensorSpec("x", "float", (BATCH, SEQ, config["in_features"]), "input features"),
-                TensorSpec("h", "float", state, "initial state per layer")]
+                TensorSpec("h", "float32", state, "initial state per layer")]
 
     def output_specs(self, config):
         state = (BATCH, config["n_layers"], config["hidden"])
         return [TensorSpec("y", "float", (BATCH, SEQ, config["out_features"]), "per-step output"),
-                TensorSpec("h_out", "float", state, "final state per layer")]
+                TensorSpec("h_out", "float32", state, "final state per layer")]
 
     def make_inputs(self, config, batch, seq_len, seed=0):
         g = torch.Generator().manual_seed(seed)

@@ -57,6 +57,7 @@ class CfCModel(nn.Module):
         """``x [B, T, in]``, ``h [B, L, H]`` -> ``y [B, T, out]``, ``h_out [B, L, H]``."""
         states = []
         for i, layer in enumerate(self.layers):
-            x, final = layer(x, h[:, i])
+            # the state crosses the graph boundary in fp32 (DESIGN.md, precision policy)
+            x, final = layer(x, h[:, i].to(x.dtype))
             states.append(final)
-        return self.head(x), torch.stack(states, 1)
+        return self.head(x), torch.stack(states, 1).float()

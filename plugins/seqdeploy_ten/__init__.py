@@ -32,14 +32,14 @@ class Ten(Architecture):
     def input_specs(self, config):
         state = (BATCH, config["n_layers"], config["k"])
         return [TensorSpec("input_ids", "int64", (BATCH, SEQ), "token ids", (0, config["vocab"])),
-                TensorSpec("h_re", "float", state, "initial state, real part"),
-                TensorSpec("h_im", "float", state, "initial state, imaginary part")]
+                TensorSpec("h_re", "float32", state, "initial state per layer, real part"),
+                TensorSpec("h_im", "float32", state, "initial state per layer, imaginary part")]
 
     def output_specs(self, config):
         state = (BATCH, config["n_layers"], config["k"])
-        return [TensorSpec("logits", "float", (BATCH, SEQ, config["vocab"])),
-                TensorSpec("h_re_out", "float", state, "final state, real part"),
-                TensorSpec("h_im_out", "float", state, "final state, imaginary part")]
+        return [TensorSpec("logits", "float", (BATCH, SEQ, config["vocab"]), "next-token logits"),
+                TensorSpec("h_re_out", "float32", state, "final state per layer, real part"),
+                TensorSpec("h_im_out", "float32", state, "final state per layer, imaginary part")]
 
     def make_inputs(self, config, batch, seq_len, seed=0):
         g = torch.Generator().manual_seed(seed)

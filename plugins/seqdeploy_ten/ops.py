@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from seqdeploy.ops import CustomOp, lazy_kernel, make_schema, register_schema
+from seqdeploy.ops import CustomOp, define_op
 
 CHUNK = 64  # vectorised CPU form: relative powers lam^(t-s) within one chunk only
 
@@ -89,9 +89,8 @@ def vectorised_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im, chunk: int = CHUN
     return y_re.to(x_re.dtype), y_im.to(x_re.dtype)
 
 
-@torch.library.custom_op("seqdeploy::eigen_scan", mutates_args=())
-def eigen_scan(x_re: torch.Tensor, x_im: torch.Tensor, nu: torch.Tensor, theta: torch.Tensor,
-               h0_re: torch.Tensor, h0_im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_eigen_scan(x_re: torch.Tensor, x_im: torch.Tensor, nu: torch.Tensor, theta: torch.Tensor,
+                   h0_re: torch.Tensor, h0_im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU (and any non-CUDA device): the vectorised chunked form."""
     device = x_re.device
     args = [a.cpu() for a in (x_re, x_im, nu, theta, h0_re, h0_im)]
@@ -99,15 +98,9 @@ def eigen_scan(x_re: torch.Tensor, x_im: torch.Tensor, nu: torch.Tensor, theta: 
     return y_re.to(device), y_im.to(device)
 
 
-@eigen_scan.register_fake
-def _(x_re, x_im, nu, theta, h0_re, h0_im):
+def fake_eigen_scan(x_re, x_im, nu, theta, h0_re, h0_im):
     return torch.empty_like(x_re, memory_format=torch.contiguous_format), \
         torch.empty_like(x_re, memory_format=torch.contiguous_format)
-
-
-#: CUDA: the Triton kernel (imported on first use: CPU-only runs never load it)
-cuda_eigen_scan = lazy_kernel("seqdeploy_ten.kernels", "triton_eigen_scan")
-eigen_scan.register_kernel("cuda")(cuda_eigen_scan)
 
 
 INPUTS = ("x_re", "x_im", "nu", "theta", "h0_re", "h0_im")
@@ -117,11 +110,14 @@ OUTPUTS = ("y_re", "y_im")
 def eigen_scan_op() -> CustomOp:
     from seqdeploy_ten.onnx import eigen_scan_function, eigen_scan_translation
 
-    schema = make_schema("EigenScan", INPUTS, OUTPUTS, doc=__doc__.split("\n\n")[0],
-                         float_inputs=("nu", "theta"))
-    register_schema(schema)
-    return CustomOp(name="eigen_scan", onnx_name="EigenScan", torch_op=eigen_scan,
-                    reference=reference_eigen_scan, schema=schema,
-                    translation=eigen_scan_translation, fallback=eigen_scan_function,
-                    doc="complex diagonal recurrence h_t = lam h_{t-1} + x_t",
-                    eager={"cuda": cuda_eigen_scan})
+    return define_op("eigen_scan", "EigenScan", cpu_eigen_scan, fake_eigen_scan,
+                     reference_eigen_scan, eigen_scan_translation, eigen_scan_function,
+                     INPUTS, OUTPUTS, doc="complex diagonal recurrence h_t = lam h_{t-1} + x_t",
+                     schema_doc=__doc__.split("\n\n")[0],
+                     cuda=("seqdeploy_ten.kernels", "triton_eigen_scan"),
+                     float_inputs=("nu", "theta"))
+
+
+EIGEN_SCAN = eigen_scan_op()
+#: the registered torch op ``torch.ops.seqdeploy.eigen_scan`` (CPU: vectorised, CUDA: Triton)
+eigen_scan = EIGEN_SCAN.torch_op

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from seqdeploy.engines.base import Engine, Session
+from seqdeploy.engines.base import Engine, Session, StepRunner
 from seqdeploy.errors import ArtifactError, EngineUnavailable
 from seqdeploy.precision import ONNX_FILES
 
@@ -80,6 +80,25 @@ class OrtEngine(Engine):
     name = "ort"
     description = "ONNX Runtime (CUDA EP with onnxruntime-gpu, else CPU); fallback functions"
     needs_onnx = True
+    streams = True
+
+    def open_step(self, artifact, registry, precision: str, device: str) -> StepRunner:
+        """The one-step graph (``model.step*.onnx``) in an ORT session; state on the host."""
+        from seqdeploy.streaming import STEP_FILES, step_specs
+
+        arch = registry.architecture(artifact.manifest["arch"])
+        if not artifact.has(STEP_FILES[precision]):
+            raise ArtifactError(f"{artifact.dir}: no {STEP_FILES[precision]}; export with "
+                                f"`seqdeploy export {arch.name} --streaming`"
+                                + (" and run `optimize --fp16`" if precision == "fp16" else ""))
+        session, _ = open_inference_session(artifact.path(STEP_FILES[precision]), device)
+        names = [s.name for s in step_specs(arch.output_specs(artifact.manifest["config"]))]
+
+        def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+            return [torch.from_numpy(o) for o in session.run(names, feeds)]
+
+        return StepRunner(run, "cpu")
 
     def check(self, device: str) -> None:
         _ort()

@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from seqdeploy.checkpoint import load_checkpoint
-from seqdeploy.engines.base import Engine, Session
+from seqdeploy.engines.base import REFERENCE, Engine, Session, StepRunner
 from seqdeploy.errors import ArtifactError
 from seqdeploy.ops import reference_ops
 from seqdeploy.precision import cast_model
@@ -29,6 +29,8 @@ def load_model(artifact, registry, precision: str, device: str) -> torch.nn.Modu
 
 
 class TorchSession(Session):
+    allocates_through_torch = True
+
     def __init__(self, engine, arch, config, precision, device, model, reference: bool):
         super().__init__(engine, arch, config, precision, device)
         self.model = model
@@ -48,6 +50,7 @@ class TorchSession(Session):
 class TorchEngine(Engine):
     name = "torch"
     description = "PyTorch model; ops run their kernels (Triton on CUDA, vectorised on CPU)"
+    streams = True
     reference = False
 
     def load(self, artifact, registry, precision: str, device: str) -> Session:
@@ -56,9 +59,28 @@ class TorchEngine(Engine):
         return TorchSession(self.name, arch, artifact.manifest["config"], precision, device,
                             model, self.reference)
 
+    def open_step(self, artifact, registry, precision: str, device: str) -> StepRunner:
+        """The model wrapped as one step (:class:`~seqdeploy.streaming.StepModule`); on CUDA
+        the kernel engine's step may be captured as a CUDA graph."""
+        from seqdeploy.streaming import StepModule, step_specs
+
+        arch = registry.architecture(artifact.manifest["arch"])
+        config = artifact.manifest["config"]
+        model = load_model(artifact, registry, precision, device)
+        step = StepModule(model, arch.input_specs(config), arch.output_specs(config))
+        names = [s.name for s in step_specs(arch.input_specs(config))]
+        reference = self.reference
+
+        def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            with (reference_ops() if reference else contextlib.nullcontext()), torch.inference_mode():
+                return list(step(*(inputs[n].to(device) for n in names)))
+
+        return StepRunner(run, device, cuda_graphs=device == "cuda" and not reference)
+
 
 class TorchReferenceEngine(TorchEngine):
     name = "torch-ref"
     description = "PyTorch model with every op on its step-loop reference (the baseline)"
+    role = REFERENCE
     reference = True
 
