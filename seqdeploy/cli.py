@@ -239,6 +239,7 @@ def doctor(ctx):
         except SeqdeployError as exc:
             state = f"unavailable: {exc}"
         rows.append((f"engine {name}", state))
+        rows.extend(engine.doctor(_device(ctx)))
     for f in registry.failures:
         rows.append((f"plugin {f.name}", f"FAILED: {f.error}"))
     width = max(len(k) for k, _ in rows)

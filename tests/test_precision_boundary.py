@@ -55,3 +55,25 @@ def test_a_long_fp16_stream_stays_within_the_fp16_limits(ten_streaming):
     checks = check_outputs("ort", "fp16", "steps", reference, out, arch.output_specs(config),
                            lambda n: arch.limits_for("fp16", config, n))
     assert all(c.passed for c in checks), [(c.output, c.as_dict()["reason"]) for c in checks]
+
+
+def test_onnx_files_hold_no_path_of_the_build_machine_and_describe_themselves(ten_streaming):
+    import os
+    import sys
+
+    import seqdeploy
+
+    registry, artifact = ten_streaming
+    places = {os.getcwd(), sys.prefix, os.path.expanduser("~"), str(artifact.dir.resolve()),
+              os.path.dirname(seqdeploy.__file__), os.path.dirname(torch.__file__)}
+    for name in ("model.onnx", "model.fp16.onnx", "model.step.onnx", "model.step.fp16.onnx"):
+        data = artifact.path(name).read_bytes()
+        for place in places:
+            assert place.encode() not in data, (name, place)
+        assert b"stack_trace" not in data and b".py:" not in data, name
+        model = onnx.load(str(artifact.path(name)))
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert meta["seqdeploy.arch"] == "ten" and meta["seqdeploy.preset"] == "tiny"
+        assert meta["seqdeploy.version"] == model.producer_version == seqdeploy.__version__
+        assert "h_re_out" in meta["seqdeploy.state.h_re"]
+        assert all(v.doc_string for v in (*model.graph.input, *model.graph.output))
