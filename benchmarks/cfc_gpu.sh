@@ -3,12 +3,12 @@
 #
 # Needs the editable install of this tree (python3 -m pip install -q --no-deps
 # --no-build-isolation -e .) and BEFORE_DIR: an extracted copy of the tree before the
-# refactor (main just before this branch was merged: 3c7184a when written), e.g. from the
+# refactor (main just before this branch was merged: e4bab40 when written), e.g. from the
 # repository root of a checkout:
-#     mkdir -p cfc-before && git archive 3c7184a | tar -x -C cfc-before
+#     mkdir -p cfc-before && git archive e4bab40 | tar -x -C cfc-before
 #     BEFORE_DIR=cfc-before bash benchmarks/cfc_gpu.sh
 # (an untracked, not ignored folder travels to the device machine with the tree). Where the
-# tree has its .git, BEFORE_COMMIT (default 3c7184a) is extracted to /tmp/cfc-before instead.
+# tree has its .git, BEFORE_COMMIT (default e4bab40) is extracted to /tmp/cfc-before instead.
 #
 # 1. benchmarks/cfc_ab.py before, after, before, after (the two rounds of each side bound the
 #    noise): eager and CUDA-graph time of the op at the seed's four points (fp16) and one
@@ -26,9 +26,9 @@ for stage in ${STAGES:-ab tests}; do
 case $stage in
 ab)
 BEFORE=${BEFORE_DIR:-}
-if [ -z "$BEFORE" ] && git cat-file -e "${BEFORE_COMMIT:-3c7184a}^{commit}" 2>/dev/null; then
+if [ -z "$BEFORE" ] && git cat-file -e "${BEFORE_COMMIT:-e4bab40}^{commit}" 2>/dev/null; then
     BEFORE=/tmp/cfc-before; rm -rf "$BEFORE"; mkdir -p "$BEFORE"
-    git archive "${BEFORE_COMMIT:-3c7184a}" | tar -x -C "$BEFORE"
+    git archive "${BEFORE_COMMIT:-e4bab40}" | tar -x -C "$BEFORE"
 fi
 [ -n "$BEFORE" ] || { echo "set BEFORE_DIR (see the top of this script)"; exit 2; }
 BEFORE=$(cd "$BEFORE" && pwd)
