@@ -3,7 +3,7 @@ and after, at the tilings the dispatch uses. No GPU needed.
 
     python benchmarks/cfc_ptx_diff.py BEFORE_DIR
 
-BEFORE_DIR is an extracted tree from before the refactor (``git archive 3c7184a``); its
+BEFORE_DIR is an extracted tree from before the refactor (``git archive e4bab40``); its
 ``plugins/seqdeploy_cfc`` is imported under another name. Per design and dtype it prints
 ``identical`` (the same PTX, debug sections and line info aside), ``same ops`` (the same
 instructions up to register numbering and order: the split kernel lost its unused
