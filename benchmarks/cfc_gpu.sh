@@ -71,7 +71,7 @@ PY
 ;;
 tests)
 echo "== tests $(date -u +%FT%TZ)"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cfc_scan.py tests/test_launch.py 2>&1 \
+timeout 210 python3 -m pytest -q -p no:cacheprovider tests/test_cfc_scan.py tests/test_launch.py 2>&1 \
     | tee "$O/pytest_gpu.txt" | tail -15
 ;;
 *) echo "unknown stage $stage"; exit 2 ;;
