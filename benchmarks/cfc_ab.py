@@ -81,6 +81,9 @@ def main():
     where = os.path.dirname(seqdeploy_cfc.__file__)
     print(f"[{args.label}] {torch.cuda.get_device_name()} seqdeploy_cfc from {where}",
           flush=True)
+    expect = os.environ.get("CFC_AB_EXPECT")   # the tree this side must import from
+    if expect and not os.path.realpath(where).startswith(os.path.realpath(expect)):
+        raise SystemExit(f"[{args.label}] seqdeploy_cfc is not from {expect}")
     result = {"label": args.label, "gpu": torch.cuda.get_device_name(), "plugin": where,
               "points": [], "equal": {}}
     for B, T, H, dtype in CHECKS:

@@ -34,8 +34,10 @@ fi
 BEFORE=$(cd "$BEFORE" && pwd)
 echo "== A/B $(date -u +%FT%TZ)"
 for round in 1 2; do
-    PYTHONPATH="$BEFORE/plugins:$BEFORE" timeout 100 python3 benchmarks/cfc_ab.py "before$round" "$O/before$round" 2>&1 | grep -v Warning
-    timeout 100 python3 benchmarks/cfc_ab.py "after$round" "$O/after$round" --compare "$O/before1" 2>&1 | grep -v Warning
+    PYTHONPATH="$BEFORE/plugins:$BEFORE" CFC_AB_EXPECT="$BEFORE" timeout 100 \
+        python3 benchmarks/cfc_ab.py "before$round" "$O/before$round" 2>&1 | grep -v Warning
+    CFC_AB_EXPECT="$PWD" timeout 100 \
+        python3 benchmarks/cfc_ab.py "after$round" "$O/after$round" --compare "$O/before1" 2>&1 | grep -v Warning
 done | tee "$O/ab.txt"
 python3 - "$O" <<'PY' | tee "$O/summary.txt"
 import json, sys
