@@ -39,13 +39,20 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_kernels_compile_for_sm90():
+def compile_for_sm90(script: str) -> subprocess.CompletedProcess:
+    """Run a compile script in a fresh process without the interpreter (it compiles for
+    sm_90 with ``triton.compile``); skip where this Triton ships no ptxas."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=600)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=600)
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
         pytest.skip("this triton build ships no ptxas")
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_kernels_compile_for_sm90():
+    out = compile_for_sm90(SCRIPT)
     assert out.stdout.count(" ok") == 3
 
 
@@ -95,12 +102,7 @@ MOE_SCRIPT = textwrap.dedent("""
 
 
 def test_moe_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", MOE_SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=600)
-    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
-        pytest.skip("this triton build ships no ptxas")
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = compile_for_sm90(MOE_SCRIPT)
     assert out.stdout.count(" ok") == 2 + 2 + 4 * 2
 
 
@@ -167,11 +169,6 @@ def test_cfc_kernels_compile_for_sm90():
     """Every plan ``seqdeploy_cfc.kernels.choose`` makes on Hopper compiles for sm_90: rows
     (w_rec on chip or streamed), split (clusters or a single step, on chip or streamed) and
     the Gluon wgmma form at both of its tilings, in fp32, fp16 and bf16."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", CFC_SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=600)
-    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
-        pytest.skip("this triton build ships no ptxas")
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = compile_for_sm90(CFC_SCRIPT)
     assert "designs ['rows', 'split', 'wgmma']" in out.stdout, out.stdout[-2000:]
     assert out.stdout.count(" ok") >= 17, out.stdout[-2000:]
