@@ -1,7 +1,8 @@
 """cfc_scan on the GPU at the seed's four benchmark points, fp16, in one run:
 
-- the Triton kernel (through the registered op ``seqdeploy::cfc_scan``, which runs the design
-  ``launch_config`` picks: ``rows`` or ``split``, printed per point);
+- the Triton kernel (through the registered op ``seqdeploy::cfc_scan``, which runs the plan
+  ``seqdeploy_cfc.kernels.choose`` makes: design ``rows``, ``split`` or ``wgmma``, printed per
+  point);
 - the seed's formulation: a ``torch.jit.script`` step function called in a Python loop;
 - ``torch.compile`` of that loop (default mode);
 - cuDNN's tanh RNN (``torch.nn.RNN``) at the same B, T, H: not the same cell (no leak), but
@@ -15,21 +16,22 @@ is also timed through ``torch.ops`` (the dispatcher) beside the direct eager cal
 Then the streaming case: one step (B=1, T=1, H=256) per call.
 
     python benchmarks/cfc_scan.py [--sweep [--sweep-budget S]] [--engines kernel,cudnn]
-                                  [--no-wgmma] [--json out.json]
+                                  [--design rows|split|wgmma] [--json out.json]
 
-``--no-wgmma`` keeps the registered op off the cluster kernel's wgmma form (``wgmma.py``),
-which it otherwise takes where it is the default (``kernels.WGMMA_BY_DEFAULT``,
-``kernels.WGMMA_BLOCK_H``), so the Triton cluster kernel is timed instead.
+``--design`` times that design's plan (the dispatch's plan for it, see ``design_plan``)
+instead of the registered op's choice, through ``triton_cfc_scan(plan=...)``: e.g. ``split``
+for the Triton cluster kernel where the op runs ``wgmma``.
 
-``--sweep`` also times the kernel's launch configurations at every point, both designs:
-``rows`` (block_b, num_warps, w_resident, block_k) and ``split`` (block_b, block_n, num_warps,
-w_resident, cluster, k_split, wgmma), the defaults first, within ``--sweep-budget`` seconds in
-all (configurations past a point's share are listed as skipped). All numbers come from this
-run.
+``--sweep`` also times other tilings (``LaunchPlan`` fields) at every point, for every
+design this GPU runs: ``rows`` (block_b, num_warps, w_resident, block_k), cluster ``split``
+(block_b, block_n, num_warps, w_resident) and ``wgmma`` (block_n), the defaults first,
+within ``--sweep-budget`` seconds in all (plans past a point's share are listed as
+skipped). All numbers come from this run.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -38,10 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from seqdeploy.bench import time_fn
-from seqdeploy_cfc import kernels
-from seqdeploy_cfc.kernels import (W_RESIDENT_BYTES, launch_config, sm_count, split_grid,
-                                   split_tile_defaults, triton_cfc_scan)
 from seqdeploy.ops import call
+from seqdeploy_cfc import kernels
+from seqdeploy_cfc.kernels import LaunchPlan, choose, gpu_of, triton_cfc_scan
 from seqdeploy_cfc.model import CFC_SCAN
 from seqdeploy_cfc.ops import cfc_scan, naive_cfc_scan
 
@@ -108,114 +109,88 @@ def timed(fn, mode: str):
         return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
 
 
-def rows_configs(B, H):
-    """``rows`` launches to time: the default first, last the default with the exp-based
-    tanh."""
-    block_h = max(16, 1 << (H - 1).bit_length())
-    fits = block_h * block_h * DTYPE.itemsize <= W_RESIDENT_BYTES   # else it cannot compile
-    modes = [(True, 32), (False, 32)] if fits else [(False, 32), (False, 64)]
-    default = launch_config(B, H, DTYPE, "cuda", method="rows")
-    configs = [{"block_b": default["block_b"], "num_warps": default["num_warps"],
-                "w_resident": default["w_resident"], "block_k": default["block_k"]}]
+def design_plan(design: str, B: int, T: int, H: int) -> LaunchPlan:
+    """The dispatch's plan for ``design`` at this point on this GPU: what it chooses for the
+    design without the faster ones (rows: no clusters; split: no wgmma)."""
+    gpu = gpu_of("cuda")
+    if design == "rows":
+        gpu = dataclasses.replace(gpu, clusters=False, wgmma=False)
+    elif design == "split":
+        gpu = dataclasses.replace(gpu, wgmma=False)
+    plan = choose(B, T, H, DTYPE, gpu)
+    if plan.design != design:
+        raise SystemExit(f"the dispatch has no {design} plan at B={B} T={T} H={H} here")
+    return plan
+
+
+def sweep_plans(B, T, H):
+    """Plans to time: the registered op's first, then each design's default and its other
+    tilings (those past a cluster's size or a tile's register budget are left to fail)."""
+    gpu = gpu_of("cuda")
+    plans = [choose(B, T, H, DTYPE, gpu)]
+    rows = design_plan("rows", B, T, H)
+    plans.append(rows)
+    fits = rows.block_h ** 2 * DTYPE.itemsize <= kernels.W_RESIDENT_BYTES
     for block_b in (16, 32):
         for num_warps in (4, 8):
-            for resident, block_k in modes:
-                configs.append({"block_b": block_b, "num_warps": num_warps,
-                                "w_resident": resident, "block_k": block_k})
-    configs.append({**configs[0], "fast_tanh": False})   # the exp-based tanh
-    return unique(configs)
-
-
-def split_configs(B, H, sms):
-    """``split`` launches to time: the default first, then the wgmma form's tilings (where it
-    runs) and the Triton kernel's default, then every block_b x block_n of the Triton kernel
-    (with the default's rules for num_warps and w_resident) with each exchange that can run
-    it (as thread-block clusters where this GPU has them and the column blocks form a
-    cluster; cluster-less where the grid fits on the SMs), then the Triton kernel's default
-    tiling with other warp counts, with w_rec streamed, with the other dot split and with
-    the other exchange, and the default with the exp-based tanh. A block_b above 16 that
-    holds the whole batch is left out (fewer programs, same work each)."""
-    block_h = max(16, 1 << (H - 1).bit_length())
-    keys = ("block_b", "block_n", "num_warps", "w_resident", "cluster", "k_split", "wgmma")
-    first = {k: launch_config(B, H, DTYPE, "cuda", method="split")[k] for k in keys}
-    clusters = kernels.clusters_available("cuda")
-    configs = [first]
-    if kernels.wgmma_runs("cuda") and DTYPE != torch.float32 and block_h <= 512:
-        for block_n in (64, 128):   # the wgmma form's tilings (its warps follow block_n)
-            if block_n <= block_h and -(-H // block_n) <= kernels.MAX_CLUSTER:
-                configs.append({"block_b": 16, "block_n": block_n, "num_warps": block_n // 16,
-                                "w_resident": True, "cluster": True, "k_split": 1,
-                                "wgmma": True})
-    # the Triton kernel's default (the base of the variants below)
-    base = {k: launch_config(B, H, DTYPE, "cuda", method="split", wgmma=False)[k] for k in keys}
-    configs.append(base)
-    for block_b in (16, 32, 64):
-        if block_b > 16 and block_b >= B:
-            continue
-        for block_n in (16, 32, 64, 128):
-            n_bb, n_nb = split_grid(B, H, block_b, block_n)
-            if block_n > block_h or n_nb < 2:
+            for w_resident, block_k in [(True, 32), (False, 32), (False, 64)]:
+                if w_resident and not fits:   # (ptxas would refuse the tile)
+                    continue
+                plans.append(dataclasses.replace(rows, block_b=block_b, num_warps=num_warps,
+                                                 w_resident=w_resident, block_k=block_k))
+    if gpu.clusters and T > 1 and rows.block_h >= 256:
+        split = design_plan("split", B, T, H)
+        plans.append(split)
+        for block_n in (32, 64, 128):
+            if -(-H // block_n) > kernels.MAX_CLUSTER:
                 continue
-            tile = {"block_b": block_b, "block_n": block_n, "k_split": 1, "wgmma": False,
-                    **split_tile_defaults(block_b, block_n, H, DTYPE)}
-            if clusters and n_nb <= kernels.MAX_CLUSTER:
-                configs.append({**tile, "cluster": True})
-            if n_bb * n_nb <= sms:
-                configs.append({**tile, "cluster": False})
-    for num_warps in (1, 2, 4, 8):
-        configs.append({**base, "num_warps": num_warps})
-    configs.append({**base, "w_resident": not base["w_resident"]})
-    configs.append({**first, "fast_tanh": False})   # the exp-based tanh
-    if base["w_resident"]:   # the dot as one or as two half-K dots
-        configs.append({**base, "k_split": 3 - base["k_split"]})
-    if base["cluster"]:   # the cluster-less exchange at its own default tiling
-        other = kernels._split_config(B, H, DTYPE, sms)
-        if math.prod(split_grid(B, H, other["block_b"], other["block_n"])) <= sms:
-            configs.append({k: other[k] for k in keys})
-    return unique(configs)
+            for num_warps in (4, 8):
+                for w_resident in (True, False):
+                    plans.append(dataclasses.replace(split, block_n=block_n,
+                                                     num_warps=num_warps,
+                                                     w_resident=w_resident))
+    if gpu.wgmma and rows.block_h <= 512:
+        wgmma = choose(B, 2, max(rows.block_h, 256), DTYPE, gpu)
+        for block_n in (64, 128):
+            if block_n <= rows.block_h:
+                plans.append(dataclasses.replace(wgmma, block_h=rows.block_h, block_n=block_n,
+                                                 num_warps=block_n // 16))
+    plans.append(dataclasses.replace(plans[0], fast_tanh=False))   # the exp-based tanh
+    return unique(plans)
 
 
-def unique(configs):
-    seen, out = set(), []
-    for c in configs:
-        key = tuple(sorted(c.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append(c)
-    return out
+def unique(plans):
+    return list(dict.fromkeys(plans))
 
 
-def sweep(args_, ref, B, T, H, deadline, designs=("split", "rows")):
-    """Time launch configurations of both designs until ``deadline`` (perf_counter): the two
-    defaults first, then the split variants (the new design, the one to tune), then rows."""
-    xw = args_[0]
-    out = torch.empty_like(xw)
-    splits = [("split", c) for c in split_configs(B, H, sm_count(xw.device))]
-    rows_ = [("rows", c) for c in rows_configs(B, H)] if "rows" in designs else []
-    order = splits[:1] + rows_[:1] + splits[1:] + rows_[1:]
+def sweep(args_, ref, B, T, H, deadline):
+    """Time :func:`sweep_plans` until ``deadline`` (perf_counter), CUDA-graph time."""
+    out = torch.empty_like(args_[0])
+    plans = sweep_plans(B, T, H)
     rows, skipped = [], 0
-    for method, cfg in order:
-        label = f"B={B} T={T} H={H} {method} " + " ".join(f"{k}={v}" for k, v in cfg.items())
+    for plan in plans:
+        fields = dataclasses.asdict(plan)
+        label = f"B={B} T={T} H={H} " + " ".join(f"{k}={v}" for k, v in fields.items())
         if time.perf_counter() > deadline:
             skipped += 1
             continue
-        launch = lambda: triton_cfc_scan(*args_, 1.0, out=out, method=method, **cfg)  # noqa: E731
+        launch = lambda: triton_cfc_scan(*args_, 1.0, out=out, plan=plan)  # noqa: E731
         try:
             out.fill_(math.nan)
             launch()
             err = rel_err(out, ref)
             ms = time_fn(launch, "cuda", budget_s=0.2, cuda_graph=True).median_ms
-        except Exception as exc:  # noqa: BLE001 - report configs that fail, keep sweeping
+        except Exception as exc:  # noqa: BLE001 - report plans that fail, keep sweeping
             try:
                 torch.cuda.synchronize()
-            except Exception:  # noqa: BLE001 - a broken context fails every later config too
+            except Exception:  # noqa: BLE001 - a broken context fails every later plan too
                 pass
             print(f"  {label}: failed {type(exc).__name__}: {exc}"[:240], flush=True)
             continue
-        rows.append({"method": method, **cfg, "ms": ms, "err": err})
+        rows.append({**fields, "ms": ms, "err": err})
         print(f"  {label}: {ms:.4f} ms err {err:.1e}", flush=True)
     if skipped:
-        print(f"  B={B} T={T} H={H}: {skipped} of {len(order)} configs skipped (sweep budget; "
+        print(f"  B={B} T={T} H={H}: {skipped} of {len(plans)} plans skipped (sweep budget; "
               "raise --sweep-budget)", flush=True)
     rows.sort(key=lambda r: r["ms"])
     return rows
@@ -230,14 +205,10 @@ def main():
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="comma-separated subset of %(default)s (e.g. kernel,cudnn to skip "
                              "torch.compile's compile time)")
-    parser.add_argument("--designs", default="split,rows",
-                        help="designs the sweep times (default %(default)s)")
-    parser.add_argument("--no-wgmma", action="store_true",
-                        help="time the Triton cluster kernel where the registered op would run "
-                             "the wgmma form (kernels.WGMMA_BY_DEFAULT off)")
+    parser.add_argument("--design", choices=("rows", "split", "wgmma"),
+                        help="time this design's plan instead of the registered op's choice")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
-    kernels.WGMMA_BY_DEFAULT = kernels.WGMMA_BY_DEFAULT and not args.no_wgmma   # before any launch
     engines = [e for e in ENGINES if e in args.engines.split(",")]
     start = time.perf_counter()
     sweep_left = args.sweep_budget
@@ -250,14 +221,18 @@ def main():
         alpha = torch.exp(-1.0 / tau).to(DTYPE)
         gain = (-torch.expm1(-1.0 / tau)).to(DTYPE)
         ref = naive_cfc_scan(*args_, 1.0)
-        row = {"B": B, "T": T, "H": H, "config": launch_config(B, H, DTYPE, xw.device)}
-        print(f"  B={B} T={T} H={H} registered op runs method={row['config']['method']} "
-              f"{row['config']}", flush=True)
+        plan = design_plan(args.design, B, T, H) if args.design else \
+            choose(B, T, H, DTYPE, gpu_of(xw.device))
+        row = {"B": B, "T": T, "H": H, "config": dataclasses.asdict(plan)}
+        print(f"  B={B} T={T} H={H} {'times' if args.design else 'registered op runs'} "
+              f"{plan}", flush=True)
 
         out = torch.full_like(xw, math.nan)
-        triton_cfc_scan(*args_, 1.0, out=out)
+        triton_cfc_scan(*args_, 1.0, out=out, plan=plan)
         row["kernel_err"] = rel_err(out, ref)
         kernel = lambda: call(CFC_SCAN, *args_, 1.0)  # noqa: E731
+        if args.design:
+            kernel = lambda: triton_cfc_scan(*args_, 1.0, plan=plan)  # noqa: E731
         dispatch = lambda: cfc_scan(*args_, 1.0)  # noqa: E731
         seed = lambda: seed_loop(xw, h0, w_rec, alpha, gain)  # noqa: E731
         row["seed_err"] = rel_err(seed(), ref)
@@ -288,11 +263,11 @@ def main():
         if args.sweep:
             t0 = time.perf_counter()
             share = sweep_left / (len(POINTS) - len(results))
-            row["sweep"] = sweep(args_, ref, B, T, H, t0 + share, args.designs.split(","))
+            row["sweep"] = sweep(args_, ref, B, T, H, t0 + share)
             sweep_left -= time.perf_counter() - t0
-            for method in ("split", "rows"):
-                best = [r for r in row["sweep"] if r["method"] == method][:3]
-                print(f"  sweep B={B} T={T} H={H} best {method}: {best}", flush=True)
+            for design in ("rows", "split", "wgmma"):
+                best = [r for r in row["sweep"] if r["design"] == design][:3]
+                print(f"  sweep B={B} T={T} H={H} best {design}: {best}", flush=True)
         results.append(row)
         del args_, out, rnn
         torch.cuda.empty_cache()
@@ -327,21 +302,20 @@ def main():
                   f"{fmt(r['speedup_vs_compile' + sfx], '.2f'):>7} "
                   f"{fmt(r['speedup_vs_seed' + sfx], '.2f'):>7}")
     print("\nerr (rel-L2 vs float64) and design per point: " + ", ".join(
-        f"({r['B']},{r['T']},{r['H']}) {r['kernel_err']:.1e} {r['config']['method']}"
-        f"{'/wgmma' if r['config'].get('wgmma') else ''}"
+        f"({r['B']},{r['T']},{r['H']}) {r['kernel_err']:.1e} {r['config']['design']}"
         for r in results))
     print("x = other's time / kernel's time (> 1: the kernel is faster)")
     if args.sweep:
         print("\nsweep, best per design (CUDA-graph ms) against cuDNN graph:")
         for r in results:
-            for method in ("split", "rows"):
-                best = next((c for c in r.get("sweep", []) if c["method"] == method), None)
+            for design in ("rows", "split", "wgmma"):
+                best = next((c for c in r.get("sweep", []) if c["design"] == design), None)
                 if best is None:
-                    print(f"{r['B']:>4} {r['T']:>4} {r['H']:>4} {method:>5}: none ran")
+                    print(f"{r['B']:>4} {r['T']:>4} {r['H']:>4} {design:>5}: none ran")
                     continue
                 knobs = " ".join(f"{k}={v}" for k, v in best.items()
-                                 if k not in ("method", "ms", "err"))
-                print(f"{r['B']:>4} {r['T']:>4} {r['H']:>4} {method:>5}: {best['ms']:.4f} ms "
+                                 if k not in ("design", "ms", "err"))
+                print(f"{r['B']:>4} {r['T']:>4} {r['H']:>4} {design:>5}: {best['ms']:.4f} ms "
                       f"(cudnn {fmt(r['cudnn_ms_graph'])}) {knobs}")
     print(f"streaming B=1 T=1 H=256, eager per step: kernel {stream['kernel_us']:.1f} us, "
           f"seed step {stream['seed_step_us']:.1f} us, cuDNN RNN {stream['cudnn_us']:.1f} us")

@@ -289,13 +289,18 @@ def optimize(ctx, arch, preset, fp16):
     click.echo(f"wrote {artifact.dir / 'model.fp16.onnx'}: fp32 islands {summary['fp32_islands']}")
 
 
-def _validate(ctx, arch: str, preset, engines, precisions, long_seq) -> bool:
+def _validate(ctx, arch: str, preset, engines, precisions, long_seq, auto: bool = False) -> bool:
+    """``auto``: the engines were not named by the user, so one that cannot run this model is
+    left out (and said so) instead of failing the command."""
     from seqdeploy import pipeline
 
     artifact = _artifact(ctx, arch, preset)
     with _Progress(f"validate {arch}") as progress:
         result = pipeline.validate(_registry(ctx), artifact, engines, precisions,
-                                   ctx.obj["device"], long_seq=long_seq, progress=progress)
+                                   ctx.obj["device"], long_seq=long_seq, progress=progress,
+                                   skip_unavailable=auto)
+    for name, reason in result["skipped"].items():
+        click.echo(f"{arch}: engine {name} left out: {reason}", err=True)
     rows = []
     for c in result["checks"]:
         m = c["metrics"]
@@ -326,17 +331,19 @@ def validate(ctx, archs, preset, engines, precisions, long_seq):
     """Numerical parity of each engine against the PyTorch reference; exit 1 on any failure."""
     registry = _registry(ctx)
     archs = list(archs) or sorted(registry.architectures)
+    auto = not _split(engines)
     engines = _split(engines) or _usable_engines(ctx)
     precisions = _split(precisions) or ["fp32", "fp16"]
     for p in precisions:
         if p not in ("fp32", "fp16"):
             raise SeqdeployError(f"unknown precision {p!r} (fp32 or fp16)")
-    ok = all([_validate(ctx, a, preset, engines, precisions, long_seq) for a in archs])
+    ok = all([_validate(ctx, a, preset, engines, precisions, long_seq, auto) for a in archs])
     if not ok:
         sys.exit(1)
 
 
-def _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot):
+def _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot,
+           auto: bool = False):
     from seqdeploy import pipeline
 
     registry = _registry(ctx)
@@ -349,7 +356,9 @@ def _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot)
         shapes = [(batch or b0, seq_len or t0)]
     with _Progress(f"bench {arch}") as progress:
         result = pipeline.bench(registry, artifact, engines, precision, shapes,
-                                ctx.obj["device"], progress=progress)
+                                ctx.obj["device"], progress=progress, skip_unavailable=auto)
+    for name, reason in result["skipped"].items():
+        click.echo(f"{arch}: engine {name} left out: {reason}", err=True)
     if plot:
         path = pipeline.plot_bench(artifact, result, registry.reference_engine().name)
         click.echo(f"wrote {path}", err=as_json)
@@ -391,9 +400,10 @@ def _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot)
 @click.pass_context
 def bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot):
     """Time engines side by side: tokens/s, percentiles, peak memory, op GB/s vs HBM."""
+    auto = not _split(engines)
     engines = _split(engines) or [_registry(ctx).reference_engine().name, *_usable_engines(ctx)]
     precision = precision or ("fp16" if _device(ctx) == "cuda" else "fp32")
-    _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot)
+    _bench(ctx, arch, preset, engines, precision, batch, seq_len, as_json, plot, auto)
 
 
 @_command()
@@ -463,10 +473,9 @@ def run(ctx, archs, preset, long_seq, plot):
         streaming = bool(registry.architecture(arch).state_map)
         ctx.invoke(export, arch=arch, preset=chosen, checkpoint=None, seed=0, streaming=streaming)
         ctx.invoke(optimize, arch=arch, preset=chosen, fp16=True)
-        ok = _validate(ctx, arch, chosen, engines, ["fp32", "fp16"], long_seq) and ok
+        ok = _validate(ctx, arch, chosen, engines, ["fp32", "fp16"], long_seq, auto=True) and ok
         _bench(ctx, arch, chosen, [registry.reference_engine().name, *engines],
-               "fp16" if device == "cuda" else "fp32",
-               None, None, False, plot)
+               "fp16" if device == "cuda" else "fp32", None, None, False, plot, auto=True)
     if not ok:
         click.echo("validation failed: see the FAIL lines above", err=True)
         sys.exit(1)

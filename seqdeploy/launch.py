@@ -3,17 +3,15 @@
 ``kernel[grid](*args, **meta)`` binds every argument, derives Triton's specialization key
 and looks the binary up, on every call: on the H200 host that is 20-40 us of Python per
 launch, longer than the whole GPU run of a short recurrence. :class:`Launcher` pays that once
-per distinct call signature. The first call with a signature goes through ``kernel[grid]``
-(which compiles if needed) and keeps the ``CompiledKernel`` it returns. Later calls with the
-same signature relaunch that binary:
+per distinct call signature, and only behind one version check (``PRIVATE_LAUNCH``: the
+Triton versions in ``PRIVATE_LAUNCH_VERSIONS``, whose private C launcher the GPU tests ran):
 
-- on Triton versions whose launcher the GPU tests have run (``RAW_LAUNCH_VERSIONS``), by
-  calling the binary's C launcher with what ``CompiledKernel[grid]`` would pass it, without
-  the Python wrappers in between (its closure, launch metadata and scratch allocation, for
-  kernels that need no scratch memory), and with pointers passed as the integers already
-  read for the key;
-- on other versions, through ``CompiledKernel[grid]``, the documented way to run the output
-  of ``triton.compile``.
+- there, the first call with a signature goes through ``kernel[grid]`` (which compiles if
+  needed) and keeps the compiled binary's C launcher (:func:`_private_launch`, the one
+  function that touches Triton's private launch API); later calls call it directly with
+  what ``CompiledKernel.run`` would pass it, pointers as the integers already read for the
+  key. Launches as thread-block clusters (:meth:`Launcher.clustered`) exist only there;
+- on every other version, every call is ``kernel[grid]``, Triton's public launch path.
 
 The signature is finer than anything Triton specializes on: the device, every tensor's
 dtype and the low byte of its address (Triton keys on 16-byte alignment), the exact value of
@@ -21,12 +19,9 @@ every scalar (Triton keys on an integer's ``== 1`` and divisibility by 16), the 
 constexprs and the launch options. So a cached binary is only reused where ``kernel[grid]``
 would pick the same one.
 
-In Triton's interpreter (``TRITON_INTERPRET=1``) and on CPU tensors, for tensors off the
-current CUDA device, and while launch hooks are installed, every call takes the plain
-``kernel[grid]`` path. Where the fast path's API is missing (a Triton version whose
-``CompiledKernel`` differs), the first failed attempt switches it off for the process and
-the call is repeated the plain way; the attempt fails while binding arguments, before any
-launch.
+Even behind the check, calls take ``kernel[grid]`` in Triton's interpreter and on CPU
+tensors, for tensors off the current CUDA device, while launch hooks are installed
+(profilers), and for binaries that need scratch memory.
 """
 from __future__ import annotations
 
@@ -37,10 +32,12 @@ import triton
 
 #: distinct signatures kept per kernel before the table is cleared (each costs one slow call)
 MAX_SIGNATURES = 4096
-#: Triton versions (major.minor) whose C launcher signature the GPU tests ran:
+#: Triton versions (major.minor) whose private C launcher the GPU tests ran:
 #: ``launch(grid_x, grid_y, grid_z, stream, function, cooperative_grid, pdl, global_scratch,
 #: profile_scratch, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)``
-RAW_LAUNCH_VERSIONS = ("3.6",)
+PRIVATE_LAUNCH_VERSIONS = ("3.6",)
+#: the one version check: whether the fast path (and cluster launches) may run at all
+PRIVATE_LAUNCH = ".".join(triton.__version__.split(".")[:2]) in PRIVATE_LAUNCH_VERSIONS
 
 
 class Launcher:
@@ -51,14 +48,11 @@ class Launcher:
     last in the kernel's signature (their names are the kernel's parameter names after
     ``args``)."""
 
-    enabled = True   # class-wide: cleared once the fast path proves unsupported
-    raw = ".".join(triton.__version__.split(".")[:2]) in RAW_LAUNCH_VERSIONS
-
     def __init__(self, kernel, tensors: int) -> None:
         self.kernel = kernel
         self.tensors = tensors
         self._jit = isinstance(kernel, triton.runtime.JITFunction)
-        self._binaries: dict[tuple, tuple] = {}
+        self._binaries: dict[tuple, tuple | None] = {}
         self._stream = None
         self.fast_calls = 0   # how many calls took the fast path (tests check it is used)
 
@@ -85,10 +79,9 @@ class Launcher:
             self._binaries.clear()
         self._binaries[key] = entry
 
-    def _raw_launch(self, direct, grid_x, grid_y, grid_z, device, ptrs, tail) -> None:
-        """Call the C launcher of ``direct`` (:func:`_direct_launch`) on the current stream;
-        pointers go as the integers already read for the key, then ``tail``: the scalar
-        arguments and the constexpr values."""
+    def _launch(self, direct, grid_x, grid_y, grid_z, device, ptrs, tail) -> None:
+        """Call a :func:`_private_launch` on the current stream; pointers go as the integers
+        already read for the key, then ``tail``: the scalar arguments and the constexprs."""
         if self._stream is None:
             from triton.runtime import driver
 
@@ -96,47 +89,34 @@ class Launcher:
         launch, function, cooperative, pdl, packed = direct
         launch(grid_x, grid_y, grid_z, self._stream(device), function, cooperative, pdl, None,
                None, packed, None, None, None, *ptrs, *tail)
+        self.fast_calls += 1
 
     def __call__(self, grid: tuple[int, ...], args: tuple, values: tuple,
                  **options: Any) -> None:
         first = args[0]
-        if not (Launcher.enabled and self._jit and first.is_cuda and _plain_launch()):
+        if not (PRIVATE_LAUNCH and self._jit and first.is_cuda and _plain_launch()) or \
+                first.get_device() != torch._C._cuda_getDevice():
+            # (Triton loads and launches binaries on the current device: leave others to it)
             self._plain(grid, args, values, options)
             return
         device = first.get_device()
-        if device != torch._C._cuda_getDevice():
-            # Triton loads and launches binaries on the current device; leave that case to it
-            self._plain(grid, args, values, options)
-            return
         n = self.tensors
         ptrs = [t.data_ptr() for t in args[:n]]
         key = self._key(0, device, grid, args, ptrs, values, options)
-        entry = self._binaries.get(key)
-        if entry is None:
+        if key not in self._binaries:
             if any(not isinstance(a, torch.Tensor) for a in args[:n]) or \
                     any(isinstance(a, torch.Tensor) for a in args[n:]):
                 raise TypeError(f"{self.kernel.__name__}: the first {n} arguments must be "
                                 "tensors and the rest scalars")
             binary = self._plain(grid, args, values, options)
-            if binary is not None:
-                self._remember(key, (binary, _direct_launch(binary)))
+            self._remember(key, _private_launch(binary) if binary is not None else None)
             return
-        binary, direct = entry
-        try:
-            g = (*grid, 1, 1)
-            if direct is not None:
-                self._raw_launch(direct, g[0], g[1], g[2], device, ptrs, (*args[n:], *values))
-            else:
-                binary[g[:3]](*args, *values)
-        except (AttributeError, TypeError):
-            # This Triton's CompiledKernel launches differently. The failure is in binding
-            # the arguments, before any launch (no launch hooks are installed, see
-            # _plain_launch), so the plain path runs the kernel exactly once.
-            Launcher.enabled = False
-            self._binaries.clear()
+        direct = self._binaries[key]
+        if direct is None:   # (a binary that needs scratch memory)
             self._plain(grid, args, values, options)
             return
-        self.fast_calls += 1
+        g = (*grid, 1, 1)
+        self._launch(direct, g[0], g[1], g[2], device, ptrs, (*args[n:], *values))
 
     def clustered(self, grid: tuple[int], cluster: int, args: tuple, values: tuple,
                   **options: Any) -> None:
@@ -144,13 +124,14 @@ class Launcher:
         programs (Hopper on): the programs of one cluster are scheduled together, and may
         synchronise through the cluster barrier. ``kernel[grid]`` cannot ask for clusters
         without also splitting every tensor across them (``num_ctas``), so this always takes
-        the direct C launcher, with the cluster size in place of ``num_ctas``; the first
+        the private C launcher, with the cluster size in place of ``num_ctas``; the first
         call of a signature compiles with ``warmup`` (no launch). Where that launcher is not
         available (:func:`cluster_launch_available` is False), it raises RuntimeError.
         Launch hooks are not called."""
         if not cluster_launch_available():
-            raise RuntimeError("cluster launches need the direct C launcher of triton "
-                               f"{' or '.join(RAW_LAUNCH_VERSIONS)}, not {triton.__version__}")
+            raise RuntimeError("cluster launches need the private C launcher of triton "
+                               f"{' or '.join(PRIVATE_LAUNCH_VERSIONS)}, not "
+                               f"{triton.__version__}")
         device = args[0].get_device()
         if device != torch._C._cuda_getDevice():
             # Triton compiles for, and launches on, the current device
@@ -163,9 +144,8 @@ class Launcher:
         if direct is None:   # (a signature seen before passed the checks in here)
             direct = self._cluster_binary(key, grid, cluster, args, values, options)
         # the launcher multiplies the grid by the cluster size it reads from the metadata
-        self._raw_launch(direct, grid[0] // cluster, 1, 1, device, ptrs,
-                         (*args[self.tensors:], *values))
-        self.fast_calls += 1
+        self._launch(direct, grid[0] // cluster, 1, 1, device, ptrs,
+                     (*args[self.tensors:], *values))
 
     def bind(self, grid: tuple[int, ...], args: tuple, values: tuple, cluster: int = 0,
              **options: Any) -> Callable[..., bool] | None:
@@ -174,21 +154,20 @@ class Launcher:
         same binary with the same grid, scalars, constexprs and options on new tensors of
         the same dtypes, through the C launcher, and returns True. It launches nothing and
         returns False where the normal call must run instead: a tensor is not 16-byte
-        aligned (Triton specializes on that), the current CUDA device is another, the fast
-        path was switched off, or (plain launches) launch hooks are installed.
+        aligned (Triton specializes on that), the current CUDA device is another, or (plain
+        launches) launch hooks are installed.
 
         This is for a caller that memoises launches under its own cheaper signature of the
         inputs: that signature must determine everything here but the tensors' addresses.
-        None where no direct launch of these arguments is cached (another Triton version,
+        None where no private launch of these arguments is cached (another Triton version,
         the interpreter, a binary that needs scratch memory) or a tensor of this call is not
         16-byte aligned."""
-        if not (Launcher.enabled and Launcher.raw and self._jit and args[0].is_cuda):
+        if not (PRIVATE_LAUNCH and self._jit and args[0].is_cuda):
             return None
         n = self.tensors
         device = args[0].get_device()
         ptrs = [t.data_ptr() for t in args[:n]]
-        entry = self._binaries.get(self._key(cluster, device, grid, args, ptrs, values, options))
-        direct = entry if cluster else (entry[1] if entry is not None else None)
+        direct = self._binaries.get(self._key(cluster, device, grid, args, ptrs, values, options))
         if direct is None or any(p & 15 for p in ptrs):
             return None
         grid_x, grid_y, grid_z = (grid[0] // cluster, 1, 1) if cluster else (*grid, 1, 1)[:3]
@@ -200,10 +179,9 @@ class Launcher:
             for p in ptrs:
                 if p & 15:
                     return False
-            if current() != device or not Launcher.enabled or not (cluster or _plain_launch()):
+            if current() != device or not PRIVATE_LAUNCH or not (cluster or _plain_launch()):
                 return False
-            self._raw_launch(direct, grid_x, grid_y, grid_z, device, ptrs, tail)
-            self.fast_calls += 1
+            self._launch(direct, grid_x, grid_y, grid_z, device, ptrs, tail)
             return True
 
         return run
@@ -216,11 +194,10 @@ class Launcher:
 
     def _cluster_binary(self, key, grid, cluster, args, values, options) -> tuple:
         """Compile (``warmup``: no launch) what :meth:`clustered` launches for ``key``, and
-        remember its direct launch with ``cluster`` in place of ``num_ctas``."""
+        remember its private launch with ``cluster`` in place of ``num_ctas``."""
         if grid[0] % cluster:
             raise ValueError(f"{grid[0]} programs do not split into clusters of {cluster}")
-        binary = self.compile(grid, args, values, **options)
-        direct = _direct_launch(binary)
+        direct = _private_launch(self.compile(grid, args, values, **options))
         if direct is None:
             raise RuntimeError(f"{self.kernel.__name__}: a kernel that needs scratch "
                                "memory cannot be launched in clusters")
@@ -230,26 +207,23 @@ class Launcher:
 
 
 def cluster_launch_available() -> bool:
-    """Whether :meth:`Launcher.clustered` can launch: compiled Triton of a version whose C
-    launcher the GPU tests ran (it reads the cluster size from the packed metadata)."""
-    return Launcher.raw and Launcher.enabled
+    """Whether :meth:`Launcher.clustered` can launch: a Triton whose private C launcher the
+    GPU tests ran (it reads the cluster size from the packed metadata)."""
+    return PRIVATE_LAUNCH
 
 
-def _direct_launch(binary) -> tuple | None:
-    """On the Triton versions in ``RAW_LAUNCH_VERSIONS``, what calling the binary's C launcher
-    directly takes: ``(launch, function, cooperative grid, PDL, packed metadata)``. That is
-    what ``CompiledKernel.run`` (a Python wrapper) passes on, for a kernel that needs no
-    global or profiling scratch memory (else None: ``CompiledKernel[grid]`` runs it)."""
-    if not Launcher.raw:
+def _private_launch(binary) -> tuple | None:
+    """The only use of Triton's private launch API: what calling a compiled binary's C
+    launcher takes, ``(launch, function, cooperative grid, PDL, packed metadata)``, as
+    ``CompiledKernel.run`` passes it on. None for a kernel that needs global or profiling
+    scratch memory (``kernel[grid]`` runs those), and off the ``PRIVATE_LAUNCH`` versions."""
+    if not PRIVATE_LAUNCH:
         return None
-    try:
-        run = binary.run
-        if run.global_scratch_size or run.profile_scratch_size:
-            return None
-        return (run.launch, binary.function, run.launch_cooperative_grid, run.launch_pdl,
-                binary.packed_metadata)
-    except AttributeError:
+    run = binary.run
+    if run.global_scratch_size or run.profile_scratch_size:
         return None
+    return (run.launch, binary.function, run.launch_cooperative_grid, run.launch_pdl,
+            binary.packed_metadata)
 
 
 #: Triton's runtime knobs (where launch hooks are installed), if this Triton has them

@@ -215,20 +215,39 @@ def run_rows_alone(session: Session, arch: Architecture, inputs: dict[str, torch
     return rows
 
 
+def open_sessions(registry: Registry, artifact: Artifact, engines: list[str], precisions: list[str],
+                  device: str, skip_unavailable: bool, progress: Progress
+                  ) -> tuple[list[Session], dict[str, str]]:
+    """A session per (engine, precision). An engine that cannot run this artifact raises,
+    unless ``skip_unavailable`` (the engines were not asked for by name, as in ``run``): then
+    it is left out and ``{engine: reason}`` says why."""
+    sessions, skipped = [], {}
+    for engine_name in engines:
+        for precision in precisions:
+            try:
+                sessions.append(open_session(registry, artifact, engine_name, precision, device))
+            except EngineUnavailable as exc:
+                if not skip_unavailable:
+                    raise
+                skipped.setdefault(engine_name, str(exc))
+                progress(f"{engine_name} ({precision}) left out: {exc}")
+    return sessions, skipped
+
+
 def validate(registry: Registry, artifact: Artifact, engines: list[str], precisions: list[str],
-             device: str = "auto", long_seq: int = 4096, progress: Progress = _quiet) -> dict:
+             device: str = "auto", long_seq: int = 4096, progress: Progress = _quiet,
+             skip_unavailable: bool = False) -> dict:
     """Parity of every (engine, precision) against the fp32 run of the reference engine
     (the one whose role is ``reference``), at every validation case of the architecture,
     each output compared by its kind (:mod:`seqdeploy.parity`). Writes ``parity.json``;
-    ``result["passed"]`` says whether all passed."""
+    ``result["passed"]`` says whether all passed. See :func:`open_sessions` for
+    ``skip_unavailable``."""
     device = resolve_device(device)
     arch = registry.architecture(artifact.manifest["arch"])
     config = artifact.manifest["config"]
     out_specs = arch.output_specs(config)
-    sessions = []
-    for engine_name in engines:
-        for precision in precisions:
-            sessions.append(open_session(registry, artifact, engine_name, precision, device))
+    sessions, skipped = open_sessions(registry, artifact, engines, precisions, device,
+                                      skip_unavailable, progress)
     ref_engine = registry.reference_engine()
     reference = open_session(registry, artifact, ref_engine.name, "fp32", device)
     checks: list[Check] = []
@@ -286,7 +305,7 @@ def validate(registry: Registry, artifact: Artifact, engines: list[str], precisi
     failed = [c for c in checks if not c.passed]
     result = {"arch": arch.name, "preset": artifact.manifest["preset"], "device": device,
               "reference": f"{ref_engine.name} fp32",
-              "sessions": [s.describe() for s in sessions],
+              "sessions": [s.describe() for s in sessions], "skipped": skipped,
               "passed": not failed, "checks": [c.as_dict() for c in checks]}
     artifact.write_json("parity.json", result)
     return result
@@ -295,19 +314,30 @@ def validate(registry: Registry, artifact: Artifact, engines: list[str], precisi
 # -- bench -----------------------------------------------------------------------------------
 def bench(registry: Registry, artifact: Artifact, engines: list[str], precision: str,
           shapes: list[tuple[int, int]], device: str = "auto", ops: bool = True,
-          progress: Progress = _quiet) -> dict:
+          progress: Progress = _quiet, skip_unavailable: bool = False) -> dict:
     """Time each engine at each (batch, T); report tokens/s, peak memory and, per recurrence
-    op, achieved GB/s against the HBM bandwidth measured in the same run."""
+    op, achieved GB/s against the HBM bandwidth measured in the same run. See
+    :func:`open_sessions` for ``skip_unavailable``."""
     device = resolve_device(device)
     arch = registry.architecture(artifact.manifest["arch"])
     config = artifact.manifest["config"]
     for name in engines:             # unknown or unusable engines fail before any work
-        registry.engine(name).check(device)
+        try:
+            registry.engine(name).check(device)
+        except EngineUnavailable:
+            if not skip_unavailable:
+                raise
     hbm = hbm_bandwidth_gbs(device)
     rows = []
+    skipped: dict[str, str] = {}
     for engine_name in engines:
         progress(f"loading {engine_name} ({precision})")
-        session = open_session(registry, artifact, engine_name, precision, device)
+        opened, why = open_sessions(registry, artifact, [engine_name], [precision], device,
+                                    skip_unavailable, progress)
+        skipped.update(why)
+        if not opened:
+            continue
+        session = opened[0]
         for batch, seq_len in shapes:
             progress(f"{session.describe()}: B={batch} T={seq_len}")
             inputs = cast_inputs(arch.make_inputs(config, batch, seq_len, seed=7),
@@ -334,7 +364,8 @@ def bench(registry: Registry, artifact: Artifact, engines: list[str], precision:
                 op_rows.append(bench_op(case, device, hbm))
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     result = {"arch": arch.name, "preset": artifact.manifest["preset"], "device": device,
-              "gpu": gpu, "precision": precision, "hbm_gb_s": hbm, "engines": rows, "ops": op_rows}
+              "gpu": gpu, "precision": precision, "hbm_gb_s": hbm, "engines": rows, "ops": op_rows,
+              "skipped": skipped}
     artifact.write_json("bench.json", result)
     return result
 

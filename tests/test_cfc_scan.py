@@ -2,16 +2,17 @@
 then the `cfc` model through the whole pipeline.
 
 Triton runs through its interpreter on CPU-only machines and for real on a GPU. Outputs are
-poisoned with NaN before each kernel runs, so an unwritten element fails the test. The split
-kernel (each step waits for the sibling programs' previous step) cannot run in the
-interpreter, which runs programs one after another: on CPU it runs only where no program
-waits on another (one column block, or one step per launch), and its real launches are GPU
-tests.
+poisoned with NaN before each kernel runs, so an unwritten element fails the test. Kernel
+designs are reached through the dispatch (``kernels.choose``) and its ``LaunchPlan``: on CPU
+the rows design, and the split design one step per launch (its cluster exchange and the
+Gluon wgmma design run only compiled, in the GPU tests).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,7 +24,7 @@ from onnx import TensorProto, helper
 
 from seqdeploy.ops import DOMAIN, reference_ops
 from seqdeploy_cfc import kernels
-from seqdeploy_cfc.kernels import W_RESIDENT_BYTES, launch_config, triton_cfc_scan
+from seqdeploy_cfc.kernels import LaunchPlan, choose, triton_cfc_scan
 from seqdeploy_cfc.onnx import cfc_scan_function
 from seqdeploy_cfc.ops import cfc_scan, cpu_cfc_scan, naive_cfc_scan, reference_cfc_scan
 
@@ -94,30 +95,71 @@ def test_cpu_forms_match_naive(B, T, H, strided, dtype):
     assert rel_l2(out, ref) < TOL[dtype]
 
 
+def rows_plan(B, H, dtype, device=DEVICE, **change) -> LaunchPlan:
+    """The dispatch's rows plan for ``device`` (what it picks over several steps where no
+    thread-block clusters launch), with ``change`` applied."""
+    gpu = kernels.gpu_of(device)
+    gpu = gpu and dataclasses.replace(gpu, clusters=False, wgmma=False)
+    return dataclasses.replace(choose(B, 2, H, dtype, gpu), **change)
+
+
+def split_plan(B, T, H, dtype, device=DEVICE, **change) -> LaunchPlan:
+    """The dispatch's split plan for ``device``: the cluster split over several steps (where
+    clusters launch), the cluster-less one for a single step; ``change`` applied. On the
+    interpreter, the single-step plan of a GPU without tanh.approx (the kernel's CPU form)."""
+    gpu = kernels.gpu_of(device)
+    if gpu is None:
+        gpu = kernels.Gpu(sms=132, capability=(7, 0), clusters=False, wgmma=False)
+        change = {"dot_f32": dtype != torch.float16, **change}   # bf16: see LaunchPlan
+    plan = choose(B, T, max(H, 256) if T > 1 else max(H, 48), dtype,
+                  dataclasses.replace(gpu, wgmma=False))
+    block_h = max(16, 1 << (H - 1).bit_length())
+    plan = dataclasses.replace(plan, block_h=block_h, block_n=min(plan.block_n, block_h))
+    assert plan.design == "split", plan
+    return dataclasses.replace(plan, **change)
+
+
+def clusters_here() -> bool:
+    gpu = kernels.gpu_of("cuda") if torch.cuda.is_available() else None
+    return bool(gpu and gpu.clusters)
+
+
+def wgmma_here() -> bool:
+    gpu = kernels.gpu_of("cuda") if torch.cuda.is_available() else None
+    return bool(gpu and gpu.wgmma)
+
+
+needs_clusters = pytest.mark.skipif(not clusters_here(),
+                                    reason="needs thread-block cluster launches")
+needs_wgmma = pytest.mark.skipif(
+    not wgmma_here(), reason="the wgmma design needs clusters, compute capability 9.x, Gluon")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("w_resident", [True, False], ids=["w-resident", "w-streamed"])
 @pytest.mark.parametrize("B,T,H,strided", [(2, 1, 16, False), (3, 63, 20, True),
                                            (19, 37, 40, False)])
-def test_triton_matches_naive(B, T, H, strided, w_resident, dtype):
-    """Odd H (padded to a power of two >= 16), B above one 16-row block, both homes of w_rec
-    (the streamed one with two contraction slices at H=40: block_k 32 of block_h 64)."""
+def test_rows_matches_naive(B, T, H, strided, w_resident, dtype):
+    """The rows design: odd H (padded to a power of two >= 16), B above one 16-row block, both
+    homes of w_rec (the streamed one with two contraction slices at H=40: block_k 32 of
+    block_h 64)."""
     args = make(B, T, H, dtype, DEVICE, strided=strided)
     ref = naive_cfc_scan(*cpu(args), 1.0)
-    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), w_resident=w_resident,
-                          method="rows")
+    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]),
+                          plan=rows_plan(B, H, dtype, w_resident=w_resident))
     assert out.dtype == dtype
     assert rel_l2(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("block_b,num_warps,block_k", [(32, 2, 16), (64, 4, 64)])
-def test_triton_launch_variants_agree(block_b, num_warps, block_k):
-    """The --sweep knobs change the tiling, not the result."""
+def test_rows_tilings_agree(block_b, num_warps, block_k):
+    """Other tilings of the rows plan change the work split, not the result."""
     args = make(40, 9, 48, torch.float32, DEVICE, seed=4)
     ref = naive_cfc_scan(*cpu(args), 1.0)
     for w_resident in (True, False):
-        out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), block_b=block_b,
-                              num_warps=num_warps, w_resident=w_resident, block_k=block_k,
-                              method="rows")
+        plan = rows_plan(40, 48, torch.float32, block_b=block_b, num_warps=num_warps,
+                         w_resident=w_resident, block_k=block_k)
+        out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), plan=plan)
         assert rel_l2(out, ref) < TOL[torch.float32]
 
 
@@ -130,209 +172,102 @@ def test_triton_long_sequence():
     assert rel_l2(out, ref) < TOL[torch.float32]
 
 
-# -- the split kernel ------------------------------------------------------------------------
-def run_split(args, dt, out, **overrides):
-    """The split kernel through its launcher, which (unlike ``triton_cfc_scan``) lets the
-    interpreter run it where no program waits on another: one column block, or one step."""
-    B, T, H = args[0].shape
-    xw, h0, w_rec, tau, y = kernels._prepare(*args, out)
-    config = launch_config(B, H, xw.dtype, method="split")
-    config.update(overrides)
-    compiled = xw.is_cuda and not kernels._INTERPRETED
-    plan = kernels._make_plan(B, H, xw.dtype, compiled, xw.get_device() if compiled else -1,
-                              config)
-    kernels._launch_split(xw, h0, w_rec, tau, y, dt, plan)
-    return y
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("w_resident", [True, False], ids=["w-resident", "w-streamed"])
-@pytest.mark.parametrize("B,T,H,strided", [(2, 1, 16, False), (3, 63, 20, True),
-                                           (19, 37, 40, False)])
-def test_split_kernel_one_column_block_matches_naive(B, T, H, strided, w_resident, dtype):
-    """The split kernel's arithmetic, with block_n = block_h: one column block per batch
-    block, so each program waits only for its own stores and the interpreter can run it
-    (19 rows: two batch blocks; H=40: two contraction slices when streamed)."""
-    args = make(B, T, H, dtype, DEVICE, strided=strided)
-    ref = naive_cfc_scan(*cpu(args), 1.0)
-    out = run_split(args, 1.0, poisoned(args[0]), block_n=kernels._block_h(H),
-                    w_resident=w_resident, num_warps=4)
-    assert out.dtype == dtype
-    assert rel_l2(out, ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,T,H,block_n", [(3, 63, 20, 32), (19, 37, 40, 64), (19, 1, 40, 16)])
-def test_split_kernel_half_k_dots_match_naive(B, T, H, block_n, dtype):
-    """``k_split=2``: the step's dot as two dots over the halves of the contraction axis,
-    each half of h read on its own (H=20 and 40: the second half partly or wholly padded;
-    three column blocks for a single step)."""
-    args = make(B, T, H, dtype, DEVICE, seed=9, strided=True)
-    ref = naive_cfc_scan(*cpu(args), 1.0)
-    out = run_split(args, 1.0, poisoned(args[0]), block_n=block_n, w_resident=True,
-                    num_warps=4, k_split=2)
-    assert rel_l2(out, ref) < TOL[dtype]
-    for bad, H in [({"k_split": 3, "w_resident": True}, 40),
-                   ({"k_split": 2, "w_resident": False}, 40),
-                   ({"k_split": 2, "w_resident": True}, 16)]:     # halves of 8: too small
-        with pytest.raises(ValueError, match="k_split"):
-            run_split(make(2, 1, H, dtype, DEVICE), 1.0, None, **bad)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("w_resident", [True, False], ids=["w-resident", "w-streamed"])
-def test_split_kernel_column_blocks_one_step_per_call(w_resident, dtype):
-    """Several column blocks (H=40 in blocks of 16: the last one partial) and batch blocks,
-    one step per launch, so nothing is waited for and the interpreter can run it; in fp32
-    the state handed from call to call is exact, so 6 chained calls are the 6-step scan."""
+def test_split_single_steps_match_naive(w_resident, dtype):
+    """The split design without clusters, which runs one step per launch: several column
+    blocks (H=40 in blocks of 16, the last one partial) and batch blocks, strided inputs.
+    In fp32 the state handed from call to call is exact, so 6 chained calls are the 6-step
+    scan."""
     B, T, H = 19, 6, 40
     args = make(B, T, H, dtype, DEVICE, seed=6, strided=True)
     ref = naive_cfc_scan(*cpu(args), 1.0)
+    plan = split_plan(B, 1, H, dtype, block_n=16, w_resident=w_resident)
     xw, h, w_rec, tau = args
     steps = []
     for t in range(T if dtype == torch.float32 else 1):
-        y = run_split((xw[:, t:t + 1], h, w_rec, tau), 1.0, poisoned(xw[:, :1]), block_n=16,
-                      w_resident=w_resident, num_warps=4)
+        y = triton_cfc_scan(xw[:, t:t + 1], h, w_rec, tau, 1.0, out=poisoned(xw[:, :1]),
+                            plan=plan)
         steps.append(y)
         h = y[:, 0]
     out = torch.cat(steps, 1)
     assert rel_l2(out, ref[:, :out.shape[1]]) < TOL[dtype]
 
 
-def test_split_refused_where_it_could_hang():
-    """In the interpreter (and on CPU tensors) programs run one after another, so a program
-    would wait forever for a sibling: the split kernel says so instead of hanging."""
-    args = make(20, 5, 40, torch.float32)            # CPU tensors, whatever the machine has
-    with pytest.raises(RuntimeError, match="interpreter"):
-        triton_cfc_scan(*args, 1.0, method="split")
-    with pytest.raises(RuntimeError, match="interpreter"):
-        run_split(args, 1.0, poisoned(args[0]), block_n=16)     # 3 column blocks, 5 steps
-    with pytest.raises(ValueError, match="method"):
-        triton_cfc_scan(*args, 1.0, method="columns")
-    assert launch_config(20, 40, torch.float32, "cpu")["method"] == "rows"
+def test_plans_that_cannot_run_are_refused():
+    """A plan that needs what these inputs or this machine lack is a one-line error before
+    anything runs: split without clusters over several steps (nothing would hand h from
+    one program to another), cluster launches in the interpreter or on CPU tensors, the
+    wgmma design there, more column blocks than a cluster holds."""
+    args = make(20, 5, 40, torch.float32, "cpu")
+    single = split_plan(20, 1, 40, torch.float32, "cpu", block_n=16)
+    with pytest.raises(ValueError, match="single step"):
+        triton_cfc_scan(*args, 1.0, plan=single)
+    for plan in (dataclasses.replace(single, cluster=True),
+                 dataclasses.replace(single, design="wgmma", cluster=True),
+                 dataclasses.replace(single, cluster=True, block_n=2)):
+        with pytest.raises(RuntimeError, match="cfc_scan plan"):
+            triton_cfc_scan(*args, 1.0, plan=plan)
 
 
-def test_launch_config_picks_split_where_rows_loses(monkeypatch):
-    """On a 132-SM GPU (an H200): rows wherever it keeps w_rec on chip (it measured faster than
-    split at every H=256 seed point), split wherever rows would stream w_rec from L2, never a
-    split grid with more programs than SMs (the exchange's co-residency condition)."""
-    monkeypatch.setattr(kernels, "sm_count",
-                        lambda device: 132 if torch.device(device).type == "cuda" else None)
-    monkeypatch.setattr(kernels, "clusters_available", lambda device: False)
-
-    def pick(B, H, dtype=torch.float16):
-        config = launch_config(B, H, dtype, "cuda")
-        if config["method"] == "split":
-            n_bb, n_nb = kernels.split_grid(B, H, config["block_b"], config["block_n"])
-            assert n_nb >= 2 and n_bb * n_nb <= 132
-        return config
-
-    for B in (32, 64, 128):
-        assert pick(B, 256)["method"] == "rows"
-    for B, H in [(256, 512), (1, 512)]:
-        for dtype in DTYPES:
-            assert pick(B, H, dtype)["method"] == "split", (B, H, dtype)
-    seed512 = pick(256, 512)
-    assert (seed512["block_b"], seed512["block_n"], seed512["w_resident"]) == (16, 64, True)
-    assert pick(256, 512, torch.float32)["block_b"] == 32           # 8 x 16 programs
-    assert pick(8192, 512)["method"] == "rows"                      # no split grid fits
-    assert pick(4096, 32)["method"] == "rows"                       # w_rec fits, H small
-    assert launch_config(256, 512, torch.float16, "cpu")["method"] == "rows"
-    assert launch_config(256, 512, torch.float16)["method"] == "rows"
-    # one step (streaming): split wherever its grid fits, rows where it does not
-    for B in (1, 32, 128):
-        for dtype in DTYPES:
-            assert launch_config(B, 256, dtype, "cuda", T=1)["method"] == "split", (B, dtype)
-        assert launch_config(B, 256, torch.float16, "cuda", T=10)["method"] == "rows"
-    assert launch_config(8192, 256, torch.float16, "cuda", T=1)["method"] == "rows"
-    assert launch_config(1, 256, torch.float16, "cpu", T=1)["method"] == "rows"
+#: the dispatch table: ``choose``'s plan per "<gpu> <B>,<T>,<H> <dtype>", recorded by running
+#: the dispatch of main 7b3192e (before this file's designs were split out) on the same
+#: inputs. Entries with "was" changed on purpose ("why"); all others are what 7b3192e chose.
+TABLE = json.loads((Path(__file__).parent / "data" / "cfc_dispatch.json").read_text())
+GPUS = {"cpu": None,   # the interpreter
+        "h100": kernels.Gpu(132, (9, 0), clusters=True, wgmma=True),   # triton 3.6
+        "a100": kernels.Gpu(108, (8, 0), clusters=False, wgmma=False),
+        "b200": kernels.Gpu(148, (10, 0), clusters=True, wgmma=False)}
 
 
-@pytest.fixture(params=[False, True], ids=["wgmma-on-request", "wgmma-by-default"])
-def wgmma_by_default(request, monkeypatch):
-    """``kernels.WGMMA_BY_DEFAULT`` set both ways, with the memoised configs, plans and
-    kept-ready launches cleared around."""
-    def clear():
-        kernels._launch_config.cache_clear()
-        kernels._default_plan.cache_clear()
-        kernels._READY.clear()
+def test_dispatch_table_is_pinned():
+    """``choose`` at the seed's four points, small and odd shapes, single steps, large B and
+    H = 1024, in fp32 / fp16 / bf16, for the interpreter and three GPUs: every field of the
+    plan, including its grid and cluster size. The changes from 7b3192e: on a GPU without
+    cluster launches, several steps run rows where the removed flag-in-data exchange ran
+    split; the Triton cluster kernel has no two-half-K-dot form (it only ran where the wgmma
+    form cannot: not on Hopper), and H = 1024 with clusters, which raised, now runs it."""
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    changed = {}
+    for key, want in TABLE.items():
+        env, shape, dtype = key.split()
+        B, T, H = map(int, shape.split(","))
+        plan = choose(B, T, H, dtypes[dtype], GPUS[env])
+        got = {**dataclasses.asdict(plan), "grid": plan.grid(B, H),
+               "cluster": plan.column_blocks(H) if plan.cluster else 0}
+        assert got == {k: v for k, v in want.items() if k not in ("was", "why")}, key
+        if "was" in want:
+            changed[want["why"]] = changed.get(want["why"], 0) + 1
+            if "flag-in-data" in want["why"]:
+                assert env == "a100" and T > 1 and want["was"]["design"] == "split"
+    # every seed point on the H100 is unchanged, and is the wgmma design in fp16 / bf16
+    for (B, T, H) in [(32, 10, 256), (64, 50, 256), (128, 100, 256), (256, 50, 512)]:
+        for dtype in ("fp16", "bf16", "fp32"):
+            want = TABLE[f"h100 {B},{T},{H} {dtype}"]
+            assert "was" not in want and want["design"] == ("split" if dtype == "fp32"
+                                                            else "wgmma")
+    assert sorted(changed.values()) == [4, 12, 22], changed
 
-    monkeypatch.setattr(kernels, "WGMMA_BY_DEFAULT", request.param)
-    clear()
-    yield request.param
-    monkeypatch.undo()
-    clear()
 
-
-def test_launch_config_with_clusters(monkeypatch, wgmma_by_default):
-    """Where thread-block clusters are available (Hopper on): split as clusters for H >= 256
-    over several steps, whatever the batch (clusters need no co-residency). In fp16/bf16,
-    where the wgmma form runs (compute capability 9.x, Gluon), asked for (``wgmma=True``):
-    4 programs of 64 columns (4 warps) at H of 129 to 256, of 128 (8 warps) at H of 257 to
-    512; with ``WGMMA_BY_DEFAULT``, also the default at H of 129 to 512. Otherwise
-    (``wgmma=False``, fp32, a GPU where it cannot run) the Triton kernel: 8 programs of 32
-    columns at H=256, 4 of 128 at H=512 in fp16/bf16 and 8 of 64 in fp32; rows below
-    H=256; a single step keeps the cluster-less tiling (nobody waits) unless the wgmma form
-    is asked for, as does a small H."""
-    monkeypatch.setattr(kernels, "sm_count",
-                        lambda device: 132 if torch.device(device).type == "cuda" else None)
-    monkeypatch.setattr(kernels, "clusters_available",
-                        lambda device: torch.device(device).type == "cuda")
-    monkeypatch.setattr(kernels, "wgmma_runs", lambda device: torch.device(device).type ==
-                        "cuda" and kernels.wgmma_available())
-    for B in (1, 32, 64, 128, 256, 8192):
-        for H, dtype, block_n, wgmma_n in [(256, torch.float16, 32, 64),
-                                           (512, torch.float16, 128, 128),
-                                           (512, torch.bfloat16, 128, 128),
-                                           (512, torch.float32, 64, None),
-                                           (200, torch.float16, 32, 64)]:
-            config = launch_config(B, H, dtype, "cuda", T=50, wgmma=False)
-            assert (config["method"], config["cluster"], config["block_b"],
-                    config["block_n"], config["wgmma"]) == ("split", True, 16, block_n,
-                                                            False), (B, H, dtype)
-            # fp32 at H=512 streams its slice (on chip, ptxas spills the FMA dot's tiles)
-            assert config["w_resident"] == (dtype != torch.float32), (B, H, dtype)
-            # two half-K dots at H=512 in fp16 / bf16
-            assert config["k_split"] == (2 if block_n == 128 else 1), (B, H, dtype)
-            n_nb = kernels.split_grid(B, H, 16, block_n)[1]
-            assert 2 <= n_nb <= kernels.MAX_CLUSTER
-            default = launch_config(B, H, dtype, "cuda", T=50)
-            if wgmma_n is None or not kernels.wgmma_available():
-                assert default == config, (B, H, dtype)
-                continue
-            asked = launch_config(B, H, dtype, "cuda", T=50, wgmma=True)
-            by_default = wgmma_by_default and kernels._block_h(H) in kernels.WGMMA_BLOCK_H
-            assert default == (asked if by_default else config), (B, H, dtype)
-            assert (asked["method"], asked["cluster"], asked["block_b"],
-                    asked["block_n"], asked["num_warps"], asked["wgmma"],
-                    asked["k_split"]) == ("split", True, 16, wgmma_n, wgmma_n // 16, True,
-                                          1), (B, H, dtype)
-            assert 3 <= kernels.split_grid(B, H, 16, wgmma_n)[1] <= 4
-    if kernels.wgmma_available():
-        one = launch_config(32, 512, torch.float16, "cuda", T=1, wgmma=True)
-        assert (one["cluster"], one["wgmma"], one["block_n"]) == (True, True, 128)
-        small = launch_config(32, 100, torch.float16, "cuda", T=9, wgmma=True)   # not rows
-        assert (small["method"], small["wgmma"], small["block_n"]) == ("split", True, 64)
-    monkeypatch.setattr(kernels, "wgmma_runs", lambda device: False)   # e.g. sm_100
-    assert not launch_config(32, 512, torch.float16, "cuda", T=9).get("wgmma")
-    assert launch_config(64, 128, torch.float16, "cuda", T=50)["method"] == "rows"
-    assert launch_config(64, 512, torch.float16, "cpu", T=50)["method"] == "rows"
-    one = launch_config(32, 512, torch.float16, "cuda", T=1)
-    assert (one["method"], one["cluster"], one["block_n"]) == ("split", False, 64)
-    forced = launch_config(64, 128, torch.float16, "cuda", method="split", T=50)
-    assert forced["cluster"] and forced["block_n"] == 16
+def test_dispatch_on_this_machine():
+    """``gpu_of`` describes where kernels run: nothing on CPU tensors or in the interpreter,
+    where every default plan is rows."""
+    assert kernels.gpu_of("cpu") is None
+    if DEVICE == "cpu":
+        assert kernels.gpu_of("cuda") is None
+        assert choose(256, 50, 512, torch.float16, kernels.gpu_of("cuda")).design == "rows"
 
 
 @pytest.mark.parametrize("form", ["reference", "cpu", "triton",
-                                  pytest.param("triton-split", marks=gpu)])
+                                  pytest.param("triton-split", marks=needs_clusters)])
 def test_split_sequence_equals_full(form):
     """In fp32 the state handed across the cut is the exact fp32 state, and every form runs
     the same operations step by step: two calls equal one, bit for bit. (The split kernel's
     dot reads h back from y, which in fp32 is the state itself.)"""
     fn = {"reference": reference_cfc_scan, "cpu": cpu_cfc_scan,
           "triton": lambda *a: triton_cfc_scan(*a, out=poisoned(a[0])),
-          "triton-split": lambda *a: triton_cfc_scan(*a, out=poisoned(a[0]), method="split",
-                                                     block_n=16)}[form]
+          "triton-split": lambda *a: triton_cfc_scan(
+              *a, out=poisoned(a[0]), plan=split_plan(2, 2, 48, torch.float32, block_n=16))}[form]
     device = DEVICE if form.startswith("triton") else "cpu"
     H = 48 if form == "triton-split" else 12      # three column blocks of 16
     xw, h0, w_rec, tau = make(2, 97, H, torch.float32, device, seed=3)
@@ -360,8 +295,9 @@ def test_gain_keeps_its_digits_for_large_tau():
                                        out=poisoned(xw.to(DEVICE)))}
     if DEVICE == "cuda":   # three column blocks of 16
         forms["triton-split"] = triton_cfc_scan(*(a.cuda() for a in (xw, h0, w_rec, tau)), dt,
-                                                out=poisoned(xw.cuda()), method="split",
-                                                block_n=16)
+                                                out=poisoned(xw.cuda()),
+                                                plan=split_plan(1, 1, H, torch.float32,
+                                                                block_n=16))
     for name, y in forms.items():
         err = ((y[0, 0].double().cpu() - expected) / expected).abs().max()
         assert err < 2e-6, (name, float(err))
@@ -526,159 +462,115 @@ def test_run_end_to_end_on_cpu(tmp_path, capsys):
     assert [o["op"] for o in bench["ops"]] == ["cfc_scan"]
 
 
-# -- GPU -------------------------------------------------------------------------------------
+# -- GPU ----
+def wgmma_plan(B, H, dtype, **change) -> LaunchPlan:
+    """The dispatch's wgmma plan (chosen at H of 129 to 512) for any H of 64 to 512."""
+    block_h = max(16, 1 << (H - 1).bit_length())
+    plan = choose(B, 2, max(block_h, 256), dtype, kernels.gpu_of("cuda"))
+    assert plan.design == "wgmma", plan
+    return dataclasses.replace(plan, block_h=block_h, block_n=min(plan.block_n, block_h),
+                               num_warps=min(plan.block_n, block_h) // 16, **change)
+
+
+def every_plan(B, T, H, dtype) -> dict[str, LaunchPlan]:
+    """Each design this GPU can run on ``[B, T, H]``: rows (w_rec on chip where it fits, and
+    streamed), split (as clusters, or a single step) and wgmma."""
+    rows = rows_plan(B, H, dtype)
+    plans = {"rows-streamed": dataclasses.replace(rows, w_resident=False)}
+    if rows.block_h ** 2 * torch.finfo(dtype).bits // 8 <= kernels.W_RESIDENT_BYTES:
+        plans["rows-resident"] = dataclasses.replace(rows, w_resident=True)
+    if T == 1 or clusters_here():
+        plans["split"] = split_plan(B, T, H, dtype)
+    if wgmma_here() and dtype != torch.float32 and 64 <= H <= 512:
+        plans["wgmma"] = wgmma_plan(B, H, dtype)
+    return plans
+
+
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,H", [(64, 256), (40, 512), (5, 20)])
-def test_cuda_dispatch_runs_triton_at_512(B, H, dtype):
-    """The registered op on CUDA is the Triton kernel ``launch_config`` picks (split at
-    B=64 H=256 and at H=512, rows at H=20); repeated launches agree exactly, and every design
-    it could have picked agrees with the oracle: rows with w_rec on chip (where it fits) or
-    streamed from L2, and split."""
-    args = make(B, 512, H, dtype, "cuda", seed=9, strided=True)
+@pytest.mark.parametrize("B,T,H", [(64, 512, 256), (40, 512, 512), (5, 512, 20), (5, 1, 200),
+                                   (33, 1, 512)])
+def test_cuda_op_and_every_design_match_naive(B, T, H, dtype):
+    """The registered op on CUDA runs the plan ``choose`` makes for this GPU; repeated calls
+    (the second through the launch kept ready) agree exactly, and every design this GPU can
+    run agrees with the oracle, NaN-poisoned."""
+    args = make(B, T, H, dtype, "cuda", seed=9, strided=True)
     ref = naive_cfc_scan(*cpu(args), 1.0)
     out = cfc_scan(*args, 1.0)
     assert out.is_cuda and out.dtype == dtype
     assert rel_l2(out, ref) < TOL[dtype]
     assert torch.equal(out, cfc_scan(*args, 1.0))
-    too_big = H * H * args[2].element_size() > W_RESIDENT_BYTES   # cannot stay on one SM
-    for w_resident in (True, False):   # both homes of w_rec, whichever the default picked
-        if w_resident and too_big:
-            continue
-        y = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), w_resident=w_resident,
-                            method="rows")
-        assert rel_l2(y, ref) < TOL[dtype]
-    y = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split")
-    assert rel_l2(y, ref) < TOL[dtype]
+    chosen = choose(B, T, H, dtype, kernels.gpu_of("cuda"))
+    assert torch.equal(out, triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), plan=chosen))
+    for name, plan in every_plan(B, T, H, dtype).items():
+        y = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), plan=plan)
+        assert rel_l2(y, ref) < TOL[dtype], name
 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,H", [(1, 256), (5, 200), (33, 512)])
-def test_single_step_takes_split_without_the_fill(B, H, dtype):
-    """A single step (a streaming step) runs split by default on CUDA, and split skips the
-    all-ones fill of y when T == 1 (step 0 waits for nobody): outputs poisoned with NaN and
-    with the all-ones "not arrived" pattern itself both come out as the oracle's values, as
-    do those of rows."""
+def test_single_step_runs_split(B, H, dtype):
+    """A single step (a streaming step) runs split without clusters by default where its grid
+    fits on the SMs: right, equal to the op's result, and within tolerance of rows."""
     args = make(B, 1, H, dtype, "cuda", seed=4, strided=H == 200)
-    split = launch_config(B, H, dtype, "cuda", method="split")
-    n_bb, n_nb = kernels.split_grid(B, H, split["block_b"], split["block_n"])
-    if n_bb * n_nb > kernels.sm_count("cuda"):
-        pytest.skip(f"a {n_bb} x {n_nb} split grid does not fit this GPU")
-    assert launch_config(B, H, dtype, "cuda", T=1)["method"] == "split"
-
-    def fills(xw):   # aten::fill_ calls (the split fill) in one launch
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            triton_cfc_scan(xw, *args[1:], 1.0, method="split")
-        return sum(e.name == "aten::fill_" for e in prof.events())
-
-    assert fills(args[0]) == 0
-    # two steps: the cluster-less exchange fills y, the cluster barrier needs no fill
-    assert fills(args[0].expand(B, 2, H)) == (0 if kernels.clusters_available("cuda") else 1)
+    plan = choose(B, 1, H, dtype, kernels.gpu_of("cuda"))
+    assert (plan.design, plan.cluster) == ("split", False)
     ref = naive_cfc_scan(*cpu(args), 1.0)
-    bits = {2: torch.int16, 4: torch.int32}[args[0].element_size()]
-    all_ones = torch.full(args[0].shape, -1, dtype=bits, device="cuda").view(dtype)
     y = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]))
     assert rel_l2(y, ref) < TOL[dtype]
-    assert torch.equal(triton_cfc_scan(*args, 1.0, out=all_ones), y)
-    assert torch.equal(cfc_scan(*args, 1.0), y)                 # the registered op's path
-    rows = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="rows")
+    assert torch.equal(cfc_scan(*args, 1.0), y)
+    rows = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), plan=rows_plan(B, H, dtype))
     assert rel_l2(rows, ref) < TOL[dtype]
 
 
 SPLIT_SHAPES = [(32, 10, 256), (64, 50, 256), (128, 100, 256), (256, 50, 512), (20, 33, 200)]
 
 
-def _cluster_modes():
-    """Both exchanges of the split kernel where this GPU has clusters, else the one it has."""
-    has = torch.cuda.is_available() and kernels.clusters_available("cuda")
-    return [True, False] if has else [False]
-
-
-@gpu
+@needs_clusters
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,T,H", SPLIT_SHAPES)
-def test_split_matches_naive(B, T, H, dtype):
-    """The split kernel at the seed's four points and an odd shape (H=200: a partial last
-    column block, padded rows, strided inputs), NaN-poisoned, with both exchanges (cluster
-    barrier and flag-in-data); repeated launches agree bit for bit (a read of y before its
-    writer's store would show up as a NaN or a mismatch), and the two exchanges agree bit
-    for bit at a common tiling."""
+def test_cluster_split_matches_naive(B, T, H, dtype):
+    """The cluster split kernel at the seed's four points and an odd shape (H=200: a partial
+    last column block, padded rows, strided inputs), NaN-poisoned, with w_rec as the
+    dispatch keeps it (and streamed where that is on chip); repeated launches agree bit for
+    bit (a read of y before its writer's store would show up as a NaN or a mismatch)."""
     args = make(B, T, H, dtype, "cuda", seed=11, strided=H == 200)
     ref = naive_cfc_scan(*cpu(args), 1.0)
-    outs = {}
-    for cluster in _cluster_modes():
-        run = lambda **kw: triton_cfc_scan(*args, 1.0, out=poisoned(args[0]),  # noqa: E731
-                                           method="split", cluster=cluster, **kw)
-        out = outs[cluster] = run()
-        assert out.dtype == dtype
-        assert rel_l2(out, ref) < TOL[dtype], cluster
-        for _ in range(5):
-            assert torch.equal(run(), out), cluster
-        common = {"block_b": 16, "block_n": 64 if H > 256 else 32}
-        outs[cluster, "common"] = run(**common)
-        if kernels._launch_config(B, H, dtype, kernels.sm_count("cuda"), "split", False,
-                                  cluster)["w_resident"]:   # the dot as one or two half-K dots
-            for k_split in (1, 2):
-                assert rel_l2(run(k_split=k_split), ref) < TOL[dtype], (cluster, k_split)
-    if len(outs) == 4:
-        assert torch.equal(outs[True, "common"], outs[False, "common"])
+    default = split_plan(B, T, H, dtype)
+    for plan in [default] + [dataclasses.replace(default, w_resident=False)] * default.w_resident:
+        out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), plan=plan)
+        assert rel_l2(out, ref) < TOL[dtype], plan
+        for _ in range(3):
+            assert torch.equal(triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), plan=plan),
+                               out), plan
 
 
-@gpu
+@needs_clusters
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("block_b,block_n,num_warps,w_resident",
-                         [(16, 16, 4, True), (16, 64, 8, True), (32, 32, 4, False),
-                          (64, 32, 8, True), (16, 128, 8, False), (16, 32, 2, True),
-                          (16, 16, 1, True)])
-def test_split_launch_variants_agree(block_b, block_n, num_warps, w_resident, dtype):
-    """The --sweep knobs of the split kernel change the tiling, not the result (70 rows:
-    a partial batch block; H=192: a partial column block at every block_n but 16, 64)."""
+                         [(16, 32, 4, True), (16, 64, 8, True), (32, 32, 4, False),
+                          (64, 32, 8, True), (16, 128, 8, False), (16, 32, 2, True)])
+def test_cluster_split_tilings_agree(block_b, block_n, num_warps, w_resident, dtype):
+    """Other tilings of the cluster split change the work split, not the result (70 rows:
+    a partial batch block; H=192: a partial column block at every block_n but 64)."""
     args = make(70, 21, 192, dtype, "cuda", seed=12)
     ref = naive_cfc_scan(*cpu(args), 1.0)
-    for cluster in _cluster_modes():
-        if cluster and -(-192 // block_n) > kernels.MAX_CLUSTER:
-            with pytest.raises(RuntimeError, match="cluster"):
-                triton_cfc_scan(*args, 1.0, method="split", block_n=block_n, cluster=True)
-            continue
-        out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split",
-                              block_b=block_b, block_n=block_n, num_warps=num_warps,
-                              w_resident=w_resident, cluster=cluster)
-        assert rel_l2(out, ref) < TOL[dtype], cluster
+    plan = split_plan(70, 21, 192, dtype, block_b=block_b, block_n=block_n,
+                      num_warps=num_warps, w_resident=w_resident)
+    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), plan=plan)
+    assert rel_l2(out, ref) < TOL[dtype]
 
 
-@gpu
-def test_split_refuses_more_programs_than_sms():
-    """Without clusters, more programs than SMs could leave some unscheduled while the rest
-    wait for their steps: an explicit request is refused, and the default falls back to
-    rows. As clusters (which the GPU schedules whole), the same grid runs and is right."""
-    sms = kernels.sm_count("cuda")
+@needs_clusters
+def test_cluster_split_runs_any_grid():
+    """Clusters are scheduled whole, so a grid of more programs than SMs (4 per SM here:
+    16 * SMs rows in column blocks of 16 at H=64) runs and is right."""
+    sms = kernels.gpu_of("cuda").sms
     args = make(16 * sms, 2, 64, torch.float16, "cuda")
-    with pytest.raises(RuntimeError, match="SMs"):
-        triton_cfc_scan(*args, 1.0, method="split", block_b=16, block_n=16, cluster=False)
-    if kernels.clusters_available("cuda"):
-        ref = naive_cfc_scan(*cpu(args), 1.0)
-        out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method="split", block_b=16,
-                              block_n=16, cluster=True)          # 4 x sms programs
-        assert rel_l2(out, ref) < TOL[torch.float16]
-        assert launch_config(16 * sms, 512, torch.float16, "cuda")["method"] == "split"
-    else:
-        assert launch_config(16 * sms, 512, torch.float16, "cuda")["method"] == "rows"
-
-
-def test_cluster_true_refused_without_clusters():
-    """``cluster=True`` or ``wgmma=True`` where clusters cannot run (CPU tensors, the
-    interpreter, pre-Hopper GPUs) is a one-line error, not a silent fallback."""
-    args = make(4, 3, 32, torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match="clusters"):
-        triton_cfc_scan(*args, 1.0, cluster=True)
-    with pytest.raises(RuntimeError, match="wgmma=True"):
-        triton_cfc_scan(*make(4, 3, 256, torch.float16, "cpu"), 1.0, wgmma=True)
-
-
-needs_wgmma = pytest.mark.skipif(
-    not (torch.cuda.is_available() and kernels.wgmma_runs("cuda")),
-    reason="the wgmma form needs thread-block clusters, compute capability 9.x and Gluon")
+    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]),
+                          plan=split_plan(16 * sms, 2, 64, torch.float16, block_n=16))
+    assert rel_l2(out, naive_cfc_scan(*cpu(args), 1.0)) < TOL[torch.float16]
 
 
 @needs_wgmma
@@ -686,87 +578,65 @@ needs_wgmma = pytest.mark.skipif(
 @pytest.mark.parametrize("B,T,H", SPLIT_SHAPES + [(37, 13, 500), (5, 3, 300), (19, 6, 100),
                                                   (3, 1, 512), (7, 5, 64), (9, 301, 512),
                                                   (33, 2, 256)])
-def test_wgmma_form_matches_naive(B, T, H, dtype):
-    """The wgmma form (``wgmma.py``) at the seed's four points and odd shapes (padded rows
+def test_wgmma_design_matches_naive(B, T, H, dtype):
+    """The wgmma design (``wgmma.py``) at the seed's four points and odd shapes (padded rows
     and columns, strided inputs, H=100, a single step, one program per cluster at H=64, 301
     steps: each mbarrier through 150 phases, two steps: one exchange), NaN-poisoned: within
-    the dtype's
-    tolerance of the float64 loop, and repeated launches bit for bit equal. The Triton
-    cluster kernel (``wgmma=False``) meets the same tolerance on the same inputs."""
+    the dtype's tolerance of the float64 loop, and repeated launches bit for bit equal. The
+    Triton cluster split meets the same tolerance on the same inputs."""
     args = make(B, T, H, dtype, "cuda", seed=21, strided=H % 16 != 0)
     ref = naive_cfc_scan(*cpu(args), 1.0)
-    run = lambda **kw: triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), **kw)  # noqa: E731
-    out = run(wgmma=True)
+    plan = wgmma_plan(B, H, dtype)
+    out = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), plan=plan)
     assert rel_l2(out, ref) < TOL[dtype]
     for _ in range(3):
-        assert torch.equal(run(wgmma=True), out)
-    assert rel_l2(run(wgmma=False, method="split"), ref) < TOL[dtype]
+        assert torch.equal(triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), plan=plan), out)
+    if H >= 64 and T > 1:
+        split = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]),
+                                plan=split_plan(B, T, H, dtype))
+        assert rel_l2(split, ref) < TOL[dtype]
+    if H == 512:   # block_n 64: 8 programs per cluster, 4 warps
+        y = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]),
+                            plan=dataclasses.replace(plan, block_n=64, num_warps=4))
+        assert rel_l2(y, ref) < TOL[dtype]
 
 
 @needs_wgmma
 @pytest.mark.parametrize("B,T,H", [(64, 50, 300), (40, 9, 512)])
-def test_wgmma_form_as_the_default(B, T, H, wgmma_by_default):
-    """With ``WGMMA_BY_DEFAULT`` (and only then) the registered op runs the wgmma form at
-    H of 129 to 512 over several steps, first through the full launch, then through the
-    kept-ready one (``_READY``), both bit for bit equal to ``wgmma=True``; without it, the
-    Triton kernel runs (and is kept ready) instead."""
+def test_wgmma_design_is_the_default(B, T, H):
+    """The registered op runs the wgmma design at H of 129 to 512 over several steps: the
+    first call through the full launch, the next ones through the launch kept ready, all bit
+    for bit equal to the plan passed explicitly."""
     args = make(B, T, H, torch.float16, "cuda", seed=22)
-    assert launch_config(B, H, torch.float16, "cuda", T=T)["wgmma"] == wgmma_by_default
-    asked = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), wgmma=True)
-    launcher = kernels._wgmma_launcher()
-    full, clustered = [], launcher.clustered
-    launcher.clustered = lambda *a, **k: full.append(1) or clustered(*a, **k)  # noqa: E731
-    try:
-        for i in range(3):   # the first call keeps its launch ready, the next ones use it
-            before, full_before = launcher.fast_calls, len(full)
-            y = cfc_scan(*args, 1.0)
-            assert (launcher.fast_calls > before) == wgmma_by_default
-            assert len(full) - full_before == (wgmma_by_default and i == 0)
-            assert torch.equal(y, asked) or not wgmma_by_default
-    finally:
-        del launcher.clustered   # the class's method again
-    # either form's launch is kept ready (the counts above tell which one ran)
-    assert kernels._signature(*args, 1.0) in kernels._READY
-    ref = naive_cfc_scan(*cpu(args), 1.0)
-    assert rel_l2(y, ref) < TOL[torch.float16]
-
-
-@needs_wgmma
-def test_wgmma_form_refuses_what_it_cannot_run():
-    """Tilings and inputs the wgmma form cannot run are one-line errors naming the limit."""
-    half = make(20, 4, 512, torch.float16, "cuda")
-    for kw in ({"block_n": 32}, {"block_n": 128, "num_warps": 4}, {"block_b": 32},
-               {"k_split": 2}, {"w_resident": False}):
-        with pytest.raises(ValueError, match="wgmma=True runs"):
-            triton_cfc_scan(*half, 1.0, wgmma=True, **kw)
-    with pytest.raises(ValueError, match="block_k"):
-        triton_cfc_scan(*half, 1.0, wgmma=True, block_k=64)
-    with pytest.raises(ValueError, match="wgmma=True runs"):
-        triton_cfc_scan(*make(20, 4, 1024, torch.float16, "cuda"), 1.0, wgmma=True)
-    with pytest.raises(ValueError, match="fp16 or bf16"):
-        triton_cfc_scan(*make(20, 4, 256, torch.float32, "cuda"), 1.0, wgmma=True)
-    with pytest.raises(RuntimeError, match="wgmma=True"):
-        triton_cfc_scan(*half, 1.0, wgmma=True, method="rows")
-    with pytest.raises(RuntimeError, match="wgmma=True"):
-        triton_cfc_scan(*half, 1.0, wgmma=True, cluster=False)
-    # block_n 64 at H=512: 8 programs per cluster, 4 warps (the warps follow block_n)
-    ref = naive_cfc_scan(*cpu(half), 1.0)
-    out = triton_cfc_scan(*half, 1.0, out=poisoned(half[0]), wgmma=True, block_n=64)
-    assert rel_l2(out, ref) < TOL[torch.float16]
+    assert choose(B, T, H, torch.float16, kernels.gpu_of("cuda")).design == "wgmma"
+    asked = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]),
+                            plan=choose(B, T, H, torch.float16, kernels.gpu_of("cuda")))
+    launcher = kernels.launcher("wgmma")
+    for _ in range(3):
+        before = launcher.fast_calls
+        assert torch.equal(cfc_scan(*args, 1.0), asked)
+        assert launcher.fast_calls == before + 1
+    assert rel_l2(asked, naive_cfc_scan(*cpu(args), 1.0)) < TOL[torch.float16]
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("method", ["rows", "split"])
-def test_hardware_tanh_stays_within_the_dtype_tolerance(method, dtype):
+@pytest.mark.parametrize("design", ["rows", "split", "wgmma"])
+def test_hardware_tanh_stays_within_the_dtype_tolerance(design, dtype):
     """fp16/bf16 on a GPU use ``tanh.approx.f32`` by default: over a long sequence (T=2048,
     a contractive and an expansive w_rec) it stays within the same tolerance as the exact
     tanh, and not far from it."""
+    if design == "split" and not clusters_here() or design == "wgmma" and not wgmma_here():
+        pytest.skip(f"{design} does not run on this GPU")
+    plan = {"rows": lambda: rows_plan(24, 96, dtype),
+            "split": lambda: split_plan(24, 2048, 96, dtype),
+            "wgmma": lambda: wgmma_plan(24, 96, dtype)}[design]()
+    assert plan.fast_tanh
     for seed, w_scale in ((13, 1.0), (14, 1.5)):
         args = make(24, 2048, 96, dtype, "cuda", seed=seed, w_scale=w_scale)
         ref = naive_cfc_scan(*cpu(args), 1.0)
-        fast = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method=method)
-        exact = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), method=method,
-                                fast_tanh=False)
+        fast = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]), plan=plan)
+        exact = triton_cfc_scan(*args, 1.0, out=poisoned(args[0]),
+                                plan=dataclasses.replace(plan, fast_tanh=False))
         assert rel_l2(fast, ref) < TOL[dtype]
         assert rel_l2(fast, ref) < 2 * rel_l2(exact, ref) + 1e-4

@@ -19,10 +19,11 @@ from conftest import gpu
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from seqdeploy import launch
 from seqdeploy.launch import Launcher
 from seqdeploy.ops import call
 from seqdeploy_cfc import kernels
-from seqdeploy_cfc.kernels import triton_cfc_scan
+from seqdeploy_cfc.kernels import choose, triton_cfc_scan
 from seqdeploy_cfc.ops import cfc_scan_op, cpu_cfc_scan, cuda_cfc_scan, naive_cfc_scan
 
 
@@ -158,11 +159,19 @@ def test_out_is_checked():
 
 
 # -- GPU: the fast paths against the ones they replace -----------------------------------------
-def plain(args, dt, monkeypatch, **kw):
-    """The result through Triton's own ``kernel[grid]`` path (fast path switched off)."""
+def plan_of(args):
+    B, T, H = args[0].shape
+    return choose(B, T, H, args[0].dtype, kernels.gpu_of(args[0].device))
+
+
+def plain(args, dt, monkeypatch):
+    """The result through Triton's own ``kernel[grid]`` path (off the version check), for the
+    plan the default call makes (a design launched without clusters)."""
+    plan = plan_of(args)
+    assert not plan.cluster, plan
     with monkeypatch.context() as m:
-        m.setattr(Launcher, "enabled", False)
-        return triton_cfc_scan(*args, dt, **kw)
+        m.setattr(launch, "PRIVATE_LAUNCH", False)
+        return triton_cfc_scan(*args, dt, plan=plan)
 
 
 @gpu
@@ -175,13 +184,12 @@ def test_direct_call_and_cached_launch_match_the_plain_path(dtype, monkeypatch):
     expected = plain(args, 0.5, monkeypatch)
     probe = Counting(cuda_cfc_scan)
     op = dataclasses.replace(cfc_scan_op(), eager={"cuda": probe})
-    before = kernels._rows_launcher.fast_calls
+    rows = kernels.launcher("rows")
+    before = rows.fast_calls
     for _ in range(3):
         torch.testing.assert_close(call(op, *args, 0.5), expected, rtol=0, atol=0)
     assert probe.calls == 3
-    assert kernels._rows_launcher.fast_calls >= before + 2
-    if Launcher.raw:   # the Triton versions whose C launcher is called directly
-        assert all(direct is not None for _, direct in kernels._rows_launcher._binaries.values())
+    assert rows.fast_calls >= before + (2 if launch.PRIVATE_LAUNCH else 0)
     ref = naive_cfc_scan(*[a.cpu() for a in args], 0.5)
     assert float((expected.double().cpu() - ref).norm() / ref.norm()) < 1e-3
 
@@ -197,7 +205,8 @@ def test_cached_binaries_follow_every_specialization(monkeypatch):
     cases = [(slice(None), slice(0, H)), (slice(None), slice(1, H + 1)),   # 4 bytes off
              (slice(0, 1), slice(0, H)), (slice(0, 2), slice(0, H)),
              (slice(0, 1), slice(1, H + 1))]
-    before = kernels._rows_launcher.fast_calls
+    rows = kernels.launcher("rows")
+    before = rows.fast_calls
     for _ in range(2):
         for i, (ts, hs) in enumerate(cases):
             xw = (wide * (1 + 0.1 * i))[:, ts, hs]                 # new data, the same view
@@ -206,55 +215,46 @@ def test_cached_binaries_follow_every_specialization(monkeypatch):
             torch.testing.assert_close(y, plain(args, 0.5, monkeypatch), rtol=0, atol=0)
             ref = naive_cfc_scan(*[a.cpu() for a in args], 0.5)
             assert float((y.double().cpu() - ref).norm() / ref.norm()) < 1e-5
-    assert kernels._rows_launcher.fast_calls >= before + len(cases)
+    if launch.PRIVATE_LAUNCH:
+        assert rows.fast_calls >= before + len(cases)
 
 
 @gpu
 @pytest.mark.parametrize("B,T,H", [(5, 9, 40), (32, 10, 256), (1, 1, 256)])
-def test_ready_launch_matches_and_steps_aside(B, T, H, monkeypatch):
-    """A repeat default call launches what the first one kept ready (``_READY``): the rows
-    kernel, split as clusters, and a single split step. It gives the plain path's bits on
-    new data each time; an input that is not 16-byte aligned (which is never kept ready),
-    a launch hook, and the fast path switched off send the call down the normal path,
-    still right."""
+def test_ready_launch_matches_and_steps_aside(B, T, H):
+    """A repeat default call launches what the first one kept ready: the rows kernel, a
+    cluster design and a single split step (one launch through the C launcher each). It
+    gives the full launch's bits (the plan passed explicitly) on new data each time; an
+    input that is not 16-byte aligned (never kept ready) and a launch hook (which a plain
+    launch must call) send the call down the full path, still right."""
     args = inputs(B=B, T=T, H=H, dtype=torch.float16, device="cuda")
     wide = torch.randn(B, T, H + 8, device="cuda").half()
-    ran = []
+    plan = plan_of(args)
+    run = kernels.launcher(plan.design)
     for i in range(3):
         args[0] = wide[..., :H] * (1 + 0.1 * i)     # new data, same layout
+        before = run.fast_calls
         y = triton_cfc_scan(*args, 0.5)
-        torch.testing.assert_close(y, plain(args, 0.5, monkeypatch), rtol=0, atol=0)
-        signature = kernels._signature(*args, 0.5)
-        if i == 0:   # the first call made it ready: count the launches it makes from now on
-            run, split = kernels._READY[signature]
-            monkeypatch.setitem(kernels._READY, signature,
-                                (lambda *t, run=run: run(*t) and not ran.append(1), split))
-    assert len(ran) == 2
+        if i and launch.PRIVATE_LAUNCH:
+            assert run.fast_calls == before + 1
+        torch.testing.assert_close(y, triton_cfc_scan(*args, 0.5, plan=plan), rtol=0, atol=0)
     flat = torch.empty(B * T * H + 1, device="cuda", dtype=torch.float16)
     misaligned = flat[1:].view(B, T, H).copy_(args[0])   # 2 bytes off, the same signature
-    assert kernels._signature(misaligned, *args[1:], 0.5) == signature
-    for variant in ("misaligned", "hooked", "off"):
-        before = len(ran)
-        with monkeypatch.context() as m:
-            xw = misaligned if variant == "misaligned" else args[0]
+    seen = []
+    for variant in ("misaligned", "hooked"):
+        xw = misaligned if variant == "misaligned" else args[0]
+        hooks = triton.knobs.runtime.launch_enter_hook
+        with pytest.MonkeyPatch.context() as m:
             if variant == "hooked":
-                m.setattr(triton.knobs.runtime.launch_enter_hook, "calls", [lambda *a: None])
-            if variant == "off":
-                m.setattr(Launcher, "enabled", False)
+                m.setattr(hooks, "calls", [*hooks.calls, lambda *a: seen.append(1)])
             y = triton_cfc_scan(xw, *args[1:], 0.5)
-        expected = plain([xw, *args[1:]], 0.5, monkeypatch)
+        expected = triton_cfc_scan(xw, *args[1:], 0.5, plan=plan)
         torch.testing.assert_close(y, expected, rtol=0, atol=0)
         ref = naive_cfc_scan(*[a.cpu() for a in (xw, *args[1:])], 0.5)
         assert float((y.double().cpu() - ref).norm() / ref.norm()) < 1e-3, variant
-        # the kept launch stepped aside (a cluster launch calls no hooks, as clustered)
-        hooks_ignored = variant == "hooked" and plan_is_clustered(B, T, H)
-        assert len(ran) == before + hooks_ignored, variant
-
-
-def plan_is_clustered(B, T, H):
-    plan = kernels._default_plan(B, H, torch.float16, True, torch.cuda.current_device(), None,
-                                 T == 1, kernels.clusters_available("cuda"))
-    return plan[0] == "wgmma" or (plan[0] == "split" and plan[2][-1])
+    # a hooked plain launch goes through kernel[grid], which calls the hook; cluster
+    # launches call none
+    assert bool(seen) == (not plan.cluster)
 
 
 @gpu
@@ -276,45 +276,43 @@ def test_direct_call_captures_into_a_cuda_graph():
 
 
 @gpu
-@pytest.mark.parametrize("path", ["binary", "c_launcher"])
-def test_launcher_falls_back_when_the_binary_api_differs(path, monkeypatch):
-    """A CompiledKernel (``binary``) or C launcher (``c_launcher``) whose launch API does not
-    fit turns the fast path off for the process; the call still runs once, on the plain
-    path, and is right."""
+def test_off_the_version_check_every_call_is_the_public_launch(monkeypatch):
+    """Where the Triton version is not one whose private launcher the tests ran, every call
+    is ``kernel[grid]``: right, nothing cached for direct launches, no cluster launches."""
+    monkeypatch.setattr(launch, "PRIVATE_LAUNCH", False)
     args = inputs(B=3, T=7, H=24, device="cuda")
-    triton_cfc_scan(*args, 0.5)                                 # cache a binary
-
-    class Incompatible:
-        def __getitem__(self, grid):
-            raise TypeError("launch() takes different arguments")
-
-    def launch(*args):
-        raise TypeError("launch() takes different arguments")
-
-    monkeypatch.setattr(Launcher, "enabled", True)
-    monkeypatch.setattr(kernels, "_READY", {})   # (launches kept ready skip the table)
-    table = kernels._rows_launcher._binaries
-    entry = (Incompatible(), None) if path == "binary" else (None, (launch, None, 0, 0, None))
-    monkeypatch.setattr(kernels._rows_launcher, "_binaries", {k: entry for k in table})
-    y = triton_cfc_scan(*args, 0.5)
-    assert Launcher.enabled is False
+    probe = Launcher(kernels.launcher("rows").kernel, tensors=5)
+    B, T, H = args[0].shape
+    plan = choose(B, T, H, torch.float32, kernels.gpu_of("cuda"))
+    y = torch.empty_like(args[0])
+    grid, values = (plan.grid(B, H),), plan.constexprs(H)
+    full = (*args, y, 0.5, B, T, H, T * H, H, H, H, T * H, H)
+    for _ in range(2):
+        probe(grid, full, values, num_warps=plan.num_warps)
+    assert probe.fast_calls == 0 and probe.bind(grid, full, values) is None
+    assert not launch.cluster_launch_available()
     check(y.cpu(), [a.cpu() for a in args])
 
 
 @gpu
-@pytest.mark.parametrize("method", ["rows", "split"])
-def test_nan_input_propagates_and_does_not_hang(method):
+def test_nan_input_propagates():
     """A NaN in one row's input makes that row NaN from there on and leaves the others
-    right; in split no NaN the kernel stores looks like a word that has not arrived."""
+    right, in every design this GPU runs at H=64 (rows; split as clusters)."""
     args = inputs(B=20, T=12, H=64, dtype=torch.float16, device="cuda")
     args[0][3, 5, 7] = math.nan
-    y = triton_cfc_scan(*args, 0.5, method=method, block_n=16 if method == "split" else None)
-    torch.cuda.synchronize()
-    assert torch.isnan(y[3, 5, 7]) and torch.isnan(y[3, 6:]).all()
-    assert not torch.isnan(y[3, :5]).any()
-    keep = [i for i in range(20) if i != 3]
-    ref = naive_cfc_scan(*[a.cpu() for a in args], 0.5)[keep]
-    assert float((y[keep].double().cpu() - ref).norm() / ref.norm()) < 1e-3
+    plans = [plan_of(args)]
+    gpu_ = kernels.gpu_of("cuda")
+    if gpu_.clusters:
+        plans.append(choose(20, 12, 256, torch.float16, dataclasses.replace(gpu_, wgmma=False)))
+        plans[-1] = dataclasses.replace(plans[-1], block_h=64, block_n=16)
+    for plan in plans:
+        y = triton_cfc_scan(*args, 0.5, plan=plan)
+        torch.cuda.synchronize()
+        assert torch.isnan(y[3, 5, 7]) and torch.isnan(y[3, 6:]).all()
+        assert not torch.isnan(y[3, :5]).any()
+        keep = [i for i in range(20) if i != 3]
+        ref = naive_cfc_scan(*[a.cpu() for a in args], 0.5)[keep]
+        assert float((y[keep].double().cpu() - ref).norm() / ref.norm()) < 1e-3, plan
 
 
 @triton.jit
@@ -331,9 +329,9 @@ def _cluster_ids(out_ptr):
 
 
 def test_clustered_launch_refused_where_unavailable(monkeypatch):
-    """Without a launcher that can ask for clusters, a cluster launch is a clear error (and
-    the cfc split kernel then uses its cluster-less exchange)."""
-    monkeypatch.setattr(Launcher, "raw", False)
+    """Off the version check there is no launcher that can ask for clusters: a cluster launch
+    is a clear error (and the cfc dispatch then chooses no cluster design)."""
+    monkeypatch.setattr(launch, "PRIVATE_LAUNCH", False)
     with pytest.raises(RuntimeError, match="cluster launches"):
         Launcher(_cluster_ids, tensors=1).clustered((8,), 4, (torch.zeros(1),), ())
 
@@ -344,7 +342,7 @@ def test_clustered_launch_groups_consecutive_programs(cluster):
     """``Launcher.clustered`` runs the grid as clusters of ``cluster`` consecutive programs:
     program p is rank p % cluster of a cluster of that size, on the first launch (which
     compiles) and on later ones, and inside a CUDA graph."""
-    if not kernels.clusters_available("cuda"):
+    if not kernels.gpu_of("cuda").clusters:
         pytest.skip("this GPU or Triton has no cluster launches")
     launcher = Launcher(_cluster_ids, tensors=1)
     programs = 4 * 8

@@ -280,7 +280,8 @@ def test_plugin_runtime_half_on_host_pointers(root, arch_name, precision):
         tensors = [t.contiguous() for t in tensors]
         ref = op.reference(*tensors, **attrs)
         refs = ref if isinstance(ref, tuple) else (ref,)
-        outs = [torch.full_like(r, float("nan")) for r in refs]
+        # NaN for float outputs; an id no op produces for integer ones (a router's expert)
+        outs = [torch.full_like(r, float("nan") if r.is_floating_point() else -7) for r in refs]
         run_op(op, attrs, [(t.data_ptr(), t.shape, t.dtype) for t in tensors],
                [(o.data_ptr(), o.shape, o.dtype) for o in outs], device="cpu")
         limit = DEFAULT_LIMITS[precision].rel_l2
@@ -505,7 +506,8 @@ def test_plugin_enqueue_as_tensorrt_calls_it(root, arch_name, precision):
         plugin = plugin.attach_to_context(None)
         ref = op.reference(*tensors, **attrs)
         refs = ref if isinstance(ref, tuple) else (ref,)
-        outs = [torch.full_like(r, float("nan")) for r in refs]
+        # NaN for float outputs; an id no op produces for integer ones (a router's expert)
+        outs = [torch.full_like(r, float("nan") if r.is_floating_point() else -7) for r in refs]
 
         def desc(t):
             d = trt.PluginTensorDesc()

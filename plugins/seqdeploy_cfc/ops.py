@@ -10,7 +10,10 @@ The recurrence is nonlinear in ``h``, so it is strictly sequential in T: there i
 or chunked form. Forms, side by side: ``naive_cfc_scan`` (float64 loop, tests only),
 ``reference_cfc_scan`` (the step loop a user writes: the ``torch-ref`` engine),
 ``cpu_cfc_scan`` (the same loop with one fused GEMM per step into a preallocated output: the
-CPU kernel) and the Triton kernel (``kernels.py``: all T steps in one launch, the CUDA kernel).
+CPU kernel) and the Triton kernels (the CUDA kernel: all T steps in one launch), one design
+per file, chosen by ``kernels.choose``: ``rows.py`` (a program per 16 batch rows),
+``split.py`` (the columns spread over a thread-block cluster; or one step over independent
+programs) and ``wgmma.py`` (the cluster split for Hopper in Gluon).
 """
 from __future__ import annotations
 
@@ -71,7 +74,11 @@ def cpu_cfc_scan(xw, h0, w_rec, tau, dt: float) -> torch.Tensor:
 @torch.library.custom_op("seqdeploy::cfc_scan", mutates_args=())
 def cfc_scan(xw: torch.Tensor, h0: torch.Tensor, w_rec: torch.Tensor, tau: torch.Tensor,
              dt: float) -> torch.Tensor:
-    """CPU (and any non-CUDA device): the allocation-free step loop."""
+    """``y [B, T, H]`` from ``xw [B, T, H]``, ``h0 [B, H]``, ``w_rec [H, H]`` (one dtype: fp32,
+    fp16 or bf16), ``tau [H]`` fp32 and ``dt``. On CUDA, a Triton kernel design that
+    ``seqdeploy_cfc.kernels.choose`` picks from the shapes, dtype and GPU: ``rows``
+    (``rows.py``), ``split`` (``split.py``) or ``wgmma`` (``wgmma.py``). Here (CPU and any
+    other device): the allocation-free step loop ``cpu_cfc_scan``."""
     device = xw.device
     y = cpu_cfc_scan(*(a.cpu() for a in (xw, h0, w_rec, tau)), dt)
     return y.to(device)
@@ -92,20 +99,21 @@ OUTPUTS = ("y",)
 
 
 def _ort_rows_variants(dtype: str) -> dict:
-    """The rows kernel's tilings for each ``BLOCK_H`` up to 512 (fp32: 256), as
-    ``kernels._rows_config`` picks them (fast tanh for fp16, as on a GPU). fp32 at 512 is left
+    """The rows kernel's tilings for each ``BLOCK_H`` up to 512 (fp32: 256), as the dispatch
+    plans them on a GPU without cluster launches (fast tanh for fp16). fp32 at 512 is left
     out: its unrolled fp32 dot took Triton over 5 minutes to lower on the CI machine."""
     import torch
 
-    from seqdeploy_cfc.kernels import SERIES_BELOW, _rows_config
+    from seqdeploy_cfc.kernels import Gpu, choose
 
+    no_clusters = Gpu(sms=108, capability=(8, 0), clusters=False, wgmma=False)
+    names = ("BLOCK_B", "BLOCK_H", "BLOCK_K", "W_RESIDENT", "DOT_F32", "SERIES_BELOW", "FAST_TANH")
     variants = {}
     for block_h in (16, 32, 64, 128, 256) + ((512,) if dtype != "fp32" else ()):
-        cfg = _rows_config(16, block_h, {"fp32": torch.float32, "fp16": torch.float16}[dtype])
-        constexprs = dict(BLOCK_B=cfg["block_b"], BLOCK_H=block_h, BLOCK_K=cfg["block_k"],
-                          W_RESIDENT=cfg["w_resident"], DOT_F32=dtype == "fp32",
-                          SERIES_BELOW=SERIES_BELOW, FAST_TANH=dtype != "fp32")
-        variants[f"h{block_h}"] = (constexprs, cfg["num_warps"])
+        plan = choose(16, 2, block_h, {"fp32": torch.float32, "fp16": torch.float16}[dtype],
+                      no_clusters)
+        assert plan.design == "rows", plan
+        variants[f"h{block_h}"] = (dict(zip(names, plan.constexprs(block_h))), plan.num_warps)
     return variants
 
 

@@ -1,67 +1,43 @@
-"""The Hopper form of the cluster ``split`` kernel: ``w_rec`` held in registers as the
-left operand of warpgroup MMA (wgmma), and ``h`` exchanged between a cluster's programs
-through their shared memory, written in Gluon, Triton's layout-explicit dialect.
+"""The ``wgmma`` design of ``cfc_scan``: the cluster ``split`` for Hopper in Gluon (Triton's
+layout-explicit dialect), fp16/bf16; the default at H of 129 to 512 on sm_9x. In ``split``
+a step is ``h_{t-1} [16, K] @ w [K, BLOCK_N]``: 16 rows are too few for warpgroup MMA
+(M >= 64), so Triton emits ``mma.sync`` and re-reads ``w`` from shared memory every step.
+Here it is transposed, ``h_t^T [BLOCK_N, 16] = w^T [BLOCK_N, K] @ h_{t-1}^T [K, 16]``, so
+``w^T`` sits in wgmma's operand registers (loaded once) and a step reads only ``h_{t-1}``
+from shared memory; the arithmetic is ``split``'s (``common.py``, fp32 accumulation).
 
-Why a second kernel. In the Triton split kernel a step computes ``h_{t-1} [16, K] @ w
-[K, BLOCK_N]``. Sixteen rows are too few for wgmma (its M is at least 64), so Triton emits
-``mma.sync``, and each step re-reads the program's whole ``w_rec`` slice from shared memory
-(128 KiB at H=512) and, in every warp, all of ``h_{t-1}``: about 192 KiB of shared-memory
-traffic per step, which bounds the step at H=512. Here the product is computed transposed,
-``h_t^T [BLOCK_N, 16] = w^T [BLOCK_N, K] @ h_{t-1}^T [K, 16]``: the program's columns are
-wgmma's M (64 per warpgroup), the batch rows its N (16). wgmma may take its left operand
-from registers, so ``w^T`` is loaded once, before the loop, straight into that operand
-layout (``K/4`` registers per thread: 128 at H=512), and a step reads from shared memory only
-``h_{t-1}`` (16 KiB at H=512, once per warpgroup). Plain Triton cannot say this: its
-compiler puts a loaded operand in shared memory and converts it inside the loop.
+``h`` is exchanged in shared memory. Each program keeps two buffers of the block's whole
+``h [16, BLOCK_H]`` (``bufs[t % 2]`` holds ``h_{t-1}``). A step stores its columns of
+``h_t`` into its other buffer, and one thread bulk-copies that slot
+(``cp.async.bulk.shared::cluster``) to the same place in every sibling, completing on the
+sibling's mbarrier of that buffer; the next step waits on its own mbarrier. Why it is safe:
+- a slot is contiguous: the swizzled layout of ``[16, BLOCK_H]`` keeps each 64 columns
+  together, so a buffer is also ``BLOCK_H / BLOCK_N`` slots of ``[16, BLOCK_N]``;
+- a sibling writes ``h_{t+1}`` into our buffer only after receiving our ``h_t``, sent after
+  our wgmma of step t read that buffer; the same order keeps a source slot unchanged until
+  its copies are done;
+- an mbarrier is armed for its next phase right after its wait, before the copy that lets
+  a sibling produce that phase's data;
+- mbarrier initialisation is fenced, and the cluster meets before the first step and after
+  the last, so no program leaves while a copy may still touch its memory.
+The copies address shared memory through Triton's ``global_smem`` symbol at ``h_off`` and
+``bar_off``, byte offsets :func:`shared_offsets` reads from the compiled kernel.
 
-The exchange. The Triton kernel hands ``h_t`` over through global memory: each program
-stores its columns of ``y_t``, the cluster meets at its barrier (arrive with release: the
-stores must be performed first), and every program reads the whole row block back from L2.
-Measured on the H200, that release and the L2 round trip were about half of each step. Here
-``h`` never leaves the cluster: each program keeps two buffers of the block's whole
-``h [16, BLOCK_H]`` in shared memory (``bufs[t % 2]`` holds ``h_{t-1}``). A step stores its
-own columns of ``h_t`` into its other buffer, then one thread bulk-copies that slot
-(``cp.async.bulk.shared::cluster``, 4 KiB at H=512) into the same place of every sibling's
-buffer, completing on the sibling's mbarrier of that buffer. The next step waits only on its
-own mbarrier (the expected bytes of every sibling: no cluster barrier, no fence on global
-memory) and runs wgmma on the buffer. Why it is safe:
-- a slot's bytes are contiguous: the swizzled shared layout of ``[16, BLOCK_H]`` keeps each
-  64 columns together (16 rows x 128 bytes), so the buffer is also ``BLOCK_H / BLOCK_N``
-  slots of ``[16, BLOCK_N]`` in the same layout (``slots``);
-- a sibling writes ``h_{t+1}`` into a buffer of ours only after it has received our
-  ``h_t``, which we send only after our wgmma of step t (which read that buffer) has
-  finished; the same order keeps each source slot unchanged until its copies are done;
-- each mbarrier is armed (``expect``, the bytes of every sibling) for its next phase right
-  after its wait, before the copy that lets a sibling produce that phase's data;
-- an mbarrier's initialisation is fenced and the cluster meets once before the first step;
-  it meets again after the last, so no program leaves while a copy may still touch its
-  shared memory.
-The copies address shared memory through Triton's ``global_smem`` symbol: ``h_off`` and
-``bar_off`` are the byte offsets of ``bufs`` and of the mbarriers there, which
-``kernels._wgmma_offsets`` reads from the compiled kernel. ``y`` is still written once,
-with plain stores off the step's critical path, through a layout with 8 contiguous
-columns per thread; ``xw`` is read once (the next step's tile is loaded before this step's
-product). The arithmetic is the split kernel's, helpers included (``_tanh``,
-``_one_minus_exp_neg``): the same fp32 accumulation of fp16/bf16 products, the same blend.
-On the H200 its outputs were bit for bit equal to those of the earlier form of this kernel
-(the exchange through ``y``) at every shape tried, in fp16 and bf16.
-
-Limits (``kernels._wgmma_plan`` checks them): fp16 or bf16 (fp32 would need tf32, another
-precision); 16 batch rows per program; ``BLOCK_N`` of 64 or 128 columns with
-``BLOCK_N / 16`` warps (16 rows of M per warp); ``BLOCK_H`` from 64 to 512 (512: the
-register budget of ``w^T``); launched as clusters of ``CLUSTER_N`` (the column blocks)
-only (``seqdeploy.launch.Launcher.clustered``). Gluon has no interpreter, so this kernel
-runs only compiled, and only on compute capability 9.x (``kernels.wgmma_runs``): wgmma is
-Hopper's instruction, and compiling it for later GPUs aborts the process.
+Limits (the dispatch keeps to them): 16 rows per program, ``BLOCK_N`` 64 or 128 with
+``BLOCK_N / 16`` warps, ``BLOCK_H`` 64 to 512 (the registers of ``w^T``), clusters of
+``CLUSTER_N = cdiv(H, BLOCK_N)``. No interpreter (Gluon), and sm_9x only (wgmma).
 """
 from __future__ import annotations
 
+import re
+
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
-from seqdeploy_cfc.kernels import _one_minus_exp_neg, _tanh
+from seqdeploy_cfc.common import _one_minus_exp_neg, _tanh
 
 #: the CTA-wide barrier: ``thread_barrier`` in triton 3.6, ``barrier`` from 3.7 on
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -73,9 +49,8 @@ if not hasattr(gl.shared_memory_descriptor, "reinterpret"):
 
 @gluon.jit
 def _cluster_sync(dep):
-    """Every program of the cluster meets here (arrive with release, wait with acquire),
-    after fencing its mbarrier initialisations for the cluster (``dep``: a scalar; every
-    thread runs it)."""
+    """The cluster meets here (arrive: release, wait: acquire), after fencing the mbarrier
+    initialisations for the cluster (``dep``: a scalar; every thread runs it)."""
     return gl.inline_asm_elementwise(
         "fence.mbarrier_init.release.cluster;\n\t"
         "barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;"
@@ -88,18 +63,12 @@ def _send(rank, go, src_off, bar_off, nbytes):
     shared memory to the same place in program ``rank`` of the cluster, completing the
     transfer on that program's mbarrier at ``bar_off``."""
     return gl.inline_asm_elementwise(
-        "{\n\t.reg .pred p, q;\n\t.reg .b32 a, src, dst, bl, rb;\n\t"
-        "mov.u32 a, %tid.x;\n\t"
-        "setp.ne.u32 q, $2, 0;\n\t"
-        "setp.eq.and.u32 p, a, 0, q;\n\t"
-        "mov.u32 src, global_smem;\n\t"
-        "add.u32 bl, src, $4;\n\t"
-        "add.u32 src, src, $3;\n\t"
-        "mapa.shared::cluster.u32 dst, src, $1;\n\t"
-        "mapa.shared::cluster.u32 rb, bl, $1;\n\t"
+        "{\n\t.reg .pred p, q;\n\t.reg .b32 a, src, dst, bl, rb;\n\tmov.u32 a, %tid.x;\n\t"
+        "setp.ne.u32 q, $2, 0;\n\tsetp.eq.and.u32 p, a, 0, q;\n\tmov.u32 src, global_smem;\n\t"
+        "add.u32 bl, src, $4;\n\tadd.u32 src, src, $3;\n\tmapa.shared::cluster.u32 dst, src, $1;"
+        "\n\tmapa.shared::cluster.u32 rb, bl, $1;\n\t"
         "@p cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes "
-        "[dst], [src], $5, [rb];\n\t"
-        "mov.u32 $0, 0;\n\t}",
+        "[dst], [src], $5, [rb];\n\tmov.u32 $0, 0;\n\t}",
         "=r,r,r,r,r,r", [rank, go, src_off, bar_off, nbytes], dtype=gl.int32, is_pure=False,
         pack=1)
 
@@ -160,10 +129,9 @@ def _cfc_wgmma_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
     y_offs = yr.to(gl.int64)[None, :] * sy_b + yc[:, None]
 
     # the block's h in two buffers: h0 in bufs[0], zeros in bufs[1] (columns past H stay
-    # zero: w^T is zero there, and 0 * garbage could be NaN); one mbarrier per buffer
-    # (the mbarriers are the first 16 bytes of a third buffer, in one allocation of four
-    # (shapes are powers of two): so the mbarriers' offset, which the host reads from the
-    # compiled code, also gives the buffers')
+    # zero: w^T is zero there, and 0 * garbage could be NaN); one mbarrier per buffer, the
+    # first 16 bytes of a third buffer of the same allocation, so that the mbarriers' offset
+    # (which the host reads from the compiled code) also gives the buffers'
     bufs = gl.allocate_shared_memory(out_ty, [4, BLOCK_B, BLOCK_H], h_smem_l)
     slots = bufs.reinterpret(out_ty, [4 * SLOTS, BLOCK_B, BLOCK_N], slot_l)
     words = bufs.reinterpret(gl.int64, [BLOCK_B * BLOCK_H, 1], mbarrier.MBarrierLayout())
@@ -206,3 +174,37 @@ def _cfc_wgmma_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H,
                           bar_off + (1 - s) * 8, SLOT_BYTES)
         gl.store(y_ptr + t * sy_t + y_offs, gl.convert_layout(hq, col_l), mask=y_mask)
     _cluster_sync(pid)     # no program leaves while a copy may still touch its memory
+
+
+_OFFSETS: dict[tuple, tuple[int, int]] = {}   # by constexpr values and dtype
+
+
+def shared_offsets(launcher, grid: tuple, args: tuple, values: tuple,
+                   num_warps: int) -> tuple[int, int]:
+    """``(h_off, bar_off)`` of the binary ``launcher`` (a ``seqdeploy.launch.Launcher`` of
+    ``_cfc_wgmma_kernel``) runs for ``args`` (but the offsets, never specialized on) and
+    ``values``: compiled on first use without a launch (Triton caches it for the launch)."""
+    key = (values, args[0].dtype)
+    offsets = _OFFSETS.get(key)
+    if offsets is None:
+        binary = launcher.compile(grid, (*args, 0, 16), values, num_warps=num_warps)
+        offsets = offsets_in_ptx(binary.asm["ptx"], values[0] * values[1] * 2)
+        if offsets is None:
+            raise RuntimeError("cfc_scan: cannot locate the wgmma kernel's shared buffers in "
+                               f"its PTX (triton {triton.__version__})")
+        _OFFSETS[key] = offsets
+    return offsets
+
+
+def offsets_in_ptx(ptx: str, buffer_bytes: int) -> tuple[int, int] | None:
+    """``(h_off, bar_off)`` in the kernel's PTX: the mbarriers are the first words of the third
+    ``h`` buffer (``buffer_bytes`` each) of one allocation, so the first ``mbarrier.init``'s
+    offset from ``global_smem`` gives both. None where not found or off the 1024-byte
+    alignment the buffers' swizzle needs."""
+    init = re.search(r"mbarrier\.init\.shared::cta\.b64 \[(%r\d+)\], 1;", ptx)
+    add = init and re.search(r"add\.s32\s+" + re.escape(init.group(1)) + r", %r\d+, (\d+);",
+                             ptx)
+    if not add:
+        return None
+    h_off = int(add.group(1)) - 2 * buffer_bytes
+    return (h_off, h_off + 2 * buffer_bytes) if h_off >= 0 and h_off % 1024 == 0 else None

@@ -16,18 +16,22 @@ class Ten(Architecture):
     presets = {
         "tiny": {"vocab": 256, "d_model": 64, "n_layers": 2, "k": 16, "seq_len": 256,
                  "bench_batch": 8},
+        # the FFN of every layer swapped for the moe plugin's Switch block (top-1, E=4)
+        "tiny-moe": {"vocab": 256, "d_model": 64, "n_layers": 2, "k": 16, "seq_len": 256,
+                     "bench_batch": 8, "ffn": {"kind": "moe", "n_experts": 4, "d_ff": 128}},
         "base": {"vocab": 50000, "d_model": 1024, "n_layers": 8, "k": 128, "seq_len": 2048,
                  "bench_batch": 16},
     }
     ops = ("eigen_scan",)
     state_map = {"h_re": "h_re_out", "h_im": "h_im_out"}
-    fp32_parameters = ("nu", "theta")
+    fp32_parameters = ("nu", "theta", "router")   # router: the MoE FFN's (tiny-moe)
     gpu_preset = "base"
 
     def build(self, config: dict[str, Any]) -> torch.nn.Module:
         from seqdeploy_ten.model import TenModel
 
-        return TenModel(config["vocab"], config["d_model"], config["n_layers"], config["k"])
+        return TenModel(config["vocab"], config["d_model"], config["n_layers"], config["k"],
+                        config.get("ffn"))
 
     def input_specs(self, config):
         state = (BATCH, config["n_layers"], config["k"])

@@ -62,13 +62,37 @@ class FeedForward(nn.Module):
         return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
+class SwitchFeedForward(nn.Module):
+    """The ``moe`` plugin's Switch FFN block in place of :class:`FeedForward` (config
+    ``"ffn": {"kind": "moe", "n_experts": E, "d_ff": f, "capacity_factor": cf}``)."""
+
+    def __init__(self, d_model: int, n_experts: int, d_ff: int, capacity_factor: float = 0.0):
+        super().__init__()
+        from seqdeploy_moe.model import MoEFeedForward
+
+        self.moe = MoEFeedForward(d_model, d_ff, n_experts, capacity_factor)
+
+    def forward(self, x):
+        return self.moe(x)[0]
+
+
+def make_ffn(d_model: int, ffn: dict | None) -> nn.Module:
+    """The FFN of each layer: GELU 4x by default, or the MoE FFN (``ffn["kind"] == "moe"``)."""
+    if not ffn or ffn.get("kind", "dense") == "dense":
+        return FeedForward(d_model)
+    if ffn["kind"] == "moe":
+        return SwitchFeedForward(d_model, ffn["n_experts"], ffn.get("d_ff", 4 * d_model),
+                                 ffn.get("capacity_factor", 0.0))
+    raise ValueError(f"unknown ffn kind {ffn['kind']!r} (dense or moe)")
+
+
 class TenModel(nn.Module):
-    def __init__(self, vocab: int, d_model: int, n_layers: int, k: int):
+    def __init__(self, vocab: int, d_model: int, n_layers: int, k: int, ffn: dict | None = None):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.mixers = nn.ModuleList(EigenMixer(d_model, k) for _ in range(n_layers))
-        self.ffns = nn.ModuleList(FeedForward(d_model) for _ in range(n_layers))
+        self.ffns = nn.ModuleList(make_ffn(d_model, ffn) for _ in range(n_layers))
         self.norm = LayerNorm32(d_model)
 
     def forward(self, input_ids, h_re, h_im):

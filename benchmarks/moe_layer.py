@@ -1,0 +1,182 @@
+"""The whole MoE layer on the GPU against the alternatives, in one run (bf16 by default).
+
+At N tokens, d, f and each E, times (``triton.testing.do_bench``, median ms):
+
+- ``router``: ``seqdeploy::top1_router`` alone on ``[1, N, E]`` fp32 logits (capacity off, the
+  inference default; and with capacity factor 1.25, where each row is one program);
+- ``moe layer``: router projection + ``top1_router`` + ``moe_experts`` (grouping, both grouped
+  GEMMs, gate, scatter): what one Switch FFN costs;
+- ``mask loop``: the seed's ``for e in range(E): m = expert == e; y[m] = FFN_e(x[m])``;
+- ``grouped_mm``: ``torch._grouped_mm`` over expert-sorted tokens (argsort, gather, two grouped
+  GEMMs with bias + GELU in torch, scatter), where torch has it for this device and dtype;
+- ``dense floor``: one dense FFN (d -> f -> d, bias, GELU) over the same N tokens: the work a
+  top-1 layer must do.
+
+Prints the ratios to the floor (target: the MoE layer at most 1.5x at every E, the router
+under 20 us) and writes JSON with ``--json``. ``--block-m`` times the experts op at other row
+tiles too (the default picks one from the mean group size).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+import torch.nn.functional as F
+
+
+def make(N, d, f, E, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(N, d, device="cuda", dtype=dtype, generator=g)
+    w_r = torch.randn(d, E, device="cuda", generator=g) * d ** -0.5
+    w1 = (torch.randn(E, d, f, device="cuda", generator=g) * d ** -0.5).to(dtype)
+    b1 = (0.02 * torch.randn(E, f, device="cuda", generator=g)).to(dtype)
+    w2 = (torch.randn(E, f, d, device="cuda", generator=g) * f ** -0.5).to(dtype)
+    b2 = (0.02 * torch.randn(E, d, device="cuda", generator=g)).to(dtype)
+    return x, w_r, w1, b1, w2, b2
+
+
+def grouped_mm_reason(dtype) -> str | None:
+    """Why ``torch._grouped_mm`` cannot run here, or None."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if torch.cuda.get_device_capability() < (9, 0):
+        return "torch._grouped_mm needs compute capability 9.0+"
+    if dtype != torch.bfloat16:
+        return "torch._grouped_mm runs bf16 only"
+    return None
+
+
+def main(argv=None) -> int:
+    import triton.testing
+
+    from seqdeploy_moe.kernels import experts_config, group_tokens, padded_rows, triton_moe_experts
+    # the ops as the model calls them (seqdeploy.ops.call: the kernel directly in eager inference)
+    from seqdeploy_moe.model import MOE_EXPERTS as moe_experts
+    from seqdeploy_moe.model import TOP1_ROUTER as top1_router
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--f", type=int, default=3072)
+    ap.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    ap.add_argument("--block-m", type=int, nargs="*", default=[64, 128])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA device")
+        return 1
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    N, d, f = args.tokens, args.d, args.f
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300)  # noqa: E731  (ms)
+    card = torch.cuda.get_device_name()
+    print(f"{card}, torch {torch.__version__}, {platform.node()}: N={N} d={d} f={f} {args.dtype}")
+    results = {"card": card, "torch": torch.__version__, "N": N, "d": d, "f": f,
+               "dtype": args.dtype, "points": []}
+
+    for E in args.experts:
+        x, w_r, w1, b1, w2, b2 = make(N, d, f, E, dtype, seed=E)
+        logits = (x.float() @ w_r)[None]
+        expert, gate = top1_router(logits, 0.0)
+        xb = x[None]
+        counts = torch.bincount(expert.view(-1), minlength=E)
+        point = {"E": E, "tokens_per_expert": [int(c) for c in counts.tolist()]}
+
+        def layer():
+            lg = (x.float() @ w_r)[None]
+            e, g = top1_router(lg, 0.0)
+            return moe_experts(xb, e, g, w1, b1, w2, b2)
+
+        def mask_loop():
+            lg = (x.float() @ w_r)
+            g, e = torch.softmax(lg, -1).max(-1)
+            y = torch.empty_like(x)
+            for i in range(E):
+                m = e == i
+                y[m] = (g[m, None] * (F.gelu(x[m] @ w1[i] + b1[i]) @ w2[i] + b2[i]).float()).to(dtype)
+            return y
+
+        w1_t = w1.transpose(1, 2).contiguous().transpose(1, 2)      # grouped_mm wants [E, K, N]
+        w2_t = w2.transpose(1, 2).contiguous().transpose(1, 2)
+
+        def grouped_mm():
+            lg = (x.float() @ w_r)[None]
+            e, g = top1_router(lg, 0.0)
+            e, g = e.view(-1), g.view(-1)
+            order = torch.argsort(e)
+            offs = torch.cumsum(torch.bincount(e, minlength=E), 0).to(torch.int32)
+            xs = x[order]
+            h = torch._grouped_mm(xs, w1_t, offs=offs)
+            h = F.gelu(h + b1[e[order]])
+            o = torch._grouped_mm(h, w2_t, offs=offs) + b2[e[order]]
+            y = torch.empty_like(x)
+            y[order] = (o.float() * g[order, None]).to(dtype)
+            return y
+
+        def dense():
+            return F.gelu(x @ w1[0] + b1[0]) @ w2[0] + b2[0]
+
+        # correctness of what is timed: the layer equals the mask loop
+        ref = mask_loop().float()
+        err = float((layer()[0].float() - ref).norm() / ref.norm())
+        point["layer_vs_mask_loop_rel_l2"] = err
+        times = {
+            "router": bench(lambda: top1_router(logits, 0.0)),
+            "router_capacity_1.25": bench(lambda: top1_router(logits, 1.25)),
+            "moe layer": bench(layer),
+            "experts op": bench(lambda: moe_experts(xb, expert, gate, w1, b1, w2, b2)),
+            "grouping only": bench(lambda: group_tokens(expert.view(-1), E,
+                                                        experts_config(N, E, d, f, dtype)["block_m"])),
+            "mask loop": bench(mask_loop),
+            "dense floor": bench(dense),
+        }
+        default_bm = experts_config(N, E, d, f, dtype)["block_m"]
+        for bm in args.block_m:
+            times[f"experts op BLOCK_M={bm}"] = bench(
+                lambda bm=bm: triton_moe_experts(xb, expert, gate, w1, b1, w2, b2, block_m=bm))
+        reason = grouped_mm_reason(dtype)
+        if reason is None:
+            try:
+                got = grouped_mm().float()
+                point["grouped_mm_vs_mask_loop_rel_l2"] = float((got - ref).norm() / ref.norm())
+                times["grouped_mm"] = bench(grouped_mm)
+            except Exception as exc:  # report, do not hide: the other numbers still stand
+                reason = f"torch._grouped_mm failed: {str(exc).splitlines()[0][:160]}"
+        point["grouped_mm_skipped"] = reason
+        floor = times["dense floor"]
+        point["ms"] = times
+        point["x_floor"] = {k: v / floor for k, v in times.items()}
+        point["default_block_m"] = default_bm
+        results["points"].append(point)
+        flops = 4.0 * N * d * f                 # two GEMMs of one FFN over N tokens
+        weight_bytes = 2 * E * d * f * x.element_size()
+        point["tflops"] = {k: flops / (v * 1e-3) / 1e12 for k, v in times.items()
+                           if k in ("moe layer", "experts op", "dense floor", "grouped_mm")}
+        point["padded_rows"] = {bm: padded_rows(point["tokens_per_expert"], bm) for bm in args.block_m}
+        point["expert_weight_MB"] = weight_bytes / 1e6
+        print(f"\nE={E}  tokens/expert {min(point['tokens_per_expert'])}..{max(point['tokens_per_expert'])}"
+              f"  default BLOCK_M={default_bm}  layer vs mask loop rel-L2 {err:.2e}")
+        print(f"  expert weights {weight_bytes / 1e6:.0f} MB (read at least once per layer); rows "
+              f"computed per BLOCK_M: {point['padded_rows']} for {N} tokens")
+        for k, v in times.items():
+            tf = point["tflops"].get(k)
+            print(f"  {k:28s} {v * 1e3:10.1f} us   {v / floor:6.2f}x floor"
+                  + (f"   {tf:6.1f} TFLOP/s" if tf else ""))
+        if reason:
+            print(f"  grouped_mm: skipped ({reason})")
+        layer_ok = times["moe layer"] <= 1.5 * floor
+        router_ok = times["router"] * 1e3 < 20
+        print(f"  target moe layer <= 1.5x floor: {'MET' if layer_ok else 'MISSED'} "
+              f"({times['moe layer'] / floor:.2f}x); router < 20 us: "
+              f"{'MET' if router_ok else 'MISSED'} ({times['router'] * 1e3:.1f} us)")
+        point["targets_met"] = {"layer_1.5x_floor": layer_ok, "router_20us": router_ok}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
