@@ -133,6 +133,10 @@ def main():
                      f"rel {row['rel_diff_vs_fla']:.1e}")
         print(line, flush=True)
         del x
+    save(args.json, results)     # kept if a later part is cut off by a time budget
+    if not args.no_encoder:
+        encoder_latency(results, args.dtype)
+        save(args.json, results)
     if args.sweep:
         # tilings of the sequential kernel at the first shape (the grid is B * n * dv / BV)
         B, n, T, d = SHAPES[0]
@@ -150,10 +154,12 @@ def main():
                     print(f"sweep T={T}: BV={block_v:2d} warps={warps}: {ms:8.3f} ms (rel vs default {err:.1e})")
                 except Exception as exc:   # noqa: BLE001 - a tiling that fails to compile is reported
                     print(f"sweep BV={block_v} warps={warps}: failed: {str(exc).splitlines()[0][:200]}")
-    if not args.no_encoder:
-        encoder_latency(results, args.dtype)
-    if args.json:
-        with open(args.json, "w") as f:
+    save(args.json, results)
+
+
+def save(path, results):
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=2)
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU evidence for `lam` (one device call, < 4 minutes on an H100). Assumes
+# The GPU evidence for `lam` (one device call, < 4 minutes on an H100; each step has its own
+# timeout, most important first). Assumes
 # `python3 -m pip install -q --no-deps --no-build-isolation -e .` already ran; installs nothing
 # from the network. flash-linear-attention (pure Python over Triton: fla-core + einops) is
 # installed from the wheels carried in .whl/ when present (carry the ignored folder .whl), else the benchmark
@@ -18,18 +19,18 @@ if ls .whl/fla_core-*.whl >/dev/null 2>&1; then
     >/dev/null 2>&1 || echo "fla wheels did not install"
 fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$O/lam_env.txt"
-SEQDEPLOY_LAM_E2E=0 timeout 130 python3 -m pytest -q -p no:cacheprovider tests/test_lam_ops.py tests/test_lam_model.py 2>&1 \
+SEQDEPLOY_LAM_E2E=0 timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_lam_ops.py tests/test_lam_model.py 2>&1 \
   | tail -15 | tee "$O/lam_pytest_gpu.txt"
-timeout 100 python3 benchmarks/lam_dual_delta.py --sweep --json "$O/lam_dual_delta.json" 2>&1 | grep -v Warning \
+timeout 80 python3 benchmarks/lam_dual_delta.py --sweep --json "$O/lam_dual_delta.json" 2>&1 | grep -v Warning \
   | tee "$O/lam_dual_delta.txt"
 # `seqdeploy run lam` would stop at the `ort` engine: the native ORT op library has no
 # DualDeltaRule kernel yet, so the stages run by hand with torch and ort-onnx (plain ORT).
 X=/tmp/seqdeploy-lam
 {
-  timeout 40 seqdeploy export lam --preset tiny --streaming --out $X &&
-  timeout 30 seqdeploy optimize lam --preset tiny --fp16 --out $X &&
-  timeout 60 seqdeploy validate lam --preset tiny --engine torch --engine ort-onnx --long-seq 1024 --out $X &&
-  timeout 30 seqdeploy bench lam --preset tiny --engine torch-ref --engine torch --engine ort-onnx --out $X
+  timeout 30 seqdeploy export lam --preset tiny --streaming --out $X &&
+  timeout 20 seqdeploy optimize lam --preset tiny --fp16 --out $X &&
+  timeout 45 seqdeploy validate lam --preset tiny --engine torch --engine ort-onnx --long-seq 1024 --out $X &&
+  timeout 20 seqdeploy bench lam --preset tiny --engine torch-ref --engine torch --engine ort-onnx --out $X
 } 2>&1 | grep -v "^  \[" | tee "$O/run_lam.txt"
 cp $X/lam/tiny/parity.json $X/lam/tiny/bench.json "$O/" 2>/dev/null
 exit 0
