@@ -137,11 +137,10 @@ def test_export_has_one_node_per_layer_and_runs_in_plain_onnxruntime(lam, precis
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SEQDEPLOY_LAM_E2E") != "1",
-                    reason="about 4 minutes on a loaded 2-core host (over the CPU suite's budget): "
-                           "set SEQDEPLOY_LAM_E2E=1")
+@pytest.mark.skipif(os.environ.get("SEQDEPLOY_LAM_E2E") == "0",
+                    reason="SEQDEPLOY_LAM_E2E=0 (benchmarks/lam_gpu.sh runs `seqdeploy run lam` itself)")
 def test_seqdeploy_run_lam_end_to_end_on_cpu(tmp_path):
-    """``seqdeploy run lam`` on CPU: export (with the one-step graph), fp16, validate (ragged,
+    """``seqdeploy run lam`` on CPU (about 50 s here): export (with the one-step graph), fp16, validate (ragged,
     split and step cases), bench. The native ``ort`` engine has no DualDeltaRule kernel, so
     ``run`` leaves it out, saying why; plain ONNX Runtime runs the fallback function."""
     import json
