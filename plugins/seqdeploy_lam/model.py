@@ -8,7 +8,9 @@ projections of each layer) in and out, fp32; outputs ``token_states [B, T, D]`` 
 Padding is harmless by construction: at a masked position the conv input is zeroed, beta = 0
 and both log-decays are 0 (decay 1), so both memories pass through unchanged; the conv tail
 handed on is gathered from the last three real positions; pooling counts real tokens only.
-Norm statistics, L2 normalisation and the log-decays are computed in fp32.
+Exact for padding (masked tokens before the first or after the last real one); a masked token
+between real ones feeds the conv a zero rather than being skipped. Norm statistics, L2
+normalisation and the log-decays are computed in fp32.
 """
 from __future__ import annotations
 
