@@ -38,6 +38,9 @@ ONNX_T = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 SHAPES = [(1, 1), (2, 63), (1, 2048)]
 #: rel-L2 limits against the float64 loop and against ort-onnx (DESIGN.md defaults)
 LIMITS = {"fp32": 1e-5, "fp16": 5e-3}
+#: one op against another implementation at up to T = 4096: two fp32 recurrences differ by a
+#: few ulps per step (test_eigen_scan's fp32 tolerance, 2e-5)
+OP_LIMITS = {"fp32": 2e-5, "fp16": 5e-3}
 
 
 # -- the ops: inputs, float64 reference, attributes ----------------------------------------
@@ -232,8 +235,8 @@ def test_cpu_kernel_matches_naive_and_the_function(library, name, dtype, shape):
     reference = naive(inputs, attrs)
     for r, a, f in zip(reference, ours, function):
         assert a.dtype == NP[dtype]
-        assert rel_l2(r, a) < LIMITS[dtype], ("vs naive", rel_l2(r, a))
-        assert rel_l2(f, a) < LIMITS[dtype], ("vs ort-onnx", rel_l2(f, a))
+        assert rel_l2(r, a) < OP_LIMITS[dtype], ("vs naive", rel_l2(r, a))
+        assert rel_l2(f, a) < OP_LIMITS[dtype], ("vs ort-onnx", rel_l2(f, a))
         # fp32 state inside: the library is no worse than the function against float64
         assert rel_l2(r, a) <= 2 * rel_l2(r, f) + 1e-6
 
@@ -344,7 +347,7 @@ def test_cuda_kernel_matches_torch_and_naive(library, name, dtype, shape, tmp_pa
     expected = expected if isinstance(expected, (tuple, list)) else [expected]
     for r, t, a in zip(naive(inputs, attrs), expected, outs):
         a = a.cpu().numpy()
-        assert rel_l2(t.cpu().numpy(), a) < LIMITS[dtype], ("vs torch", rel_l2(t.cpu().numpy(), a))
+        assert rel_l2(t.cpu().numpy(), a) < OP_LIMITS[dtype], ("vs torch", rel_l2(t.cpu().numpy(), a))
         assert rel_l2(r, a) < LIMITS[dtype], ("vs naive", rel_l2(r, a))
     events = json.loads(Path(s.end_profiling()).read_text())
     ran = {(e["args"].get("op_name"), e["args"].get("provider")) for e in events
