@@ -90,17 +90,24 @@ def test_every_op_with_an_ort_kernel_has_a_case():
     assert with_kernel == set(OP_CASES) and {"eigen_scan", "cfc_scan"} <= with_kernel
 
 
-def single_node_model(op, inputs: dict, attrs: dict, dtype: str) -> bytes:
-    """One seqdeploy node with the op's fallback function attached, as export makes it."""
+def output_templates(op, reference: list, dtype: str) -> list[np.ndarray]:
+    """Each output's shape (the float64 reference's) and dtype (the schema's: type T follows
+    the graph, ``tensor(float)`` stays fp32, as in the fp32 islands of fp16 graphs)."""
+    return [np.empty(r.shape, np.float32 if p.type_str == "tensor(float)" else NP[dtype])
+            for p, r in zip(op.schema.outputs, reference)]
+
+
+def single_node_model(op, inputs: dict, attrs: dict, outputs: list[np.ndarray]) -> bytes:
+    """One seqdeploy node with the op's fallback function attached, as export makes it;
+    ``outputs``: :func:`output_templates`."""
     def value(name, arr):
         return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype),
                                              list(arr.shape))
-    outputs = [p.name for p in op.schema.outputs]
-    node = helper.make_node(op.onnx_name, list(inputs), outputs, domain=DOMAIN,
+    names = [p.name for p in op.schema.outputs]
+    node = helper.make_node(op.onnx_name, list(inputs), names, domain=DOMAIN,
                             **plugin_attributes(), **attrs)
-    like = next(iter(inputs.values()))   # every output is shaped like the first input
     graph = helper.make_graph([node], op.name, [value(k, v) for k, v in inputs.items()],
-                              [value(o, like) for o in outputs])
+                              [value(o, like) for o, like in zip(names, outputs)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
                                                     helper.make_opsetid(DOMAIN, 1)])
     model.functions.append(op.fallback(20))
@@ -113,14 +120,14 @@ def library():
     return build_library(load_registry())
 
 
-def run_poisoned(session, inputs, like: np.ndarray, n_out: int) -> list[np.ndarray]:
-    """Run with every output bound to a NaN-filled host buffer: an element a kernel never
-    writes stays NaN."""
+def run_poisoned(session, inputs, outputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Run with every output bound to a NaN-filled host buffer shaped and typed like its
+    template (:func:`output_templates`): an element a kernel never writes stays NaN."""
     binding = session.io_binding()
     for k, v in inputs.items():
         binding.bind_cpu_input(k, v)
     outs = []
-    for o in session.get_outputs()[:n_out]:
+    for o, like in zip(session.get_outputs(), outputs):
         buf = np.full(like.shape, np.nan, dtype=like.dtype)
         binding.bind_output(o.name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         outs.append(buf)
@@ -227,14 +234,13 @@ def test_cpu_kernel_matches_naive_and_the_function(library, name, dtype, shape):
     op = registry.ops[name]
     make, naive, attrs = OP_CASES[name]
     inputs = make(*shape, dtype, np.random.default_rng(hash((name, dtype, shape)) % 2**32))
-    model = single_node_model(op, inputs, attrs, dtype)
-    first = next(iter(inputs.values()))
-    n_out = len(op.schema.outputs)
-    ours = run_poisoned(session(model, library), inputs, first, n_out)
-    function = run_poisoned(session(model), inputs, first, n_out)
     reference = naive(inputs, attrs)
-    for r, a, f in zip(reference, ours, function):
-        assert a.dtype == NP[dtype]
+    outputs = output_templates(op, reference, dtype)
+    model = single_node_model(op, inputs, attrs, outputs)
+    ours = run_poisoned(session(model, library), inputs, outputs)
+    function = run_poisoned(session(model), inputs, outputs)
+    for r, a, f, like in zip(reference, ours, function, outputs, strict=True):
+        assert a.dtype == like.dtype
         assert rel_l2(r, a) < OP_LIMITS[dtype], ("vs naive", rel_l2(r, a))
         assert rel_l2(f, a) < OP_LIMITS[dtype], ("vs ort-onnx", rel_l2(f, a))
         # fp32 state inside: the library is no worse than the function against float64
@@ -254,13 +260,43 @@ def test_the_library_runs_not_the_function(library, name, tmp_path):
     """ORT's profile lists the kernels that ran: with the library, the seqdeploy node itself
     on the CPU provider and no Scan; without it, the function's Scan (so the check can fail)."""
     op = load_registry().ops[name]
-    make, _, attrs = OP_CASES[name]
+    make, naive, attrs = OP_CASES[name]
     inputs = make(2, 9, "fp32", np.random.default_rng(0))
-    model = single_node_model(op, inputs, attrs, "fp32")
+    model = single_node_model(op, inputs, attrs, output_templates(op, naive(inputs, attrs), "fp32"))
     with_library = _profiled_ops(tmp_path, model, inputs, library)
     assert with_library == {(op.onnx_name, "CPUExecutionProvider")}
     without = {o for o, _ in _profiled_ops(tmp_path, model, inputs, None)}
     assert "Scan" in without and op.onnx_name not in without
+
+
+@pytest.mark.parametrize("name", sorted(OP_CASES))
+def test_the_library_types_and_shapes_every_output(library, name, tmp_path):
+    """A registered op hides the function, so ORT types and shapes the node's outputs from the
+    library alone (seqdeploy_ort.h, InferOutputs): in an fp16 graph each output gets its
+    schema's dtype (fp32 islands included) and its reference's shape. The node's outputs feed
+    an Abs each, with untyped value_info that ORT fills in the model it saves."""
+    op = load_registry().ops[name]
+    make, naive, attrs = OP_CASES[name]
+    inputs = make(2, 5, "fp16", np.random.default_rng(0))
+    outputs = output_templates(op, naive(inputs, attrs), "fp16")
+    model = onnx.load_from_string(single_node_model(op, inputs, attrs, outputs))
+    names = [o.name for o in model.graph.output]
+    model.graph.node[0].output[:] = [n + "_v" for n in names]
+    for n in names:
+        model.graph.node.append(helper.make_node("Abs", [n + "_v"], [n]))
+        model.graph.value_info.append(helper.make_value_info(n + "_v", onnx.TypeProto()))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.register_custom_ops_library(str(library))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "inferred.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    saved = onnx.load(tmp_path / "inferred.onnx")
+    inferred = {v.name: v.type.tensor_type for v in saved.graph.value_info}
+    for n, like in zip(names, outputs, strict=True):
+        t = inferred[n + "_v"]
+        assert (t.elem_type, [d.dim_value for d in t.shape.dim]) == \
+            (helper.np_dtype_to_tensor_dtype(like.dtype), list(like.shape)), n
 
 
 def test_ort_engine_on_an_exported_model(ten_artifact, tmp_path):
@@ -327,25 +363,27 @@ def test_cuda_kernel_matches_torch_and_naive(library, name, dtype, shape, tmp_pa
     op = registry.ops[name]
     make, naive, attrs = OP_CASES[name]
     inputs = make(*shape, dtype, np.random.default_rng(7))
-    model = single_node_model(op, inputs, attrs, dtype)
+    reference = naive(inputs, attrs)
+    outputs = output_templates(op, reference, dtype)
+    model = single_node_model(op, inputs, attrs, outputs)
     s = session(model, library, _cuda_provider(), profile=tmp_path / "p")
     binding = s.io_binding()
     cuda_in = {k: torch.from_numpy(v).cuda() for k, v in inputs.items()}
     for k, t in cuda_in.items():
         binding.bind_input(k, "cuda", 0, NP[dtype] if t.dtype != torch.float32 else np.float32,
                            list(t.shape), t.data_ptr())
-    first = cuda_in[next(iter(inputs))]
     outs = []
-    for o in s.get_outputs():
-        buf = torch.full_like(first, float("nan"))
-        binding.bind_output(o.name, "cuda", 0, NP[dtype], list(buf.shape), buf.data_ptr())
+    for o, like in zip(s.get_outputs(), outputs):
+        buf = torch.full(like.shape, float("nan"), dtype=torch.from_numpy(like).dtype,
+                         device="cuda")
+        binding.bind_output(o.name, "cuda", 0, like.dtype, list(buf.shape), buf.data_ptr())
         outs.append(buf)
     s.run_with_iobinding(binding)
     torch.cuda.synchronize()
     args = [cuda_in[k] for k in inputs] + list(attrs.values())
     expected = op.torch_op(*args)
     expected = expected if isinstance(expected, (tuple, list)) else [expected]
-    for r, t, a in zip(naive(inputs, attrs), expected, outs):
+    for r, t, a in zip(reference, expected, outs, strict=True):
         a = a.cpu().numpy()
         assert rel_l2(t.cpu().numpy(), a) < OP_LIMITS[dtype], ("vs torch", rel_l2(t.cpu().numpy(), a))
         assert rel_l2(r, a) < LIMITS[dtype], ("vs naive", rel_l2(r, a))
@@ -364,6 +402,7 @@ def test_cuda_cfc_refuses_what_it_has_no_tile_for(library):
     inputs = {"xw": rng.standard_normal((2, 3, H)).astype(np.float32),
               "h0": np.zeros((2, H), np.float32), "w_rec": np.zeros((H, H), np.float32),
               "tau": np.ones(H, np.float32)}
-    s = session(single_node_model(op, inputs, {"dt": 1.0}, "fp32"), library, _cuda_provider())
+    outputs = [np.empty((2, 3, H), np.float32)]
+    s = session(single_node_model(op, inputs, {"dt": 1.0}, outputs), library, _cuda_provider())
     with pytest.raises(Exception, match="supports H <= 256 in fp32, got 300"):
         s.run(None, inputs)

@@ -42,6 +42,7 @@ using CUfunction = void*;
 constexpr int kPointerAttributeDeviceOrdinal = 9;   // CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
 constexpr int kAttrCcMajor = 75;                     // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
 constexpr int kAttrCcMinor = 76;
+constexpr int kAttrMultiprocessors = 16;             // CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
 constexpr int kFuncMaxDynamicShared = 8;             // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 constexpr int kJitErrorLog = 5, kJitErrorLogSize = 6;  // CU_JIT_ERROR_LOG_BUFFER(_SIZE_BYTES)
 
@@ -178,6 +179,15 @@ void LaunchTriton(const TritonKernel& k, CUstream stream, unsigned grid_x, void*
   Check(Cuda().LaunchKernel(fn, grid_x, 1, 1, 32 * k.num_warps, 1, 1, k.shared, stream,
                             params.data(), nullptr),
         (std::string("launching ") + k.name).c_str());
+}
+
+int MultiprocessorCount() {
+  CurrentContext();
+  CUdevice dev = 0;
+  Check(Cuda().CtxGetDevice(&dev), "cuCtxGetDevice");
+  int count = 0;
+  Check(Cuda().DeviceGetAttribute(&count, kAttrMultiprocessors, dev), "cuDeviceGetAttribute");
+  return count;
 }
 
 void MemsetD32Async(CUdeviceptr ptr, unsigned value, size_t count, CUstream stream) {

@@ -21,6 +21,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -62,6 +63,9 @@ using CUdeviceptr = unsigned long long;
 // kernel's order); Triton's trailing scratch pointers are passed as null. The module is loaded
 // once per CUDA context (the PTX for the device's architecture, JIT-compiled by the driver).
 void LaunchTriton(const TritonKernel& kernel, CUstream stream, unsigned grid_x, void** args);
+
+// The number of multiprocessors of the current CUDA context's device (for grid heuristics).
+int MultiprocessorCount();
 
 // Zeroes `count` 32-bit words at `ptr` on `stream`.
 void MemsetD32Async(CUdeviceptr ptr, unsigned value, size_t count, CUstream stream);
@@ -118,20 +122,48 @@ std::vector<int64_t> ShapeOf(const Ort::ConstValue& v, size_t rank, const char* 
 //   static std::vector<ONNXTensorElementDataType> Outputs();
 //   Kernel(const Ort::ConstKernelInfo& info, bool cuda);
 //   void Compute(Ort::KernelContext& ctx);                  // throws Error
+// and, when its outputs are not all typed and shaped like its first input (an fp32 state
+// beside type-T outputs, say):
+//   static void InferOutputShapes(Ort::ShapeInferContext& ctx, ONNXTensorElementDataType t);
+//   // sets every output with ctx.SetOutputShape; `t` is the first input's dtype; throws
+
+template <typename K, typename = void>
+struct HasInferOutputShapes : std::false_type {};
+template <typename K>
+struct HasInferOutputShapes<K, std::void_t<decltype(&K::InferOutputShapes)>> : std::true_type {};
+
+// ORT needs the output types of an op whose inputs may be fp32 or fp16. By default every output
+// has the first input's dtype and shape (y like x); a Kernel may say otherwise (above).
+template <typename Kernel>
+OrtStatusPtr InferOutputs(OrtShapeInferContext* ctx) {
+  const OrtApi& api = Ort::GetApi();
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (OrtStatusPtr s = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return s;
+  // `info` is not released: ORT frees it (releasing it here aborted ORT 1.32 with a double free)
+  if constexpr (HasInferOutputShapes<Kernel>::value) {
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    if (OrtStatusPtr s = api.GetTensorElementType(info, &type)) return s;
+    try {
+      Ort::ShapeInferContext shapes(&api, ctx);
+      Kernel::InferOutputShapes(shapes, type);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_INVALID_GRAPH, (std::string("seqdeploy ") + Kernel::kName +
+                                                  ": " + e.what()).c_str());
+    }
+  } else {
+    OrtStatusPtr status = nullptr;
+    for (size_t i = 0; i < Kernel::Outputs().size() && !status; ++i)
+      status = api.ShapeInferContext_SetOutputTypeShape(ctx, i, info);
+    return status;
+  }
+}
+
 template <typename Kernel>
 struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
   explicit Op(bool cuda) : cuda_(cuda) {
-    // every output has the first input's dtype and shape (y like x); ORT needs this to type
-    // the outputs of an op whose inputs may be fp32 or fp16
-    OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
-      const OrtApi& api = Ort::GetApi();
-      OrtTensorTypeAndShapeInfo* info = nullptr;
-      if (OrtStatusPtr s = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return s;
-      OrtStatusPtr status = nullptr;
-      for (size_t i = 0; i < Kernel::Outputs().size() && !status; ++i)
-        status = api.ShapeInferContext_SetOutputTypeShape(ctx, i, info);
-      // not released: ORT frees it (releasing it here aborted ORT 1.32 with a double free)
-      return status;
+    OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) {
+      return InferOutputs<Kernel>(ctx);
     };
   }
 
