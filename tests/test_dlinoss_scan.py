@@ -318,6 +318,48 @@ def test_fallback_function_in_plain_onnxruntime(precision, tmp_path):
     assert rel_l2(out, naive_linoss_scan(*args)) < TOL[dtype]
 
 
+def test_ort_library_kernel_edges():
+    """The native ORT kernel (ort_linoss_scan.cc) on the CPU provider, beyond tests/test_ort.py's
+    shapes: T = 0 hands state0 on as stateT, and a state0 of the wrong shape is refused in one
+    line, naming the shape it must have."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from seqdeploy.ops import plugin_attributes
+    from seqdeploy.ort_native.build import build_library
+    from seqdeploy.plugins import load_registry
+
+    f32 = TensorProto.FLOAT
+    vi = helper.make_tensor_value_info
+    node = helper.make_node("LinossScan", ["b_re", "b_im", "A", "G", "dt", "state0"],
+                            ["x_re", "x_im", "stateT"], domain="seqdeploy", **plugin_attributes())
+    graph = helper.make_graph(
+        [node], "g",
+        [vi("b_re", f32, ["B", "T", "P"]), vi("b_im", f32, ["B", "T", "P"]), vi("A", f32, ["P"]),
+         vi("G", f32, ["P"]), vi("dt", f32, ["P"]), vi("state0", f32, ["B", "P", 4])],
+        [vi("x_re", f32, ["B", "T", "P"]), vi("x_im", f32, ["B", "T", "P"]),
+         vi("stateT", f32, ["B", "P", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
+                                                    helper.make_opsetid("seqdeploy", 1)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.register_custom_ops_library(str(build_library(load_registry())))
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = ["b_re", "b_im", "A", "G", "dt", "state0"]
+    args = [a.numpy() for a in make(2, 0, 5)]
+    x_re, _, state = session.run(None, dict(zip(names, args)))
+    assert x_re.shape == (2, 0, 5) and np.array_equal(state, args[5])
+    args = [a.numpy() for a in make(2, 3, 5)]
+    args[5] = args[5][:, :4]
+    with pytest.raises(Exception) as info:
+        session.run(None, dict(zip(names, args)))
+    message = str(info.value)
+    assert "seqdeploy LinossScan: state0 must be [B, P, 4] = [2, 5, 4]" in message
+    assert "\n" not in message.strip()
+
+
 SM90 = textwrap.dedent("""
     import os
     os.environ.pop("TRITON_INTERPRET", None)

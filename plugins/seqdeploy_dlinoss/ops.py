@@ -12,8 +12,9 @@ with ``w = (z, x)``, ``M = [[1/S, -dt A/S], [dt/S, 1 - dt^2 A/S]]``, ``c = (dt/S
 
 Forms, side by side: ``naive_linoss_scan`` (float64 loop in the (z, x) update form, tests
 only), ``reference_linoss_scan`` (fp32 step loop, the ``torch-ref`` engine),
-``vectorised_linoss_scan`` (chunked closed form, the CPU kernel) and the Triton kernel
-(``kernels.py``, the CUDA kernel).
+``vectorised_linoss_scan`` (chunked closed form, the CPU kernel), the Triton kernel
+(``kernels.py``, the CUDA kernel) and the ONNX Runtime kernels (``ort_linoss_scan.cc``: a C++
+step loop, and the same Triton kernels compiled ahead of time).
 
 Accuracy near the unit circle. ``det M = 1/S``, so inside the band the eigenvalues of M have
 modulus ``1/sqrt(S)``, which tends to 1 as ``dt G -> 0``; at the band's edges they coincide
@@ -200,16 +201,53 @@ FLOAT32_INPUTS = ("A", "G", "dt", "state0")
 FLOAT32_OUTPUTS = ("stateT",)
 
 
+def _ort_variants(kernel: str):
+    """The AOT variants of one of the two Triton kernels: the tile and warps launch_config
+    gives a long sequence (the CUDA form masks partial tiles, so one tile serves every shape)."""
+    def variants(dtype: str) -> dict:
+        import torch
+
+        from seqdeploy_dlinoss.kernels import launch_config
+
+        _, block_t, block_p, num_warps = launch_config(1, 1 << 16, 1 << 10, torch.device("cpu"))
+        constexprs = {"BLOCK_T": block_t, "BLOCK_P": block_p}
+        if kernel == "chunk":
+            constexprs["LOG2_T"] = block_t.bit_length() - 1
+        return {f"t{block_t}p{block_p}": (constexprs, num_warps)}
+    return variants
+
+
+def ort_kernel():
+    """The ONNX Runtime kernels (``ort_linoss_scan.cc``): a CPU step loop, and on CUDA this
+    plugin's rows and chunk Triton kernels compiled ahead of time (no scratch, no clusters),
+    chosen per shape as launch_config chooses them."""
+    from seqdeploy.ort_native import OrtKernel, TritonAOT
+
+    p, f, i = "*T", "*fp32", "i32"
+    tensors = dict(br_ptr=p, bi_ptr=p, a_ptr=f, g_ptr=f, dt_ptr=f, s0_ptr=f, xr_ptr=p, xi_ptr=p,
+                   sT_ptr=f)
+    sizes = dict(B=i, T=i, P=i, sb_b=i, sb_t=i, sx_b=i, sx_t=i)
+    rows = TritonAOT("linoss_rows", "seqdeploy_dlinoss.kernels:_linoss_rows_kernel",
+                     {**tensors, **sizes}, _ort_variants("rows"))
+    chunk = TritonAOT("linoss_chunk", "seqdeploy_dlinoss.kernels:_linoss_chunk_kernel",
+                      {**tensors, "carry_ptr": f, "flag_ptr": "*i32", **sizes},
+                      _ort_variants("chunk"))
+    return OrtKernel("seqdeploy_dlinoss", ("ort_linoss_scan.cc",), "LinossScanKernel",
+                     (rows, chunk))
+
+
 def linoss_scan_op() -> CustomOp:
     from seqdeploy_dlinoss.onnx import linoss_scan_function, linoss_scan_translation
 
-    return define_op("linoss_scan", "LinossScan", cpu_linoss_scan, fake_linoss_scan,
+    op = define_op("linoss_scan", "LinossScan", cpu_linoss_scan, fake_linoss_scan,
                      reference_linoss_scan, linoss_scan_translation, linoss_scan_function,
                      INPUTS, OUTPUTS,
                      doc="damped oscillators w_t = M w_{t-1} + c b_t (D-LinOSS, IMEX)",
                      schema_doc=__doc__.split("\n\n")[0],
                      cuda=("seqdeploy_dlinoss.kernels", "triton_linoss_scan"),
                      float_inputs=FLOAT32_INPUTS, float_outputs=FLOAT32_OUTPUTS)
+    op.extra["ort"] = ort_kernel()
+    return op
 
 
 LINOSS_SCAN = linoss_scan_op()
