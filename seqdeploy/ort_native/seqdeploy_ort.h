@@ -21,6 +21,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -62,6 +63,9 @@ using CUdeviceptr = unsigned long long;
 // kernel's order); Triton's trailing scratch pointers are passed as null. The module is loaded
 // once per CUDA context (the PTX for the device's architecture, JIT-compiled by the driver).
 void LaunchTriton(const TritonKernel& kernel, CUstream stream, unsigned grid_x, void** args);
+// The same on a (grid_x, grid_y) grid, for kernels that read tl.program_id(1).
+void LaunchTriton(const TritonKernel& kernel, CUstream stream, unsigned grid_x, unsigned grid_y,
+                  void** args);
 
 // Zeroes `count` 32-bit words at `ptr` on `stream`.
 void MemsetD32Async(CUdeviceptr ptr, unsigned value, size_t count, CUstream stream);
@@ -118,21 +122,45 @@ std::vector<int64_t> ShapeOf(const Ort::ConstValue& v, size_t rank, const char* 
 //   static std::vector<ONNXTensorElementDataType> Outputs();
 //   Kernel(const Ort::ConstKernelInfo& info, bool cuda);
 //   void Compute(Ort::KernelContext& ctx);                  // throws Error
+// and, only if its outputs are not all typed and shaped like its first input:
+//   static void InferOutputShapes(Ort::ShapeInferContext& ctx);  // throws Error
+
+template <typename K, typename = void>
+struct HasOwnOutputShapes : std::false_type {};
+template <typename K>
+struct HasOwnOutputShapes<K, std::void_t<decltype(&K::InferOutputShapes)>> : std::true_type {};
+
 template <typename Kernel>
 struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
   explicit Op(bool cuda) : cuda_(cuda) {
-    // every output has the first input's dtype and shape (y like x); ORT needs this to type
-    // the outputs of an op whose inputs may be fp32 or fp16
-    OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
-      const OrtApi& api = Ort::GetApi();
-      OrtTensorTypeAndShapeInfo* info = nullptr;
-      if (OrtStatusPtr s = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return s;
-      OrtStatusPtr status = nullptr;
-      for (size_t i = 0; i < Kernel::Outputs().size() && !status; ++i)
-        status = api.ShapeInferContext_SetOutputTypeShape(ctx, i, info);
-      // not released: ORT frees it (releasing it here aborted ORT 1.32 with a double free)
-      return status;
-    };
+    if constexpr (HasOwnOutputShapes<Kernel>::value)
+      OrtCustomOp::InferOutputShapeFn = &OwnOutputShapes;
+    else
+      OrtCustomOp::InferOutputShapeFn = &LikeFirstInput;
+  }
+
+  // every output has the first input's dtype and shape (y like x); ORT needs this to type
+  // the outputs of an op whose inputs may be fp32 or fp16
+  static OrtStatusPtr LikeFirstInput(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+    const OrtApi& api = Ort::GetApi();
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    if (OrtStatusPtr s = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return s;
+    OrtStatusPtr status = nullptr;
+    for (size_t i = 0; i < Kernel::Outputs().size() && !status; ++i)
+      status = api.ShapeInferContext_SetOutputTypeShape(ctx, i, info);
+    // not released: ORT frees it (releasing it here aborted ORT 1.32 with a double free)
+    return status;
+  }
+
+  static OrtStatusPtr OwnOutputShapes(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+    try {
+      Ort::ShapeInferContext shapes(&Ort::GetApi(), ctx);
+      Kernel::InferOutputShapes(shapes);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(
+          ORT_INVALID_GRAPH, (std::string("seqdeploy ") + Kernel::kName + ": " + e.what()).c_str());
+    }
   }
 
   const char* GetName() const { return Kernel::kName; }
