@@ -120,7 +120,8 @@ def _experts_naive(inputs, attrs):
     return [naive_moe_experts(*args).numpy()]
 
 
-#: op name, or "op name[what the case covers]" -> (inputs, float64 reference, attributes)
+#: op name, or "op name[what the case covers]" -> (inputs, float64 reference, attributes);
+#: every case runs at each of SHAPES (T = 1 included: rows of one token)
 OP_CASES = {
     "eigen_scan": (_eigen_inputs, _eigen_naive, {}),
     "cfc_scan": (_cfc_inputs, _cfc_naive, {"dt": 0.7}),
@@ -149,7 +150,8 @@ def test_moe_cases_cover_what_they_claim():
         logits = make(2, 63, "fp32", rng)["logits"]
         expert, gate = naive({"logits": logits}, attrs)
         top = logits == logits.max(-1, keepdims=True)
-        assert (top.sum(-1) > 1).any() and logits.shape[-1] & (logits.shape[-1] - 1)  # ties; E
+        E = logits.shape[-1]
+        assert (top.sum(-1) > 1).any() and E & (E - 1)   # ties at the maximum; E not a power of 2
         assert (gate == 0).any() == (case == "top1_router[capacity]")
     x = OP_CASES["moe_experts"][0](2, 63, "fp32", rng)
     assert set(np.unique(x["expert"])) == {0, 1, 2, 4} and (x["gate"] == 0).any()
