@@ -24,8 +24,9 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee "$O/ort_env.txt"
 
 # GPU tests: every op's CUDA kernel on ORT's CUDA provider vs the torch op and the float64 loop,
-# and the CPU kernels again, in onnxruntime-gpu 1.31 ...
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_ort.py \
+# and the CPU kernels again, in onnxruntime-gpu 1.31 (the moe cases' float64 loops at
+# B*T = 32768 add about a minute of host time) ...
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_ort.py \
   -k "cuda or cpu_kernel or runs_not or version" 2>&1 | tail -15 | tee "$O/ort_pytest_gpu.txt"
 # ... and the library loading into the device's CPU-only onnxruntime 1.30
 PYTHONPATH=$CPU_PYTHONPATH timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ort.py \

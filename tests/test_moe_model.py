@@ -67,11 +67,13 @@ def test_plain_onnxruntime_equals_torch(moe_artifact, registry):
 
 def test_cli_run_end_to_end_on_cpu(tmp_path, capsys):
     """``seqdeploy run moe``: export, FP16, validate (every usable engine, fp32 and fp16, routes
-    by agreement, logits where routes agree) and bench; exit 0."""
+    by agreement, logits where routes agree) and bench; exit 0. The usable engines include
+    ``ort``: the op library has kernels for both moe ops."""
     code, out, err = run_cli(["run", "moe", "--out", tmp_path, "--device", "cpu",
                               "--long-seq", "64", "--no-plot"], capsys)
     assert code == 0, out + err
     assert "routes" in out and "ort-onnx" in out and "FAIL" not in out
+    assert "│ ort " in out and "skipping engine ort" not in err
     assert "Top1Router': 2" in out and "MoEExperts': 2" in out
 
 

@@ -106,39 +106,125 @@ def _linoss_naive(inputs, attrs):
     return [v.numpy() for v in out]
 
 
+def _router_inputs(E, skew=0.0):
+    """Logits [B, T, E] (fp32 in every graph): half the tokens on a grid of halves (exact
+    ties, at the maximum too), half continuous; ``skew`` favours expert 1, so that capacity
+    drops tokens."""
+    def make(B, T, dtype, rng):
+        grid = rng.integers(-4, 4, (B, T, E)) * 0.5
+        logits = np.where(rng.random((B, T, 1)) < 0.5, grid, 2 * rng.standard_normal((B, T, E)))
+        logits[..., 1] += skew
+        return {"logits": logits.astype(np.float32)}
+    return make
+
+
+def _router_naive(inputs, attrs):
+    from seqdeploy_moe.router import naive_top1_router
+
+    expert, gate = naive_top1_router(torch.from_numpy(inputs["logits"]), attrs["capacity_factor"])
+    return [expert.numpy(), gate.numpy()]
+
+
+def _experts_inputs(E, used):
+    """Tokens routed to the experts in ``used`` only (the others get none), 15% of them
+    dropped (gate 0); d and f not multiples of the CUDA tiles."""
+    def make(B, T, dtype, rng):
+        d, f = 40, 72
+        gate = rng.uniform(0.2, 1.0, (B, T))
+        gate[rng.random((B, T)) < 0.15] = 0.0
+        return {"x": rng.standard_normal((B, T, d)).astype(NP[dtype]),
+                "expert": rng.choice(used, (B, T)).astype(np.int64),
+                "gate": gate.astype(np.float32),
+                "w1": (rng.standard_normal((E, d, f)) / np.sqrt(d)).astype(NP[dtype]),
+                "b1": (0.1 * rng.standard_normal((E, f))).astype(NP[dtype]),
+                "w2": (rng.standard_normal((E, f, d)) / np.sqrt(f)).astype(NP[dtype]),
+                "b2": (0.1 * rng.standard_normal((E, d))).astype(NP[dtype])}
+    return make
+
+
+def _experts_naive(inputs, attrs):
+    from seqdeploy_moe.experts import naive_moe_experts
+
+    args = [torch.from_numpy(v if k == "expert" else v.astype(np.float64)) for k, v in inputs.items()]
+    return [naive_moe_experts(*args).numpy()]
+
+
+#: op name, or "op name[what the case covers]" -> (inputs, float64 reference, attributes);
+#: every case runs at each of SHAPES (T = 1 included: rows of one token)
 OP_CASES = {
     "eigen_scan": (_eigen_inputs, _eigen_naive, {}),
     "cfc_scan": (_cfc_inputs, _cfc_naive, {"dt": 0.7}),
     "linoss_scan": (_linoss_inputs, _linoss_naive, {}),
+    "top1_router": (_router_inputs(6), _router_naive, {"capacity_factor": 0.0}),
+    "top1_router[capacity]": (_router_inputs(5, skew=1.0), _router_naive, {"capacity_factor": 0.8}),
+    "moe_experts": (_experts_inputs(5, used=[0, 1, 2, 4]), _experts_naive, {}),
+    "moe_experts[one expert]": (_experts_inputs(3, used=[2]), _experts_naive, {}),
 }
+
+
+def op_of(case: str) -> str:
+    return case.split("[")[0]
 
 
 def test_every_op_with_an_ort_kernel_has_a_case():
     registry = load_registry()
     with_kernel = {op.name for op in registry.ops.values() if op.onnx_name in ort_ops(registry)}
     # the built-in ops have kernels; an op without one makes `ort` refuse models using it
-    assert with_kernel == set(OP_CASES)
-    assert {"eigen_scan", "cfc_scan", "linoss_scan"} <= with_kernel
+    assert with_kernel == {op_of(c) for c in OP_CASES}
+    assert {"eigen_scan", "cfc_scan", "linoss_scan", "top1_router", "moe_experts"} <= with_kernel
 
 
-def output_templates(op, reference: list, dtype: str) -> list[np.ndarray]:
-    """Each output's shape (the float64 reference's) and dtype (the schema's: type T follows
-    the graph, ``tensor(float)`` stays fp32, as in the fp32 islands of fp16 graphs)."""
-    return [np.empty(r.shape, np.float32 if p.type_str == "tensor(float)" else NP[dtype])
-            for p, r in zip(op.schema.outputs, reference)]
+def test_moe_cases_cover_what_they_claim():
+    rng = np.random.default_rng(0)
+    for case in ("top1_router", "top1_router[capacity]"):
+        make, naive, attrs = OP_CASES[case]
+        logits = make(2, 63, "fp32", rng)["logits"]
+        expert, gate = naive({"logits": logits}, attrs)
+        top = logits == logits.max(-1, keepdims=True)
+        E = logits.shape[-1]
+        assert (top.sum(-1) > 1).any() and E & (E - 1)   # ties at the maximum; E not a power of 2
+        assert (gate == 0).any() == (case == "top1_router[capacity]")
+    x = OP_CASES["moe_experts"][0](2, 63, "fp32", rng)
+    assert set(np.unique(x["expert"])) == {0, 1, 2, 4} and (x["gate"] == 0).any()
+    assert set(np.unique(OP_CASES["moe_experts[one expert]"][0](2, 63, "fp32", rng)["expert"])) == {2}
 
 
-def single_node_model(op, inputs: dict, attrs: dict, outputs: list[np.ndarray]) -> bytes:
-    """One seqdeploy node with the op's fallback function attached, as export makes it;
-    ``outputs``: :func:`output_templates`."""
+# -- the harness: outputs typed and shaped as the op says, compared by kind ----------------
+def output_specs(op, inputs: dict, attrs: dict) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each output, from the op's fake implementation (meta tensors)."""
+    meta = [torch.empty(v.shape, dtype=torch.from_numpy(np.empty(0, v.dtype)).dtype, device="meta")
+            for v in inputs.values()]
+    outs = op.torch_op(*meta, *attrs.values())
+    outs = outs if isinstance(outs, (tuple, list)) else [outs]
+    return [(tuple(o.shape), torch.empty(0, dtype=o.dtype).numpy().dtype) for o in outs]
+
+
+def poisoned(shape, dtype) -> np.ndarray:
+    """NaN, or for an integer output its most negative value, which no op writes."""
+    if np.issubdtype(dtype, np.integer):
+        return np.full(shape, np.iinfo(dtype).min, dtype)
+    return np.full(shape, np.nan, dtype)
+
+
+def assert_matches(ref, out, limit, what):
+    """Integer outputs (expert ids) exactly; float outputs by rel-L2."""
+    if np.issubdtype(out.dtype, np.integer):
+        assert np.array_equal(np.asarray(ref), out), (what, int((np.asarray(ref) != out).sum()))
+    else:
+        assert rel_l2(ref, out) < limit, (what, rel_l2(ref, out))
+
+
+def single_node_model(op, inputs: dict, attrs: dict, dtype: str) -> bytes:
+    """One seqdeploy node with the op's fallback function attached, as export makes it."""
     def value(name, arr):
         return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype),
                                              list(arr.shape))
-    names = [p.name for p in op.schema.outputs]
-    node = helper.make_node(op.onnx_name, list(inputs), names, domain=DOMAIN,
+    outputs = [p.name for p in op.schema.outputs]
+    node = helper.make_node(op.onnx_name, list(inputs), outputs, domain=DOMAIN,
                             **plugin_attributes(), **attrs)
+    specs = output_specs(op, inputs, attrs)
     graph = helper.make_graph([node], op.name, [value(k, v) for k, v in inputs.items()],
-                              [value(o, like) for o, like in zip(names, outputs)])
+                              [value(o, np.empty(s, t)) for o, (s, t) in zip(outputs, specs)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
                                                     helper.make_opsetid(DOMAIN, 1)])
     model.functions.append(op.fallback(20))
@@ -151,15 +237,15 @@ def library():
     return build_library(load_registry())
 
 
-def run_poisoned(session, inputs, outputs: list[np.ndarray]) -> list[np.ndarray]:
-    """Run with every output bound to a NaN-filled host buffer shaped and typed like its
-    template (:func:`output_templates`): an element a kernel never writes stays NaN."""
+def run_poisoned(session, inputs, specs) -> list[np.ndarray]:
+    """Run with every output bound to a poisoned host buffer (:func:`poisoned`): an element a
+    kernel never writes stays NaN (or an impossible id)."""
     binding = session.io_binding()
     for k, v in inputs.items():
         binding.bind_cpu_input(k, v)
     outs = []
-    for o, like in zip(session.get_outputs(), outputs):
-        buf = np.full(like.shape, np.nan, dtype=like.dtype)
+    for o, (shape, dtype) in zip(session.get_outputs(), specs):
+        buf = poisoned(shape, dtype)
         binding.bind_output(o.name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         outs.append(buf)
     session.run_with_iobinding(binding)
@@ -262,16 +348,19 @@ def test_ptx_keeps_every_argument_and_assembles(tmp_path):
 @pytest.mark.parametrize("name", sorted(OP_CASES))
 def test_cpu_kernel_matches_naive_and_the_function(library, name, dtype, shape):
     registry = load_registry()
-    op = registry.ops[name]
+    op = registry.ops[op_of(name)]
     make, naive, attrs = OP_CASES[name]
     inputs = make(*shape, dtype, np.random.default_rng(hash((name, dtype, shape)) % 2**32))
+    model = single_node_model(op, inputs, attrs, dtype)
+    specs = output_specs(op, inputs, attrs)
+    ours = run_poisoned(session(model, library), inputs, specs)
+    function = run_poisoned(session(model), inputs, specs)
     reference = naive(inputs, attrs)
-    outputs = output_templates(op, reference, dtype)
-    model = single_node_model(op, inputs, attrs, outputs)
-    ours = run_poisoned(session(model, library), inputs, outputs)
-    function = run_poisoned(session(model), inputs, outputs)
-    for r, a, f, like in zip(reference, ours, function, outputs, strict=True):
-        assert a.dtype == like.dtype
+    for r, a, f in zip(reference, ours, function):
+        if np.issubdtype(a.dtype, np.integer):
+            assert_matches(r, a, 0, "vs naive")
+            assert_matches(f, a, 0, "vs ort-onnx")
+            continue
         assert rel_l2(r, a) < OP_LIMITS[dtype], ("vs naive", rel_l2(r, a))
         assert rel_l2(f, a) < OP_LIMITS[dtype], ("vs ort-onnx", rel_l2(f, a))
         # fp32 state inside: the library is no worse than the function against float64
@@ -289,28 +378,29 @@ def _profiled_ops(tmp_path, model, inputs, library) -> set[tuple[str, str]]:
 @pytest.mark.parametrize("name", sorted(OP_CASES))
 def test_the_library_runs_not_the_function(library, name, tmp_path):
     """ORT's profile lists the kernels that ran: with the library, the seqdeploy node itself
-    on the CPU provider and no Scan; without it, the function's Scan (so the check can fail)."""
-    op = load_registry().ops[name]
-    make, naive, attrs = OP_CASES[name]
+    on the CPU provider and nothing else; without it, the function's nodes (so the check can
+    fail)."""
+    op = load_registry().ops[op_of(name)]
+    make, _, attrs = OP_CASES[name]
     inputs = make(2, 9, "fp32", np.random.default_rng(0))
-    model = single_node_model(op, inputs, attrs, output_templates(op, naive(inputs, attrs), "fp32"))
+    model = single_node_model(op, inputs, attrs, "fp32")
     with_library = _profiled_ops(tmp_path, model, inputs, library)
     assert with_library == {(op.onnx_name, "CPUExecutionProvider")}
     without = {o for o, _ in _profiled_ops(tmp_path, model, inputs, None)}
-    assert "Scan" in without and op.onnx_name not in without
+    assert op.onnx_name not in without and without & {n.op_type for n in op.fallback(20).node}
 
 
 @pytest.mark.parametrize("name", sorted(OP_CASES))
 def test_the_library_types_and_shapes_every_output(library, name, tmp_path):
     """A registered op hides the function, so ORT types and shapes the node's outputs from the
-    library alone (seqdeploy_ort.h, InferOutputs): in an fp16 graph each output gets its
-    schema's dtype (fp32 islands included) and its reference's shape. The node's outputs feed
+    library alone (seqdeploy_ort.h, InferOutputs): in an fp16 graph each output gets the
+    dtype and shape of the op's fake implementation (fp32 islands and int64 ids included). The node's outputs feed
     an Abs each, with untyped value_info that ORT fills in the model it saves."""
-    op = load_registry().ops[name]
-    make, naive, attrs = OP_CASES[name]
+    op = load_registry().ops[op_of(name)]
+    make, _, attrs = OP_CASES[name]
     inputs = make(2, 5, "fp16", np.random.default_rng(0))
-    outputs = output_templates(op, naive(inputs, attrs), "fp16")
-    model = onnx.load_from_string(single_node_model(op, inputs, attrs, outputs))
+    specs = output_specs(op, inputs, attrs)
+    model = onnx.load_from_string(single_node_model(op, inputs, attrs, "fp16"))
     names = [o.name for o in model.graph.output]
     model.graph.node[0].output[:] = [n + "_v" for n in names]
     for n in names:
@@ -324,10 +414,10 @@ def test_the_library_types_and_shapes_every_output(library, name, tmp_path):
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     saved = onnx.load(tmp_path / "inferred.onnx")
     inferred = {v.name: v.type.tensor_type for v in saved.graph.value_info}
-    for n, like in zip(names, outputs, strict=True):
+    for n, (shape, dtype) in zip(names, specs, strict=True):
         t = inferred[n + "_v"]
         assert (t.elem_type, [d.dim_value for d in t.shape.dim]) == \
-            (helper.np_dtype_to_tensor_dtype(like.dtype), list(like.shape)), n
+            (helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), list(shape)), n
 
 
 def test_ort_engine_on_an_exported_model(ten_artifact, tmp_path):
@@ -391,33 +481,29 @@ def _cuda_provider():
 @pytest.mark.parametrize("name", sorted(OP_CASES))
 def test_cuda_kernel_matches_torch_and_naive(library, name, dtype, shape, tmp_path):
     registry = load_registry()
-    op = registry.ops[name]
+    op = registry.ops[op_of(name)]
     make, naive, attrs = OP_CASES[name]
     inputs = make(*shape, dtype, np.random.default_rng(7))
-    reference = naive(inputs, attrs)
-    outputs = output_templates(op, reference, dtype)
-    model = single_node_model(op, inputs, attrs, outputs)
+    model = single_node_model(op, inputs, attrs, dtype)
     s = session(model, library, _cuda_provider(), profile=tmp_path / "p")
     binding = s.io_binding()
     cuda_in = {k: torch.from_numpy(v).cuda() for k, v in inputs.items()}
     for k, t in cuda_in.items():
-        binding.bind_input(k, "cuda", 0, NP[dtype] if t.dtype != torch.float32 else np.float32,
-                           list(t.shape), t.data_ptr())
+        binding.bind_input(k, "cuda", 0, inputs[k].dtype, list(t.shape), t.data_ptr())
     outs = []
-    for o, like in zip(s.get_outputs(), outputs):
-        buf = torch.full(like.shape, float("nan"), dtype=torch.from_numpy(like).dtype,
-                         device="cuda")
-        binding.bind_output(o.name, "cuda", 0, like.dtype, list(buf.shape), buf.data_ptr())
+    for o, (shape_o, dtype_o) in zip(s.get_outputs(), output_specs(op, inputs, attrs)):
+        buf = torch.from_numpy(poisoned(shape_o, dtype_o)).cuda()
+        binding.bind_output(o.name, "cuda", 0, dtype_o, list(shape_o), buf.data_ptr())
         outs.append(buf)
     s.run_with_iobinding(binding)
     torch.cuda.synchronize()
     args = [cuda_in[k] for k in inputs] + list(attrs.values())
     expected = op.torch_op(*args)
     expected = expected if isinstance(expected, (tuple, list)) else [expected]
-    for r, t, a in zip(reference, expected, outs, strict=True):
+    for r, t, a in zip(naive(inputs, attrs), expected, outs):
         a = a.cpu().numpy()
-        assert rel_l2(t.cpu().numpy(), a) < OP_LIMITS[dtype], ("vs torch", rel_l2(t.cpu().numpy(), a))
-        assert rel_l2(r, a) < LIMITS[dtype], ("vs naive", rel_l2(r, a))
+        assert_matches(t.cpu().numpy(), a, OP_LIMITS[dtype], "vs torch")
+        assert_matches(r, a, LIMITS[dtype], "vs naive")
     events = json.loads(Path(s.end_profiling()).read_text())
     ran = {(e["args"].get("op_name"), e["args"].get("provider")) for e in events
            if e.get("cat") == "Node" and "args" in e}
@@ -433,7 +519,6 @@ def test_cuda_cfc_refuses_what_it_has_no_tile_for(library):
     inputs = {"xw": rng.standard_normal((2, 3, H)).astype(np.float32),
               "h0": np.zeros((2, H), np.float32), "w_rec": np.zeros((H, H), np.float32),
               "tau": np.ones(H, np.float32)}
-    outputs = [np.empty((2, 3, H), np.float32)]
-    s = session(single_node_model(op, inputs, {"dt": 1.0}, outputs), library, _cuda_provider())
+    s = session(single_node_model(op, inputs, {"dt": 1.0}, "fp32"), library, _cuda_provider())
     with pytest.raises(Exception, match="supports H <= 256 in fp32, got 300"):
         s.run(None, inputs)

@@ -15,7 +15,9 @@ the work is that of one dense FFN over the tokens, never every expert for every 
 Forms, side by side: ``naive_moe_experts`` (float64 per-token loop, tests only),
 ``reference_moe_experts`` (the seed's mask loop over experts: the ``torch-ref`` engine),
 ``grouped_moe_experts`` (sort by expert, one matmul per expert: the CPU kernel), the Triton
-grouped GEMMs (``kernels.triton_moe_experts``, CUDA) and the ONNX forms.
+grouped GEMMs (``kernels.triton_moe_experts``, CUDA), the ONNX forms, and the ONNX Runtime
+kernels (``ort_moe_experts.cc``: a per-token C++ loop, and the same Triton kernels compiled
+ahead of time).
 """
 from __future__ import annotations
 
@@ -119,16 +121,84 @@ def fake_moe_experts(x, expert, gate, w1, b1, w2, b2):
 INPUTS = ("x", "expert", "gate", "w1", "b1", "w2", "b2")
 
 
+#: the BLOCK_M ``kernels.experts_config`` chooses, and a mean group size (tokens per expert) at
+#: which it chooses each
+ORT_BLOCK_M = {16: 1, 32: 24, 64: 64, 128: 512}
+
+
+def _ort_rank_variants(dtype: str) -> dict:
+    """The rank kernel for each width of E in ``kernels.ORT_BLOCK_E``."""
+    from seqdeploy_moe.kernels import LAYOUT_BLOCK, ORT_BLOCK_E
+
+    return {f"e{e}": ({"BLOCK": LAYOUT_BLOCK, "BLOCK_E": e}, 4) for e in ORT_BLOCK_E}
+
+
+def _ort_layout_variants(dtype: str) -> dict:
+    """The layout kernel for each width of E in ``kernels.ORT_BLOCK_E`` and each BLOCK_M."""
+    from seqdeploy_moe.kernels import LAYOUT_BLOCK, ORT_BLOCK_E
+
+    return {f"e{e}_m{m}": ({"BLOCK": LAYOUT_BLOCK, "BLOCK_E": e, "BLOCK_M": m, "BLOCK_TILES": 64}, 4)
+            for e in ORT_BLOCK_E for m in ORT_BLOCK_M}
+
+
+def _ort_ffn_variants(dtype: str) -> dict:
+    """Both layers of the grouped GEMM at each BLOCK_M with the tiles ``kernels.experts_config``
+    gives it. One binary per variant, so BLOCK_N and BLOCK_K are not shrunk to a small d or f and
+    EVEN_K is off (the kernel masks both); the pipeline depth is Triton's default."""
+    import torch
+
+    from seqdeploy_moe.kernels import experts_config
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    out = {}
+    for block_m, mean in ORT_BLOCK_M.items():
+        cfg = experts_config(mean, 1, 4096, 4096, torch_dtype)
+        assert cfg["block_m"] == block_m, cfg
+        for first in (True, False):
+            constexprs = {"BLOCK_M": block_m, "BLOCK_N": cfg["block_n"], "BLOCK_K": cfg["block_k"],
+                          "FIRST": first, "DOT_F32": dtype == "fp32", "WIDEN": False,
+                          "EVEN_K": False}
+            name = f"m{block_m}_n{cfg['block_n']}_{'first' if first else 'second'}"
+            out[name] = (constexprs, cfg["num_warps"])
+    return out
+
+
+def ort_kernel():
+    """The ONNX Runtime kernels (``ort_moe_experts.cc``): a per-token C++ loop, and on CUDA this
+    plugin's grouping kernels and grouped GEMMs compiled ahead of time (the grouping kernels read
+    only the int64 ids: one dtype, ``i64``)."""
+    from seqdeploy.ort_native import OrtKernel, TritonAOT
+
+    i, ids = "i32", "*i32"
+    rank = TritonAOT("moe_rank", "seqdeploy_moe.kernels:_rank_kernel",
+                     dict(expert_ptr="*T", counts_ptr=ids, rank_ptr=ids, N=i, E=i),
+                     _ort_rank_variants, dtypes=("i64",))
+    layout = TritonAOT("moe_layout", "seqdeploy_moe.kernels:_layout_kernel",
+                       dict(expert_ptr="*T", rank_ptr=ids, counts_ptr=ids, row_token_ptr=ids,
+                            tile_expert_ptr=ids, N=i, E=i, max_tiles=i),
+                       _ort_layout_variants, dtypes=("i64",))
+    p = "*T"
+    ffn = TritonAOT("moe_ffn", "seqdeploy_moe.kernels:_grouped_ffn_kernel",
+                    dict(a_ptr=p, row_token_ptr=ids, tile_expert_ptr=ids, w_ptr=p, bias_ptr=p,
+                         gate_ptr="*fp32", out_ptr=p, K=i, N=i, E=i, s_a=i, s_we=i, s_wk=i,
+                         s_be=i, s_o=i),
+                    _ort_ffn_variants)
+    return OrtKernel("seqdeploy_moe", ("ort_moe_experts.cc",), "MoEExpertsKernel",
+                     (rank, layout, ffn))
+
+
 def moe_experts_op() -> CustomOp:
     from seqdeploy_moe.onnx import moe_experts_function, moe_experts_translation
 
-    return define_op("moe_experts", "MoEExperts", cpu_moe_experts, fake_moe_experts,
-                     reference_moe_experts, moe_experts_translation, moe_experts_function,
-                     INPUTS, ("y",),
-                     doc="top-1 experts: grouped GEMMs with fused bias + GELU, gated, scattered back",
-                     schema_doc=__doc__.split("\n\n")[0],
-                     cuda=("seqdeploy_moe.kernels", "triton_moe_experts"),
-                     int_inputs=("expert",), float_inputs=("gate",))
+    op = define_op("moe_experts", "MoEExperts", cpu_moe_experts, fake_moe_experts,
+                   reference_moe_experts, moe_experts_translation, moe_experts_function,
+                   INPUTS, ("y",),
+                   doc="top-1 experts: grouped GEMMs with fused bias + GELU, gated, scattered back",
+                   schema_doc=__doc__.split("\n\n")[0],
+                   cuda=("seqdeploy_moe.kernels", "triton_moe_experts"),
+                   int_inputs=("expert",), float_inputs=("gate",))
+    op.extra["ort"] = ort_kernel()
+    return op
 
 
 MOE_EXPERTS = moe_experts_op()

@@ -83,6 +83,10 @@ def _top1_router_kernel(logits_ptr, expert_ptr, gate_ptr, T, E, cap, s_b, s_t,
 
 
 _router_launcher = Launcher(_top1_router_kernel, tensors=3)
+#: the widths of E the ORT library's ahead-of-time router, rank and layout kernels are compiled
+#: for (a narrower E masks the rest; ``ort_top1_router.cc`` and ``ort_moe_experts.cc`` choose
+#: among them, so E <= 128 there): three tiers instead of every power of two keep the build short
+ORT_BLOCK_E = (8, 32, 128)
 
 
 def router_config(T: int, E: int) -> tuple[int, int, int]:

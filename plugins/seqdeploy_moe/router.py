@@ -22,7 +22,8 @@ error of a decimal ``cf``: 0.8 * 5 / 2 gives 2 (in float64 on fp32(0.8) it would
 Forms, side by side: ``naive_top1_router`` (float64 loop, tests only), ``reference_top1_router``
 (the loop a user would write, fp32: the ``torch-ref`` engine), ``vectorised_top1_router`` (the
 CPU kernel), the Triton kernel (``kernels.triton_top1_router``, CUDA) and the ONNX forms
-(``onnx.top1_router_translation`` / ``onnx.top1_router_function``).
+(``onnx.top1_router_translation`` / ``onnx.top1_router_function``), and the ONNX Runtime
+kernels (``ort_top1_router.cc``: a C++ loop, and the Triton kernel compiled ahead of time).
 """
 from __future__ import annotations
 
@@ -122,17 +123,46 @@ def fake_top1_router(logits, capacity_factor):
     return (logits.new_empty((B, T), dtype=torch.int64), logits.new_empty((B, T), dtype=torch.float32))
 
 
+def _ort_router_variants(dtype: str) -> dict:
+    """The fused router for each width of E in ``kernels.ORT_BLOCK_E``, tiled as
+    ``kernels.router_config`` tiles a long row, with and without capacity."""
+    from seqdeploy_moe.kernels import ORT_BLOCK_E, router_config
+
+    variants = {}
+    for width in ORT_BLOCK_E:
+        block_t, block_e, warps = router_config(4096, width)
+        for capacity in (False, True):
+            name = f"e{block_e}_t{block_t}_{'cap' if capacity else 'all'}"
+            variants[name] = ({"BLOCK_T": block_t, "BLOCK_E": block_e, "CAPACITY": capacity}, warps)
+    return variants
+
+
+def ort_kernel():
+    """The ONNX Runtime kernels (``ort_top1_router.cc``): a CPU loop, and on CUDA this plugin's
+    fused Triton router compiled ahead of time (fp32 only: the router is fp32 in every graph)."""
+    from seqdeploy.ort_native import OrtKernel, TritonAOT
+
+    i = "i32"
+    signature = dict(logits_ptr="*T", expert_ptr="*i64", gate_ptr="*fp32", T=i, E=i, cap=i,
+                     s_b=i, s_t=i)
+    aot = TritonAOT("top1_router", "seqdeploy_moe.kernels:_top1_router_kernel", signature,
+                    _ort_router_variants, dtypes=("fp32",))
+    return OrtKernel("seqdeploy_moe", ("ort_top1_router.cc",), "Top1RouterKernel", (aot,))
+
+
 def top1_router_op() -> CustomOp:
     from seqdeploy_moe.onnx import top1_router_function, top1_router_translation
 
-    return define_op("top1_router", "Top1Router", cpu_top1_router, fake_top1_router,
-                     reference_top1_router, top1_router_translation, top1_router_function,
-                     ("logits",), ("expert", "gate"),
-                     doc="Switch top-1 router: fp32 softmax, argmax, gate, per-row capacity",
-                     schema_doc=__doc__.split("\n\n")[0],
-                     cuda=("seqdeploy_moe.kernels", "triton_top1_router"),
-                     float_attrs=("capacity_factor",), float_inputs=("logits",),
-                     int_outputs=("expert",), float_outputs=("gate",))
+    op = define_op("top1_router", "Top1Router", cpu_top1_router, fake_top1_router,
+                   reference_top1_router, top1_router_translation, top1_router_function,
+                   ("logits",), ("expert", "gate"),
+                   doc="Switch top-1 router: fp32 softmax, argmax, gate, per-row capacity",
+                   schema_doc=__doc__.split("\n\n")[0],
+                   cuda=("seqdeploy_moe.kernels", "triton_top1_router"),
+                   float_attrs=("capacity_factor",), float_inputs=("logits",),
+                   int_outputs=("expert",), float_outputs=("gate",))
+    op.extra["ort"] = ort_kernel()
+    return op
 
 
 TOP1_ROUTER = top1_router_op()

@@ -172,11 +172,16 @@ CUfunction FunctionFor(const TritonKernel& k) {
 }  // namespace
 
 void LaunchTriton(const TritonKernel& k, CUstream stream, unsigned grid_x, void** args) {
+  LaunchTriton(k, stream, grid_x, 1, args);
+}
+
+void LaunchTriton(const TritonKernel& k, CUstream stream, unsigned grid_x, unsigned grid_y,
+                  void** args) {
   CUfunction fn = FunctionFor(k);
   std::vector<void*> params(args, args + k.n_args);
   static CUdeviceptr null_ptr = 0;   // Triton's global/profile scratch: none (checked at build)
   while (static_cast<int>(params.size()) < k.n_params) params.push_back(&null_ptr);
-  Check(Cuda().LaunchKernel(fn, grid_x, 1, 1, 32 * k.num_warps, 1, 1, k.shared, stream,
+  Check(Cuda().LaunchKernel(fn, grid_x, grid_y, 1, 32 * k.num_warps, 1, 1, k.shared, stream,
                             params.data(), nullptr),
         (std::string("launching ") + k.name).c_str());
 }

@@ -63,6 +63,9 @@ using CUdeviceptr = unsigned long long;
 // kernel's order); Triton's trailing scratch pointers are passed as null. The module is loaded
 // once per CUDA context (the PTX for the device's architecture, JIT-compiled by the driver).
 void LaunchTriton(const TritonKernel& kernel, CUstream stream, unsigned grid_x, void** args);
+// The same on a (grid_x, grid_y) grid, for kernels that read tl.program_id(1).
+void LaunchTriton(const TritonKernel& kernel, CUstream stream, unsigned grid_x, unsigned grid_y,
+                  void** args);
 
 // The number of multiprocessors of the current CUDA context's device (for grid heuristics).
 int MultiprocessorCount();
