@@ -21,6 +21,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -58,10 +59,12 @@ const TritonKernel& FindTritonKernel(const std::string& name);
 using CUstream = void*;
 using CUdeviceptr = unsigned long long;
 
-// Launches `kernel` on `stream` with `args` (n_args addresses of the argument values, in the
-// kernel's order); Triton's trailing scratch pointers are passed as null. The module is loaded
-// once per CUDA context (the PTX for the device's architecture, JIT-compiled by the driver).
-void LaunchTriton(const TritonKernel& kernel, CUstream stream, unsigned grid_x, void** args);
+// Launches `kernel` on `stream` over the grid (grid_x, grid_y) with `args` (n_args addresses of
+// the argument values, in the kernel's order); Triton's trailing scratch pointers are passed as
+// null. The module is loaded once per CUDA context (the PTX for the device's architecture,
+// JIT-compiled by the driver).
+void LaunchTriton(const TritonKernel& kernel, CUstream stream, unsigned grid_x, void** args,
+                  unsigned grid_y = 1);
 
 // Zeroes `count` 32-bit words at `ptr` on `stream`.
 void MemsetD32Async(CUdeviceptr ptr, unsigned value, size_t count, CUstream stream);
@@ -110,6 +113,40 @@ template <> inline Ort::Float16_t FromFloat<Ort::Float16_t>(float v) { return Or
 // Checks an input's rank and returns its shape; `what` names the op and input.
 std::vector<int64_t> ShapeOf(const Ort::ConstValue& v, size_t rank, const char* what);
 
+// ---- output types and shapes at session creation ----------------------------------------------
+
+// A tensor's element type and dims as ORT's shape inference knows them: a dim is a value, or
+// -1 with a symbol (a dynamic axis' name, "" if unnamed).
+struct TensorShape {
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> dims;
+  std::vector<std::string> symbols;   // one per dim; "" where dims holds a value
+
+  size_t rank() const { return dims.size(); }
+  // dim `axis` of `other` (its value or its symbol) appended to this shape
+  TensorShape& Append(const TensorShape& other, size_t axis) {
+    dims.push_back(other.dims.at(axis));
+    symbols.push_back(other.symbols.at(axis));
+    return *this;
+  }
+};
+
+// ORT's shape inference for op `Kernel`: every output is typed and shaped like input 0 (y like
+// x), unless the kernel declares
+//   static std::vector<TensorShape> OutputShapes(const std::vector<TensorShape>& inputs);
+// (throws Error for inputs it cannot take). ORT needs it to type the outputs of an op whose
+// inputs may be fp32 or fp16.
+template <typename Kernel, typename = void>
+struct HasOutputShapes : std::false_type {};
+template <typename Kernel>
+struct HasOutputShapes<Kernel, std::void_t<decltype(Kernel::OutputShapes(
+                                   std::declval<const std::vector<TensorShape>&>()))>>
+    : std::true_type {};
+
+OrtStatusPtr SetOutputShapes(OrtShapeInferContext* ctx, size_t n_outputs,
+                             std::vector<TensorShape> (*rule)(const std::vector<TensorShape>&),
+                             const char* op_name);
+
 // ---- the op wrapper: one class per kernel, registered for the CPU and the CUDA provider -------
 //
 // A Kernel provides:
@@ -118,21 +155,26 @@ std::vector<int64_t> ShapeOf(const Ort::ConstValue& v, size_t rank, const char* 
 //   static std::vector<ONNXTensorElementDataType> Outputs();
 //   Kernel(const Ort::ConstKernelInfo& info, bool cuda);
 //   void Compute(Ort::KernelContext& ctx);                  // throws Error
+// and optionally OutputShapes (above).
 template <typename Kernel>
 struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
   explicit Op(bool cuda) : cuda_(cuda) {
-    // every output has the first input's dtype and shape (y like x); ORT needs this to type
-    // the outputs of an op whose inputs may be fp32 or fp16
-    OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
-      const OrtApi& api = Ort::GetApi();
-      OrtTensorTypeAndShapeInfo* info = nullptr;
-      if (OrtStatusPtr s = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return s;
-      OrtStatusPtr status = nullptr;
-      for (size_t i = 0; i < Kernel::Outputs().size() && !status; ++i)
-        status = api.ShapeInferContext_SetOutputTypeShape(ctx, i, info);
-      // not released: ORT frees it (releasing it here aborted ORT 1.32 with a double free)
-      return status;
-    };
+    if constexpr (HasOutputShapes<Kernel>::value) {
+      OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
+        return SetOutputShapes(ctx, Kernel::Outputs().size(), &Kernel::OutputShapes, Kernel::kName);
+      };
+    } else {
+      OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
+        const OrtApi& api = Ort::GetApi();
+        OrtTensorTypeAndShapeInfo* info = nullptr;
+        if (OrtStatusPtr s = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return s;
+        OrtStatusPtr status = nullptr;
+        for (size_t i = 0; i < Kernel::Outputs().size() && !status; ++i)
+          status = api.ShapeInferContext_SetOutputTypeShape(ctx, i, info);
+        // not released: ORT frees it (releasing it here aborted ORT 1.32 with a double free)
+        return status;
+      };
+    }
   }
 
   const char* GetName() const { return Kernel::kName; }
