@@ -90,6 +90,14 @@ def test_every_op_with_an_ort_kernel_has_a_case():
     assert with_kernel == set(OP_CASES) and {"eigen_scan", "cfc_scan"} <= with_kernel
 
 
+def output_likes(op, inputs: dict, attrs: dict) -> list[np.ndarray]:
+    """An empty array per output of the op, shaped and typed as its fake implementation makes
+    them from ``inputs`` (on meta tensors)."""
+    outs = op.torch_op(*(torch.from_numpy(v).to("meta") for v in inputs.values()), *attrs.values())
+    outs = outs if isinstance(outs, (tuple, list)) else [outs]
+    return [np.empty(o.shape, torch.empty(0, dtype=o.dtype).numpy().dtype) for o in outs]
+
+
 def single_node_model(op, inputs: dict, attrs: dict, dtype: str) -> bytes:
     """One seqdeploy node with the op's fallback function attached, as export makes it."""
     def value(name, arr):
@@ -98,9 +106,9 @@ def single_node_model(op, inputs: dict, attrs: dict, dtype: str) -> bytes:
     outputs = [p.name for p in op.schema.outputs]
     node = helper.make_node(op.onnx_name, list(inputs), outputs, domain=DOMAIN,
                             **plugin_attributes(), **attrs)
-    like = next(iter(inputs.values()))   # every output is shaped like the first input
+    likes = output_likes(op, inputs, attrs)
     graph = helper.make_graph([node], op.name, [value(k, v) for k, v in inputs.items()],
-                              [value(o, like) for o in outputs])
+                              [value(o, like) for o, like in zip(outputs, likes)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
                                                     helper.make_opsetid(DOMAIN, 1)])
     model.functions.append(op.fallback(20))
@@ -113,14 +121,14 @@ def library():
     return build_library(load_registry())
 
 
-def run_poisoned(session, inputs, like: np.ndarray, n_out: int) -> list[np.ndarray]:
-    """Run with every output bound to a NaN-filled host buffer: an element a kernel never
-    writes stays NaN."""
+def run_poisoned(session, inputs, likes: list[np.ndarray]) -> list[np.ndarray]:
+    """Run with every output bound to a NaN-filled host buffer shaped like ``likes``: an
+    element a kernel never writes stays NaN."""
     binding = session.io_binding()
     for k, v in inputs.items():
         binding.bind_cpu_input(k, v)
     outs = []
-    for o in session.get_outputs()[:n_out]:
+    for o, like in zip(session.get_outputs(), likes):
         buf = np.full(like.shape, np.nan, dtype=like.dtype)
         binding.bind_output(o.name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         outs.append(buf)
@@ -228,13 +236,14 @@ def test_cpu_kernel_matches_naive_and_the_function(library, name, dtype, shape):
     make, naive, attrs = OP_CASES[name]
     inputs = make(*shape, dtype, np.random.default_rng(hash((name, dtype, shape)) % 2**32))
     model = single_node_model(op, inputs, attrs, dtype)
-    first = next(iter(inputs.values()))
-    n_out = len(op.schema.outputs)
-    ours = run_poisoned(session(model, library), inputs, first, n_out)
-    function = run_poisoned(session(model), inputs, first, n_out)
+    likes = output_likes(op, inputs, attrs)
+    ours = run_poisoned(session(model, library), inputs, likes)
+    function = run_poisoned(session(model), inputs, likes)
     reference = naive(inputs, attrs)
-    for r, a, f in zip(reference, ours, function):
-        assert a.dtype == NP[dtype]
+    assert len(reference) == len(ours) == len(op.schema.outputs)
+    for r, a, f, param in zip(reference, ours, function, op.schema.outputs):
+        # fp32 islands (a state) stay fp32 in fp16 graphs; the op's fake agrees with its schema
+        assert a.dtype == (np.float32 if param.type_str == "tensor(float)" else NP[dtype])
         assert rel_l2(r, a) < OP_LIMITS[dtype], ("vs naive", rel_l2(r, a))
         assert rel_l2(f, a) < OP_LIMITS[dtype], ("vs ort-onnx", rel_l2(f, a))
         # fp32 state inside: the library is no worse than the function against float64
@@ -334,11 +343,10 @@ def test_cuda_kernel_matches_torch_and_naive(library, name, dtype, shape, tmp_pa
     for k, t in cuda_in.items():
         binding.bind_input(k, "cuda", 0, NP[dtype] if t.dtype != torch.float32 else np.float32,
                            list(t.shape), t.data_ptr())
-    first = cuda_in[next(iter(inputs))]
     outs = []
-    for o in s.get_outputs():
-        buf = torch.full_like(first, float("nan"))
-        binding.bind_output(o.name, "cuda", 0, NP[dtype], list(buf.shape), buf.data_ptr())
+    for o, like in zip(s.get_outputs(), output_likes(op, inputs, attrs)):
+        buf = torch.full(like.shape, float("nan"), dtype=torch.from_numpy(like).dtype, device="cuda")
+        binding.bind_output(o.name, "cuda", 0, like.dtype, list(buf.shape), buf.data_ptr())
         outs.append(buf)
     s.run_with_iobinding(binding)
     torch.cuda.synchronize()
