@@ -77,9 +77,33 @@ def _cfc_naive(inputs, attrs):
     return [y.numpy()]
 
 
+def _lam_inputs(B, T, dtype, rng):
+    """As the encoder makes them: unit keys, queries scaled by 1/sqrt(d), beta and mix in (0, 1),
+    log-decays around log 0.5 (fast) and log 0.97 (slow), fp32 like the state (fp32 islands)."""
+    n, d, dv = 2, 20, 40   # masked lanes in d and dv; dv spans two CUDA value blocks (32)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    log_sigmoid = lambda x: -np.logaddexp(0.0, -x)  # noqa: E731
+    return {"q": (unit(rng.standard_normal((B, T, n, d))) / np.sqrt(d)).astype(NP[dtype]),
+            "k": unit(rng.standard_normal((B, T, n, d))).astype(NP[dtype]),
+            "v": rng.standard_normal((B, T, n, dv)).astype(NP[dtype]),
+            "beta": rng.uniform(0, 1, (B, T, n)).astype(NP[dtype]),
+            "g_fast": log_sigmoid(rng.standard_normal((B, T, n))).astype(np.float32),
+            "g_slow": log_sigmoid(np.log(0.97 / 0.03) + rng.standard_normal((B, T, n))).astype(np.float32),
+            "mix": rng.uniform(0, 1, (B, T, n)).astype(NP[dtype]),
+            "state0": (0.5 * rng.standard_normal((B, n, 2, d, dv))).astype(np.float32)}
+
+
+def _lam_naive(inputs, attrs):
+    from seqdeploy_lam.ops import INPUTS, naive_dual_delta_rule
+
+    o, state = naive_dual_delta_rule(*(torch.from_numpy(inputs[k].astype(np.float64)) for k in INPUTS))
+    return [o.numpy(), state.numpy()]
+
+
 OP_CASES = {
     "eigen_scan": (_eigen_inputs, _eigen_naive, {}),
     "cfc_scan": (_cfc_inputs, _cfc_naive, {"dt": 0.7}),
+    "dual_delta_rule": (_lam_inputs, _lam_naive, {}),
 }
 
 
@@ -87,7 +111,7 @@ def test_every_op_with_an_ort_kernel_has_a_case():
     registry = load_registry()
     with_kernel = {op.name for op in registry.ops.values() if op.onnx_name in ort_ops(registry)}
     # the built-in ops have kernels; an op without one makes `ort` refuse models using it
-    assert with_kernel == set(OP_CASES) and {"eigen_scan", "cfc_scan"} <= with_kernel
+    assert with_kernel == set(OP_CASES) and {"eigen_scan", "cfc_scan", "dual_delta_rule"} <= with_kernel
 
 
 def output_likes(op, inputs: dict, attrs: dict) -> list[np.ndarray]:
