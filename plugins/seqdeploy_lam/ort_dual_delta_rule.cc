@@ -194,8 +194,8 @@ struct DualDeltaRuleKernel : seqdeploy::Computes<DualDeltaRuleKernel> {
                   ", got d = " + std::to_string(d) + ", dv = " + std::to_string(dv));
     const int64_t n_chunks = seqdeploy::CeilDiv(T, kChunk), Tp = n_chunks * kChunk;
     // the kernels take sizes and strides as int32 (offsets are formed in int64)
-    if (T * n * std::max(d, dv) > kInt32Max || Tp > kInt32Max || B * n > 65535)
-      throw Error("shape too large for the CUDA kernels' 32-bit sizes and grid (B * n <= 65535)");
+    if (T * n * std::max(d, dv) > kInt32Max || Tp > kInt32Max || B * n > kInt32Max)
+      throw Error("shape too large for the CUDA kernels' 32-bit sizes");
     auto stream = static_cast<seqdeploy::CUstream>(ctx.GetGPUComputeStream());
     const unsigned heads = unsigned(B * n), value_blocks = unsigned(seqdeploy::CeilDiv(dv, kBlockV));
     int32_t Ti = int32_t(T), ni = int32_t(n), di = int32_t(d), dvi = int32_t(dv), Tpi = int32_t(Tp);
@@ -213,6 +213,7 @@ struct DualDeltaRuleKernel : seqdeploy::Computes<DualDeltaRuleKernel> {
       seqdeploy::LaunchTriton(kernel, stream, heads, args, value_blocks);
       return;
     }
+    if (B * n > 65535) throw Error("the chunked CUDA kernels take B * n <= 65535 (a grid's y)");
     const auto& wy = Find("wy", dtype, 19);
     const auto& chunk = Find("chunk", dtype, 23);
     // scratch: W [B, n, 2, Tp, d] and U [B, n, 2, Tp, dv] in q's dtype (fp32 for fp32, fp16 for
