@@ -12,6 +12,9 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 budget() { local v="BUDGET_$1"; echo "${!v:-$2}"; }
+# ort: 200 s more for DualDeltaRule (GPU tests whose float64 reference loop runs on the CPU,
+# and validate lam)
+BUDGET_ort=${BUDGET_ort:-440}
 for stage in ${STAGES:-ort dlinoss lam moe cfc ten trt}; do
     start=$(date +%s)
     echo "=== $stage ($(date -u +%T))"

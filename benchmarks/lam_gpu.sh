@@ -23,8 +23,10 @@ SEQDEPLOY_LAM_E2E=0 timeout 110 python3 -m pytest -q -p no:cacheprovider tests/t
   | tail -15 | tee "$O/lam_pytest_gpu.txt"
 timeout 80 python3 benchmarks/lam_dual_delta.py --sweep --json "$O/lam_dual_delta.json" 2>&1 | grep -v Warning \
   | tee "$O/lam_dual_delta.txt"
-# `run` leaves out (and says why) an engine that cannot serve lam: the native `ort` engine
-# has no DualDeltaRule kernel; plain ONNX Runtime (ort-onnx) runs the fallback function.
+# `run` leaves out (and says why) an engine that cannot serve lam here: the native `ort` engine
+# needs its op library, which the device cannot build (no ORT headers): benchmarks/ort_gpu.sh
+# runs the library's DualDeltaRule CUDA kernel (carried as .ort-lib); plain ONNX Runtime
+# (ort-onnx) runs the fallback function.
 timeout 100 seqdeploy run lam --preset tiny --out /tmp/seqdeploy-lam --long-seq 1024 --no-plot 2>&1 \
   | grep -v "^  \[" | tee "$O/run_lam.txt"
 cp /tmp/seqdeploy-lam/lam/tiny/parity.json /tmp/seqdeploy-lam/lam/tiny/bench.json "$O/" 2>/dev/null

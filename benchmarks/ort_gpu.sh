@@ -5,7 +5,8 @@
 #   mkdir -p .ort-lib && cp "$(seqdeploy build-ort-ops | tail -1)" .ort-lib/
 # and carry `.ort-lib` (a few MB) with the onnxruntime-gpu wheel installed in /tmp/site
 # (../shared/DEVICE.md). Assumes `python3 -m pip install -q --no-deps --no-build-isolation -e .`
-# ran. Writes everything under $OUT; prints a short table last. About 3-4 minutes on an H100.
+# ran. Writes everything under $OUT; prints a short table last. About 3-4 minutes on an H100
+# before the lam steps (estimated 2-3 more: not yet run on a GPU).
 set -uo pipefail
 O=${OUT:-/tmp/seqdeploy-out}
 mkdir -p "$O"
@@ -24,9 +25,9 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee "$O/ort_env.txt"
 
 # GPU tests: every op's CUDA kernel on ORT's CUDA provider vs the torch op and the float64 loop,
-# and the CPU kernels again, in onnxruntime-gpu 1.31 (the moe cases' float64 loops at
-# B*T = 32768 add about a minute of host time) ...
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_ort.py \
+# and the CPU kernels again, in onnxruntime-gpu 1.31 (the float64 loops of the moe and lam
+# cases take about two minutes of host time) ...
+timeout 300 python3 -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_ort.py \
   -k "cuda or cpu_kernel or runs_not or version" 2>&1 | tail -15 | tee "$O/ort_pytest_gpu.txt"
 # ... and the library loading into the device's CPU-only onnxruntime 1.30
 PYTHONPATH=$CPU_PYTHONPATH timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ort.py \
@@ -49,6 +50,11 @@ cp $EX/cfc/seed/parity.json "$O/ort_parity_cfc.json" 2>/dev/null
 timeout 200 $S validate ten --preset base --engine ort --precision fp32 --precision fp16 \
   --long-seq 2048 2>&1 | tail -6 | tee "$O/ort_validate_ten.txt"
 cp $EX/ten/base/parity.json "$O/ort_parity_ten.json" 2>/dev/null
+# lam tiny through the library's DualDeltaRule (recurrent kernel at T = 1, chunked WY/UT above 16)
+timeout 100 bash -c "$S export lam --preset tiny >/dev/null && $S optimize lam --preset tiny >/dev/null \
+  && $S validate lam --preset tiny --engine ort --precision fp32 --precision fp16 --long-seq 2048" \
+  2>&1 | tail -6 | tee "$O/ort_validate_lam.txt"
+cp $EX/lam/tiny/parity.json "$O/ort_parity_lam.json" 2>/dev/null
 
 # the table: ort against torch (target <= 1.3x its time) and ort-onnx (target >= 20x faster)
 python3 - "$O" <<'PY' | tee "$O/ort_summary.txt"

@@ -83,3 +83,16 @@ def ten_copy(ten_artifact, tmp_path):
     dst = tmp_path / "exported"
     shutil.copytree(ten_artifact, dst)
     return dst
+
+
+#: IR version of the ONNX models tests build by hand: onnx 1.23 writes 14 by default, which
+#: onnxruntime 1.30 (the GPU machine's) refuses; torch's exporter writes 10
+TEST_IR_VERSION = 10
+
+
+def make_model(graph, **kwargs):
+    """``onnx.helper.make_model`` at :data:`TEST_IR_VERSION`, which every onnxruntime we run
+    loads."""
+    from onnx import helper
+
+    return helper.make_model(graph, ir_version=TEST_IR_VERSION, **kwargs)

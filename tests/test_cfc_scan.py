@@ -19,7 +19,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, compile_and_trace, gpu, run_cli
+from conftest import DEVICE, compile_and_trace, gpu, run_cli, make_model
 from onnx import TensorProto, helper
 
 from seqdeploy.ops import DOMAIN, reference_ops
@@ -392,7 +392,7 @@ def single_node_model(dtype: int, dt: float) -> onnx.ModelProto:
                                               info("w_rec", dtype), info("tau", TensorProto.FLOAT)],
                               [info("y", dtype)])
     # IR 10, as the exporter writes: onnx 1.23's default (14) is newer than ORT 1.30 reads
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 20),
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 20),
                                                                    helper.make_opsetid(DOMAIN, 1)])
     model.functions.append(cfc_scan_function(20))
     onnx.checker.check_model(model, full_check=True)

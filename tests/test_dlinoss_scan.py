@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import DEVICE, compile_and_trace, gpu
+from conftest import DEVICE, compile_and_trace, gpu, make_model
 
 from seqdeploy_dlinoss.kernels import triton_linoss_scan
 from seqdeploy_dlinoss.ops import (linoss_scan, naive_linoss_scan, reference_linoss_scan,
@@ -303,7 +303,7 @@ def test_fallback_function_in_plain_onnxruntime(precision, tmp_path):
         [vi("b_re", T_, ["B", "T", 5]), vi("b_im", T_, ["B", "T", 5]), vi("A", f32, [5]),
          vi("G", f32, [5]), vi("dt", f32, [5]), vi("state0", f32, ["B", 5, 4])],
         [vi("x_re", T_, ["B", "T", 5]), vi("x_im", T_, ["B", "T", 5]), vi("stateT", f32, ["B", 5, 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 20),
                                                     helper.make_opsetid("seqdeploy", 1)])
     model.functions.append(linoss_scan_function(20))
     onnx.checker.check_model(model, full_check=True)
@@ -340,7 +340,7 @@ def test_ort_library_kernel_edges():
          vi("G", f32, ["P"]), vi("dt", f32, ["P"]), vi("state0", f32, ["B", "P", 4])],
         [vi("x_re", f32, ["B", "T", "P"]), vi("x_im", f32, ["B", "T", "P"]),
          vi("stateT", f32, ["B", "P", 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 20),
                                                     helper.make_opsetid("seqdeploy", 1)])
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, compile_and_trace, gpu
+from conftest import DEVICE, compile_and_trace, gpu, make_model
 
 from seqdeploy_lam.kernels import triton_dual_delta_rule
 from seqdeploy_lam.ops import (INPUTS, dual_delta_rule, naive_dual_delta_rule,
@@ -253,7 +253,7 @@ def test_onnx_fallback_function_in_plain_onnxruntime(dtype):
                helper.make_tensor_value_info("stateT", TensorProto.FLOAT, [2, 3, 2, 8, 5])]
     node = helper.make_node("DualDeltaRule", list(INPUTS), ["o", "stateT"], domain=DOMAIN,
                             **plugin_attributes())
-    model = helper.make_model(helper.make_graph([node], "g", inputs, outputs),
+    model = make_model(helper.make_graph([node], "g", inputs, outputs),
                               opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, 1)],
                               functions=[dual_delta_rule_function(20)])
     onnx.checker.check_model(model, full_check=True)

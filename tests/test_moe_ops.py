@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import DEVICE, gpu
+from conftest import DEVICE, gpu, make_model
 from onnx import TensorProto, helper
 
 from seqdeploy.errors import InputError
@@ -279,7 +279,7 @@ def _run_function(function, inputs: dict, outputs: list[tuple[str, int]], attrs=
     graph = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info(n, elem[v.dtype], v.shape) for n, v in inputs.items()],
         [helper.make_tensor_value_info(o, t, [None] * rank) for o, t, rank in outputs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 20),
                                                     helper.make_opsetid(DOMAIN, 1)],
                               functions=[function])
     onnx.checker.check_model(model, full_check=True)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, make_model
 from onnx import TensorProto, helper
 
 from seqdeploy.errors import EngineUnavailable
@@ -106,6 +106,29 @@ def _linoss_naive(inputs, attrs):
     return [v.numpy() for v in out]
 
 
+def _lam_inputs(B, T, dtype, rng):
+    """As the encoder makes them: unit keys, queries scaled by 1/sqrt(d), beta and mix in (0, 1),
+    log-decays around log 0.5 (fast) and log 0.97 (slow), fp32 like the state (fp32 islands)."""
+    n, d, dv = 2, 20, 40   # masked lanes in d and dv; dv spans two CUDA value blocks (32)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    log_sigmoid = lambda x: -np.logaddexp(0.0, -x)  # noqa: E731
+    return {"q": (unit(rng.standard_normal((B, T, n, d))) / np.sqrt(d)).astype(NP[dtype]),
+            "k": unit(rng.standard_normal((B, T, n, d))).astype(NP[dtype]),
+            "v": rng.standard_normal((B, T, n, dv)).astype(NP[dtype]),
+            "beta": rng.uniform(0, 1, (B, T, n)).astype(NP[dtype]),
+            "g_fast": log_sigmoid(rng.standard_normal((B, T, n))).astype(np.float32),
+            "g_slow": log_sigmoid(np.log(0.97 / 0.03) + rng.standard_normal((B, T, n))).astype(np.float32),
+            "mix": rng.uniform(0, 1, (B, T, n)).astype(NP[dtype]),
+            "state0": (0.5 * rng.standard_normal((B, n, 2, d, dv))).astype(np.float32)}
+
+
+def _lam_naive(inputs, attrs):
+    from seqdeploy_lam.ops import INPUTS, naive_dual_delta_rule
+
+    o, state = naive_dual_delta_rule(*(torch.from_numpy(inputs[k].astype(np.float64)) for k in INPUTS))
+    return [o.numpy(), state.numpy()]
+
+
 def _router_inputs(E, skew=0.0):
     """Logits [B, T, E] (fp32 in every graph): half the tokens on a grid of halves (exact
     ties, at the maximum too), half continuous; ``skew`` favours expert 1, so that capacity
@@ -155,6 +178,7 @@ OP_CASES = {
     "eigen_scan": (_eigen_inputs, _eigen_naive, {}),
     "cfc_scan": (_cfc_inputs, _cfc_naive, {"dt": 0.7}),
     "linoss_scan": (_linoss_inputs, _linoss_naive, {}),
+    "dual_delta_rule": (_lam_inputs, _lam_naive, {}),
     "top1_router": (_router_inputs(6), _router_naive, {"capacity_factor": 0.0}),
     "top1_router[capacity]": (_router_inputs(5, skew=1.0), _router_naive, {"capacity_factor": 0.8}),
     "moe_experts": (_experts_inputs(5, used=[0, 1, 2, 4]), _experts_naive, {}),
@@ -171,7 +195,8 @@ def test_every_op_with_an_ort_kernel_has_a_case():
     with_kernel = {op.name for op in registry.ops.values() if op.onnx_name in ort_ops(registry)}
     # the built-in ops have kernels; an op without one makes `ort` refuse models using it
     assert with_kernel == {op_of(c) for c in OP_CASES}
-    assert {"eigen_scan", "cfc_scan", "linoss_scan", "top1_router", "moe_experts"} <= with_kernel
+    assert {"eigen_scan", "cfc_scan", "linoss_scan", "dual_delta_rule", "top1_router",
+            "moe_experts"} <= with_kernel
 
 
 def test_moe_cases_cover_what_they_claim():
@@ -225,7 +250,7 @@ def single_node_model(op, inputs: dict, attrs: dict, dtype: str) -> bytes:
     specs = output_specs(op, inputs, attrs)
     graph = helper.make_graph([node], op.name, [value(k, v) for k, v in inputs.items()],
                               [value(o, np.empty(s, t)) for o, (s, t) in zip(outputs, specs)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 20),
                                                     helper.make_opsetid(DOMAIN, 1)])
     model.functions.append(op.fallback(20))
     onnx.checker.check_model(model)
@@ -454,7 +479,7 @@ def test_ort_refuses_a_model_with_an_op_it_has_no_kernel_for(library, tmp_path):
 
     node = helper.make_node("NoSuchScan", ["x"], ["y"], domain=DOMAIN)
     f32 = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1])  # noqa: E731
-    model = helper.make_model(helper.make_graph([node], "g", [f32("x")], [f32("y")]))
+    model = make_model(helper.make_graph([node], "g", [f32("x")], [f32("y")]))
     onnx.save(model, tmp_path / "m.onnx")
     with pytest.raises(EngineUnavailable, match="has no kernel for NoSuchScan"):
         check_native_ops(tmp_path / "m.onnx", load_registry())

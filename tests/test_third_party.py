@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-
+from conftest import make_model
 
 from seqdeploy import pipeline
 from seqdeploy.hookspecs import hookimpl
@@ -174,7 +174,7 @@ def test_the_op_exports_with_its_int_attribute_and_runs_in_onnxruntime(toy):
         [onnx.helper.make_node("ToyBucket", ["x"], ["ids"], domain="seqdeploy", n=3)], "g",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 9, 4])],
         [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 9])])
-    alone = onnx.helper.make_model(graph, functions=[fn], opset_imports=[
+    alone = make_model(graph, functions=[fn], opset_imports=[
         onnx.helper.make_opsetid("", 20), onnx.helper.make_opsetid("seqdeploy", 1)])
     ids = onnxruntime.InferenceSession(alone.SerializeToString()).run(None, {"x": x.numpy()})[0]
     assert (torch.from_numpy(ids) == naive_toy_bucket(x, 3)).all()

@@ -150,6 +150,52 @@ dual_delta_rule.register_kernel("cuda")(cuda_dual_delta_rule)
 INPUTS = ("q", "k", "v", "beta", "g_fast", "g_slow", "mix", "state0")
 OUTPUTS = ("o", "stateT")
 
+#: head tiles (BLOCK_D = BLOCK_DV) the ORT library compiles; any d, dv up to the tile runs masked
+#: in the smallest tile holding both. 64 is the base preset's head (tiny's 32 runs masked in it):
+#: a 32 tile would add about 45 s of CPU per architecture to a cold build (fp32 WY and chunk
+#: kernels take 8-21 s each to lower on the 2-core CI machine), over the CI time budget
+ORT_HEAD_TILES = (64,)
+
+
+def _ort_variants(path: str):
+    """``dtype -> {"d<H>": (constexprs, num_warps)}`` for one kernel (``path``: recurrent, wy,
+    chunk): the constexprs ``kernels.launch_config`` picks for d = dv = H."""
+    def variants(dtype: str) -> dict:
+        from seqdeploy_lam.kernels import BT, launch_config
+
+        names = {"wy": ("BD", "BDV", "PREC", "INV_PREC"), "chunk": ("BD", "BV", "PREC"),
+                 "recurrent": ("BD", "BV")}[path]
+        out = {}
+        for head in ORT_HEAD_TILES:
+            cfg = launch_config(BT + 1, head, head, {"fp32": torch.float32, "fp16": torch.float16}[dtype])
+            constexprs = ({} if path == "recurrent" else {"BT": BT}) | {k: cfg[k] for k in names}
+            out[f"d{head}"] = (constexprs, 4)   # num_warps: triton_dual_delta_rule's
+        return out
+    return variants
+
+
+def ort_kernel():
+    """The ONNX Runtime kernels (``ort_dual_delta_rule.cc``): a CPU per-token loop, and on CUDA
+    this plugin's Triton kernels compiled ahead of time, dispatched as on torch: the recurrent
+    kernel for T <= RECURRENT_MAX_T, else the chunked path's two launches (WY, then chunks)."""
+    from seqdeploy.ort_native import OrtKernel, TritonAOT
+
+    p, f, i = "*T", "*fp32", "i32"
+    strides = lambda x: {f"s{x}_b": i, f"s{x}_t": i, f"s{x}_h": i}   # noqa: E731
+    sizes = dict(T=i, n=i, d=i, dv=i)
+    # W and U in q's dtype (fp32 for fp32 inputs), as the torch op keeps them
+    wy = dict(k_ptr=p, v_ptr=p, beta_ptr=p, gf_ptr=f, gs_ptr=f, w_ptr=p, u_ptr=p, gam_ptr=f,
+              **sizes, **strides("k"), **strides("v"), Tp=i)
+    chunk = dict(q_ptr=p, k_ptr=p, w_ptr=p, u_ptr=p, gam_ptr=f, mix_ptr=p, s0_ptr=f, o_ptr=p,
+                 sT_ptr=f, **sizes, **strides("q"), **strides("k"), **strides("o"), Tp=i)
+    recurrent = dict(q_ptr=p, k_ptr=p, v_ptr=p, beta_ptr=p, gf_ptr=f, gs_ptr=f, mix_ptr=p,
+                     s0_ptr=f, o_ptr=p, sT_ptr=f, **sizes, **strides("q"), **strides("k"),
+                     **strides("v"), **strides("o"))
+    aot = tuple(TritonAOT(f"dual_delta_rule_{path}", f"seqdeploy_lam.kernels:_{path}_kernel",
+                          signature, _ort_variants(path))
+                for path, signature in (("recurrent", recurrent), ("wy", wy), ("chunk", chunk)))
+    return OrtKernel("seqdeploy_lam", ("ort_dual_delta_rule.cc",), "DualDeltaRuleKernel", aot)
+
 
 def dual_delta_rule_op() -> CustomOp:
     from seqdeploy_lam.onnx import dual_delta_rule_function, dual_delta_rule_translation
@@ -161,4 +207,4 @@ def dual_delta_rule_op() -> CustomOp:
                     reference=reference_dual_delta_rule, schema=schema,
                     translation=dual_delta_rule_translation, fallback=dual_delta_rule_function,
                     doc="two gated delta-rule memories, outputs mixed per token",
-                    eager={"cuda": cuda_dual_delta_rule})
+                    eager={"cuda": cuda_dual_delta_rule}, extra={"ort": ort_kernel()})
