@@ -6,6 +6,7 @@ node per layer, plain ONNX Runtime equal to torch, routes compared by agreement.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import onnx
 import pytest
@@ -13,10 +14,10 @@ import torch
 from conftest import run_cli
 
 from seqdeploy import pipeline
-from seqdeploy.architecture import INDEX, TensorSpec
+from seqdeploy.architecture import INDEX, ParityLimits, TensorSpec
 from seqdeploy.checkpoint import load_checkpoint, save_checkpoint
 from seqdeploy.errors import ArtifactError, SeqdeployError
-from seqdeploy.parity import ParityLimits, check_outputs
+from seqdeploy.parity import check_outputs
 from seqdeploy.plugins import load_registry
 
 NAMES = ("token_states", "embedding", "memory_out", "conv_out", "routes")
@@ -52,7 +53,8 @@ def close(a, b, tol=2e-5) -> bool:
 
 def float64_switch_ffn(block, x: torch.Tensor, capacity_factor: float):
     """``x [1, n, d]`` (one row's real tokens) through the block in float64: LayerNorm, router
-    logits, the float64 router and experts loops of the moe plugin. ``(x + y, expert [n])``."""
+    logits, the float64 router and experts loops of the moe plugin.
+    ``(x + y, expert [n], number of tokens dropped)``."""
     from seqdeploy_moe.experts import naive_moe_experts
     from seqdeploy_moe.router import naive_top1_router
 
@@ -180,12 +182,14 @@ def test_a_causal_route_flip_excludes_the_rest_of_its_row():
     out["r"][0, 6, 1] = (out["r"][0, 6, 1] + 1) % 4
     out["y"][0, 6:] += 1.0                   # the flip and everything after it in row 0
 
-    def checks():
+    def checks(specs=specs):
         return {c.output: c for c in check_outputs("x", "fp16", "c", ref, out, specs, limits.get)}
 
     got = checks()
     assert got["r"].passed and got["r"].metrics.agreement == pytest.approx(39 / 40)
     assert got["y"].passed and got["y"].metrics.compared == pytest.approx(16 / 20)
+    per_step = checks([specs[0], dataclasses.replace(specs[1], causal=False)])["y"]
+    assert not per_step.passed and per_step.metrics.compared == pytest.approx(19 / 20)
     out["y"][1, 9] += 1e-3                   # the other row is compared to its end
     assert not checks()["y"].passed
     out["y"][1, 9] = ref["y"][1, 9]
