@@ -41,6 +41,9 @@ class TensorSpec:
     shape has a ``seq`` axis and ``"state"`` otherwise, so a pooled output must say so.
     ``depends_on`` names an ``index`` output: this output is compared only at the positions
     (rows, or rows and steps) where the engine's ids agree with the reference's.
+    ``causal`` (``index`` outputs, along their ``seq`` axis): an id at step t also changes
+    every later step of its row (a recurrence or causal attention carries it on), so a
+    dependant is compared at step t only where every id of the row up to t agrees.
     """
 
     name: str
@@ -51,6 +54,7 @@ class TensorSpec:
     bounds: tuple[int, int] | None = None
     kind: str = ""
     depends_on: str | None = None
+    causal: bool = False
 
     def __post_init__(self):
         if not self.kind:
@@ -60,6 +64,8 @@ class TensorSpec:
                                  f"(one of {', '.join(KINDS)})")
         if self.kind in (STATE, POOLED) and SEQ in self.shape:
             raise SeqdeployError(f"tensor {self.name}: a {self.kind} tensor has no {SEQ!r} axis")
+        if self.causal and self.kind != INDEX:
+            raise SeqdeployError(f"tensor {self.name}: only an {INDEX} tensor can be causal")
 
     @property
     def seq_axis(self) -> int | None:

@@ -88,6 +88,57 @@ def test_complexity_input_moves_the_router():
         block(u)
 
 
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.8])
+def test_a_padded_row_routes_as_its_real_tokens_alone(capacity_factor):
+    """With a mask, each row equals the float64 router and experts loops run on its real
+    tokens only: padding (at the start, the end and inside a row) takes no capacity, runs no
+    expert (output = residual) and reports expert -1. cf 0.8 over E=2 drops tokens, and the
+    capacity is ``ceil(0.8 * n_real / 2)`` in fp32 (n_real = 5 gives 2, not 3)."""
+    from seqdeploy_moe.experts import naive_moe_experts
+    from seqdeploy_moe.router import naive_top1_router
+
+    torch.manual_seed(3)
+    block = MoEFeedForward(16, 24, 2, capacity_factor).eval()
+    T = 13
+    x = torch.randn(3, T, 16)
+    mask = torch.ones(3, T, dtype=torch.int64)
+    mask[0, 5:] = 0                 # right padding: 5 real tokens
+    mask[1, :6] = 0                 # left padding
+    mask[2, [1, 4, 5, 9]] = 0       # holes
+    with torch.no_grad():
+        y, expert = block(x, mask=mask)
+    dropped = []
+    for b in range(3):
+        real = mask[b].bool()
+        xr = x[b:b + 1, real].double()
+        with torch.no_grad():
+            u = torch.nn.functional.layer_norm(xr, (16,), block.norm.weight.double(),
+                                               block.norm.bias.double(), block.norm.eps)
+            want_e, want_g = naive_top1_router(u @ block.router.weight.double().T, capacity_factor)
+            want = xr + naive_moe_experts(u, want_e, want_g, block.w1, block.b1, block.w2, block.b2)
+        assert torch.equal(expert[b, real], want_e[0])
+        got = y[b:b + 1, real].double()
+        assert float((got - want).norm() / want.norm()) < 1e-6, b
+        assert torch.equal(y[b, ~real], x[b, ~real]) and (expert[b, ~real] == -1).all()
+        dropped.append(int((want_g == 0).sum()))
+        if b == 0 and capacity_factor:     # 5 real tokens: cap 2 (3 would drop fewer here)
+            counts = torch.bincount(want_e[0], minlength=2)
+            assert counts.max() >= 3 and dropped[0] == int((counts - 2).clamp(min=0).sum())
+    if capacity_factor:
+        assert sum(dropped) > dropped[0]
+    else:
+        assert sum(dropped) == 0
+    if capacity_factor:              # without the mask the op counts the padding: row 1 differs
+        with torch.no_grad():
+            unmasked = block(x)[0]
+        assert not torch.allclose(unmasked[1, 6:], y[1, 6:])
+    block.train()                    # the auxiliary losses see the real tokens only
+    y_train, _ = block(x, mask=mask)
+    assert torch.allclose(y_train, y, atol=1e-6)
+    assert block.last_logits.shape == (int(mask.sum()), 2)
+    assert torch.equal(block.last_expert, expert[mask.bool()])
+
+
 def test_jitter_only_in_training():
     torch.manual_seed(1)
     block = MoEFeedForward(16, 32, 4, jitter=0.1)

@@ -6,7 +6,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from seqdeploy.architecture import BATCH, MASK, POOLED, SEQ, STATE, STEP, Architecture, TensorSpec
+from seqdeploy.architecture import (BATCH, INDEX, MASK, POOLED, SEQ, STATE, STEP, Architecture,
+                                   ParityLimits, TensorSpec)
 from seqdeploy.bench import OpBenchmark
 from seqdeploy.hookspecs import hookimpl
 
@@ -17,18 +18,27 @@ class Lam(Architecture):
     presets = {
         "tiny": {"vocab": 256, "d_model": 64, "n_heads": 2, "n_layers": 2, "seq_len": 128,
                  "bench_batch": 8},
+        # the FFN of every layer swapped for the moe plugin's Switch block (top-1, E=4)
+        "tiny-moe": {"vocab": 256, "d_model": 64, "n_heads": 2, "n_layers": 2, "seq_len": 128,
+                     "bench_batch": 8, "ffn": {"kind": "moe", "n_experts": 4, "d_ff": 128}},
         "base": {"vocab": 30522, "d_model": 768, "n_heads": 12, "n_layers": 6, "seq_len": 512,
                  "bench_batch": 1},
     }
     ops = ("dual_delta_rule",)
     state_map = {"memory": "memory_out", "conv": "conv_out"}
-    fp32_parameters = ("decay_",)
+    fp32_parameters = ("decay_", "router")   # router: the MoE FFN's (tiny-moe)
     gpu_preset = "base"
 
     def build(self, config: dict[str, Any]) -> torch.nn.Module:
         from seqdeploy_lam.model import LamEncoder
 
-        return LamEncoder(config["vocab"], config["d_model"], config["n_heads"], config["n_layers"])
+        return LamEncoder(config["vocab"], config["d_model"], config["n_heads"], config["n_layers"],
+                          config.get("ffn"))
+
+    @staticmethod
+    def _routed(config) -> bool:
+        """Whether the FFN is the MoE block, so the model also returns its routes."""
+        return (config.get("ffn") or {}).get("kind", "dense") == "moe"
 
     def bench_shapes(self, config):
         """base: the seed's encoder shapes (one request of 128 and of 512 tokens)."""
@@ -53,11 +63,34 @@ class Lam(Architecture):
 
     def output_specs(self, config):
         memory, conv = self._state_shapes(config)
-        return [TensorSpec("token_states", "float", (BATCH, SEQ, config["d_model"]), kind=STEP),
-                TensorSpec("embedding", "float", (BATCH, config["d_model"]),
-                           "masked mean of token_states, L2-normalised", kind=POOLED),
-                TensorSpec("memory_out", "float32", memory, "both memories after the call", kind=STATE),
-                TensorSpec("conv_out", "float32", conv, "causal-conv tails after the call", kind=STATE)]
+        # with the MoE FFN every output follows the routes (core v2: depends_on): an fp16
+        # near-tie between two experts may flip a route legitimately, and the memories carry
+        # a flip on to every later token (causal)
+        routes = "routes" if self._routed(config) else None
+        specs = [TensorSpec("token_states", "float", (BATCH, SEQ, config["d_model"]), kind=STEP,
+                            depends_on=routes),
+                 TensorSpec("embedding", "float", (BATCH, config["d_model"]),
+                            "masked mean of token_states, L2-normalised", kind=POOLED,
+                            depends_on=routes),
+                 TensorSpec("memory_out", "float32", memory, "both memories after the call",
+                            kind=STATE, depends_on=routes),
+                 TensorSpec("conv_out", "float32", conv, "causal-conv tails after the call",
+                            kind=STATE, depends_on=routes)]
+        if routes:
+            specs.append(TensorSpec("routes", "int64", (BATCH, SEQ, config["n_layers"]),
+                                    "expert chosen per token and layer (-1 at padding)",
+                                    kind=INDEX, causal=True))
+        return specs
+
+    def parity_limits(self, precision, config):
+        limits = super().parity_limits(precision, config)
+        if not self._routed(config):
+            return limits
+        # as the moe plugin's: routes by agreement, every other output where they agree
+        agreement = 0.98 if precision == "fp16" else 0.999
+        dependants = ("token_states", "embedding", "memory_out", "conv_out")
+        return {"routes": ParityLimits(rel_l2=0.0, min_agreement=agreement),
+                **{name: limits for name in dependants}}
 
     def make_inputs(self, config, batch, seq_len, seed=0, ragged=False):
         """Random ids, a full mask (``ragged``: row i keeps a seeded length, at least 1, and

@@ -3,14 +3,19 @@
 Shapes: ``input_ids, attention_mask [B, T] int64`` (1 = real token), streaming state
 ``memory [B, L, n, 2, d, d]`` and ``conv [B, L, 3, 3D]`` (the last three pre-conv q|k|v
 projections of each layer) in and out, fp32; outputs ``token_states [B, T, D]`` and
-``embedding [B, D]`` (masked mean of the token states, L2-normalised).
+``embedding [B, D]`` (masked mean of the token states, L2-normalised); with the MoE FFN
+(config ``"ffn": {"kind": "moe", ...}``) also ``routes [B, T, L] int64``, each layer's expert
+per token.
 
 Padding is harmless by construction: at a masked position the conv input is zeroed, beta = 0
 and both log-decays are 0 (decay 1), so both memories pass through unchanged; the conv tail
 handed on is gathered from the last three real positions; pooling counts real tokens only.
 Exact for padding (masked tokens before the first or after the last real one); a masked token
-between real ones feeds the conv a zero rather than being skipped. Norm statistics, L2
-normalisation and the log-decays are computed in fp32.
+between real ones feeds the conv a zero rather than being skipped. The MoE FFN runs no
+expert for a masked token and counts only real tokens against an expert's capacity (with
+``capacity_factor > 0`` the capacity is per call: a split or streamed run equals one call
+only while no token is dropped; the presets drop none). Norm statistics, L2 normalisation,
+the log-decays and the router are computed in fp32.
 """
 from __future__ import annotations
 
@@ -107,15 +112,31 @@ class FeedForward(nn.Module):
         return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
+def make_ffn(d_model: int, ffn: dict | None) -> nn.Module:
+    """The FFN of each layer: GELU 4x by default, or the ``moe`` plugin's Switch block
+    ``MoEFeedForward`` (``{"kind": "moe", "n_experts": E, "d_ff": f, "capacity_factor": cf}``;
+    ``d_ff`` defaults to ``4 * d_model``, ``capacity_factor`` to 0: no dropping)."""
+    if not ffn or ffn.get("kind", "dense") == "dense":
+        return FeedForward(d_model)
+    if ffn["kind"] == "moe":
+        from seqdeploy_moe.model import MoEFeedForward
+
+        return MoEFeedForward(d_model, ffn.get("d_ff", 4 * d_model), ffn["n_experts"],
+                              ffn.get("capacity_factor", 0.0))
+    raise ValueError(f"lam: unknown ffn kind {ffn['kind']!r} (dense or moe)")
+
+
 class LamEncoder(nn.Module):
-    def __init__(self, vocab: int, d_model: int, n_heads: int, n_layers: int):
+    def __init__(self, vocab: int, d_model: int, n_heads: int, n_layers: int,
+                 ffn: dict | None = None):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"lam: d_model {d_model} is not a multiple of n_heads {n_heads}")
         self.embed = nn.Embedding(vocab, d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.mixers = nn.ModuleList(DualDeltaMixer(d_model, n_heads) for _ in range(n_layers))
-        self.ffns = nn.ModuleList(FeedForward(d_model) for _ in range(n_layers))
+        self.ffns = nn.ModuleList(make_ffn(d_model, ffn) for _ in range(n_layers))
+        self.routed = not isinstance(self.ffns[0], FeedForward)   # MoE: also returns routes
         self.norm = RMSNorm32(d_model)
 
     def forward(self, input_ids, attention_mask, memory, conv):
@@ -123,14 +144,19 @@ class LamEncoder(nn.Module):
         # "embedding", which would collide with the output of that name
         x = self.embed.weight.index_select(0, input_ids.reshape(-1)).view(*input_ids.shape, -1)
         mask = attention_mask.to(x.dtype)
-        memories, tails = [], []
+        memories, tails, routes = [], [], []
         for i, (mixer, ffn) in enumerate(zip(self.mixers, self.ffns)):
             x, mem, tail = mixer(x, mask, memory[:, i], conv[:, i])
-            x = ffn(x)
+            if self.routed:
+                x, expert = ffn(x, mask=attention_mask)
+                routes.append(expert)
+            else:
+                x = ffn(x)
             memories.append(mem)
             tails.append(tail)
         states = self.norm(x)
         m = attention_mask.to(torch.float32)[..., None]
         pooled = (states.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
         embedding = F.normalize(pooled, dim=-1).to(states.dtype)
-        return states, embedding, torch.stack(memories, 1), torch.stack(tails, 1)
+        out = (states, embedding, torch.stack(memories, 1), torch.stack(tails, 1))
+        return (*out, torch.stack(routes, -1)) if self.routed else out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,7 +48,9 @@ class MoEFeedForward(nn.Module):
 
     Router parameters are named ``router*``: list ``"router"`` in an architecture's
     ``fp32_parameters`` so the FP16 policy keeps them fp32.
-    ``forward(x, c=None) -> (x + y, expert [B, T] int64)``.
+    ``forward(x, c=None, mask=None) -> (x + y, expert [B, T] int64)``; an encoder with padding
+    passes ``mask [B, T]`` (1 = real token): a padded token runs no expert, takes no capacity
+    (:func:`keep_real_within_capacity`) and reports expert -1.
     """
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, capacity_factor: float = 0.0,
@@ -79,19 +82,53 @@ class MoEFeedForward(nn.Module):
             logits = logits + c.float()[..., None] * self.router_complexity.float()
         return logits
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None):
         u = self.norm(x)
         logits = self.router_logits(u, c)
-        expert, gate = TOP1_ROUTER(logits, self.capacity_factor)
+        if mask is None:
+            expert, gate = TOP1_ROUTER(logits, self.capacity_factor)
+        else:
+            # the op's capacity counts every token of the row, padding included: route with
+            # no dropping and apply the capacity over the real tokens only
+            expert, gate = TOP1_ROUTER(logits, 0.0)
+            keep = keep_real_within_capacity(expert, mask, self.capacity_factor, self.n_experts)
+            gate = torch.where(keep, gate, torch.zeros_like(gate))
         if self.training and torch.is_grad_enabled():
-            self.last_logits, self.last_expert = logits, expert
+            real = None if mask is None else mask > 0      # the losses see real tokens only
+            self.last_logits = logits if real is None else logits[real]
+            self.last_expert = expert if real is None else expert[real]
             # the custom ops have no backward: differentiable gate, experts by the mask loop
             p = torch.softmax(logits, dim=-1).gather(-1, expert[..., None])[..., 0]
             gate = torch.where(gate > 0, p, torch.zeros_like(p))
             y = reference_moe_experts(u, expert, gate, self.w1, self.b1, self.w2, self.b2)
         else:
             y = MOE_EXPERTS(u, expert, gate, self.w1, self.b1, self.w2, self.b2)
+        if mask is not None:
+            expert = torch.where(mask > 0, expert, torch.full_like(expert, -1))
         return x + y, expert
+
+
+def keep_real_within_capacity(expert: torch.Tensor, mask: torch.Tensor, capacity_factor: float,
+                              n_experts: int) -> torch.Tensor:
+    """Which tokens keep their gate in a row with padding: ``bool [B, T]``.
+
+    ``expert [B, T] int64``, ``mask [B, T]`` (any dtype, > 0 = real token). A padded token
+    keeps none (it goes through no expert and takes no capacity). With ``capacity_factor >
+    0`` a real token keeps its gate when it is among the first ``cap`` real tokens of its row
+    routed to its expert, ``cap = ceil(fp32(fp32(cf) * n_real) / E)`` with ``n_real`` the
+    row's real tokens: the router op's rule (``router.capacity``) applied to the row with
+    its padding removed, so padding a row never changes which of its tokens are dropped.
+    """
+    real = mask > 0
+    if capacity_factor <= 0:
+        return real
+    arange = torch.arange(n_experts, device=expert.device)
+    hot = ((expert[..., None] == arange) & real[..., None]).to(torch.int64)   # [B, T, E]
+    rank = (hot.cumsum(dim=1) * hot).sum(dim=-1)      # 1-based rank among its expert's real tokens
+    n_real = real.to(torch.int64).sum(dim=1, keepdim=True).to(torch.float32)
+    cap = torch.ceil(n_real * float(np.float32(capacity_factor)) / n_experts)   # fp32, as the op
+    return real & (rank <= cap)
 
 
 def load_balance_loss(logits: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
