@@ -9,7 +9,7 @@ set -uo pipefail
 O=${OUT:-/tmp/seqdeploy-out}
 mkdir -p "$O"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$O/dlinoss_gpu.txt"
-timeout 60 python3 -m pytest -q -p no:cacheprovider -x tests/test_dlinoss_scan.py -m "not slow" \
+timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_dlinoss_scan.py -m "not slow" \
     -k "cuda or triton or near_unit" 2>&1 | tail -15 | tee "$O/dlinoss_pytest_gpu.txt"
 timeout 100 python3 benchmarks/dlinoss_scan.py --json "$O/dlinoss_scan.json" 2>&1 | grep -v Warning \
     | tee "$O/dlinoss_scan.txt"

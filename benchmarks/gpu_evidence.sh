@@ -12,6 +12,11 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 budget() { local v="BUDGET_$1"; echo "${!v:-$2}"; }
+# the prebuilt ORT op library, when carried (.ort-lib): `run` in every stage then includes
+# the native `ort` engine (the device cannot build the library: no ORT headers, no network)
+if [ -f .ort-lib/libseqdeploy_ort.so ]; then
+    export SEQDEPLOY_ORT_LIBRARY=$PWD/.ort-lib/libseqdeploy_ort.so
+fi
 # ort: 200 s more for DualDeltaRule (GPU tests whose float64 reference loop runs on the CPU,
 # and validate lam)
 BUDGET_ort=${BUDGET_ort:-440}

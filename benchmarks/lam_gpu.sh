@@ -19,7 +19,7 @@ if ls .whl/fla_core-*.whl >/dev/null 2>&1; then
     >/dev/null 2>&1 || echo "fla wheels did not install"
 fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$O/lam_env.txt"
-SEQDEPLOY_LAM_E2E=0 timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_lam_ops.py tests/test_lam_model.py 2>&1 \
+SEQDEPLOY_LAM_E2E=0 timeout 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_lam_ops.py tests/test_lam_model.py 2>&1 \
   | tail -15 | tee "$O/lam_pytest_gpu.txt"
 timeout 80 python3 benchmarks/lam_dual_delta.py --sweep --json "$O/lam_dual_delta.json" 2>&1 | grep -v Warning \
   | tee "$O/lam_dual_delta.txt"

@@ -8,7 +8,7 @@ set -uo pipefail
 O=${OUT:-/tmp/seqdeploy-out}
 mkdir -p "$O"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$O/moe_card.txt"
-timeout 900 python3 -m pytest -q -p no:cacheprovider tests/test_moe_ops.py tests/test_moe_model.py \
+timeout 900 python3 -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_moe_ops.py tests/test_moe_model.py \
     2>&1 | tail -15 | tee "$O/moe_pytest_gpu.txt"
 timeout 600 python3 benchmarks/moe_layer.py --json "$O/moe_layer.json" 2>&1 | grep -v Warning \
     | tee "$O/moe_layer.txt"

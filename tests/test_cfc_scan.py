@@ -445,9 +445,13 @@ def test_run_end_to_end_on_cpu(tmp_path, capsys):
     folder = tmp_path / "cfc" / "tiny"
     parity = json.loads((folder / "parity.json").read_text())
     assert parity["passed"]
+    # every engine runs, except one that cannot load here, which is left out with its reason
+    # (`ort` on a machine that can neither build nor find its op library: the GPU machine)
+    ran = {c["engine"] for c in parity["checks"]}
+    assert ran | set(parity["skipped"]) == {"torch", "ort", "ort-onnx"}
+    assert {"torch", "ort-onnx"} <= ran and all(parity["skipped"].values())
     assert {(c["engine"], c["precision"]) for c in parity["checks"]} == \
-        {("torch", "fp32"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16"),
-         ("ort-onnx", "fp32"), ("ort-onnx", "fp16")}
+        {(e, p) for e in ran for p in ("fp32", "fp16")}
     assert {"B1-T1", "B2-T63", "B2-T64", "B1-T256", "B2-T64-split33"} <= \
         {c["case"] for c in parity["checks"]}
     for name in ("model.onnx", "model.fp16.onnx"):
@@ -458,7 +462,7 @@ def test_run_end_to_end_on_cpu(tmp_path, capsys):
         assert not [n for n in model.graph.node if n.op_type in ("Loop", "Scan")]
         assert [f.name for f in model.functions] == ["CfCScan"]
     bench = json.loads((folder / "bench.json").read_text())
-    assert {r["engine"] for r in bench["engines"]} == {"torch-ref", "torch", "ort", "ort-onnx"}
+    assert {r["engine"] for r in bench["engines"]} == {"torch-ref"} | ran
     assert [o["op"] for o in bench["ops"]] == ["cfc_scan"]
 
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from seqdeploy.architecture import BATCH, SEQ, Architecture, TensorSpec
+from seqdeploy.architecture import BATCH, DEFAULT_LIMITS, SEQ, Architecture, ParityLimits, TensorSpec
 from seqdeploy.bench import OpBenchmark
 from seqdeploy.hookspecs import hookimpl
 
@@ -44,6 +44,16 @@ class Ten(Architecture):
         return [TensorSpec("logits", "float", (BATCH, SEQ, config["vocab"]), "next-token logits"),
                 TensorSpec("h_re_out", "float32", state, "final state per layer, real part"),
                 TensorSpec("h_im_out", "float32", state, "final state per layer, imaginary part")]
+
+    def parity_limits(self, precision, config):
+        """fp32: rel-L2 <= 2e-5, not the default 1e-5. Two fp32 orderings of the eigen
+        recurrence (the reference's scan, a kernel's chunks of 32 steps) differ by a few ulps
+        per step over an eigenvalue's damping time, so the gap grows with T: on an H100 the
+        ORT library's CUDA kernel measured 0.8-1.05e-5 on ``base`` at T = 2048 (state outputs,
+        split case). 2e-5 is the op tests' fp32 tolerance too. fp16: the defaults."""
+        if precision == "fp32":
+            return ParityLimits(rel_l2=2e-5)
+        return DEFAULT_LIMITS[precision]
 
     def make_inputs(self, config, batch, seq_len, seed=0):
         g = torch.Generator().manual_seed(seed)
