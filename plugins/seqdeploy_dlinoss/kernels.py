@@ -13,12 +13,13 @@ Two grids, chosen by :func:`launch_config`:
 - ``_linoss_chunk_kernel`` (few rows, e.g. B=32, P=128: 128 tiles of P per time step): grid
   over (chunk of T, batch row, block of P), one tile per program, chunk-major. The tile is
   scanned from a zero state and its aggregate published at once; the state entering the
-  chunk comes by decoupled look-back (walk back over earlier chunks, combining their
-  aggregates with powers of ``Q = M^BLOCK_T``, float64-squared and rounded once, until one
-  has published its inclusive end state; the first chunk starts from ``state0``); then the
-  tile, still in registers, is scanned again from that state, which gives the outputs and
-  this chunk's inclusive state. A chunk only waits on programs with smaller ids,
-  which the hardware (and the interpreter, which runs ids in order) has already started.
+  chunk comes by decoupled look-back (back over the flags of earlier chunks to the latest
+  that has published its inclusive end state, then forward from that state over the
+  aggregates in between, ``h <- Q h + agg`` with ``Q = M^BLOCK_T`` applied as ``a h +
+  b (M h)``; the first chunk starts from ``state0``); then the tile, still in registers, is
+  scanned again from that state, which gives the outputs and this chunk's inclusive state.
+  A chunk only waits on programs with smaller ids, which the hardware (and the
+  interpreter, which runs ids in order) has already started.
 - ``_linoss_rows_kernel`` (many rows): grid over (batch row, block of P); each program walks
   its rows' whole sequence tile by tile, the next tile's load issued before the current one
   is scanned. No look-back traffic at all.
@@ -26,7 +27,15 @@ Two grids, chosen by :func:`launch_config`:
 HBM traffic is one read of ``b_re, b_im`` and one write of ``x_re, x_im`` (plus ``state0``,
 ``stateT`` and, for the chunk kernel, 8 fp32 per (chunk, b, p) of look-back carries). Padded
 time steps of the last tile use ``M = I, c = 0`` so the tile's last column is the state at
-T-1. Error growth with T: see ``ops.py``.
+T-1.
+
+Error growth with T (see ``ops.py``): both kernels make the fp32 step loop's errors, with M
+computed in float64 and rounded once: they grow about linearly in T where M's eigenvalues
+are well separated, and faster (up to T^2, until the damping time ``1/(1 - |lambda|)``)
+where they nearly coincide at the band's edges; kappa = rel-L2 / (u T) is about 32 at
+T = 16384 with ``dt G = 1e-6``. A look-back that crosses k unfinished chunks applies Q k
+times in place of k BLOCK_T steps of M, each application as accurate as those steps, so
+how far the look-backs walk (which depends on the GPU's scheduling) does not change this.
 """
 from __future__ import annotations
 
@@ -97,19 +106,25 @@ def _tile_scan(b_r, b_i, valid, m00, m01, m10, m11, c0, c1, h_zr, h_zi, h_xr, h_
 
 
 @triton.jit
-def _tile_power(a_ptr, g_ptr, dt_ptr, offs_p, mask_p, LOG2_T: tl.constexpr):
-    """``Q = M^(2^LOG2_T)`` by repeated squaring in float64, rounded once to fp32: the
-    look-back multiplies predecessors' states by powers of Q, and a Q built by 16 fp32
-    products of a far-from-normal M would carry their rounding into every chunk."""
-    A = tl.load(a_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float64)
-    G = tl.load(g_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float64)
-    dt = tl.load(dt_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float64)
-    inv = 1.0 / (1.0 + dt * G)
-    q00, q01, q10, q11 = inv, -dt * A * inv, dt * inv, 1.0 - dt * dt * A * inv
+def _tile_power(m00, m01, m10, m11, LOG2_T: tl.constexpr):
+    """``(a, b)`` with ``M^(2^LOG2_T) = a I + b M`` (Cayley-Hamilton: ``M^2 = tr M - det I``)
+    for the fp32 M the tiles apply, squared in float64 and rounded once to fp32.
+
+    Not the matrix ``Q = M^BLOCK_T`` itself: near the band's edge at -1, M is far from normal
+    and Q's entries are ~50 with ``det Q ~ 1`` left after cancelling them, so rounding Q (and
+    every fp32 product of Qs) moves its eigenvalues off M's by ~u |Q|^2 per chunk, an error
+    that compounds over every chunk the look-back crosses. A polynomial in M keeps M's
+    eigenvectors exactly; rounding ``a`` and ``b`` moves an eigenvalue ``a + b lambda`` by
+    ~u (|a| + |b|), with ``|a|, |b| <= BLOCK_T`` however close the eigenvalues are."""
+    t00 = m00.to(tl.float64)
+    t11 = m11.to(tl.float64)
+    tr = t00 + t11
+    det = t00 * t11 - m01.to(tl.float64) * m10.to(tl.float64)
+    a = tl.zeros_like(tr)
+    b = a + 1.0
     for _ in tl.static_range(LOG2_T):
-        q00, q01, q10, q11 = (q00 * q00 + q01 * q10, q00 * q01 + q01 * q11,
-                              q10 * q00 + q11 * q10, q10 * q01 + q11 * q11)
-    return q00.to(tl.float32), q01.to(tl.float32), q10.to(tl.float32), q11.to(tl.float32)
+        a, b = a * a - b * b * det, 2.0 * a * b + b * b * tr
+    return a.to(tl.float32), b.to(tl.float32)
 
 
 @triton.jit
@@ -123,15 +138,21 @@ def _store_state(ptr, b, offs_p, mask_p, P, zr, zi, xr, xi):
 
 @triton.jit
 def _look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr, agg_xi,
-               q00, q01, q10, q11, chunk, slot, n_slots, b, offs_p, mask_p, B, P, publish,
-               BLOCK_P: tl.constexpr):
+               m00, m01, m10, m11, qa, qb, chunk, slot, n_slots, b, offs_p, mask_p, B, P,
+               publish, BLOCK_P: tl.constexpr):
     """The state (z_re, z_im, x_re, x_im) entering ``chunk``, by decoupled look-back.
 
     Publishes this chunk's aggregate (its scan from a zero state) at once, flag 1; the
     caller publishes the inclusive end state with :func:`_publish_inclusive`, flag 2.
-    Walking back, the predecessors' values are combined with growing relative powers ``Q^k``
-    (``Q = M^BLOCK_T``) until one with an inclusive state is found. Per chunk the carry buffer
-    holds eight planes of [B, P]: aggregate z_re, z_im, x_re, x_im, then the inclusive ones."""
+    First back over the flags alone, to the latest earlier chunk j with an inclusive state
+    (waiting on chunks that have published nothing yet); then forward from that state over
+    the aggregates of chunks j+1 .. chunk-1, Horner's way: ``h <- Q h + agg``, with
+    ``Q h = a h + b (M h)`` (:func:`_tile_power`). So the state crosses each skipped chunk
+    by one application of Q, as the step loop would cross it by BLOCK_T steps of M, and no
+    power of Q is ever formed (the products ``Q^k``, k up to the walk's length, lost up to
+    ~u |Q|^2 each at the band's edge at -1: rel-L2 0.42 at T = 16384 on an H100). Per chunk
+    the carry buffer holds eight planes of [B, P]: aggregate z_re, z_im, x_re, x_im, then
+    the inclusive ones."""
     state = b * P + offs_p
     plane = B * P
     mine = carry_ptr + chunk.to(tl.int64) * 8 * plane
@@ -150,34 +171,33 @@ def _look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr, agg_xi,
             tl.store(mine + 3 * plane + state, agg_xi, mask=mask_p)
             tl.debug_barrier()   # every thread's values are stored before the flag is raised
             tl.atomic_xchg(my_flag, 1, sem="release")
-        h_zr = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        h_zi = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        h_xr = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        h_xi = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        # m = Q^k, the power that carries predecessor j's values to this chunk's start
-        m00 = tl.full((BLOCK_P,), 1.0, dtype=tl.float32)
-        m01 = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        m10 = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        m11 = tl.full((BLOCK_P,), 1.0, dtype=tl.float32)
+        # 1. back over the flags: 0 nothing yet (wait), 1 aggregate (go on), 2 inclusive (stop)
         j = chunk - 1
-        done = 0
-        while done == 0:
+        flag = tl.atomic_add(flag_ptr + j * n_slots + slot, 0, sem="acquire")
+        while flag != 2:
+            j = j - (flag == 1).to(tl.int32)
             flag = tl.atomic_add(flag_ptr + j * n_slots + slot, 0, sem="acquire")
-            if flag != 0:
-                # flag 1: aggregate, keep walking back; flag 2: inclusive state, stop
-                src = carry_ptr + j.to(tl.int64) * 8 * plane + (flag - 1) * 4 * plane
-                v_zr = tl.load(src + state, mask=mask_p, other=0.0, volatile=True)
-                v_zi = tl.load(src + plane + state, mask=mask_p, other=0.0, volatile=True)
-                v_xr = tl.load(src + 2 * plane + state, mask=mask_p, other=0.0, volatile=True)
-                v_xi = tl.load(src + 3 * plane + state, mask=mask_p, other=0.0, volatile=True)
-                h_zr = h_zr + m00 * v_zr + m01 * v_xr
-                h_xr = h_xr + m10 * v_zr + m11 * v_xr
-                h_zi = h_zi + m00 * v_zi + m01 * v_xi
-                h_xi = h_xi + m10 * v_zi + m11 * v_xi
-                m00, m01, m10, m11 = (m00 * q00 + m01 * q10, m00 * q01 + m01 * q11,
-                                      m10 * q00 + m11 * q10, m10 * q01 + m11 * q11)
-                j = j - 1
-                done = (flag == 2).to(tl.int32)
+        # 2. forward from chunk j's inclusive state over the later chunks' aggregates
+        src = carry_ptr + j.to(tl.int64) * 8 * plane + 4 * plane + state
+        h_zr = tl.load(src, mask=mask_p, other=0.0, volatile=True)
+        h_zi = tl.load(src + plane, mask=mask_p, other=0.0, volatile=True)
+        h_xr = tl.load(src + 2 * plane, mask=mask_p, other=0.0, volatile=True)
+        h_xi = tl.load(src + 3 * plane, mask=mask_p, other=0.0, volatile=True)
+        src = src + 4 * plane       # chunk j + 1's aggregate
+        for _ in range(j + 1, chunk):
+            v_zr = tl.load(src, mask=mask_p, other=0.0, volatile=True)
+            v_zi = tl.load(src + plane, mask=mask_p, other=0.0, volatile=True)
+            v_xr = tl.load(src + 2 * plane, mask=mask_p, other=0.0, volatile=True)
+            v_xi = tl.load(src + 3 * plane, mask=mask_p, other=0.0, volatile=True)
+            mz_r = m00 * h_zr + m01 * h_xr
+            mx_r = m10 * h_zr + m11 * h_xr
+            mz_i = m00 * h_zi + m01 * h_xi
+            mx_i = m10 * h_zi + m11 * h_xi
+            h_zr = qa * h_zr + qb * mz_r + v_zr
+            h_xr = qa * h_xr + qb * mx_r + v_xr
+            h_zi = qa * h_zi + qb * mz_i + v_zi
+            h_xi = qa * h_xi + qb * mx_i + v_xi
+            src += 8 * plane
     return h_zr, h_zi, h_xr, h_xi
 
 
@@ -199,10 +219,22 @@ def _linoss_chunk_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, x
                          carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t,
                          BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, LOG2_T: tl.constexpr):
     pid = tl.program_id(0)
+    n_slots = B * tl.cdiv(P, BLOCK_P)
+    _linoss_chunk(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, sT_ptr,
+                  carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t, pid // n_slots,
+                  pid % n_slots, False, BLOCK_T, BLOCK_P, LOG2_T)
+
+
+@triton.jit
+def _linoss_chunk(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, sT_ptr,
+                  carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t, chunk, slot, hold,
+                  BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, LOG2_T: tl.constexpr):
+    """One program of the chunk kernel: ``chunk`` of T for ``slot`` (batch row, block of P).
+    ``hold``: keep the inclusive state unpublished, as when this chunk is still running while
+    later ones look back (the kernel passes False; the CPU tests, whose interpreter runs
+    programs in order, hold some back so that the look-back walks)."""
     n_pb = tl.cdiv(P, BLOCK_P)
     n_slots = B * n_pb
-    chunk = pid // n_slots
-    slot = pid % n_slots
     b = (slot // n_pb).to(tl.int64)
     offs_p = (slot % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -222,12 +254,12 @@ def _linoss_chunk_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, x
     agg_zi = _last(s_zi, BLOCK_T)
     agg_xr = _last(s_xr, BLOCK_T)
     agg_xi = _last(s_xi, BLOCK_T)
-    q00, q01, q10, q11 = _tile_power(a_ptr, g_ptr, dt_ptr, offs_p, mask_p, LOG2_T)
+    qa, qb = _tile_power(m00, m01, m10, m11, LOG2_T)
     # 2. the state entering the chunk
     publish = t0 + BLOCK_T < T
     h_zr, h_zi, h_xr, h_xi = _look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr,
-                                        agg_xi, q00, q01, q10, q11, chunk, slot, n_slots, b,
-                                        offs_p, mask_p, B, P, publish, BLOCK_P)
+                                        agg_xi, m00, m01, m10, m11, qa, qb, chunk, slot,
+                                        n_slots, b, offs_p, mask_p, B, P, publish, BLOCK_P)
     # 3. the tile again from that state: the outputs and the inclusive end state
     _, _, _, _, w_zr, w_xr, w_zi, w_xi = _tile_scan(b_r, b_i, valid, m00, m01, m10, m11, c0,
                                                     c1, h_zr, h_zi, h_xr, h_xi)
@@ -236,8 +268,9 @@ def _linoss_chunk_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, x
     end_xr = _last(w_xr, BLOCK_T)
     end_xi = _last(w_xi, BLOCK_T)
     if publish:
-        _publish_inclusive(carry_ptr, flag_ptr, chunk, slot, n_slots, b, offs_p, mask_p, B, P,
-                           end_zr, end_zi, end_xr, end_xi)
+        if hold == 0:
+            _publish_inclusive(carry_ptr, flag_ptr, chunk, slot, n_slots, b, offs_p, mask_p,
+                               B, P, end_zr, end_zi, end_xr, end_xi)
     else:
         _store_state(sT_ptr, b, offs_p, mask_p, P, end_zr, end_zi, end_xr, end_xi)
     x_off = b * sx_b + offs_t[None, :].to(tl.int64) * sx_t + offs_p[:, None]

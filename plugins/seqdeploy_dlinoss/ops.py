@@ -34,8 +34,9 @@ at step s reaches step t through ``M^(t-s)``, so the error at T is about
 
 The chunked CPU form computes ``M^d`` (d <= chunk) in float64 and rounds each once; the
 Triton kernel folds the incoming state into the first step of each tile, so no power of M
-ever multiplies a state except in the look-back across unfinished chunks (``Q = M^16``,
-float64-squared, rounded once). ``tests/test_dlinoss_scan.py`` checks all of this.
+ever multiplies a state except in the look-back across unfinished chunks, which applies
+``Q = M^16 = a I + b M`` once per chunk it crosses (``a, b`` float64, rounded once).
+``tests/test_dlinoss_scan.py`` checks all of this.
 """
 from __future__ import annotations
 
