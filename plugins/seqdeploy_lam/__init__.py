@@ -6,8 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from seqdeploy.architecture import (BATCH, INDEX, MASK, POOLED, SEQ, STATE, STEP, Architecture,
-                                   ParityLimits, TensorSpec)
+from seqdeploy.architecture import BATCH, MASK, POOLED, SEQ, STATE, STEP, Architecture, TensorSpec
 from seqdeploy.bench import OpBenchmark
 from seqdeploy.hookspecs import hookimpl
 
@@ -63,34 +62,32 @@ class Lam(Architecture):
 
     def output_specs(self, config):
         memory, conv = self._state_shapes(config)
+        specs = [TensorSpec("token_states", "float", (BATCH, SEQ, config["d_model"]), kind=STEP),
+                 TensorSpec("embedding", "float", (BATCH, config["d_model"]),
+                            "masked mean of token_states, L2-normalised", kind=POOLED),
+                 TensorSpec("memory_out", "float32", memory, "both memories after the call",
+                            kind=STATE),
+                 TensorSpec("conv_out", "float32", conv, "causal-conv tails after the call",
+                            kind=STATE)]
+        if not self._routed(config):
+            return specs
         # with the MoE FFN every output follows the routes (core v2: depends_on): an fp16
         # near-tie between two experts may flip a route legitimately, and the memories carry
         # a flip on to every later token (causal)
-        routes = "routes" if self._routed(config) else None
-        specs = [TensorSpec("token_states", "float", (BATCH, SEQ, config["d_model"]), kind=STEP,
-                            depends_on=routes),
-                 TensorSpec("embedding", "float", (BATCH, config["d_model"]),
-                            "masked mean of token_states, L2-normalised", kind=POOLED,
-                            depends_on=routes),
-                 TensorSpec("memory_out", "float32", memory, "both memories after the call",
-                            kind=STATE, depends_on=routes),
-                 TensorSpec("conv_out", "float32", conv, "causal-conv tails after the call",
-                            kind=STATE, depends_on=routes)]
-        if routes:
-            specs.append(TensorSpec("routes", "int64", (BATCH, SEQ, config["n_layers"]),
-                                    "expert chosen per token and layer (-1 at padding)",
-                                    kind=INDEX, causal=True))
-        return specs
+        from seqdeploy_moe.model import with_routes
+
+        return with_routes(specs, config["n_layers"],
+                           "expert chosen per token and layer (-1 at padding)")
 
     def parity_limits(self, precision, config):
         limits = super().parity_limits(precision, config)
         if not self._routed(config):
             return limits
         # as the moe plugin's: routes by agreement, every other output where they agree
-        agreement = 0.98 if precision == "fp16" else 0.999
-        dependants = ("token_states", "embedding", "memory_out", "conv_out")
-        return {"routes": ParityLimits(rel_l2=0.0, min_agreement=agreement),
-                **{name: limits for name in dependants}}
+        from seqdeploy_moe.model import routed_limits
+
+        return routed_limits(precision, limits,
+                             ("token_states", "embedding", "memory_out", "conv_out"))
 
     def make_inputs(self, config, batch, seq_len, seed=0, ragged=False):
         """Random ids, a full mask (``ragged``: row i keeps a seeded length, at least 1, and

@@ -119,10 +119,9 @@ def make_ffn(d_model: int, ffn: dict | None) -> nn.Module:
     if not ffn or ffn.get("kind", "dense") == "dense":
         return FeedForward(d_model)
     if ffn["kind"] == "moe":
-        from seqdeploy_moe.model import MoEFeedForward
+        from seqdeploy_moe.model import moe_ffn_from_config
 
-        return MoEFeedForward(d_model, ffn.get("d_ff", 4 * d_model), ffn["n_experts"],
-                              ffn.get("capacity_factor", 0.0))
+        return moe_ffn_from_config(d_model, ffn)
     raise ValueError(f"lam: unknown ffn kind {ffn['kind']!r} (dense or moe)")
 
 

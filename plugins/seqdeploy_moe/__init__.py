@@ -61,8 +61,10 @@ class MoE(Architecture):
         # (fp16 most of all); a flipped token routes through another expert, which is a
         # legitimate result. Logits are compared at the tokens whose routes agree in every
         # layer (core v2: depends_on).
-        agreement = 0.98 if precision == "fp16" else 0.999
-        return {"routes": ParityLimits(rel_l2=0.0, min_agreement=agreement), "logits": limits}
+        from seqdeploy_moe.model import ROUTE_AGREEMENT
+
+        return {"routes": ParityLimits(rel_l2=0.0, min_agreement=ROUTE_AGREEMENT[precision]),
+                "logits": limits}
 
     def make_inputs(self, config, batch, seq_len, seed=0):
         g = torch.Generator().manual_seed(seed)

@@ -11,9 +11,14 @@ from a differentiable softmax (the op decides the expert and which tokens are dr
 the experts through the differentiable mask loop, and keeps its router logits and choices so
 a training loop can call :func:`load_balance_loss`, :func:`router_z_loss` or
 :func:`auxiliary_losses`.
+
+Another architecture (``ten``, ``lam``) takes the block as its FFN from a config
+``"ffn": {"kind": "moe", ...}`` (:func:`is_moe_ffn`, :func:`moe_ffn_from_config`) and declares
+the routes it returns with :func:`with_routes` and :func:`routed_limits`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -21,8 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqdeploy.architecture import BATCH, INDEX, SEQ, ParityLimits, TensorSpec
 from seqdeploy_moe.experts import MOE_EXPERTS, reference_moe_experts
 from seqdeploy_moe.router import TOP1_ROUTER
+
+# A near-tie between two experts' logits may flip wherever the arithmetic differs (fp16 most
+# of all); a flipped token routes through another expert, which is a legitimate result. So
+# routes are compared by the share that agrees, at least this much per precision.
+ROUTE_AGREEMENT = {"fp32": 0.999, "fp16": 0.98}
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -129,6 +140,40 @@ def keep_real_within_capacity(expert: torch.Tensor, mask: torch.Tensor, capacity
     n_real = real.to(torch.int64).sum(dim=1, keepdim=True).to(torch.float32)
     cap = torch.ceil(n_real * float(np.float32(capacity_factor)) / n_experts)   # fp32, as the op
     return real & (rank <= cap)
+
+
+# -- the block inside another architecture ("ffn": {"kind": "moe", ...}) --------------------
+def is_moe_ffn(ffn: dict | None) -> bool:
+    """Whether a host architecture's FFN config asks for :class:`MoEFeedForward`
+    (``{"kind": "moe", ...}``) rather than its dense FFN (``None`` or ``{"kind": "dense"}``)."""
+    kind = (ffn or {}).get("kind", "dense")
+    if kind not in ("dense", "moe"):
+        raise ValueError(f"unknown ffn kind {kind!r} (dense or moe)")
+    return kind == "moe"
+
+
+def moe_ffn_from_config(d_model: int, ffn: dict) -> MoEFeedForward:
+    """The block of ``{"kind": "moe", "n_experts": E, "d_ff": f, "capacity_factor": cf}``:
+    ``d_ff`` defaults to ``4 * d_model``, ``capacity_factor`` to 0 (no dropping)."""
+    return MoEFeedForward(d_model, ffn.get("d_ff", 4 * d_model), ffn["n_experts"],
+                          ffn.get("capacity_factor", 0.0))
+
+
+def with_routes(specs: list[TensorSpec], n_layers: int,
+                doc: str = "expert chosen per token and layer") -> list[TensorSpec]:
+    """A recurrent host's output specs once its FFNs are :class:`MoEFeedForward`: each output
+    ``depends_on`` the new last output ``routes [B, T, L] int64`` (each layer's ``expert``,
+    stacked on the last axis), an ``index`` output marked ``causal`` because the recurrence
+    carries a flipped route on to every later step of its row."""
+    return [dataclasses.replace(s, depends_on="routes") for s in specs] + [
+        TensorSpec("routes", "int64", (BATCH, SEQ, n_layers), doc, kind=INDEX, causal=True)]
+
+
+def routed_limits(precision: str, limits: ParityLimits, names) -> dict[str, ParityLimits]:
+    """Parity limits of a host with routes: ``routes`` by agreement (:data:`ROUTE_AGREEMENT`),
+    each output of ``names`` by the host's ``limits`` where the routes agree."""
+    return {"routes": ParityLimits(rel_l2=0.0, min_agreement=ROUTE_AGREEMENT[precision]),
+            **{name: limits for name in names}}
 
 
 def load_balance_loss(logits: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The Temporal Eigenstate Network: embedding, L x (eigen mixer, FFN), final norm, tied head.
 
 Shapes: ``input_ids [B, T] int64``, state ``h_re, h_im [B, L, K]`` in and out (streaming),
-``logits [B, T, V]``. Norm statistics are computed in fp32 whatever the weights' dtype.
+``logits [B, T, V]``; with the moe plugin's Switch FFN (config ``"ffn": {"kind": "moe", ...}``)
+also ``routes [B, T, L] int64``, each layer's expert per token. Norm statistics (and the MoE
+router) are computed in fp32 whatever the weights' dtype.
 """
 from __future__ import annotations
 
@@ -62,28 +64,14 @@ class FeedForward(nn.Module):
         return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
-class SwitchFeedForward(nn.Module):
-    """The ``moe`` plugin's Switch FFN block in place of :class:`FeedForward` (config
-    ``"ffn": {"kind": "moe", "n_experts": E, "d_ff": f, "capacity_factor": cf}``)."""
-
-    def __init__(self, d_model: int, n_experts: int, d_ff: int, capacity_factor: float = 0.0):
-        super().__init__()
-        from seqdeploy_moe.model import MoEFeedForward
-
-        self.moe = MoEFeedForward(d_model, d_ff, n_experts, capacity_factor)
-
-    def forward(self, x):
-        return self.moe(x)[0]
-
-
 def make_ffn(d_model: int, ffn: dict | None) -> nn.Module:
-    """The FFN of each layer: GELU 4x by default, or the MoE FFN (``ffn["kind"] == "moe"``)."""
-    if not ffn or ffn.get("kind", "dense") == "dense":
+    """The FFN of each layer: GELU 4x by default, or the ``moe`` plugin's Switch block
+    ``MoEFeedForward`` (``{"kind": "moe", "n_experts": E, "d_ff": f, "capacity_factor": cf}``)."""
+    if not ffn:
         return FeedForward(d_model)
-    if ffn["kind"] == "moe":
-        return SwitchFeedForward(d_model, ffn["n_experts"], ffn.get("d_ff", 4 * d_model),
-                                 ffn.get("capacity_factor", 0.0))
-    raise ValueError(f"unknown ffn kind {ffn['kind']!r} (dense or moe)")
+    from seqdeploy_moe.model import is_moe_ffn, moe_ffn_from_config
+
+    return moe_ffn_from_config(d_model, ffn) if is_moe_ffn(ffn) else FeedForward(d_model)
 
 
 class TenModel(nn.Module):
@@ -93,16 +81,22 @@ class TenModel(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         self.mixers = nn.ModuleList(EigenMixer(d_model, k) for _ in range(n_layers))
         self.ffns = nn.ModuleList(make_ffn(d_model, ffn) for _ in range(n_layers))
+        self.routed = not isinstance(self.ffns[0], FeedForward)   # MoE: also returns routes
         self.norm = LayerNorm32(d_model)
 
     def forward(self, input_ids, h_re, h_im):
         x = self.embed(input_ids)
-        states_re, states_im = [], []
+        states_re, states_im, routes = [], [], []
         for i, (mixer, ffn) in enumerate(zip(self.mixers, self.ffns)):
             # the state crosses the graph boundary in fp32 (DESIGN.md, precision policy)
             x, s_re, s_im = mixer(x, h_re[:, i].to(x.dtype), h_im[:, i].to(x.dtype))
-            x = ffn(x)
+            if self.routed:
+                x, expert = ffn(x)
+                routes.append(expert)
+            else:
+                x = ffn(x)
             states_re.append(s_re)
             states_im.append(s_im)
         logits = F.linear(self.norm(x), self.embed.weight)   # tied head
-        return logits, torch.stack(states_re, 1).float(), torch.stack(states_im, 1).float()
+        out = (logits, torch.stack(states_re, 1).float(), torch.stack(states_im, 1).float())
+        return (*out, torch.stack(routes, -1)) if self.routed else out
