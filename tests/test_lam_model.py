@@ -23,10 +23,13 @@ def lam():
     return registry, arch, config, arch.build(config).eval()
 
 
-def run(model, inputs) -> dict[str, torch.Tensor]:
+def run(model, inputs, names=NAMES) -> dict[str, torch.Tensor]:
+    """The model's outputs by name (``names``: a MoE preset adds ``routes``)."""
     with torch.no_grad():
-        return dict(zip(NAMES, model(inputs["input_ids"], inputs["attention_mask"],
-                                     inputs["memory"], inputs["conv"])))
+        outs = model(inputs["input_ids"], inputs["attention_mask"], inputs["memory"],
+                     inputs["conv"])
+    assert len(outs) == len(names)
+    return dict(zip(names, outs))
 
 
 def close(a, b, tol=2e-5) -> bool:

@@ -12,6 +12,8 @@ import onnx
 import pytest
 import torch
 from conftest import run_cli
+from test_lam_model import close
+from test_lam_model import run as run_lam
 
 from seqdeploy import pipeline
 from seqdeploy.architecture import INDEX, ParityLimits, TensorSpec
@@ -41,14 +43,7 @@ def with_capacity(model, capacity_factor: float):
 
 
 def run(model, inputs) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        return dict(zip(NAMES, model(inputs["input_ids"], inputs["attention_mask"],
-                                     inputs["memory"], inputs["conv"])))
-
-
-def close(a, b, tol=2e-5) -> bool:
-    assert torch.isfinite(a).all()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30)) < tol
+    return run_lam(model, inputs, NAMES)
 
 
 def float64_switch_ffn(block, x: torch.Tensor, capacity_factor: float):
