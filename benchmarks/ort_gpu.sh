@@ -50,6 +50,9 @@ cp $EX/cfc/seed/parity.json "$O/ort_parity_cfc.json" 2>/dev/null
 timeout 200 $S validate ten --preset base --engine ort --precision fp32 --precision fp16 \
   --long-seq 2048 2>&1 | tail -6 | tee "$O/ort_validate_ten.txt"
 cp $EX/ten/base/parity.json "$O/ort_parity_ten.json" 2>/dev/null
+# ORT's own per-call floor on the CUDA EP (a one-node Identity graph, the engine's IO-binding
+# path) at the cfc seed's shapes: no model runs faster through `ort` there
+timeout 60 python3 benchmarks/ort_floor.py --json "$O/ort_floor.json" 2>&1 | tee "$O/ort_floor.txt"
 # lam tiny through the library's DualDeltaRule (recurrent kernel at T = 1, chunked WY/UT above 16)
 timeout 100 bash -c "$S export lam --preset tiny >/dev/null && $S optimize lam --preset tiny >/dev/null \
   && $S validate lam --preset tiny --engine ort --precision fp32 --precision fp16 --long-seq 2048" \

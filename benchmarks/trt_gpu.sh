@@ -29,7 +29,10 @@ if ! python3 -c "import tensorrt" 2>/dev/null && [ -f .trt/SHA256SUMS ]; then
 fi
 python3 -c "import tensorrt_rtx_bindings as t; print('tensorrt-rtx', t.__version__)" 2>&1 | tail -1 | tee "$O/trt_install.txt"
 seqdeploy doctor 2>&1 | tee "$O/trt_doctor.txt"
-timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_trt.py 2>&1 | tail -25 | tee "$O/trt_pytest.txt"
+# the GPU's part of tests/test_trt.py (engine builds are CI's; TRT_PYTEST_K="" runs them all)
+K=${TRT_PYTEST_K-enqueue or doctor or runnable_gpu}
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rs -rf --tb=short ${K:+-k "$K"} tests/test_trt.py 2>&1 \
+  | tail -40 | tee "$O/trt_pytest.txt"
 EX=/tmp/trt-ex
 seqdeploy --out $EX export ten --preset tiny >/dev/null 2>&1
 seqdeploy --out $EX bench ten --preset tiny --engine trt > "$O/trt_bench.txt" 2>&1
