@@ -305,11 +305,17 @@ def _validate(ctx, arch: str, preset, engines, precisions, long_seq, auto: bool 
     for c in result["checks"]:
         m = c["metrics"]
         fmt = lambda v, f: "inf" if v is None else format(v, f)  # noqa: E731
-        rows.append([c["engine"], c["precision"], c["case"], c["output"], fmt(m["max_abs"], ".2e"),
-                     fmt(m["rel_l2"], ".2e"), fmt(m["cosine"], ".7f"),
-                     "PASS" if c["passed"] else "FAIL"])
+        row = [c["engine"], c["precision"], c["case"], c["output"]]
+        if m.get("agreement") is not None:      # an index output (a router's expert ids)
+            row += ["-", "-", "-", f"{m['agreement']:.2%} agree"]
+        else:
+            compared = m.get("compared", 1.0)
+            row += [fmt(m["max_abs"], ".2e"), fmt(m["rel_l2"], ".2e"), fmt(m["cosine"], ".7f"),
+                    "all" if compared >= 1.0 else f"{compared:.2%}"]
+        rows.append(row + ["PASS" if c["passed"] else "FAIL"])
     _echo_table(f"parity {arch}/{result['preset']} vs {result['reference']} ({result['device']})",
-                ["engine", "prec", "case", "output", "max abs", "rel-L2", "cosine", ""], rows)
+                ["engine", "prec", "case", "output", "max abs", "rel-L2", "cosine", "compared", ""],
+                rows)
     for c in result["checks"]:
         if not c["passed"]:
             click.echo(f"FAIL {arch} {c['engine']} {c['precision']} {c['case']}: output "
