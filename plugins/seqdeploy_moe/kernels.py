@@ -564,6 +564,12 @@ def _run_padded(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
                       num_stages=t.num_stages)
 
 
+def _bucket_block_e(E: int) -> int:
+    """The width of E in the "buckets" kernels: 128 up to E = 128, so E = 8 and E = 64 share
+    their binaries (each program's search over the counts is a few 128-lane reductions)."""
+    return max(128, triton.next_power_of_2(E))
+
+
 def bucket_tokens(expert: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The grouping of the "buckets" design, with no host sync: ``counts [E]`` int32 and
     ``slot_token [E, N]`` int32 whose row e holds expert e's tokens in its first counts[e]
@@ -572,7 +578,7 @@ def bucket_tokens(expert: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Ten
     N = expert.numel()
     counts = torch.zeros(E, dtype=torch.int32, device=expert.device)
     slot_token = torch.empty(E, N, dtype=torch.int32, device=expert.device)
-    block_e = max(2, triton.next_power_of_2(E))
+    block_e = _bucket_block_e(E)
     _bucket_launcher((triton.cdiv(N, LAYOUT_BLOCK),), (expert, counts, slot_token, N, E),
                      (LAYOUT_BLOCK, block_e), num_warps=4)
     return counts, slot_token
@@ -586,7 +592,7 @@ def _run_buckets(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
     max_tiles = triton.cdiv(N, bm) + min(E, N)       # bounds the row tiles of any routing
     h = torch.empty(max_tiles * bm, f, dtype=h_dtype, device=xf.device)
     f32 = xf.dtype == torch.float32
-    block_e = max(2, triton.next_power_of_2(E))
+    block_e = _bucket_block_e(E)
     layers = ((xf, w1, b1, h, d, f, True, plan.first), (h, w2, b2, yf, f, d, False, plan.second))
     for a, w, bias, dst, K, Nn, first, t in layers:
         bn, bk = _fit(t.block_n, Nn), _fit(t.block_k, K)
