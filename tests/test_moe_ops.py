@@ -438,3 +438,24 @@ def test_router_nan_rows_keep_valid_ids():
         expert, gate = (t.cpu() for t in form(logits, 0.0))
         assert ((expert >= 0) & (expert < 5)).all(), name
         assert torch.isfinite(gate[0, [0, 1, 3, 4, 5]]).all(), name
+
+
+def test_layer_benchmark_smoke_run(tmp_path, capsys):
+    """benchmarks/moe_layer.py runs on one unattended device call: its --smoke run takes
+    every path once on the CPU (the interpreter) and reports each plan's error."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "moe_layer.py"
+    spec = importlib.util.spec_from_file_location("moe_layer_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "moe.json"
+    assert bench.main(["--smoke", "--tokens", "40", "--d", "16", "--f", "32", "--experts", "3",
+                       "--block-m", "16", "--variants", "padded", "buckets-tail",
+                       "--json", str(out)]) == 0
+    assert "buckets-tail" in capsys.readouterr().out
+    plans = json.loads(out.read_text())["points"][0]["plans"]
+    assert set(plans) == {"padded", "buckets-tail"}
+    assert all(p["rel_l2"] < TOL[torch.bfloat16] for p in plans.values()), plans

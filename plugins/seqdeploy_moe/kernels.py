@@ -8,8 +8,13 @@ Without capacity (the inference default) tokens are independent: the grid is
 (row, block of T). With capacity the rank depends on every earlier token of the row, so one
 program walks its row's T blocks in order: grid (row,).
 
-**Experts** (``triton_moe_experts``): four kernels (after a memset of the E counters), none
-of which waits on the host:
+**Experts** (``triton_moe_experts``): two designs, chosen by an :class:`ExpertsPlan`
+(:func:`experts_plan` names them; the default ``"auto"`` is ``"buckets"``). Neither waits on
+the host, and both gather the token rows of ``x`` in the first GEMM's A load and apply the
+gate and the scatter back to each token's row in the second GEMM's epilogue.
+
+``"padded"`` (the first design; the ONNX Runtime library runs it): four kernels after a
+memset of the E counters:
 
 1. ``_rank_kernel``: per block of tokens, the one-hot cumsum gives each token's rank among
    the block's tokens of its expert; one atomic add per (block, expert) on the expert's
@@ -20,12 +25,30 @@ of which waits on the host:
    row space (``tile_start = cumsum(ceil(count / BLOCK_M))``), so every row tile of the GEMMs
    belongs to one expert. It scatters ``row_token[padded row] = token``, marks padding rows
    -1, and program 0 writes ``tile_expert`` (E for unused tiles: the grid is sized by the
-   bound ``cdiv(N, BLOCK_M) + E`` so the host never reads the counts).
+   bound ``cdiv(N, BLOCK_M) + E`` so the host never reads the counts). Program 0 walks the
+   experts one after another: a dependent load and stores per expert, E of them in series.
 3. ``_grouped_ffn_kernel`` (layer 1): tile (row tile, N block): gathers the tile's token rows
    of ``x``, multiplies by ``w1[e]``, adds ``b1[e]``, applies the exact GELU, writes ``h`` in
    the padded row order.
 4. ``_grouped_ffn_kernel`` (layer 2): reads ``h`` rows in order, multiplies by ``w2[e]``,
    adds ``b2[e]``, scales by the gate (0 stays exactly 0) and scatters each row to its token.
+
+``"buckets"``: three kernels after the memset:
+
+1. ``_bucket_kernel``: the rank kernel's atomics, writing each token straight into its
+   expert's bucket, ``slot_token[e, rank] = token`` (``[E, N]`` int32: a bucket can hold
+   every token, so no offsets over experts are needed and there is no layout kernel).
+2. ``_bucket_ffn_kernel`` (layer 1, then layer 2, same roles as above): every program reads
+   the E counts and finds its work item's expert and row tile with a cumsum and a compare
+   over them (a few vector reductions), so there is no tile table. Options: the order of
+   the work items (``order``), half- and quarter-height last tiles (``tail``: the padding
+   of a large row tile without its extra weight reads) and a persistent grid.
+
+Why these options (E=64 over 8192 tokens, ~128 per expert): each row tile reads its
+expert's whole weight column block, so weight traffic into the SMs is (row tiles per
+expert) x (expert weights): ~2.5x at 64-row tiles, ~1.5x at 128-row tiles. 128-row tiles
+alone pad each expert to 128 or 256 rows (~1.45x the work); with half-height last tiles the
+padding is that of 64-row tiles (~1.2x) and the weight reads those of 128-row tiles.
 
 Accumulation is fp32; ``h`` is stored in the activation dtype between the layers (as a dense
 FFN in that dtype would). The work is one FFN per token plus the padding of each group to
@@ -356,26 +379,26 @@ def _bucket_ffn_kernel(a_ptr, slot_token_ptr, counts_ptr, w_ptr, bias_ptr, gate_
                          WIDEN, EVEN_K)
         elif TAIL == 1:
             if n_rows <= BLOCK_M // 2:
-                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows, tile_row,
-                             pid_n, K, N, s_a, s_wk, s_o, BLOCK_M // 2, BLOCK_N, BLOCK_K, FIRST, DOT_F32,
-                             WIDEN, EVEN_K)
+                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                             tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M // 2, BLOCK_N,
+                             BLOCK_K, FIRST, DOT_F32, WIDEN, EVEN_K)
             else:
-                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows, tile_row,
-                             pid_n, K, N, s_a, s_wk, s_o, BLOCK_M, BLOCK_N, BLOCK_K, FIRST, DOT_F32,
-                             WIDEN, EVEN_K)
+                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                             tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M, BLOCK_N,
+                             BLOCK_K, FIRST, DOT_F32, WIDEN, EVEN_K)
         else:
             if n_rows <= BLOCK_M // 4:
-                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows, tile_row,
-                             pid_n, K, N, s_a, s_wk, s_o, BLOCK_M // 4, BLOCK_N, BLOCK_K, FIRST, DOT_F32,
-                             WIDEN, EVEN_K)
+                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                             tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M // 4, BLOCK_N,
+                             BLOCK_K, FIRST, DOT_F32, WIDEN, EVEN_K)
             elif n_rows <= BLOCK_M // 2:
-                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows, tile_row,
-                             pid_n, K, N, s_a, s_wk, s_o, BLOCK_M // 2, BLOCK_N, BLOCK_K, FIRST, DOT_F32,
-                             WIDEN, EVEN_K)
+                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                             tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M // 2, BLOCK_N,
+                             BLOCK_K, FIRST, DOT_F32, WIDEN, EVEN_K)
             else:
-                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows, tile_row,
-                             pid_n, K, N, s_a, s_wk, s_o, BLOCK_M, BLOCK_N, BLOCK_K, FIRST, DOT_F32,
-                             WIDEN, EVEN_K)
+                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                             tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M, BLOCK_N,
+                             BLOCK_K, FIRST, DOT_F32, WIDEN, EVEN_K)
 
 
 _rank_launcher = Launcher(_rank_kernel, tensors=3)
