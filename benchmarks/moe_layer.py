@@ -62,7 +62,8 @@ def sweep_plans(N, d, f, E, dtype, names) -> dict:
     """The plans to time: each named variant of ``names``, then (``names`` holding
     ``"sweep"``) variations of the new design around them: quarter tail tiles, row-tile
     order, 256-wide tiles in both layers, a persistent grid with wide tiles, 256-wide
-    first-layer tiles at the mean-size row tile."""
+    first-layer tiles at the mean-size row tile, a 3-stage pipeline (two programs per SM
+    fit), 64-wide second-layer tiles (twice the work items where N = d is narrow)."""
     from seqdeploy_moe.kernels import GemmTiles, experts_plan
 
     plans = {n: experts_plan(N, E, d, f, dtype, n) for n in names if n != "sweep"}
@@ -81,6 +82,7 @@ def sweep_plans(N, d, f, E, dtype, names) -> dict:
                                      first=GemmTiles(256, base.first.block_k, 8, 3)),
             "sweep tail stages3": rep(tail, first=rep(tail.first, num_stages=3),
                                       second=rep(tail.second, num_stages=3)),
+            "sweep tail second n64": rep(tail, second=rep(tail.second, block_n=64)),
         })
     return plans
 
