@@ -9,9 +9,10 @@ Without capacity (the inference default) tokens are independent: the grid is
 program walks its row's T blocks in order: grid (row,).
 
 **Experts** (``triton_moe_experts``): two designs, chosen by an :class:`ExpertsPlan`
-(:func:`experts_plan` names them; the default ``"auto"`` is ``"buckets"``). Neither waits on
-the host, and both gather the token rows of ``x`` in the first GEMM's A load and apply the
-gate and the scatter back to each token's row in the second GEMM's epilogue.
+(:func:`experts_plan` names them; the default ``"auto"`` is one of ``"buckets"``'s).
+Neither waits on the host, and both gather the token rows of ``x`` in the first GEMM's A
+load and apply the gate and the scatter back to each token's row in the second GEMM's
+epilogue.
 
 ``"padded"`` (the first design; the ONNX Runtime library runs it): four kernels after a
 memset of the E counters:
@@ -527,9 +528,12 @@ def experts_plan(N: int, E: int, d: int, f: int, dtype: torch.dtype,
     in ``dtype`` (see :class:`ExpertsPlan`). The row tile follows the mean group size, as
     :func:`experts_config`; on top of it:
 
+    - ``auto`` (the default): ``buckets-tail`` where the mean-size row tile is under 128
+      rows (E=64 over 8192 tokens), else ``buckets``. Chosen from the traffic count in the
+      module docstring, not yet from a timing: ``benchmarks/moe_layer.py`` prints each;
     - ``padded``: the first design at :func:`experts_config`'s tiles;
-    - ``buckets``: the one-pass grouping with the same tiles (``auto``, the default: it
-      removes the layout kernel's serial walk over E, ~1 us of latency per expert);
+    - ``buckets``: the one-pass grouping with the same tiles (it removes the layout
+      kernel's serial walk over E, a dependent load per expert);
     - ``buckets-n``: row tiles of one (expert, N block) adjacent;
     - ``buckets-tail``: block_m doubled (fewer re-reads of each weight tile: at E=64 a
       weight tile is read once per row tile, ~2.5 times at 64 rows, ~1.5 at 128) with
@@ -546,7 +550,9 @@ def experts_plan(N: int, E: int, d: int, f: int, dtype: torch.dtype,
     tiles = GemmTiles(cfg["block_n"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"])
     if variant == "padded":
         return ExpertsPlan("padded", bm, tiles, tiles)
-    if variant in ("auto", "buckets"):
+    if variant == "auto":
+        variant = "buckets-tail" if bm < 128 else "buckets"
+    if variant == "buckets":
         return ExpertsPlan("buckets", bm, tiles, tiles)
     if variant == "buckets-n":
         return ExpertsPlan("buckets", bm, tiles, tiles, order="n")
@@ -658,8 +664,9 @@ def triton_moe_experts(x, expert, gate, w1, b1, w2, b2, out=None, block_m=None, 
     if over:
         plan = dataclasses.replace(plan, first=dataclasses.replace(plan.first, **over),
                                    second=dataclasses.replace(plan.second, **over))
-    if block_m:
-        plan = dataclasses.replace(plan, block_m=block_m)
+    if block_m:     # the plan's tail tiles, as deep as they stay >= 16 rows
+        tail = min(plan.tail, max(0, (block_m // 16).bit_length() - 1))
+        plan = dataclasses.replace(plan, block_m=block_m, tail=tail)
     _check_plan(plan)
     y = out if out is not None else torch.empty(B, T, d, dtype=x.dtype, device=x.device)
     run = _run_padded if plan.design == "padded" else _run_buckets
