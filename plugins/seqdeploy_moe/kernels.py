@@ -359,9 +359,10 @@ def _bucket_ffn_kernel(a_ptr, slot_token_ptr, counts_ptr, w_ptr, bias_ptr, gate_
             e = tl.sum((ends <= item // n_blocks).to(tl.int32))
         # expert e's end tile and count in one reduction (two int32 halves of an int64)
         packed = tl.sum(tl.where(offs_e == e, (ends.to(tl.int64) << 32) + counts, 0))
-        count = (packed & 0xFFFFFFFF).to(tl.int32)
+        end = packed >> 32
+        count = (packed - (end << 32)).to(tl.int32)
         n_tiles = (count + BLOCK_M - 1) // BLOCK_M
-        first_tile = (packed >> 32).to(tl.int32) - n_tiles
+        first_tile = end.to(tl.int32) - n_tiles
         local = item - first_tile * n_blocks
         if ORDER_N:
             m = local % n_tiles
