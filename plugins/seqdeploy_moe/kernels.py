@@ -377,9 +377,9 @@ def _bucket_ffn_kernel(a_ptr, slot_token_ptr, counts_ptr, w_ptr, bias_ptr, gate_
         b_base = bias_ptr + e.to(tl.int64) * s_be
         tile_row = (first_tile + m).to(tl.int64) * BLOCK_M
         if TAIL == 0:
-            _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows, tile_row,
-                         pid_n, K, N, s_a, s_wk, s_o, BLOCK_M, BLOCK_N, BLOCK_K, FIRST, DOT_F32,
-                         WIDEN, EVEN_K)
+            _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                         tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M, BLOCK_N, BLOCK_K,
+                         FIRST, DOT_F32, WIDEN, EVEN_K)
         elif TAIL == 1:
             if n_rows <= BLOCK_M // 2:
                 _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
@@ -596,8 +596,8 @@ def _run_padded(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
 
 
 def _bucket_block_e(E: int) -> int:
-    """The width of E in the "buckets" kernels: 128 up to E = 128, so E = 8 and E = 64 share
-    their binaries (each program's search over the counts is a few 128-lane reductions)."""
+    """The width of E in the buckets GEMM: 128 up to E = 128, so E = 8 and E = 64 share its
+    binaries (each program's search over the counts is a few 128-lane reductions)."""
     return max(128, triton.next_power_of_2(E))
 
 
@@ -609,7 +609,7 @@ def bucket_tokens(expert: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Ten
     N = expert.numel()
     counts = torch.zeros(E, dtype=torch.int32, device=expert.device)
     slot_token = torch.empty(E, N, dtype=torch.int32, device=expert.device)
-    block_e = _bucket_block_e(E)
+    block_e = max(2, triton.next_power_of_2(E))    # its one-hot tile is [LAYOUT_BLOCK, block_e]
     _bucket_launcher((triton.cdiv(N, LAYOUT_BLOCK),), (expert, counts, slot_token, N, E),
                      (LAYOUT_BLOCK, block_e), num_warps=4)
     return counts, slot_token
