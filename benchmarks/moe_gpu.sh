@@ -2,8 +2,9 @@
 # The GPU evidence for `moe` (run on the device machine after
 # `python3 -m pip install -q --no-deps --no-build-isolation -e .`; installs nothing):
 # the moe GPU tests (Triton compiled for real), the MoE layer benchmark (bf16, N=8192, d=768,
-# f=3072, E=8 and 64: layer vs mask loop vs torch._grouped_mm vs dense floor), and
-# `seqdeploy run moe` end to end on the tiny preset. Results under $OUT. About 3 minutes.
+# f=3072, E=8 and 64: layer vs mask loop vs torch._grouped_mm vs dense floor, then every plan of
+# the experts op, the first design 'padded' among them, alone and in the layer), and
+# `seqdeploy run moe` end to end on the tiny preset. Results under $OUT. About 5 minutes.
 set -uo pipefail
 O=${OUT:-/tmp/seqdeploy-out}
 mkdir -p "$O"

@@ -15,25 +15,35 @@ At N tokens, d, f and each E, times (``triton.testing.do_bench``, median ms):
 Prints the ratios to the floor (target: the MoE layer at most 1.5x at every E, the router
 under 20 us) and writes JSON with ``--json``. ``--block-m`` times the experts op at other row
 tiles too (the default picks one from the mean group size).
+
+Then, per plan of the experts op (``kernels.ExpertsPlan``: the named variants of
+``kernels.EXPERTS_VARIANTS``, the first design ``padded`` among them, and a sweep around them
+unless ``--no-sweep``), a row with the experts op alone and the whole layer on that plan
+(each with its ratio to the floor) and its max-abs and rel-L2 error against the op's fp32
+reference (``reference_moe_experts``): a wrong plan shows there, not only in its time. A plan
+that fails is reported and the run goes on; past its share of ``--budget-s`` the rest of an
+E's plans are skipped, and say so (the run is meant for one unattended device call). ``--variants`` picks the named plans.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
+import time
 
 import torch
 import torch.nn.functional as F
 
 
-def make(N, d, f, E, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(N, d, device="cuda", dtype=dtype, generator=g)
-    w_r = torch.randn(d, E, device="cuda", generator=g) * d ** -0.5
-    w1 = (torch.randn(E, d, f, device="cuda", generator=g) * d ** -0.5).to(dtype)
-    b1 = (0.02 * torch.randn(E, f, device="cuda", generator=g)).to(dtype)
-    w2 = (torch.randn(E, f, d, device="cuda", generator=g) * f ** -0.5).to(dtype)
-    b2 = (0.02 * torch.randn(E, d, device="cuda", generator=g)).to(dtype)
+def make(N, d, f, E, dtype, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(N, d, device=device, dtype=dtype, generator=g)
+    w_r = torch.randn(d, E, device=device, generator=g) * d ** -0.5
+    w1 = (torch.randn(E, d, f, device=device, generator=g) * d ** -0.5).to(dtype)
+    b1 = (0.02 * torch.randn(E, f, device=device, generator=g)).to(dtype)
+    w2 = (torch.randn(E, f, d, device=device, generator=g) * f ** -0.5).to(dtype)
+    b2 = (0.02 * torch.randn(E, d, device=device, generator=g)).to(dtype)
     return x, w_r, w1, b1, w2, b2
 
 
@@ -48,10 +58,42 @@ def grouped_mm_reason(dtype) -> str | None:
     return None
 
 
+def sweep_plans(N, d, f, E, dtype, names) -> dict:
+    """The plans to time: each named variant of ``names``, then (``names`` holding
+    ``"sweep"``) variations of the new design around them: quarter tail tiles, row-tile
+    order, 256-wide tiles in both layers, a persistent grid with wide tiles, 256-wide
+    first-layer tiles at the mean-size row tile, a 3-stage pipeline (two programs per SM
+    fit), 64-wide second-layer tiles (twice the work items where N = d is narrow)."""
+    from seqdeploy_moe.kernels import GemmTiles, experts_plan
+
+    plans = {n: experts_plan(N, E, d, f, dtype, n) for n in names if n != "sweep"}
+    if "sweep" in names:
+        rep = dataclasses.replace
+        tail = experts_plan(N, E, d, f, dtype, "buckets-tail")
+        wide = experts_plan(N, E, d, f, dtype, "buckets-wide")
+        base = experts_plan(N, E, d, f, dtype, "buckets")
+        plans.update({
+            "sweep tail2": rep(tail, tail=2),
+            "sweep tail order-m": rep(tail, order="m"),
+            "sweep wide both": rep(wide, second=wide.first),
+            "sweep wide tail2": rep(wide, tail=2),
+            "sweep wide persistent": rep(wide, persistent=1),
+            "sweep mean-m n256": rep(base, order="n",
+                                     first=GemmTiles(256, base.first.block_k, 8, 3)),
+            "sweep tail stages3": rep(tail, first=rep(tail.first, num_stages=3),
+                                      second=rep(tail.second, num_stages=3)),
+            "sweep tail second n64": rep(tail, second=rep(tail.second, block_n=64)),
+        })
+    return plans
+
+
 def main(argv=None) -> int:
     import triton.testing
 
-    from seqdeploy_moe.kernels import experts_config, group_tokens, padded_rows, triton_moe_experts
+    from seqdeploy_moe.experts import reference_moe_experts
+    from seqdeploy_moe.kernels import (EXPERTS_VARIANTS, bucket_tokens, experts_config,
+                                       experts_plan, group_tokens, padded_rows,
+                                       triton_moe_experts)
     # the ops as the model calls them (seqdeploy.ops.call: the kernel directly in eager inference)
     from seqdeploy_moe.model import MOE_EXPERTS as moe_experts
     from seqdeploy_moe.model import TOP1_ROUTER as top1_router
@@ -63,21 +105,44 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--block-m", type=int, nargs="*", default=[64, 128])
+    ap.add_argument("--variants", nargs="*", default=[*EXPERTS_VARIANTS[1:], "sweep"],
+                    help="named plans of the experts op to time (plus 'sweep': variations "
+                         f"around them); of {EXPERTS_VARIANTS}")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=140.0,
+                    help="seconds for the whole run: the i-th of k values of E skips its "
+                         "remaining plans past i/k of it (compiling the plans' kernels is most "
+                         "of the time on a fresh machine)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--smoke", action="store_true",
+                    help="run every path once on the CPU (Triton's interpreter, tiny shapes "
+                         "given by the other options; times are one untimed-quality call): "
+                         "checks the script before a GPU run")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    names = [v for v in args.variants if not (args.no_sweep and v == "sweep")]
+    unknown = [v for v in names if v not in (*EXPERTS_VARIANTS, "sweep")]
+    if unknown:
+        ap.error(f"unknown variants {unknown}: choose from {EXPERTS_VARIANTS} or 'sweep'")
+    started = time.monotonic()
+    if not args.smoke and not torch.cuda.is_available():
         print("needs a CUDA device")
         return 1
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     N, d, f = args.tokens, args.d, args.f
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300)  # noqa: E731  (ms)
-    card = torch.cuda.get_device_name()
+    device = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        bench = _one_call_ms
+        card = "CPU smoke run"
+    else:
+        bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300)  # noqa: E731  (ms)
+        card = torch.cuda.get_device_name()
     print(f"{card}, torch {torch.__version__}, {platform.node()}: N={N} d={d} f={f} {args.dtype}")
     results = {"card": card, "torch": torch.__version__, "N": N, "d": d, "f": f,
                "dtype": args.dtype, "points": []}
 
-    for E in args.experts:
-        x, w_r, w1, b1, w2, b2 = make(N, d, f, E, dtype, seed=E)
+    for i, E in enumerate(args.experts):
+        deadline = started + args.budget_s * (i + 1) / len(args.experts)
+        x, w_r, w1, b1, w2, b2 = make(N, d, f, E, dtype, seed=E, device=device)
         logits = (x.float() @ w_r)[None]
         expert, gate = top1_router(logits, 0.0)
         xb = x[None]
@@ -88,6 +153,11 @@ def main(argv=None) -> int:
             lg = (x.float() @ w_r)[None]
             e, g = top1_router(lg, 0.0)
             return moe_experts(xb, e, g, w1, b1, w2, b2)
+
+        def layer_on(plan):
+            lg = (x.float() @ w_r)[None]
+            e, g = top1_router(lg, 0.0)
+            return triton_moe_experts(xb, e, g, w1, b1, w2, b2, plan=plan)
 
         def mask_loop():
             lg = (x.float() @ w_r)
@@ -129,14 +199,16 @@ def main(argv=None) -> int:
             "experts op": bench(lambda: moe_experts(xb, expert, gate, w1, b1, w2, b2)),
             "grouping only": bench(lambda: group_tokens(expert.view(-1), E,
                                                         experts_config(N, E, d, f, dtype)["block_m"])),
+            "grouping only (buckets)": bench(lambda: bucket_tokens(expert.view(-1), E)),
             "mask loop": bench(mask_loop),
             "dense floor": bench(dense),
         }
         default_bm = experts_config(N, E, d, f, dtype)["block_m"]
-        for bm in args.block_m:
+        for bm in args.block_m:     # the first design (padded) at each row tile, as before
             times[f"experts op BLOCK_M={bm}"] = bench(
-                lambda bm=bm: triton_moe_experts(xb, expert, gate, w1, b1, w2, b2, block_m=bm))
-        reason = grouped_mm_reason(dtype)
+                lambda bm=bm: triton_moe_experts(xb, expert, gate, w1, b1, w2, b2, block_m=bm,
+                                                 plan="padded"))
+        reason = "smoke run on the CPU" if args.smoke else grouped_mm_reason(dtype)
         if reason is None:
             try:
                 got = grouped_mm().float()
@@ -172,10 +244,75 @@ def main(argv=None) -> int:
               f"({times['moe layer'] / floor:.2f}x); router < 20 us: "
               f"{'MET' if router_ok else 'MISSED'} ({times['router'] * 1e3:.1f} us)")
         point["targets_met"] = {"layer_1.5x_floor": layer_ok, "router_20us": router_ok}
+        point["default_plan"] = experts_plan(N, E, d, f, dtype).name()
+        print(f"  experts op and moe layer above ran the default plan (variant 'auto'): "
+              f"{point['default_plan']}; 'padded' below is the first design (the old default)")
+        point["plans"] = time_plans(sweep_plans(N, d, f, E, dtype, names), floor, deadline,
+                                    bench, layer_on, xb, expert, gate, (w1, b1, w2, b2),
+                                    reference_moe_experts)
+    print("\nsummary (x floor; the plan with the fastest layer among those within rel-L2 2e-2):")
+    for point in results["points"]:
+        ok = {k: v for k, v in point["plans"].items() if v.get("rel_l2", 1.0) < 2e-2}
+        best = min(ok, key=lambda k: ok[k]["layer_ms"]) if ok else None
+        old = point["plans"].get("padded", {})
+        print(f"  E={point['E']}: default layer {point['x_floor']['moe layer']:.2f}x"
+              + (f", padded (old) layer {old['layer_x_floor']:.2f}x" if "layer_ms" in old else "")
+              + (f", best {best} layer {ok[best]['layer_x_floor']:.2f}x experts "
+                 f"{ok[best]['experts_x_floor']:.2f}x ({ok[best]['plan']})" if best else ""))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
     return 0
+
+
+def time_plans(plans, floor, deadline, bench, layer_on, xb, expert, gate, weights,
+               reference) -> dict:
+    """Per plan: the experts op alone and the layer on it (us and x floor), and the op's
+    max-abs / rel-L2 error against the fp32 reference; prints one row each."""
+    ref = reference(xb, expert, gate, *weights).float()
+    print(f"  {'plan':24s} {'experts us':>10s} {'x floor':>7s} {'layer us':>9s} {'x floor':>7s}"
+          f" {'max-abs':>9s} {'rel-L2':>9s}  tiles")
+    out = {}
+    for label, plan in plans.items():
+        if time.monotonic() > deadline:
+            print(f"  {label:24s} skipped: past its share of --budget-s")
+            out[label] = {"plan": plan.name(), "skipped": "budget"}
+            continue
+        try:
+            poisoned = torch.full_like(xb, float("nan"))       # an unwritten row shows
+            y = triton_moe_experts_on(plan, xb, expert, gate, weights, out=poisoned).float()
+            if y.is_cuda:
+                torch.cuda.synchronize()
+            abs_err = float((y - ref).abs().max())
+            rel = float((y - ref).norm() / ref.norm())
+            op_ms = bench(lambda: triton_moe_experts_on(plan, xb, expert, gate, weights))
+            layer_ms = bench(lambda: layer_on(plan))
+        except Exception as exc:  # report, do not hide: the other plans still run
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            print(f"  {label:24s} FAILED {msg}")
+            out[label] = {"plan": plan.name(), "failed": msg}
+            continue
+        bad = "" if rel < 2e-2 else "   <-- WRONG"        # NaN compares False too
+        print(f"  {label:24s} {op_ms * 1e3:10.1f} {op_ms / floor:6.2f}x {layer_ms * 1e3:9.1f}"
+              f" {layer_ms / floor:6.2f}x {abs_err:9.2e} {rel:9.2e}  {plan.name()}{bad}")
+        out[label] = {"plan": plan.name(), "plan_fields": dataclasses.asdict(plan),
+                      "experts_ms": op_ms, "layer_ms": layer_ms,
+                      "experts_x_floor": op_ms / floor, "layer_x_floor": layer_ms / floor,
+                      "max_abs": abs_err, "rel_l2": rel}
+    return out
+
+
+def _one_call_ms(fn) -> float:
+    """--smoke's stand-in for do_bench: one call, its wall time in ms."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def triton_moe_experts_on(plan, xb, expert, gate, weights, out=None):
+    from seqdeploy_moe.kernels import triton_moe_experts
+
+    return triton_moe_experts(xb, expert, gate, *weights, out=out, plan=plan)
 
 
 if __name__ == "__main__":

@@ -98,12 +98,34 @@ MOE_SCRIPT = textwrap.dedent("""
                              FIRST=first, DOT_F32=dt == "fp32", WIDEN=False,
                              EVEN_K=block_m == 64),
                         8 if block_m == 128 else 4, cfg["num_stages"])
+    # the "buckets" design: its grouping kernel, and both layers of every named variant at
+    # E = 8 and 64 (the tail branches compile one pipelined K loop per tile height)
+    compile(moe._bucket_kernel, dict(expert_ptr="*i64", counts_ptr="*i32", slot_token_ptr="*i32",
+                                     N=i32, E=i32), dict(BLOCK=128, BLOCK_E=128), 4)
+    for dt in ("fp32", "fp16", "bf16"):
+        p = "*" + dt
+        torch_dtype = {"fp32": moe.torch.float32, "fp16": moe.torch.float16,
+                       "bf16": moe.torch.bfloat16}[dt]
+        plans = {moe.experts_plan(8192, E, 768, 3072, torch_dtype, v)
+                 for E in (8, 64) for v in moe.EXPERTS_VARIANTS}
+        for plan in sorted((q for q in plans if q.design == "buckets"), key=repr):
+            for first, t in ((True, plan.first), (False, plan.second)):
+                compile(moe._bucket_ffn_kernel,
+                        dict(a_ptr=p, slot_token_ptr="*i32", counts_ptr="*i32", w_ptr=p,
+                             bias_ptr=p, gate_ptr="*fp32", out_ptr=p, n_tokens=i32, K=i32,
+                             N=i32, E=i32, s_a=i32, s_we=i32, s_wk=i32, s_be=i32, s_o=i32),
+                        dict(BLOCK_M=plan.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                             BLOCK_E=128, ORDER_N=plan.order == "n", TAIL=plan.tail,
+                             FIRST=first, DOT_F32=dt == "fp32", WIDEN=False, EVEN_K=True),
+                        t.num_warps, t.num_stages)
+        print("bucket plans", dt, len(plans), flush=True)
 """)
 
 
 def test_moe_kernels_compile_for_sm90():
     out = compile_for_sm90(MOE_SCRIPT)
-    assert out.stdout.count(" ok") == 2 + 2 + 4 * 2
+    buckets = out.stdout.count("_bucket_ffn_kernel ok")
+    assert out.stdout.count(" ok") == 2 + 2 + 4 * 2 + 1 + buckets and buckets >= 3 * 2 * 4
 
 
 CFC_SCRIPT = textwrap.dedent("""

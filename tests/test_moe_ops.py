@@ -18,7 +18,9 @@ from seqdeploy.errors import InputError
 from seqdeploy.ops import DOMAIN, plugin_attributes
 from seqdeploy_moe.experts import (grouped_moe_experts, moe_experts, naive_moe_experts,
                                    reference_moe_experts)
-from seqdeploy_moe.kernels import group_tokens, triton_moe_experts, triton_top1_router
+from seqdeploy_moe.kernels import (EXPERTS_VARIANTS, ExpertsPlan, GemmTiles, bucket_tokens,
+                                    experts_plan, group_tokens, triton_moe_experts,
+                                    triton_top1_router)
 from seqdeploy_moe.onnx import moe_experts_function, top1_router_function
 from seqdeploy_moe.router import (naive_top1_router, reference_top1_router, top1_router,
                                   vectorised_top1_router)
@@ -170,14 +172,21 @@ def rel_l2(y, ref):
     return float((y - ref).norm() / ref.norm())
 
 
-def experts_forms():
-    def triton(*a, **kw):
-        a = [t.to(DEVICE) for t in a]
-        out = torch.full(a[0].shape, math.nan, dtype=a[0].dtype, device=DEVICE)
-        return triton_moe_experts(*a, out=out, **kw)
+def triton_poisoned(*a, **kw):
+    """``triton_moe_experts`` on DEVICE writing into a NaN-filled ``out``."""
+    a = [t.to(DEVICE) for t in a]
+    out = torch.full(a[0].shape, math.nan, dtype=a[0].dtype, device=DEVICE)
+    return triton_moe_experts(*a, out=out, **kw)
 
-    return {"reference": reference_moe_experts, "grouped": grouped_moe_experts,
-            "op": moe_experts, "triton": triton}
+
+def experts_forms():
+    """Every form of the op; the Triton kernels once per named plan (``plan=`` variant)."""
+    forms = {"reference": reference_moe_experts, "grouped": grouped_moe_experts,
+             "op": moe_experts, "triton": triton_poisoned}
+    for variant in EXPERTS_VARIANTS:
+        forms[f"triton[{variant}]"] = (lambda *a, v=variant, **kw:
+                                       triton_poisoned(*a, plan=v, **kw))
+    return forms
 
 
 SHAPES = [  # B, T, d, f, E, route, dropped
@@ -200,12 +209,81 @@ def test_experts_forms_match_naive(B, T, d, f, E, route, dropped, dtype):
         assert (flat[:dropped] == 0).all(), f"{name}: dropped tokens must be exactly 0"
 
 
+@pytest.mark.parametrize("design", ["padded", "buckets", "auto"])
 @pytest.mark.parametrize("block_m", [16, 32])
-def test_triton_experts_many_tiles_per_group(block_m):
-    """Groups spanning several row tiles and ending mid-tile (padding rows), in bf16."""
+def test_triton_experts_many_tiles_per_group(block_m, design):
+    """Groups spanning several row tiles and ending mid-tile (padding rows), in bf16; the
+    ``block_m`` override keeps a plan's tail tiles only as deep as they stay >= 16 rows."""
     args = make_experts(2, 45, 32, 64, 3, torch.bfloat16, seed=4)
-    y = experts_forms()["triton"](*args, block_m=block_m)
+    y = triton_poisoned(*args, block_m=block_m, plan=design)
     assert rel_l2(y, naive_moe_experts(*args)) < TOL[torch.bfloat16]
+
+
+def bucket_plans():
+    """Plans of the buckets design around the named ones: every tail depth and order, a
+    persistent grid smaller than the work (in the interpreter: 4 "SMs", so each program
+    strides over several items), tiles of different widths per layer."""
+    t = GemmTiles(32, 16, 4, 2)
+    plans = [ExpertsPlan("buckets", 64, t, t, order=order, tail=tail, persistent=pers)
+             for order in ("m", "n") for tail in (0, 1, 2) for pers in (0, 1)]
+    plans.append(ExpertsPlan("buckets", 32, GemmTiles(64, 32, 4, 2), GemmTiles(16, 64, 4, 2),
+                             order="n", tail=1, persistent=2))
+    return plans
+
+
+@pytest.mark.parametrize("plan", bucket_plans(), ids=lambda p: p.name().replace(" ", "_"))
+def test_triton_bucket_plans(plan):
+    """Every combination of the buckets options, at group sizes that end in full, half and
+    quarter tiles of block_m 64 (K and N not multiples of the tiles), fp32 and bf16, with
+    an empty expert, dropped tokens and one expert taking most tokens."""
+    g = torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = list(make_experts(3, 50, 40, 72, 6, dtype, seed=5, dropped=4))
+        expert = torch.randint(0, 6, (3, 50), generator=g)
+        expert[expert == 1] = 0                              # expert 1 empty
+        expert[expert == 2] = 0
+        expert.view(-1)[:5] = 2                              # 5 tokens: a quarter tile
+        expert[2, 10:30] = 3                                 # a half tile or more
+        args[1] = expert
+        counts = torch.bincount(expert.view(-1), minlength=6)
+        assert counts[1] == 0 and counts[2] == 5 and counts[0] > 64
+        y = triton_poisoned(*args, plan=plan)
+        assert rel_l2(y, naive_moe_experts(*args)) < TOL[dtype], dtype
+        assert (y.reshape(-1, 40)[:4].cpu() == 0).all()
+
+
+def test_experts_plans_are_checked():
+    x, expert, gate, w1, b1, w2, b2 = make_experts(1, 4, 16, 32, 2, torch.float32)
+    t = GemmTiles(32, 16, 4, 2)
+    for plan, match in ((ExpertsPlan("buckets", 32, t, t, tail=2), "must be >= 16"),
+                        (ExpertsPlan("padded", 32, t, t, order="n"), "padded design"),
+                        (ExpertsPlan("rows", 32, t, t), "unknown experts plan")):
+        with pytest.raises(ValueError, match=match):
+            triton_moe_experts(x, expert, gate, w1, b1, w2, b2, plan=plan)
+    with pytest.raises(ValueError, match="unknown experts variant"):
+        triton_moe_experts(x, expert, gate, w1, b1, w2, b2, plan="fastest")
+    for variant in EXPERTS_VARIANTS:     # every named plan is valid at the benchmark's shapes
+        for E in (8, 64):
+            for dtype in DTYPES:
+                plan = experts_plan(8192, E, 768, 3072, dtype, variant)
+                assert plan.block_m >> plan.tail >= 16, plan
+
+
+@pytest.mark.parametrize("route", ["random", "one"])
+def test_bucket_tokens(route):
+    """counts is the histogram; row e of slot_token holds exactly expert e's tokens in its
+    first counts[e] slots; an id out of range joins no bucket."""
+    E, N = 5, 300
+    g = torch.Generator().manual_seed(7)
+    expert = torch.randint(0, E, (N,), generator=g) if route == "random" else torch.full((N,), 3)
+    expert[expert == 1] = 0
+    expert[7] = E                                           # out of range: in no bucket
+    counts, slot_token = (t.cpu() for t in bucket_tokens(expert.to(DEVICE), E))
+    valid = expert < E
+    assert torch.equal(counts.long(), torch.bincount(expert[valid], minlength=E))
+    for e in range(E):
+        got = slot_token[e, :int(counts[e])].long().sort().values
+        assert torch.equal(got, torch.nonzero(expert == e)[:, 0]), e
 
 
 @pytest.mark.parametrize("route", ["random", "one"])
@@ -361,3 +439,24 @@ def test_router_nan_rows_keep_valid_ids():
         expert, gate = (t.cpu() for t in form(logits, 0.0))
         assert ((expert >= 0) & (expert < 5)).all(), name
         assert torch.isfinite(gate[0, [0, 1, 3, 4, 5]]).all(), name
+
+
+def test_layer_benchmark_smoke_run(tmp_path, capsys):
+    """benchmarks/moe_layer.py runs on one unattended device call: its --smoke run takes
+    every path once on the CPU (the interpreter) and reports each plan's error."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "moe_layer.py"
+    spec = importlib.util.spec_from_file_location("moe_layer_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "moe.json"
+    assert bench.main(["--smoke", "--tokens", "40", "--d", "16", "--f", "32", "--experts", "3",
+                       "--block-m", "16", "--variants", "padded", "buckets-tail",
+                       "--json", str(out)]) == 0
+    assert "buckets-tail" in capsys.readouterr().out
+    plans = json.loads(out.read_text())["points"][0]["plans"]
+    assert set(plans) == {"padded", "buckets-tail"}
+    assert all(p["rel_l2"] < TOL[torch.bfloat16] for p in plans.values()), plans

@@ -8,8 +8,14 @@ Without capacity (the inference default) tokens are independent: the grid is
 (row, block of T). With capacity the rank depends on every earlier token of the row, so one
 program walks its row's T blocks in order: grid (row,).
 
-**Experts** (``triton_moe_experts``): four kernels (after a memset of the E counters), none
-of which waits on the host:
+**Experts** (``triton_moe_experts``): two designs, chosen by an :class:`ExpertsPlan`
+(:func:`experts_plan` names them; the default ``"auto"`` is one of ``"buckets"``'s).
+Neither waits on the host, and both gather the token rows of ``x`` in the first GEMM's A
+load and apply the gate and the scatter back to each token's row in the second GEMM's
+epilogue.
+
+``"padded"`` (the first design; the ONNX Runtime library runs it): four kernels after a
+memset of the E counters:
 
 1. ``_rank_kernel``: per block of tokens, the one-hot cumsum gives each token's rank among
    the block's tokens of its expert; one atomic add per (block, expert) on the expert's
@@ -20,12 +26,30 @@ of which waits on the host:
    row space (``tile_start = cumsum(ceil(count / BLOCK_M))``), so every row tile of the GEMMs
    belongs to one expert. It scatters ``row_token[padded row] = token``, marks padding rows
    -1, and program 0 writes ``tile_expert`` (E for unused tiles: the grid is sized by the
-   bound ``cdiv(N, BLOCK_M) + E`` so the host never reads the counts).
+   bound ``cdiv(N, BLOCK_M) + E`` so the host never reads the counts). Program 0 walks the
+   experts one after another: a dependent load and stores per expert, E of them in series.
 3. ``_grouped_ffn_kernel`` (layer 1): tile (row tile, N block): gathers the tile's token rows
    of ``x``, multiplies by ``w1[e]``, adds ``b1[e]``, applies the exact GELU, writes ``h`` in
    the padded row order.
 4. ``_grouped_ffn_kernel`` (layer 2): reads ``h`` rows in order, multiplies by ``w2[e]``,
    adds ``b2[e]``, scales by the gate (0 stays exactly 0) and scatters each row to its token.
+
+``"buckets"``: three kernels after the memset:
+
+1. ``_bucket_kernel``: the rank kernel's atomics, writing each token straight into its
+   expert's bucket, ``slot_token[e, rank] = token`` (``[E, N]`` int32: a bucket can hold
+   every token, so no offsets over experts are needed and there is no layout kernel).
+2. ``_bucket_ffn_kernel`` (layer 1, then layer 2, same roles as above): every program reads
+   the E counts and finds its work item's expert and row tile with a cumsum and a compare
+   over them (a few vector reductions), so there is no tile table. Options: the order of
+   the work items (``order``), half- and quarter-height last tiles (``tail``: the padding
+   of a large row tile without its extra weight reads) and a persistent grid.
+
+Why these options (E=64 over 8192 tokens, ~128 per expert): each row tile reads its
+expert's whole weight column block, so weight traffic into the SMs is (row tiles per
+expert) x (expert weights): ~2.5x at 64-row tiles, ~1.5x at 128-row tiles. 128-row tiles
+alone pad each expert to 128 or 256 rows (~1.45x the work); with half-height last tiles the
+padding is that of 64-row tiles (~1.2x) and the weight reads those of 128-row tiles.
 
 Accumulation is fp32; ``h`` is stored in the activation dtype between the layers (as a dense
 FFN in that dtype would). The work is one FFN per token plus the padding of each group to
@@ -35,6 +59,7 @@ is written out of bounds, and its row of ``y`` is left unwritten.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -232,9 +257,158 @@ def _grouped_ffn_kernel(a_ptr, row_token_ptr, tile_expert_ptr, w_ptr, bias_ptr, 
                  mask=valid[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _bucket_kernel(expert_ptr, counts_ptr, slot_token_ptr, N, E,
+                   BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The whole grouping of the "buckets" design in one pass: each token takes the next slot
+    of its expert's bucket (``slot_token[e * N + rank] = token``) with one atomic add per
+    (block, expert) on ``counts``; no cumsum over experts and no tile table is needed
+    because the GEMMs derive their tiles from ``counts`` themselves."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    e = tl.load(expert_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
+    ok = (offs < N) & (e >= 0) & (e < E)      # an id out of range joins no bucket
+    offs_e = tl.arange(0, BLOCK_E)
+    one_hot = ((offs_e[None, :] == e[:, None]) & ok[:, None]).to(tl.int32)
+    local = tl.sum(one_hot * tl.cumsum(one_hot, axis=0), axis=1) - 1      # 0-based in block
+    here = tl.sum(one_hot, axis=0)
+    base = tl.atomic_add(counts_ptr + offs_e, here, mask=(offs_e < E) & (here > 0))
+    base = tl.where(here > 0, base, 0)
+    rank = local + tl.sum(one_hot * base[None, :], axis=1)
+    tl.store(slot_token_ptr + e.to(tl.int64) * N + rank, offs.to(tl.int32), mask=ok)
+
+
+@triton.jit
+def _bucket_tile(a_ptr, slot_ptr, w_base, bias_ptr, gate_ptr, out_ptr, row0, n_rows, tile_row,
+                 pid_n, K, N, s_a, s_wk, s_o,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FIRST: tl.constexpr, DOT_F32: tl.constexpr, WIDEN: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` output tile of one expert: its rows ``row0 .. row0 + n_rows``
+    of the expert's bucket (``slot_ptr``: the bucket's token ids), padded row ``tile_row`` of
+    ``h``. FIRST: ``h[padded row] = GELU(x[token] @ w + b)``; else
+    ``y[token] = gate * (h[padded row] @ w + b)`` (0 where the gate is 0)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    valid = offs_m < n_rows
+    token = tl.load(slot_ptr + row0 + offs_m, mask=valid, other=0)
+    padded = tile_row + offs_m.to(tl.int64)
+    if FIRST:
+        a_rows = token.to(tl.int64)
+    else:
+        a_rows = padded
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * s_a + offs_k[None, :]
+        w_ptrs = w_base + offs_k[:, None].to(tl.int64) * s_wk + offs_n[None, :]
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = offs_k < K
+            a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if WIDEN:      # the interpreter's bf16 dot (see _widen_in_interpreter)
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        elif DOT_F32:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc += bias[None, :]
+    if FIRST:
+        acc = _gelu(acc)
+        dst = padded
+    else:
+        g = tl.load(gate_ptr + token, mask=valid, other=0.0)
+        acc = tl.where(g[:, None] != 0.0, acc * g[:, None], 0.0)
+        dst = token.to(tl.int64)
+    tl.store(out_ptr + dst[:, None] * s_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _bucket_ffn_kernel(a_ptr, slot_token_ptr, counts_ptr, w_ptr, bias_ptr, gate_ptr, out_ptr,
+                       n_tokens, K, N, E, s_a, s_we, s_wk, s_be, s_o,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_E: tl.constexpr, ORDER_N: tl.constexpr, TAIL: tl.constexpr,
+                       FIRST: tl.constexpr, DOT_F32: tl.constexpr, WIDEN: tl.constexpr,
+                       EVEN_K: tl.constexpr):
+    """One layer of the "buckets" grouped GEMM. Expert e's bucket (``counts[e]`` tokens) is
+    cut into ``ceil(counts[e] / BLOCK_M)`` row tiles, numbered across experts in expert
+    order; work item ``(row tile, N block)``. Every program reads ``counts`` (E ints) and
+    finds its items' experts by a cumsum and a count of the tile ends at or below them, so
+    no tile table is built on the device nor read on the host.
+
+    ORDER_N: the row tiles of one (expert, N block) are consecutive work items (the weight
+    tile is read by them together); else the N blocks of one row tile are (as "padded").
+    TAIL (0, 1 or 2): a last tile with at most BLOCK_M / 2 (/ 4) rows runs as a tile of that
+    height (less padding); its padded rows in ``h`` stay BLOCK_M apart.
+    The grid may be smaller than the work (a persistent grid): each program strides over it."""
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(tiles, axis=0)                      # exclusive end tile of each expert
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    work = tl.sum(tiles) * n_blocks
+    for item in tl.range(tl.program_id(0), work, tl.num_programs(0)):
+        if ORDER_N:
+            e = tl.sum((ends * n_blocks <= item).to(tl.int32))
+        else:
+            e = tl.sum((ends <= item // n_blocks).to(tl.int32))
+        # expert e's end tile and count in one reduction (two int32 halves of an int64)
+        packed = tl.sum(tl.where(offs_e == e, (ends.to(tl.int64) << 32) + counts, 0))
+        end = packed >> 32
+        count = (packed - (end << 32)).to(tl.int32)
+        n_tiles = (count + BLOCK_M - 1) // BLOCK_M
+        first_tile = end.to(tl.int32) - n_tiles
+        local = item - first_tile * n_blocks
+        if ORDER_N:
+            m = local % n_tiles
+            pid_n = local // n_tiles
+        else:
+            m = local // n_blocks
+            pid_n = local % n_blocks
+        row0 = m * BLOCK_M
+        n_rows = tl.minimum(count - row0, BLOCK_M)
+        slot = slot_token_ptr + e.to(tl.int64) * n_tokens
+        w_base = w_ptr + e.to(tl.int64) * s_we
+        b_base = bias_ptr + e.to(tl.int64) * s_be
+        tile_row = (first_tile + m).to(tl.int64) * BLOCK_M
+        if TAIL == 0:
+            _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                         tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M, BLOCK_N, BLOCK_K,
+                         FIRST, DOT_F32, WIDEN, EVEN_K)
+        elif TAIL == 1:
+            if n_rows <= BLOCK_M // 2:
+                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                             tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M // 2, BLOCK_N,
+                             BLOCK_K, FIRST, DOT_F32, WIDEN, EVEN_K)
+            else:
+                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                             tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M, BLOCK_N,
+                             BLOCK_K, FIRST, DOT_F32, WIDEN, EVEN_K)
+        else:
+            if n_rows <= BLOCK_M // 4:
+                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                             tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M // 4, BLOCK_N,
+                             BLOCK_K, FIRST, DOT_F32, WIDEN, EVEN_K)
+            elif n_rows <= BLOCK_M // 2:
+                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                             tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M // 2, BLOCK_N,
+                             BLOCK_K, FIRST, DOT_F32, WIDEN, EVEN_K)
+            else:
+                _bucket_tile(a_ptr, slot, w_base, b_base, gate_ptr, out_ptr, row0, n_rows,
+                             tile_row, pid_n, K, N, s_a, s_wk, s_o, BLOCK_M, BLOCK_N,
+                             BLOCK_K, FIRST, DOT_F32, WIDEN, EVEN_K)
+
+
 _rank_launcher = Launcher(_rank_kernel, tensors=3)
 _layout_launcher = Launcher(_layout_kernel, tensors=5)
 _ffn_launcher = Launcher(_grouped_ffn_kernel, tensors=7)
+_bucket_launcher = Launcher(_bucket_kernel, tensors=3)
+_bucket_ffn_launcher = Launcher(_bucket_ffn_kernel, tensors=7)
 LAYOUT_BLOCK = 128   # tokens per program of the rank and layout kernels
 
 
@@ -287,16 +461,195 @@ def group_tokens(expert: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tens
     return row_token, tile_expert
 
 
+@dataclasses.dataclass(frozen=True)
+class GemmTiles:
+    """Tiles of one grouped-GEMM layer (powers of two >= 16, ``tl.dot``'s minimum): an output
+    tile is ``[block_m, block_n]`` (block_m from :class:`ExpertsPlan`), the contraction is
+    streamed ``block_k`` at a time through a ``num_stages``-deep pipeline."""
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsPlan:
+    """How :func:`triton_moe_experts` runs. ``design``:
+
+    - ``"padded"`` (the first design): rank + layout kernels build a padded row table and a
+      tile -> expert table (the layout's program 0 walks the E experts serially), then the
+      two grouped GEMMs over a grid of ``cdiv(N, block_m) + E`` row tiles. Both layers use
+      ``first``'s tiles (``second`` is ignored), the N blocks of a row tile are adjacent.
+    - ``"buckets"``: one kernel groups (``slot_token[e, rank] = token``, atomic counts),
+      and each GEMM derives its tiles from the E counts (no tile table, no serial walk).
+      ``order``: ``"m"`` the N blocks of a row tile are adjacent, ``"n"`` the row tiles of
+      one (expert, N block) are (they read the same weight tile together). ``tail`` (0-2):
+      an expert's last tile runs at ``block_m / 2`` (``/ 4``) rows when it fits, so fewer
+      padding rows are computed at large block_m. ``persistent``: a grid of
+      ``persistent`` programs per SM striding over the work instead of one per work item.
+
+    Both designs gather the token rows in the first GEMM's A load and apply the gate and
+    scatter to the token's row in the second GEMM's epilogue."""
+    design: str
+    block_m: int
+    first: GemmTiles              # h = GELU(x W1 + b1): K = d, N = f
+    second: GemmTiles             # y = gate (h W2 + b2): K = f, N = d
+    order: str = "m"
+    tail: int = 0
+    persistent: int = 0
+
+    def name(self) -> str:
+        """A short label: design, tiles of each layer, options."""
+        t = lambda g: f"{g.block_n}x{g.block_k}w{g.num_warps}s{g.num_stages}"  # noqa: E731
+        label = f"{self.design} m{self.block_m} {t(self.first)}"
+        if self.design != "padded":
+            label += f"|{t(self.second)} {self.order}"
+            label += f" tail{self.tail}" if self.tail else ""
+            label += f" pers{self.persistent}" if self.persistent else ""
+        return label
+
+
+def _check_plan(plan: ExpertsPlan) -> None:
+    if plan.design not in ("padded", "buckets") or plan.order not in ("m", "n"):
+        raise ValueError(f"unknown experts plan {plan}")
+    if plan.block_m >> plan.tail < 16 or plan.tail not in (0, 1, 2):
+        raise ValueError(f"block_m {plan.block_m} / 2**tail {plan.tail} must be >= 16 (tl.dot)")
+    if plan.design == "padded" and (plan.tail or plan.persistent or plan.order != "m"):
+        raise ValueError("the padded design has no tail, persistent grid or order 'n'")
+
+
+#: named plans :func:`experts_plan` builds, for tests and the benchmark (each must be
+#: correct everywhere; which is fastest is for the benchmark to say)
+EXPERTS_VARIANTS = ("auto", "padded", "buckets", "buckets-n", "buckets-tail", "buckets-wide",
+                    "buckets-persistent")
+
+
+def experts_plan(N: int, E: int, d: int, f: int, dtype: torch.dtype,
+                 variant: str = "auto") -> ExpertsPlan:
+    """The plan of a named variant for ``N`` tokens over ``E`` experts of width ``d -> f -> d``
+    in ``dtype`` (see :class:`ExpertsPlan`). The row tile follows the mean group size, as
+    :func:`experts_config`; on top of it:
+
+    - ``auto`` (the default): ``buckets-tail`` where the mean-size row tile is under 128
+      rows (E=64 over 8192 tokens), else ``buckets``. Chosen from the traffic count in the
+      module docstring, not yet from a timing: ``benchmarks/moe_layer.py`` prints each;
+    - ``padded``: the first design at :func:`experts_config`'s tiles;
+    - ``buckets``: the one-pass grouping with the same tiles (it removes the layout
+      kernel's serial walk over E, a dependent load per expert);
+    - ``buckets-n``: row tiles of one (expert, N block) adjacent;
+    - ``buckets-tail``: block_m doubled (fewer re-reads of each weight tile: at E=64 a
+      weight tile is read once per row tile, ~2.5 times at 64 rows, ~1.5 at 128) with
+      half-height last tiles, so the padding stays that of the smaller tile;
+    - ``buckets-wide``: as tail, plus 256-column tiles in the first layer (N = f): the
+      weight share of each tile's loads halves again;
+    - ``buckets-persistent``: ``buckets-tail`` on a persistent grid (2 programs per SM).
+
+    Not yet timed on hardware: ``benchmarks/moe_layer.py`` times every variant."""
+    if variant not in EXPERTS_VARIANTS:
+        raise ValueError(f"unknown experts variant {variant!r}: one of {EXPERTS_VARIANTS}")
+    cfg = experts_config(N, E, d, f, dtype)
+    bm = cfg["block_m"]
+    tiles = GemmTiles(cfg["block_n"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"])
+    if variant == "padded":
+        return ExpertsPlan("padded", bm, tiles, tiles)
+    if variant == "auto":
+        variant = "buckets-tail" if bm < 128 else "buckets"
+    if variant == "buckets":
+        return ExpertsPlan("buckets", bm, tiles, tiles)
+    if variant == "buckets-n":
+        return ExpertsPlan("buckets", bm, tiles, tiles, order="n")
+    f32 = dtype == torch.float32
+    big = min(2 * bm, 128)
+    wide = GemmTiles(128, cfg["block_k"], 8 if big >= 128 else 4, cfg["num_stages"])
+    plan = ExpertsPlan("buckets", big, wide, wide, order="n", tail=1 if big >= 32 else 0)
+    if variant == "buckets-wide":
+        # 128 x 256 x 64 bf16 in 3 stages: 144 KB of shared memory, 128 accumulator
+        # registers per thread at 8 warps (fp32: 32-deep K, 2 stages)
+        first = GemmTiles(256, 32 if f32 else 64, 8, 2 if f32 else 3)
+        plan = dataclasses.replace(plan, first=first)
+    elif variant == "buckets-persistent":
+        plan = dataclasses.replace(plan, persistent=2)
+    return plan
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4                      # the interpreter: a few programs, so the stride runs
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _run_padded(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
+    N, d = xf.shape
+    E, _, f = w1.shape
+    bm, t = plan.block_m, plan.first
+    row_token, tile_expert = group_tokens(ef, E, bm)
+    max_tiles = tile_expert.numel()
+    h = torch.empty(max_tiles * bm, f, dtype=h_dtype, device=xf.device)
+    f32 = xf.dtype == torch.float32
+    for a, w, bias, dst, K, Nn, first in ((xf, w1, b1, h, d, f, True), (h, w2, b2, yf, f, d, False)):
+        bn, bk = _fit(t.block_n, Nn), _fit(t.block_k, K)
+        _ffn_launcher((max_tiles * triton.cdiv(Nn, bn),),
+                      (a, row_token, tile_expert, w, bias, gf, dst, K, Nn, E, a.stride(0),
+                       w.stride(0), w.stride(1), bias.stride(0), dst.stride(0)),
+                      (bm, bn, bk, first, f32, widen, K % bk == 0), num_warps=t.num_warps,
+                      num_stages=t.num_stages)
+
+
+def _bucket_block_e(E: int) -> int:
+    """The width of E in the buckets GEMM: 128 up to E = 128, so E = 8 and E = 64 share its
+    binaries (each program's search over the counts is a few 128-lane reductions)."""
+    return max(128, triton.next_power_of_2(E))
+
+
+def bucket_tokens(expert: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouping of the "buckets" design, with no host sync: ``counts [E]`` int32 and
+    ``slot_token [E, N]`` int32 whose row e holds expert e's tokens in its first counts[e]
+    slots (in no particular order; the rest is unset). ``expert [N]`` int64 on the device.
+    Two launches: the memset of counts and :func:`_bucket_kernel`."""
+    N = expert.numel()
+    counts = torch.zeros(E, dtype=torch.int32, device=expert.device)
+    slot_token = torch.empty(E, N, dtype=torch.int32, device=expert.device)
+    block_e = max(2, triton.next_power_of_2(E))    # its one-hot tile is [LAYOUT_BLOCK, block_e]
+    _bucket_launcher((triton.cdiv(N, LAYOUT_BLOCK),), (expert, counts, slot_token, N, E),
+                     (LAYOUT_BLOCK, block_e), num_warps=4)
+    return counts, slot_token
+
+
+def _run_buckets(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
+    N, d = xf.shape
+    E, _, f = w1.shape
+    bm = plan.block_m
+    counts, slot_token = bucket_tokens(ef, E)
+    max_tiles = triton.cdiv(N, bm) + min(E, N)       # bounds the row tiles of any routing
+    h = torch.empty(max_tiles * bm, f, dtype=h_dtype, device=xf.device)
+    f32 = xf.dtype == torch.float32
+    block_e = _bucket_block_e(E)
+    layers = ((xf, w1, b1, h, d, f, True, plan.first), (h, w2, b2, yf, f, d, False, plan.second))
+    for a, w, bias, dst, K, Nn, first, t in layers:
+        bn, bk = _fit(t.block_n, Nn), _fit(t.block_k, K)
+        grid = max_tiles * triton.cdiv(Nn, bn)
+        if plan.persistent:
+            grid = min(grid, plan.persistent * _sm_count(xf.device))
+        _bucket_ffn_launcher((grid,),
+                             (a, slot_token, counts, w, bias, gf, dst, N, K, Nn, E, a.stride(0),
+                              w.stride(0), w.stride(1), bias.stride(0), dst.stride(0)),
+                             (bm, bn, bk, block_e, plan.order == "n", plan.tail, first, f32,
+                              widen, K % bk == 0),
+                             num_warps=t.num_warps, num_stages=t.num_stages)
+
+
 def triton_moe_experts(x, expert, gate, w1, b1, w2, b2, out=None, block_m=None, block_n=None,
-                       block_k=None, num_warps=None, num_stages=None):
-    """Launch the grouping kernels and the two grouped GEMMs (see the module docstring).
+                       block_k=None, num_warps=None, num_stages=None,
+                       plan: ExpertsPlan | str | None = None):
+    """Launch the grouping and the two grouped GEMMs (see the module docstring).
     ``x [B, T, d]``; weights ``[E, ...]`` contiguous in their last dim. ``out``: optional
-    preallocated ``y [B, T, d]`` (contiguous)."""
+    preallocated ``y [B, T, d]`` (contiguous). ``plan``: an :class:`ExpertsPlan` or a variant
+    name of :data:`EXPERTS_VARIANTS` (default ``"auto"``). ``block_m`` ... ``num_stages``
+    override the plan's row tile and both layers' tiles (the first design's knobs)."""
     check_experts_args(x, expert, gate, w1, b1, w2, b2)
     B, T, d = x.shape
     E, _, f = w1.shape
     N = B * T
-    device = x.device
     xf = x.reshape(N, d)
     if xf.stride(1) != 1:
         xf = xf.contiguous()
@@ -306,23 +659,20 @@ def triton_moe_experts(x, expert, gate, w1, b1, w2, b2, out=None, block_m=None, 
     if gf.dtype != torch.float32:
         gf = gf.float()
     ef, gf = ef.contiguous(), gf.contiguous()
-    cfg = experts_config(N, E, d, f, x.dtype)
-    bm = block_m or cfg["block_m"]
-    warps, stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
-    row_token, tile_expert = group_tokens(ef, E, bm)
-    max_tiles = tile_expert.numel()
-    h = torch.empty(max_tiles * bm, f, dtype=x.dtype, device=device)
-    y = out if out is not None else torch.empty(B, T, d, dtype=x.dtype, device=device)
-    yf = y.view(N, d)
-    f32 = x.dtype == torch.float32
-    widen = _widen_in_interpreter(x.dtype)
-    for a, w, bias, dst, K, Nn, first in ((xf, w1, b1, h, d, f, True), (h, w2, b2, yf, f, d, False)):
-        bn = _fit(block_n or cfg["block_n"], Nn)
-        bk = _fit(block_k or cfg["block_k"], K)
-        _ffn_launcher((max_tiles * triton.cdiv(Nn, bn),),
-                      (a, row_token, tile_expert, w, bias, gf, dst, K, Nn, E, a.stride(0),
-                       w.stride(0), w.stride(1), bias.stride(0), dst.stride(0)),
-                      (bm, bn, bk, first, f32, widen, K % bk == 0), num_warps=warps, num_stages=stages)
+    if plan is None or isinstance(plan, str):
+        plan = experts_plan(N, E, d, f, x.dtype, plan or "auto")
+    over = {k: v for k, v in (("block_n", block_n), ("block_k", block_k),
+                              ("num_warps", num_warps), ("num_stages", num_stages)) if v}
+    if over:
+        plan = dataclasses.replace(plan, first=dataclasses.replace(plan.first, **over),
+                                   second=dataclasses.replace(plan.second, **over))
+    if block_m:     # the plan's tail tiles, as deep as they stay >= 16 rows
+        tail = min(plan.tail, max(0, (block_m // 16).bit_length() - 1))
+        plan = dataclasses.replace(plan, block_m=block_m, tail=tail)
+    _check_plan(plan)
+    y = out if out is not None else torch.empty(B, T, d, dtype=x.dtype, device=x.device)
+    run = _run_padded if plan.design == "padded" else _run_buckets
+    run(plan, xf, ef, gf, w1, b1, w2, b2, x.dtype, y.view(N, d), _widen_in_interpreter(x.dtype))
     return y
 
 
