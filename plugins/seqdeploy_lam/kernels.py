@@ -269,18 +269,21 @@ def _chunk_kernel(q_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, mix_ptr, s0_ptr, o_ptr, s
     tl.store(sT_ptr + plane + s_off, S1, mask=smask)
 
 
-@triton.jit
+# (NT unspecialised: its divisibility changes nothing, and one binary serves every T)
+@triton.jit(do_not_specialize=["NT"])
 def _state_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, sT_ptr,
                   T, n, d, dv, sk_b, sk_t, sk_h, Tp, NT,
                   BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, MEMS: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, HALF_DOTS: tl.constexpr):
     """Split design, sequential part: grid (dv block, batch*head, 2 // MEMS); a program holds
     ``MEMS`` states ``[d, BV]`` in fp32 registers (MEMS = 1: the memory is program_id(2);
     MEMS = 2: both, sharing each chunk's load of k). Per chunk it stores the entering state
     ``S_c`` to ``h [B*n, 2, NT, d, dv]``, overwrites ``U`` in place with ``V' = U - W S_c``
     (same rows and columns, owned by this program alone) and advances
     ``S <- e^{gamma_last} S + (K e^{gamma_last - gamma})^T V'``. Nothing else: the outputs
-    are ``_output_kernel``'s, fully parallel over chunks."""
+    are ``_output_kernel``'s, fully parallel over chunks. ``HALF_DOTS``: both products take
+    operands rounded to the input dtype (the state, V' and the decayed keys; fp32
+    accumulation), as fla's chunk_delta_h does, for twice tf32's tensor-core rate."""
     vb = tl.program_id(0)
     bh = tl.program_id(1)
     mem0 = tl.program_id(2) * MEMS
@@ -315,11 +318,17 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, sT_ptr,
             U = tl.load(u_ptr + base[:, None] * dv + ov[None, :], mask=mv[None, :], other=0.0)
             gam = tl.load(gam_ptr + base)
             g_last = tl.load(gam_ptr + mem * Tp + c * BT + BT - 1)
-            vn = U.to(tl.float32) - tl.dot(W.to(tl.float32), S, input_precision=PREC)
+            kd = kf * tl.exp(g_last - gam)[:, None]
+            if HALF_DOTS:
+                DT = k_ptr.dtype.element_ty
+                vn = U.to(tl.float32) - tl.dot(W.to(DT), S.to(DT))
+                upd = tl.dot(tl.trans(kd.to(DT)), vn.to(DT))
+            else:
+                vn = U.to(tl.float32) - tl.dot(W.to(tl.float32), S, input_precision=PREC)
+                upd = tl.dot(tl.trans(kd), vn, input_precision=PREC)
             tl.store(u_ptr + base[:, None] * dv + ov[None, :], vn.to(u_ptr.dtype.element_ty),
                      mask=mv[None, :])
-            S = tl.exp(g_last) * S + tl.dot(tl.trans(kf * tl.exp(g_last - gam)[:, None]), vn,
-                                            input_precision=PREC)
+            S = tl.exp(g_last) * S + upd
             if s == 0:
                 S0 = S
             else:
@@ -329,14 +338,17 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, sT_ptr,
         tl.store(sT_ptr + (bh * 2 + 1).to(tl.int64) * plane + tile, S1, mask=smask)
 
 
-@triton.jit
+# (NT unspecialised: its divisibility changes nothing, and one binary serves every T)
+@triton.jit(do_not_specialize=["NT"])
 def _output_kernel(q_ptr, k_ptr, u_ptr, gam_ptr, h_ptr, mix_ptr, o_ptr,
                    T, n, d, dv, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, so_b, so_t, so_h, Tp, NT,
-                   BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                   BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                   HALF_DOTS: tl.constexpr):
     """Split design, parallel part: grid (dv block, chunk, batch*head). One load of q, k and
     one ``Q K^T`` per chunk serve both memories: per memory
     ``e^gamma (Q S_c) + (causal(Q K^T) * e^{gamma_i - gamma_j}) V'`` from the state kernel's
-    ``S_c`` and ``V'``, mixed by ``mix`` and stored once."""
+    ``S_c`` and ``V'``, mixed by ``mix`` and stored once. ``HALF_DOTS``: products take
+    input-dtype operands (q, k, S_c and V' already are; ``Q K^T * decay`` is rounded)."""
     vb = tl.program_id(0)
     c = tl.program_id(1)
     bh = tl.program_id(2)
@@ -351,11 +363,13 @@ def _output_kernel(q_ptr, k_ptr, u_ptr, gam_ptr, h_ptr, mix_ptr, o_ptr,
     mt = t < T
     t64 = t.to(tl.int64)
     m2 = mt[:, None] & md[None, :]
-    qf = tl.load(q_ptr + b * sq_b + h * sq_h + t64[:, None] * sq_t + od[None, :], mask=m2,
-                 other=0.0).to(tl.float32)
-    kf = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :], mask=m2,
-                 other=0.0).to(tl.float32)
-    qk = tl.dot(qf, tl.trans(kf), input_precision=PREC)
+    qt = tl.load(q_ptr + b * sq_b + h * sq_h + t64[:, None] * sq_t + od[None, :], mask=m2, other=0.0)
+    kt = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :], mask=m2, other=0.0)
+    DT = q_ptr.dtype.element_ty
+    if HALF_DOTS:
+        qk = tl.dot(qt, tl.trans(kt))
+    else:
+        qk = tl.dot(qt.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision=PREC)
     m = tl.load(mix_ptr + (b * T + t64) * n + h, mask=mt, other=0.0).to(tl.float32)
     incl = rows[:, None] >= rows[None, :]
     plane = d * dv
@@ -363,13 +377,16 @@ def _output_kernel(q_ptr, k_ptr, u_ptr, gam_ptr, h_ptr, mix_ptr, o_ptr,
     for s in tl.static_range(2):
         mem = (bh * 2 + s).to(tl.int64)
         S = tl.load(h_ptr + (mem * NT + c) * plane + od[:, None] * dv + ov[None, :],
-                    mask=md[:, None] & mv[None, :], other=0.0).to(tl.float32)
+                    mask=md[:, None] & mv[None, :], other=0.0)
         base = mem * Tp + c * BT + rows
-        vn = tl.load(u_ptr + base[:, None] * dv + ov[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
+        vn = tl.load(u_ptr + base[:, None] * dv + ov[None, :], mask=mv[None, :], other=0.0)
         gam = tl.load(gam_ptr + base)
         dec = tl.exp(tl.where(incl, gam[:, None] - gam[None, :], float("-inf")))
-        o_s = tl.exp(gam)[:, None] * tl.dot(qf, S, input_precision=PREC) + \
-            tl.dot(qk * dec, vn, input_precision=PREC)
+        if HALF_DOTS:
+            o_s = tl.exp(gam)[:, None] * tl.dot(qt, S.to(DT)) + tl.dot((qk * dec).to(DT), vn.to(DT))
+        else:
+            o_s = tl.exp(gam)[:, None] * tl.dot(qt.to(tl.float32), S.to(tl.float32), input_precision=PREC) + \
+                tl.dot(qk * dec, vn.to(tl.float32), input_precision=PREC)
         if s == 0:
             o += m[:, None] * o_s
         else:
@@ -442,6 +459,10 @@ class LaunchPlan:
       once, each from an fp32 value, so the error stays at the inputs' own rounding, as fla
       keeps ``h`` in bf16) or ``"fp32"``; fp32 inputs always use fp32;
     - ``PREC`` / ``INV_PREC``: dot precisions (module docstring);
+    - ``dot_operands``: split's state and output kernels, ``"fp32"`` (products at ``PREC``,
+      tf32 for half inputs) or ``"input"`` (operands rounded to the fp16 / bf16 input dtype,
+      fp32 accumulation, as fla does: twice the tensor-core rate and half the shared
+      memory, at one more rounding of the state and V' per product); fp32 inputs ignore it;
     - ``num_warps`` (the sequential kernel) and ``out_warps`` (WY and split's output kernel).
     """
     design: str
@@ -451,16 +472,21 @@ class LaunchPlan:
     PREC: str
     INV_PREC: str
     mems_per_program: int = 1
-    BV_OUT: int = 64
+    BV_OUT: int = 32
     workspace: str = "input"
+    dot_operands: str = "fp32"
     num_warps: int = 4
     out_warps: int = 4
 
     def __post_init__(self):
         if self.design not in DESIGNS:
             raise ValueError(f"dual_delta_rule: design must be one of {DESIGNS}, got {self.design!r}")
-        if self.mems_per_program not in (1, 2) or self.workspace not in ("input", "fp32"):
+        if self.mems_per_program not in (1, 2) or self.workspace not in ("input", "fp32") or \
+                self.dot_operands not in ("input", "fp32"):
             raise ValueError(f"dual_delta_rule: bad plan {self}")
+
+    def half_dots(self, dtype: torch.dtype) -> bool:
+        return dtype in (torch.float16, torch.bfloat16) and self.dot_operands == "input"
 
     def workspace_dtype(self, dtype: torch.dtype) -> torch.dtype:
         half = dtype in (torch.float16, torch.bfloat16)
@@ -473,12 +499,14 @@ def launch_plan(T: int, d: int, dv: int, dtype: torch.dtype, design: str | None 
     benchmarks/lam_dual_delta.py --sweep times the alternatives). Recurrent at
     T <= RECURRENT_MAX_T, else split. BV = 32 splits dv = 64 into two programs per head (and,
     in split, per memory): 64 heads x 2 x 2 = 256 state programs at B * n = 64, where the fused
-    kernel had 128 for an H100's 132 SMs."""
+    kernel had 128 for an H100's 132 SMs. BV_OUT = 32: at d = 64, bf16, 4 warps, sm_90, the
+    output kernel needs 227 registers a thread at 32 and spills (255 + 352 bytes of stack) at
+    64 (cuobjdump -res-usage of triton 3.9's cubin; not yet timed on a GPU)."""
     if design is None:
         design = "recurrent" if T <= RECURRENT_MAX_T else "split"
     bdv = max(16, triton.next_power_of_2(dv))
     plan = LaunchPlan(design=design, BD=max(16, triton.next_power_of_2(d)), BDV=bdv,
-                      BV=max(16, min(32, bdv)), BV_OUT=min(64, bdv),
+                      BV=max(16, min(32, bdv)), BV_OUT=max(16, min(32, bdv)),
                       PREC="ieee" if dtype == torch.float32 else "tf32",
                       INV_PREC="ieee" if dtype == torch.float32 else "tf32x3")
     return dataclasses.replace(plan, **overrides) if overrides else plan
@@ -532,9 +560,9 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
     mems = plan.mems_per_program
     _state((triton.cdiv(dv, plan.BV), B * n, 2 // mems),
            (k, w, u, gam, state0, h, state, T, n, d, dv, *strides(k), Tp, n_chunks),
-           (BT, plan.BD, plan.BV, mems, plan.PREC), num_warps=plan.num_warps)
+           (BT, plan.BD, plan.BV, mems, plan.PREC, plan.half_dots(q.dtype)), num_warps=plan.num_warps)
     _output((triton.cdiv(dv, plan.BV_OUT), n_chunks, B * n),
             (q, k, u, gam, h, mix, o, T, n, d, dv, *strides(q), *strides(k), *strides(o), Tp,
              n_chunks),
-            (BT, plan.BD, plan.BV_OUT, plan.PREC), num_warps=plan.out_warps)
+            (BT, plan.BD, plan.BV_OUT, plan.PREC, plan.half_dots(q.dtype)), num_warps=plan.out_warps)
     return o, state
