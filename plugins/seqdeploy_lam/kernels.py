@@ -463,7 +463,8 @@ class LaunchPlan:
       tf32 for half inputs) or ``"input"`` (operands rounded to the fp16 / bf16 input dtype,
       fp32 accumulation, as fla does: twice the tensor-core rate and half the shared
       memory, at one more rounding of the state and V' per product); fp32 inputs ignore it;
-    - ``num_warps`` (the sequential kernel) and ``out_warps`` (WY and split's output kernel).
+    - ``num_warps`` (the sequential kernel) and ``out_warps`` (split's output kernel; the WY
+      kernel always runs 4, as the ONNX Runtime library compiles it).
     """
     design: str
     BD: int
@@ -548,7 +549,7 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
     gam = torch.empty(B, n, 2, Tp, dtype=torch.float32, device=q.device)
     _wy((n_chunks, B * n),
         (k, v, beta, g_fast, g_slow, w, u, gam, T, n, d, dv, *strides(k), *strides(v), Tp),
-        (BT, plan.BD, plan.BDV, plan.PREC, plan.INV_PREC), num_warps=plan.out_warps)
+        (BT, plan.BD, plan.BDV, plan.PREC, plan.INV_PREC), num_warps=4)
     if plan.design == "fused":
         _chunk((B * n, triton.cdiv(dv, plan.BV)),
                (q, k, w, u, gam, mix, state0, o, state, T, n, d, dv, *strides(q), *strides(k),
