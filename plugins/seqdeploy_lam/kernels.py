@@ -464,7 +464,10 @@ class LaunchPlan:
       fp32 accumulation, as fla does: twice the tensor-core rate and half the shared
       memory, at one more rounding of the state and V' per product); fp32 inputs ignore it;
     - ``num_warps`` (the sequential kernel) and ``out_warps`` (split's output kernel; the WY
-      kernel always runs 4, as the ONNX Runtime library compiles it).
+      kernel always runs 4, as the ONNX Runtime library compiles it);
+    - ``state_stages``: split's state kernel's software-pipelining depth (Triton's
+      ``num_stages``: how many chunks of W, U and k are in flight ahead of the recurrence);
+      None leaves Triton's default (3).
     """
     design: str
     BD: int
@@ -478,6 +481,7 @@ class LaunchPlan:
     dot_operands: str = "fp32"
     num_warps: int = 4
     out_warps: int = 4
+    state_stages: int | None = None
 
     def __post_init__(self):
         if self.design not in DESIGNS:
@@ -559,9 +563,11 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
     # split: the entering state of every chunk, per memory; u becomes V' in place
     h = torch.empty(B, n, 2, n_chunks, d, dv, dtype=ws, device=q.device)
     mems = plan.mems_per_program
+    stages = {} if plan.state_stages is None else {"num_stages": plan.state_stages}
     _state((triton.cdiv(dv, plan.BV), B * n, 2 // mems),
            (k, w, u, gam, state0, h, state, T, n, d, dv, *strides(k), Tp, n_chunks),
-           (BT, plan.BD, plan.BV, mems, plan.PREC, plan.half_dots(q.dtype)), num_warps=plan.num_warps)
+           (BT, plan.BD, plan.BV, mems, plan.PREC, plan.half_dots(q.dtype)), num_warps=plan.num_warps,
+           **stages)
     _output((triton.cdiv(dv, plan.BV_OUT), n_chunks, B * n),
             (q, k, u, gam, h, mix, o, T, n, d, dv, *strides(q), *strides(k), *strides(o), Tp,
              n_chunks),
