@@ -64,6 +64,7 @@ VARIANTS = {
     "fused": dict(design="fused"),
     "fused bv16": dict(design="fused", BV=16),
     "fused bv64 w8": dict(design="fused", BV=64, num_warps=8),
+    "recurrent": dict(design="recurrent"),   # the per-token kernel (default at T <= 16 only)
 }
 
 
