@@ -7,7 +7,9 @@
 # says fla is unavailable and the fla test skips.
 #   1. GPU tests of the op and the model (the registered op on CUDA runs the Triton kernels)
 #   2. benchmarks/lam_dual_delta.py: kernel vs the seed's per-token loop vs fla (one memory)
-#      at B=8 n=8 d=64 bf16, T=2048/128/512; the base encoder at B=1, T=128 and 512
+#      at B=8 n=8 d=64 bf16, T=2048/128/512; --sweep: every design (split, fused) and tiling of
+#      kernels.LaunchPlan in one table (ms, x fla, rel-L2 vs float64); the base encoder at B=1,
+#      T=128 and 512 (the script stops starting measurements after --budget-s 70 s)
 #   3. seqdeploy run lam --preset tiny on the GPU, long case T=1024 (time budget; the base
 #      encoder's GPU latency is step 2's last lines)
 set -uo pipefail

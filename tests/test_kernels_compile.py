@@ -209,7 +209,9 @@ LAM_SCRIPT = textwrap.dedent("""
         k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": num_warps})
         assert k.asm["cubin"], fn.__name__
-        print(fn.__name__, "ok", flush=True)
+        # sm_90 gives a block at most 227 KiB of shared memory
+        assert k.metadata.shared <= 227 * 1024, (fn.__name__, const, k.metadata.shared)
+        print(fn.__name__, const, "shared", k.metadata.shared, "ok", flush=True)
 
     i32 = "i32"
     for dt in ("fp32", "fp16", "bf16"):
@@ -234,11 +236,30 @@ LAM_SCRIPT = textwrap.dedent("""
                          d=i32, dv=i32, sq_b=i32, sq_t=i32, sq_h=i32, sk_b=i32, sk_t=i32,
                          sk_h=i32, sv_b=i32, sv_t=i32, sv_h=i32, so_b=i32, so_t=i32, so_h=i32),
                     dict(BD=d, BV=32))
+            # the split design: the default plan's tiles, and for bf16 the benchmark's sweep
+            sweep = dt == "bf16" and d == 64
+            for ws_h, half in ((ws, False), ("*fp32", False), (ws, True)) if sweep else ((ws, False),):
+                for bv, mems in (((16, 1), (32, 1), (64, 1), (32, 2)) if sweep else ((32, 1),)):
+                    compile(lam._state_kernel,
+                            dict(k_ptr=p, w_ptr=ws_h, u_ptr=ws_h, gam_ptr="*fp32", s0_ptr="*fp32",
+                                 h_ptr=ws_h, sT_ptr="*fp32", T=i32, n=i32, d=i32, dv=i32, sk_b=i32,
+                                 sk_t=i32, sk_h=i32, Tp=i32, NT=i32),
+                            dict(BT=64, BD=d, BV=bv, MEMS=mems, PREC=prec, HALF_DOTS=half))
+                for bv in ((32, 64) if sweep else (32,)):
+                    compile(lam._output_kernel,
+                            dict(q_ptr=p, k_ptr=p, u_ptr=ws_h, gam_ptr="*fp32", h_ptr=ws_h,
+                                 mix_ptr=p, o_ptr=p, T=i32, n=i32, d=i32, dv=i32, sq_b=i32,
+                                 sq_t=i32, sq_h=i32, sk_b=i32, sk_t=i32, sk_h=i32, so_b=i32,
+                                 so_t=i32, so_h=i32, Tp=i32, NT=i32),
+                            dict(BT=64, BD=d, BV=bv, PREC=prec, HALF_DOTS=half))
 """)
 
 
 def test_lam_kernels_compile_for_sm90():
-    """The lam kernels (WY prep, chunk recurrence, recurrent step): every dtype at d = 64
-    (base), fp16 also at d = 32 (tiny)."""
+    """The lam kernels (WY prep, fused chunk recurrence, split state and output kernels,
+    recurrent step): every dtype at d = 64 (base), fp16 also at d = 32 (tiny); bf16 at d = 64
+    also at every split tiling the benchmark sweeps (workspace bf16 and fp32, and bf16 dot
+    operands). Each within sm_90's shared memory."""
     out = compile_for_sm90(LAM_SCRIPT)
-    assert out.stdout.count(" ok") == 3 * 4, out.stdout[-2000:]
+    # 4 (dtype, d) cases x 5 kernels, plus bf16's 3 (workspace, dots) x (4 state + 2 output) - 2
+    assert out.stdout.count(" ok") == 4 * 5 + 3 * 6 - 2, out.stdout[-2000:]

@@ -1,21 +1,45 @@
 """Triton kernels for ``dual_delta_rule``: the chunkwise (WY / UT) gated delta rule for both
 memories, and a one-step-per-token recurrent kernel for short calls and streaming.
 
-Chunked path, chunk BT = 64, two launches, each serving both memories from one load of its
-inputs (within a chunk, ``gamma`` is the inclusive cumulative log-decay from the chunk start,
-fp32, and only ``exp(gamma_i - gamma_j)`` with i >= j is formed, masked before the ``exp``):
+Chunked path, chunk BT = 64 (within a chunk, ``gamma`` is the inclusive cumulative log-decay
+from the chunk start, fp32, and only ``exp(gamma_i - gamma_j)`` with i >= j is formed, masked
+before the ``exp``). Every launch serves both memories from one load of its inputs, except
+where a :class:`LaunchPlan` puts the memories in separate programs:
 
 1. ``_wy_kernel``, grid (chunk, batch*head), fully parallel: loads k, v, beta and both
    log-decays once, forms ``K K^T`` once, then per memory the strictly lower
    ``A = beta_i (k_i . k_j) e^{gamma_i - gamma_j}``, inverts ``I + A`` blockwise in registers
    (forward substitution on its four 16 x 16 diagonal blocks, products for the rest, fp32)
    and writes the WY representation ``W = (I+A)^-1 (beta e^gamma K)``,
-   ``U = (I+A)^-1 (beta V)`` and ``gamma`` to a workspace (W, U in the input dtype for fp16 and
-   bf16 inputs, fp32 otherwise).
-2. ``_chunk_kernel``, grid (batch*head, block of dv), sequential over chunks, holding both
-   states ``[d, BV]`` in fp32 registers: ``V' = U - W S``, the output
-   ``e^gamma (Q S) + (causal(Q K^T) * e^{gamma_i - gamma_j}) V'`` per memory, mixed by ``mix``, and
-   ``S <- e^{gamma_last} S + (K e^{gamma_last - gamma})^T V'``. ``Q K^T`` is formed once for both.
+   ``U = (I+A)^-1 (beta V)`` and ``gamma`` to a workspace ``[B, n, 2, Tp, .]`` (W, U in the
+   plan's workspace dtype).
+
+Then one of two designs (``LaunchPlan.design``):
+
+- ``"split"`` (the default for T > 16): the only sequential work is the state recurrence,
+  and the outputs, most of the flops, run fully parallel, as flash-linear-attention splits
+  ``chunk_gated_delta_rule`` (chunk_delta_h, then chunk_o):
+
+  2. ``_state_kernel``, grid (dv block, batch*head, memory), sequential over chunks, one state
+     ``[d, BV]`` (or both, ``mems_per_program = 2``) in fp32 registers: stores the entering
+     state ``S_c`` per chunk to ``h [B, n, 2, NT, d, dv]``, ``V' = U - W S_c`` over ``U`` in
+     place, ``S <- e^{gamma_last} S + (K e^{gamma_last - gamma})^T V'``.
+  3. ``_output_kernel``, grid (dv block, chunk, batch*head), fully parallel: ``Q K^T`` once,
+     then per memory ``e^gamma (Q S_c) + (causal(Q K^T) * e^{gamma_i - gamma_j}) V'``, mixed
+     by ``mix``.
+
+  ``h`` and ``V'`` go through HBM in the workspace dtype: for bf16 / fp16 inputs by default
+  the input dtype (fla keeps ``h`` in bf16 too; each value is rounded once from fp32 and the
+  recurrence itself never reads the rounded copies, so rounding does not accumulate over
+  chunks; it halves their traffic, which at fp32 is 4 * d * dv bytes of ``h`` per chunk,
+  memory and head, written once and read once), fp32 on request.
+
+- ``"fused"`` (the previous design, kept for comparison and used by the ONNX Runtime
+  library): 2. ``_chunk_kernel``, grid (batch*head, block of dv), sequential over chunks,
+  holding both states ``[d, BV]`` in fp32 registers, computes ``V' = U - W S``, the output
+  ``e^gamma (Q S) + (causal(Q K^T) * e^{gamma_i - gamma_j}) V'`` per memory, mixed by
+  ``mix``, and ``S <- e^{gamma_last} S + (K e^{gamma_last - gamma})^T V'``, all inside the
+  sequential loop: with B * n = 64 heads it leaves most of an H100 idle.
 
 Rows past T are loaded as zeros (k = v = beta = g = 0): they leave ``A`` and the state
 untouched, so no tail special case exists. Every dot takes fp32 operands: ``ieee`` for fp32
@@ -24,6 +48,8 @@ inputs lose nothing; products with fp32 intermediates, the state and the inverse
 those to about fp16 precision, as fine as the half inputs themselves).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -243,6 +269,132 @@ def _chunk_kernel(q_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, mix_ptr, s0_ptr, o_ptr, s
     tl.store(sT_ptr + plane + s_off, S1, mask=smask)
 
 
+# (NT unspecialised: its divisibility changes nothing, and one binary serves every T)
+@triton.jit(do_not_specialize=["NT"])
+def _state_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, sT_ptr,
+                  T, n, d, dv, sk_b, sk_t, sk_h, Tp, NT,
+                  BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, MEMS: tl.constexpr,
+                  PREC: tl.constexpr, HALF_DOTS: tl.constexpr):
+    """Split design, sequential part: grid (dv block, batch*head, 2 // MEMS); a program holds
+    ``MEMS`` states ``[d, BV]`` in fp32 registers (MEMS = 1: the memory is program_id(2);
+    MEMS = 2: both, sharing each chunk's load of k). Per chunk it stores the entering state
+    ``S_c`` to ``h [B*n, 2, NT, d, dv]``, overwrites ``U`` in place with ``V' = U - W S_c``
+    (same rows and columns, owned by this program alone) and advances
+    ``S <- e^{gamma_last} S + (K e^{gamma_last - gamma})^T V'``. Nothing else: the outputs
+    are ``_output_kernel``'s, fully parallel over chunks. ``HALF_DOTS``: both products take
+    operands rounded to the input dtype (the state, V' and the decayed keys; fp32
+    accumulation), as fla's chunk_delta_h does, for twice tf32's tensor-core rate."""
+    vb = tl.program_id(0)
+    bh = tl.program_id(1)
+    mem0 = tl.program_id(2) * MEMS
+    b = (bh // n).to(tl.int64)
+    h = bh % n
+    rows = tl.arange(0, BT)
+    od = tl.arange(0, BD)
+    ov = vb * BV + tl.arange(0, BV)
+    md = od < d
+    mv = ov < dv
+    smask = md[:, None] & mv[None, :]
+    plane = d * dv
+    tile = od[:, None] * dv + ov[None, :]
+    S0 = tl.load(s0_ptr + (bh * 2 + mem0).to(tl.int64) * plane + tile, mask=smask, other=0.0)
+    S1 = S0
+    if MEMS == 2:
+        S1 = tl.load(s0_ptr + (bh * 2 + 1).to(tl.int64) * plane + tile, mask=smask, other=0.0)
+    for c in range(0, NT):
+        t = c * BT + rows
+        t64 = t.to(tl.int64)
+        kf = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :],
+                     mask=(t < T)[:, None] & md[None, :], other=0.0).to(tl.float32)
+        for s in tl.static_range(MEMS):
+            if s == 0:
+                S = S0
+            else:
+                S = S1
+            mem = (bh * 2 + mem0 + s).to(tl.int64)
+            tl.store(h_ptr + (mem * NT + c) * plane + tile, S.to(h_ptr.dtype.element_ty), mask=smask)
+            base = mem * Tp + c * BT + rows
+            W = tl.load(w_ptr + base[:, None] * d + od[None, :], mask=md[None, :], other=0.0)
+            U = tl.load(u_ptr + base[:, None] * dv + ov[None, :], mask=mv[None, :], other=0.0)
+            gam = tl.load(gam_ptr + base)
+            g_last = tl.load(gam_ptr + mem * Tp + c * BT + BT - 1)
+            kd = kf * tl.exp(g_last - gam)[:, None]
+            if HALF_DOTS:
+                DT = k_ptr.dtype.element_ty
+                vn = U.to(tl.float32) - tl.dot(W.to(DT), S.to(DT))
+                upd = tl.dot(tl.trans(kd.to(DT)), vn.to(DT))
+            else:
+                vn = U.to(tl.float32) - tl.dot(W.to(tl.float32), S, input_precision=PREC)
+                upd = tl.dot(tl.trans(kd), vn, input_precision=PREC)
+            tl.store(u_ptr + base[:, None] * dv + ov[None, :], vn.to(u_ptr.dtype.element_ty),
+                     mask=mv[None, :])
+            S = tl.exp(g_last) * S + upd
+            if s == 0:
+                S0 = S
+            else:
+                S1 = S
+    tl.store(sT_ptr + (bh * 2 + mem0).to(tl.int64) * plane + tile, S0, mask=smask)
+    if MEMS == 2:
+        tl.store(sT_ptr + (bh * 2 + 1).to(tl.int64) * plane + tile, S1, mask=smask)
+
+
+# (NT unspecialised: its divisibility changes nothing, and one binary serves every T)
+@triton.jit(do_not_specialize=["NT"])
+def _output_kernel(q_ptr, k_ptr, u_ptr, gam_ptr, h_ptr, mix_ptr, o_ptr,
+                   T, n, d, dv, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, so_b, so_t, so_h, Tp, NT,
+                   BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                   HALF_DOTS: tl.constexpr):
+    """Split design, parallel part: grid (dv block, chunk, batch*head). One load of q, k and
+    one ``Q K^T`` per chunk serve both memories: per memory
+    ``e^gamma (Q S_c) + (causal(Q K^T) * e^{gamma_i - gamma_j}) V'`` from the state kernel's
+    ``S_c`` and ``V'``, mixed by ``mix`` and stored once. ``HALF_DOTS``: products take
+    input-dtype operands (q, k, S_c and V' already are; ``Q K^T * decay`` is rounded)."""
+    vb = tl.program_id(0)
+    c = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = (bh // n).to(tl.int64)
+    h = bh % n
+    rows = tl.arange(0, BT)
+    od = tl.arange(0, BD)
+    ov = vb * BV + tl.arange(0, BV)
+    md = od < d
+    mv = ov < dv
+    t = c * BT + rows
+    mt = t < T
+    t64 = t.to(tl.int64)
+    m2 = mt[:, None] & md[None, :]
+    qt = tl.load(q_ptr + b * sq_b + h * sq_h + t64[:, None] * sq_t + od[None, :], mask=m2, other=0.0)
+    kt = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :], mask=m2, other=0.0)
+    DT = q_ptr.dtype.element_ty
+    if HALF_DOTS:
+        qk = tl.dot(qt, tl.trans(kt))
+    else:
+        qk = tl.dot(qt.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision=PREC)
+    m = tl.load(mix_ptr + (b * T + t64) * n + h, mask=mt, other=0.0).to(tl.float32)
+    incl = rows[:, None] >= rows[None, :]
+    plane = d * dv
+    o = tl.zeros((BT, BV), dtype=tl.float32)
+    for s in tl.static_range(2):
+        mem = (bh * 2 + s).to(tl.int64)
+        S = tl.load(h_ptr + (mem * NT + c) * plane + od[:, None] * dv + ov[None, :],
+                    mask=md[:, None] & mv[None, :], other=0.0)
+        base = mem * Tp + c * BT + rows
+        vn = tl.load(u_ptr + base[:, None] * dv + ov[None, :], mask=mv[None, :], other=0.0)
+        gam = tl.load(gam_ptr + base)
+        dec = tl.exp(tl.where(incl, gam[:, None] - gam[None, :], float("-inf")))
+        if HALF_DOTS:
+            o_s = tl.exp(gam)[:, None] * tl.dot(qt, S.to(DT)) + tl.dot((qk * dec).to(DT), vn.to(DT))
+        else:
+            o_s = tl.exp(gam)[:, None] * tl.dot(qt.to(tl.float32), S.to(tl.float32), input_precision=PREC) + \
+                tl.dot(qk * dec, vn.to(tl.float32), input_precision=PREC)
+        if s == 0:
+            o += m[:, None] * o_s
+        else:
+            o += (1.0 - m)[:, None] * o_s
+    tl.store(o_ptr + b * so_b + h * so_h + t64[:, None] * so_t + ov[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+
+
 @triton.jit
 def _recurrent_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, mix_ptr, s0_ptr, o_ptr,
                       sT_ptr, T, n, d, dv, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
@@ -282,7 +434,87 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, mix_ptr, s0
 
 _wy = Launcher(_wy_kernel, tensors=8)
 _chunk = Launcher(_chunk_kernel, tensors=9)
+_state = Launcher(_state_kernel, tensors=7)
+_output = Launcher(_output_kernel, tensors=7)
 _recurrent = Launcher(_recurrent_kernel, tensors=10)
+
+DESIGNS = ("recurrent", "fused", "split")
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """How one call runs. Tiles are powers of two >= 16 (``tl.dot``).
+
+    - ``design``: ``"recurrent"`` (one launch, a loop over tokens), ``"fused"`` (WY, then one
+      sequential kernel computing states and outputs) or ``"split"`` (WY, then a sequential
+      kernel advancing only the states, then a fully parallel output kernel);
+    - ``BD``: head tile (all of d); ``BDV``: the WY kernel's value tile (all of dv);
+    - ``BV``: value block of the sequential kernel (recurrent, fused's chunk kernel or
+      split's state kernel): dv / BV programs per head and memory;
+    - ``mems_per_program``: split's state kernel, 1 (one program per memory: twice the
+      programs) or 2 (one program holds both states and loads each chunk's k once);
+    - ``BV_OUT``: split's output kernel value block;
+    - ``workspace``: dtype of W, U / V' and split's per-chunk states: ``"input"`` keeps them in
+      the input dtype for fp16 / bf16 inputs (half the bytes through HBM; they are rounded
+      once, each from an fp32 value, so the error stays at the inputs' own rounding, as fla
+      keeps ``h`` in bf16) or ``"fp32"``; fp32 inputs always use fp32;
+    - ``PREC`` / ``INV_PREC``: dot precisions (module docstring);
+    - ``dot_operands``: split's state and output kernels, ``"fp32"`` (products at ``PREC``,
+      tf32 for half inputs) or ``"input"`` (operands rounded to the fp16 / bf16 input dtype,
+      fp32 accumulation, as fla does: twice the tensor-core rate and half the shared
+      memory, at one more rounding of the state and V' per product); fp32 inputs ignore it;
+    - ``num_warps`` (the sequential kernel) and ``out_warps`` (split's output kernel; the WY
+      kernel always runs 4, as the ONNX Runtime library compiles it);
+    - ``state_stages``: split's state kernel's software-pipelining depth (Triton's
+      ``num_stages``: how many chunks of W, U and k are in flight ahead of the recurrence);
+      None leaves Triton's default (3).
+    """
+    design: str
+    BD: int
+    BDV: int
+    BV: int
+    PREC: str
+    INV_PREC: str
+    mems_per_program: int = 1
+    BV_OUT: int = 32
+    workspace: str = "input"
+    dot_operands: str = "fp32"
+    num_warps: int = 4
+    out_warps: int = 4
+    state_stages: int | None = None
+
+    def __post_init__(self):
+        if self.design not in DESIGNS:
+            raise ValueError(f"dual_delta_rule: design must be one of {DESIGNS}, got {self.design!r}")
+        if self.mems_per_program not in (1, 2) or self.workspace not in ("input", "fp32") or \
+                self.dot_operands not in ("input", "fp32"):
+            raise ValueError(f"dual_delta_rule: bad plan {self}")
+
+    def half_dots(self, dtype: torch.dtype) -> bool:
+        return dtype in (torch.float16, torch.bfloat16) and self.dot_operands == "input"
+
+    def workspace_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        half = dtype in (torch.float16, torch.bfloat16)
+        return dtype if half and self.workspace == "input" else torch.float32
+
+
+def launch_plan(T: int, d: int, dv: int, dtype: torch.dtype, design: str | None = None,
+                **overrides) -> LaunchPlan:
+    """The default plan for a call (``design`` and any :class:`LaunchPlan` field override it;
+    benchmarks/lam_dual_delta.py --sweep times the alternatives). Recurrent at
+    T <= RECURRENT_MAX_T, else split. BV = 32 splits dv = 64 into two programs per head (and,
+    in split, per memory): 64 heads x 2 x 2 = 256 state programs at B * n = 64, where the fused
+    kernel had 128 for an H100's 132 SMs. BV_OUT = 32: at d = 64, bf16, 4 warps, sm_90, the
+    output kernel needs 227 registers a thread at 32 and spills (255 + 352 bytes of stack) at
+    64 (cuobjdump -res-usage of triton 3.9's cubin; not yet timed on a GPU)."""
+    if design is None:
+        design = "recurrent" if T <= RECURRENT_MAX_T else "split"
+    bdv = max(16, triton.next_power_of_2(dv))
+    plan = LaunchPlan(design=design, BD=max(16, triton.next_power_of_2(d)), BDV=bdv,
+                      BV=max(16, min(32, bdv)), BV_OUT=max(16, min(32, bdv)),
+                      PREC="ieee" if dtype == torch.float32 else "tf32",
+                      INV_PREC="ieee" if dtype == torch.float32 else "tf32x3")
+    return dataclasses.replace(plan, **overrides) if overrides else plan
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -290,25 +522,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(3) == 1 else x.contiguous()
 
 
-def launch_config(T: int, d: int, dv: int, dtype: torch.dtype) -> dict:
-    """Block sizes and dot precision. BD covers the head (dots need >= 16); BV = 32 splits
-    dv = 64 into two programs per head, doubling the sequential kernel's parallelism at
-    B * n = 64 heads (fewer than an H100's 132 SMs)."""
-    return {"BD": max(16, triton.next_power_of_2(d)),
-            "BV": max(16, min(32, triton.next_power_of_2(dv))),
-            "BDV": max(16, triton.next_power_of_2(dv)),
-            "PREC": "ieee" if dtype == torch.float32 else "tf32",
-            "INV_PREC": "ieee" if dtype == torch.float32 else "tf32x3",
-            "recurrent": T <= RECURRENT_MAX_T}
-
-
 def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
-                           recurrent: bool | None = None, block_v: int | None = None,
-                           num_warps: int = 4):
-    """Launch the kernels (see the module docstring). ``out``: optional preallocated
-    ``(o [B, T, n, dv] q.dtype, stateT [B, n, 2, d, dv] fp32)``; ``recurrent`` forces a path;
-    ``block_v`` and ``num_warps`` tune the sequential kernels (benchmarks/lam_dual_delta.py
-    --sweep)."""
+                           plan: LaunchPlan | None = None):
+    """Launch the kernels (see the module docstring) as ``plan`` says (default
+    :func:`launch_plan`). ``out``: optional preallocated ``(o [B, T, n, dv] q.dtype,
+    stateT [B, n, 2, d, dv] fp32)``."""
     B, T, n, d = q.shape
     dv = v.shape[3]
     q, k, v = _rows(q), _rows(k), _rows(v)
@@ -318,29 +536,40 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
         out = (torch.empty(B, T, n, dv, dtype=q.dtype, device=q.device),
                torch.empty(B, n, 2, d, dv, dtype=torch.float32, device=q.device))
     o, state = out
-    cfg = launch_config(T, d, dv, q.dtype)
-    if recurrent is None:
-        recurrent = cfg["recurrent"]
-    if block_v is not None:
-        cfg["BV"] = block_v
+    if plan is None:
+        plan = launch_plan(T, d, dv, q.dtype)
     strides = lambda x: (x.stride(0), x.stride(1), x.stride(2))   # noqa: E731
-    if recurrent:
-        _recurrent((B * n, triton.cdiv(dv, cfg["BV"])),
+    if plan.design == "recurrent":
+        _recurrent((B * n, triton.cdiv(dv, plan.BV)),
                    (q, k, v, beta, g_fast, g_slow, mix, state0, o, state, T, n, d, dv,
                     *strides(q), *strides(k), *strides(v), *strides(o)),
-                   (cfg["BD"], cfg["BV"]), num_warps=num_warps)
+                   (plan.BD, plan.BV), num_warps=plan.num_warps)
         return o, state
     n_chunks = triton.cdiv(T, BT)
     Tp = n_chunks * BT
-    ws = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    ws = plan.workspace_dtype(q.dtype)
     w = torch.empty(B, n, 2, Tp, d, dtype=ws, device=q.device)
     u = torch.empty(B, n, 2, Tp, dv, dtype=ws, device=q.device)
     gam = torch.empty(B, n, 2, Tp, dtype=torch.float32, device=q.device)
     _wy((n_chunks, B * n),
         (k, v, beta, g_fast, g_slow, w, u, gam, T, n, d, dv, *strides(k), *strides(v), Tp),
-        (BT, cfg["BD"], cfg["BDV"], cfg["PREC"], cfg["INV_PREC"]), num_warps=4)
-    _chunk((B * n, triton.cdiv(dv, cfg["BV"])),
-           (q, k, w, u, gam, mix, state0, o, state, T, n, d, dv, *strides(q), *strides(k),
-            *strides(o), Tp),
-           (BT, cfg["BD"], cfg["BV"], cfg["PREC"]), num_warps=num_warps)
+        (BT, plan.BD, plan.BDV, plan.PREC, plan.INV_PREC), num_warps=4)
+    if plan.design == "fused":
+        _chunk((B * n, triton.cdiv(dv, plan.BV)),
+               (q, k, w, u, gam, mix, state0, o, state, T, n, d, dv, *strides(q), *strides(k),
+                *strides(o), Tp),
+               (BT, plan.BD, plan.BV, plan.PREC), num_warps=plan.num_warps)
+        return o, state
+    # split: the entering state of every chunk, per memory; u becomes V' in place
+    h = torch.empty(B, n, 2, n_chunks, d, dv, dtype=ws, device=q.device)
+    mems = plan.mems_per_program
+    stages = {} if plan.state_stages is None else {"num_stages": plan.state_stages}
+    _state((triton.cdiv(dv, plan.BV), B * n, 2 // mems),
+           (k, w, u, gam, state0, h, state, T, n, d, dv, *strides(k), Tp, n_chunks),
+           (BT, plan.BD, plan.BV, mems, plan.PREC, plan.half_dots(q.dtype)), num_warps=plan.num_warps,
+           **stages)
+    _output((triton.cdiv(dv, plan.BV_OUT), n_chunks, B * n),
+            (q, k, u, gam, h, mix, o, T, n, d, dv, *strides(q), *strides(k), *strides(o), Tp,
+             n_chunks),
+            (BT, plan.BD, plan.BV_OUT, plan.PREC, plan.half_dots(q.dtype)), num_warps=plan.out_warps)
     return o, state

@@ -159,17 +159,20 @@ ORT_HEAD_TILES = (64,)
 
 def _ort_variants(path: str):
     """``dtype -> {"d<H>": (constexprs, num_warps)}`` for one kernel (``path``: recurrent, wy,
-    chunk): the constexprs ``kernels.launch_config`` picks for d = dv = H."""
+    chunk): the constexprs of ``kernels.launch_plan`` for d = dv = H in the fused design (the
+    library compiles the recurrent and fused kernels; the torch op's default for T > 16 is
+    the split design, which the library does not carry yet)."""
     def variants(dtype: str) -> dict:
-        from seqdeploy_lam.kernels import BT, launch_config
+        from seqdeploy_lam.kernels import BT, launch_plan
 
         names = {"wy": ("BD", "BDV", "PREC", "INV_PREC"), "chunk": ("BD", "BV", "PREC"),
                  "recurrent": ("BD", "BV")}[path]
         out = {}
         for head in ORT_HEAD_TILES:
-            cfg = launch_config(BT + 1, head, head, {"fp32": torch.float32, "fp16": torch.float16}[dtype])
-            constexprs = ({} if path == "recurrent" else {"BT": BT}) | {k: cfg[k] for k in names}
-            out[f"d{head}"] = (constexprs, 4)   # num_warps: triton_dual_delta_rule's
+            plan = launch_plan(BT + 1, head, head, {"fp32": torch.float32, "fp16": torch.float16}[dtype],
+                               design="fused")
+            constexprs = ({} if path == "recurrent" else {"BT": BT}) | {k: getattr(plan, k) for k in names}
+            out[f"d{head}"] = (constexprs, plan.num_warps)
         return out
     return variants
 
