@@ -46,14 +46,14 @@ SMALL = (32, 1024, 128)
 SMOKE = [(1, 20, 3), (2, 40, 9)]
 SIZES = [SMALL, (256, 4096, 128), (32, 32768, 128), (32, 4096, 1024)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-#: extra tiles timed at every size besides each design's default: (design, BLOCK_T,
-#: BLOCK_P, num_warps); ``--sweep`` adds ``SWEEP``
-EXTRA = [("chunk_loop", 16, 32, 1), ("chunk_loop", 64, 32, 1), ("chunk_loop", 32, 64, 2),
-         ("rows_loop", 16, 32, 1)]
+#: extra plans timed at every size besides each design's default: (design, BLOCK_T,
+#: BLOCK_P, num_warps[, look-back window]); ``--sweep`` adds ``SWEEP``
+EXTRA = [("chunk_loop", 32, 32, 1, 1), ("chunk_loop", 32, 32, 1, 4), ("chunk_loop", 16, 32, 1, 8),
+         ("chunk_loop", 64, 32, 1, 8), ("chunk_loop", 32, 64, 2, 8), ("rows_loop", 16, 32, 1)]
 SWEEP = [("chunk", 16, 64, 2), ("chunk", 32, 32, 2), ("rows", 16, 64, 2), ("rows", 8, 32, 1),
-         ("chunk_loop", 8, 32, 1), ("chunk_loop", 32, 128, 4), ("chunk_loop", 16, 64, 2),
-         ("chunk_loop", 32, 32, 2), ("rows_loop", 32, 128, 4), ("rows_loop", 8, 32, 1),
-         ("rows_loop", 32, 64, 2)]
+         ("chunk_loop", 8, 32, 1, 8), ("chunk_loop", 32, 128, 4, 8), ("chunk_loop", 16, 64, 2, 8),
+         ("chunk_loop", 32, 32, 2, 8), ("chunk_loop", 16, 32, 1, 16), ("chunk_loop", 64, 32, 1, 1),
+         ("rows_loop", 32, 128, 4), ("rows_loop", 8, 32, 1), ("rows_loop", 32, 64, 2)]
 
 
 def make(B, T, P, dtype, device="cuda", seed=0):
@@ -131,10 +131,11 @@ def float64_reference(args, rows=2):
 
 
 def name_of(plan: LaunchPlan, B, T, P, device) -> str:
-    """``design`` for a design's default tile, else ``design/tBLOCK_T/pBLOCK_P/wWARPS``."""
+    """``design`` for a design's default plan, else ``design/tBLOCK_T pBLOCK_P wWARPS [lWINDOW]``."""
     if plan == default_plan(plan.design, B, T, P, device):
         return plan.design
-    return f"{plan.design}/t{plan.block_t}p{plan.block_p}w{plan.num_warps}"
+    name = f"{plan.design}/t{plan.block_t}p{plan.block_p}w{plan.num_warps}"
+    return name + (f"l{plan.window}" if plan.design == "chunk_loop" else "")
 
 
 def plans(B, T, P, device, extra: bool, sweep: bool = False) -> list[LaunchPlan]:

@@ -149,13 +149,14 @@ def test_split_sequence_equals_full(form):
 
 
 @pytest.mark.parametrize("design", ["chunk_loop", "rows_loop"])
-@pytest.mark.parametrize("block_t,block_p,num_warps", [(8, 16, 1), (64, 64, 2)])
-def test_loop_designs_take_any_tile(design, block_t, block_p, num_warps):
+@pytest.mark.parametrize("block_t,block_p,num_warps,window", [(8, 16, 1, 4), (64, 64, 2, 2)])
+def test_loop_designs_take_any_tile(design, block_t, block_p, num_warps, window):
     """A plan given explicitly (the benchmark's sweep): other tiles, partial last tiles and
     P blocks, a block of P spread over two warps."""
     args = make(2, 77, 37, torch.float32, DEVICE, seed=4, strided=True)
     ref = naive_linoss_scan(*[a.cpu() for a in args])
-    plan = LaunchPlan(design, block_t, block_p, num_warps)
+    plan = LaunchPlan(design, block_t, block_p, num_warps,
+                      window if design == "chunk_loop" else 1)
     out = triton_linoss_scan(*args, out=poisoned(args[0]), plan=plan)
     assert rel_l2(out, ref) < TOL[torch.float32]
 
@@ -164,7 +165,7 @@ def test_default_plans_and_bad_plans():
     """``choose`` (the default: chunk_loop for few rows, the measured rows design where rows
     fill the GPU or T fits one tile) and one-line errors for plans that cannot launch."""
     cpu = torch.device("cpu")      # (132 SMs assumed, an H100's count)
-    assert choose(32, 1024, 128, cpu) == LaunchPlan("chunk_loop", 32, 32, 1)
+    assert choose(32, 1024, 128, cpu) == LaunchPlan("chunk_loop", 32, 32, 1, window=8)
     assert choose(32, 32768, 128, cpu).design == "chunk_loop"
     assert choose(256, 4096, 128, cpu) == LaunchPlan("rows", 16, 32, 1)
     assert choose(4, 1, 100, cpu) == LaunchPlan("rows", 2, 32, 1)
@@ -173,6 +174,8 @@ def test_default_plans_and_bad_plans():
         LaunchPlan("scan", 16, 32, 1)
     with pytest.raises(ValueError, match="block_p must be a power of two, got 24"):
         LaunchPlan("rows_loop", 16, 24, 1)
+    with pytest.raises(ValueError, match="window applies to chunk_loop only"):
+        LaunchPlan("chunk", 16, 32, 1, window=8)
 
 
 #: fp32 unit roundoff: the bound on the error growth is about T * U (see ops.py)
@@ -265,7 +268,7 @@ def test_near_unit_eigenvalues_triton_interpreted():
 def _held_back_chunks_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr,
                              sT_ptr, carry_ptr, flag_ptr, held_ptr, B, T, P, sb_b, sb_t, sx_b,
                              sx_t, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-                             LOG2_T: tl.constexpr, LOOP: tl.constexpr):
+                             LOG2_T: tl.constexpr, LOOP: tl.constexpr, WINDOW: tl.constexpr):
     """The chunk kernel's programs for one (row, block of P), run in order by one program;
     the chunks marked in ``held`` keep their inclusive state unpublished, so later chunks'
     look-backs walk past them, as on a GPU while those chunks are still running."""
@@ -274,7 +277,8 @@ def _held_back_chunks_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_pt
         if LOOP:
             _linoss_chunk_loop(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr,
                                sT_ptr, carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t,
-                               chunk, 0, tl.load(held_ptr + c), BLOCK_T, BLOCK_P, LOG2_T)
+                               chunk, 0, tl.load(held_ptr + c), BLOCK_T, BLOCK_P, LOG2_T,
+                               WINDOW)
         else:
             _linoss_chunk(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, sT_ptr,
                           carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t, chunk, 0,
@@ -288,8 +292,8 @@ def per_oscillator(out, ref) -> torch.Tensor:
     return (x - x_ref).pow(2).sum((0, 1, 2)).sqrt() / x_ref.pow(2).sum((0, 1, 2)).sqrt()
 
 
-@pytest.mark.parametrize("design", ["chunk", "chunk_loop"])
-def test_look_back_walks_at_band_edges(design):
+@pytest.mark.parametrize("design,window", [("chunk", 1), ("chunk_loop", 1), ("chunk_loop", 4)])
+def test_look_back_walks_at_band_edges(design, window):
     """The chunk kernel's look-back when it has to walk (T = 1024, all 15 kinds of near_unit's
     oscillators). On a GPU a chunk walks back past every earlier chunk still running; the
     interpreter runs programs in order, so a launched kernel never walks, and here 7 in 8
@@ -313,7 +317,8 @@ def test_look_back_walks_at_band_edges(design):
     _held_back_chunks_kernel[(1,)](*args[:6], *out, carry, flags,
                                    held.to(torch.int32).to(DEVICE), 1, T, P, b_re.stride(0),
                                    b_re.stride(1), out[0].stride(0), out[0].stride(1),
-                                   BLOCK_T=BT, BLOCK_P=16, LOG2_T=4, LOOP=design == "chunk_loop")
+                                   BLOCK_T=BT, BLOCK_P=16, LOG2_T=4, LOOP=design == "chunk_loop",
+                                   WINDOW=window)
     assert int(flags.eq(1).sum()) == int(held[:n - 1].sum()) > n // 2   # they did walk
     err = rel_l2(out, ref)
     assert err < KAPPA["kernel"] * U * T, err
@@ -477,6 +482,8 @@ SM90 = textwrap.dedent("""
                 const = dict(BLOCK_T=bt, BLOCK_P=bp)
                 if extra:
                     const["LOG2_T"] = bt.bit_length() - 1
+                if fn is k._linoss_chunk_loop_kernel:
+                    const["WINDOW"] = 8
                 sig = {**base, **extra, **sizes, **{c: "constexpr" for c in const}}
                 c = triton.compile(ASTSource(fn, sig, constexprs=const),
                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})

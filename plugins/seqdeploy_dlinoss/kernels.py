@@ -432,9 +432,16 @@ def _walk_tile(b_r, b_i, m00, m01, dt, c0, zr, zi, xr, xi, xr_ptr, xi_ptr, strid
 @triton.jit
 def _loop_look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr, agg_xi,
                     m00, m01, dt, qa, qb, chunk, slot, n_slots, b, offs_p, mask_p, B, P,
-                    publish):
+                    publish, WINDOW: tl.constexpr):
     """:func:`_look_back` for the loop designs' step map E (:func:`_imex_power`): the same
-    flags, carry planes and forward walk ``h <- a h + b (E h) + agg``."""
+    flags, carry planes and forward walk ``h <- a h + b (E h) + agg``.
+
+    ``WINDOW = 1`` reads the flags and then the aggregates one at a time, each read waiting
+    on the one before (a walk across k chunks costs about 2k L2 round trips, which the first
+    wave of programs, all walking back to chunk 0, pays in full). ``WINDOW > 1`` reads the
+    flags of ``WINDOW`` chunks at once (:func:`_window_back`) and then the aggregates
+    ``WINDOW`` at a time, all loads of a group in flight together, combined in order in
+    registers: the same arithmetic in the same order, about 2k / WINDOW round trips."""
     state = b * P + offs_p
     plane = B * P
     mine = carry_ptr + chunk.to(tl.int64) * 8 * plane
@@ -452,50 +459,90 @@ def _loop_look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr, agg_xi,
             tl.store(mine + 3 * plane + state, agg_xi, mask=mask_p)
             tl.debug_barrier()   # every thread's values are stored before the flag is raised
             tl.atomic_xchg(flag_ptr + chunk * n_slots + slot, 1, sem="release")
-        j = chunk - 1
-        flag = tl.atomic_add(flag_ptr + j * n_slots + slot, 0, sem="acquire")
-        while flag != 2:
-            j = j - (flag == 1).to(tl.int32)
+        if WINDOW == 1:
+            j = chunk - 1
             flag = tl.atomic_add(flag_ptr + j * n_slots + slot, 0, sem="acquire")
+            while flag != 2:
+                j = j - (flag == 1).to(tl.int32)
+                flag = tl.atomic_add(flag_ptr + j * n_slots + slot, 0, sem="acquire")
+        else:
+            j = _window_back(flag_ptr, chunk, slot, n_slots, WINDOW)
         src = carry_ptr + j.to(tl.int64) * 8 * plane + 4 * plane + state
         h_zr = tl.load(src, mask=mask_p, other=0.0, volatile=True)
         h_zi = tl.load(src + plane, mask=mask_p, other=0.0, volatile=True)
         h_xr = tl.load(src + 2 * plane, mask=mask_p, other=0.0, volatile=True)
         h_xi = tl.load(src + 3 * plane, mask=mask_p, other=0.0, volatile=True)
-        src = src + 4 * plane
-        for _ in range(j + 1, chunk):
-            v_zr = tl.load(src, mask=mask_p, other=0.0, volatile=True)
-            v_zi = tl.load(src + plane, mask=mask_p, other=0.0, volatile=True)
-            v_xr = tl.load(src + 2 * plane, mask=mask_p, other=0.0, volatile=True)
-            v_xi = tl.load(src + 3 * plane, mask=mask_p, other=0.0, volatile=True)
-            ez_r, ex_r = _imex_step(m00, m01, dt, 0.0, h_zr, h_xr, 0.0)
-            ez_i, ex_i = _imex_step(m00, m01, dt, 0.0, h_zi, h_xi, 0.0)
-            h_zr = qa * h_zr + qb * ez_r + v_zr
-            h_xr = qa * h_xr + qb * ex_r + v_xr
-            h_zi = qa * h_zi + qb * ez_i + v_zi
-            h_xi = qa * h_xi + qb * ex_i + v_xi
-            src += 8 * plane
+        src = src + 4 * plane       # chunk j + 1's aggregate
+        for i0 in range(j + 1, chunk, WINDOW):
+            # WINDOW aggregates' loads in flight at once, then applied in order
+            v_zr = ()
+            v_zi = ()
+            v_xr = ()
+            v_xi = ()
+            lim = tl.where(mask_p, chunk - i0, 0)     # (a vector mask, as in _load_tile)
+            for g in tl.static_range(WINDOW):
+                m = g < lim
+                at = src + g * 8 * plane
+                v_zr = v_zr + (tl.load(at, mask=m, other=0.0, volatile=True),)
+                v_zi = v_zi + (tl.load(at + plane, mask=m, other=0.0, volatile=True),)
+                v_xr = v_xr + (tl.load(at + 2 * plane, mask=m, other=0.0, volatile=True),)
+                v_xi = v_xi + (tl.load(at + 3 * plane, mask=m, other=0.0, volatile=True),)
+            for g in tl.static_range(WINDOW):
+                live = g < lim
+                ez_r, ex_r = _imex_step(m00, m01, dt, 0.0, h_zr, h_xr, 0.0)
+                ez_i, ex_i = _imex_step(m00, m01, dt, 0.0, h_zi, h_xi, 0.0)
+                h_zr = tl.where(live, qa * h_zr + qb * ez_r + v_zr[g], h_zr)
+                h_xr = tl.where(live, qa * h_xr + qb * ex_r + v_xr[g], h_xr)
+                h_zi = tl.where(live, qa * h_zi + qb * ez_i + v_zi[g], h_zi)
+                h_xi = tl.where(live, qa * h_xi + qb * ex_i + v_xi[g], h_xi)
+            src += WINDOW * 8 * plane
     return h_zr, h_zi, h_xr, h_xi
+
+
+@triton.jit
+def _window_back(flag_ptr, chunk, slot, n_slots, WINDOW: tl.constexpr):
+    """The latest chunk j < ``chunk`` whose inclusive state is published (flag 2) with every
+    chunk after it having published at least its aggregate (flag 1), reading the flags of
+    ``WINDOW`` chunks at a time: a window with an unpublished chunk after its latest
+    inclusive one is read again (those chunks started earlier and will publish); a window
+    of aggregates only moves the window back. Chunk 0 always ends the search (it publishes
+    its inclusive state and nothing else). Flags only ever rise (0, 1, 2), so a window
+    found clear stays clear."""
+    w = tl.arange(0, WINDOW)
+    zero = tl.zeros((WINDOW,), dtype=tl.int32)
+    hi = chunk
+    found = chunk * 0 - 1
+    while found < 0:
+        idx = hi - WINDOW + w
+        f = tl.atomic_add(flag_ptr + tl.maximum(idx, 0) * n_slots + slot, zero, sem="acquire")
+        f = tl.where(idx >= 0, f, 1)          # (before chunk 0: never reached, see above)
+        last = tl.max(tl.where(f == 2, idx, -1), axis=0)
+        waiting = tl.sum(((f == 0) & (idx > last)).to(tl.int32), axis=0)
+        found = tl.where(waiting == 0, last, -1)
+        hi = tl.where((waiting == 0) & (last < 0), hi - WINDOW, hi)
+    return found
 
 
 @triton.jit
 def _linoss_chunk_loop_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr,
                               sT_ptr, carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t,
                               BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-                              LOG2_T: tl.constexpr):
+                              LOG2_T: tl.constexpr, WINDOW: tl.constexpr):
     pid = tl.program_id(0)
     n_slots = B * tl.cdiv(P, BLOCK_P)
     _linoss_chunk_loop(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, sT_ptr,
                        carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t, pid // n_slots,
-                       pid % n_slots, False, BLOCK_T, BLOCK_P, LOG2_T)
+                       pid % n_slots, False, BLOCK_T, BLOCK_P, LOG2_T, WINDOW)
 
 
 @triton.jit
 def _linoss_chunk_loop(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, sT_ptr,
                        carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t, chunk, slot, hold,
-                       BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, LOG2_T: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, LOG2_T: tl.constexpr,
+                       WINDOW: tl.constexpr):
     """One program of the ``chunk_loop`` design: ``chunk`` of T for ``slot`` (batch row,
-    block of P); ``hold`` as in :func:`_linoss_chunk`. The tile is ``BLOCK_T`` vectors of
+    block of P); ``hold`` as in :func:`_linoss_chunk`, ``WINDOW`` :func:`_loop_look_back`'s.
+    The tile is ``BLOCK_T`` vectors of
     ``[BLOCK_P]`` (one oscillator per thread lane, P the contiguous axis, so each step's
     load and store is one coalesced row). Its aggregate is the step loop from a zero state,
     the state entering it comes by look-back, and its outputs are the step loop again from
@@ -518,7 +565,8 @@ def _linoss_chunk_loop(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_
     # 2. the state entering the chunk
     h_zr, h_zi, h_xr, h_xi = _loop_look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi,
                                              agg_xr, agg_xi, m00, m01, dt, qa, qb, chunk,
-                                             slot, n_slots, b, offs_p, mask_p, B, P, publish)
+                                             slot, n_slots, b, offs_p, mask_p, B, P, publish,
+                                             WINDOW)
     # 3. the outputs and the inclusive end state
     x_off = b * sx_b + t0.to(tl.int64) * sx_t + offs_p
     if n_valid >= BLOCK_T:
@@ -590,6 +638,8 @@ ROWS_PER_SM = 6
 #: (BLOCK_T, BLOCK_P, num_warps); it keeps its own copy of ROWS_PER_SM's rule
 ORT_TILE = (16, 32, 1)
 DESIGNS = ("chunk", "rows", "chunk_loop", "rows_loop")
+#: chunk_loop's default look-back window (LaunchPlan.window)
+LOOK_BACK_WINDOW = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -603,17 +653,22 @@ class LaunchPlan:
       look-back, the ``rows*`` ones walk a row's whole T in one program;
     - ``block_t``: steps per tile (per chunk for the chunk designs);
     - ``block_p``: oscillators per program (``block_p / (32 num_warps)`` per thread);
-    - ``num_warps``.
+    - ``num_warps``;
+    - ``window``: ``chunk_loop`` only, the chunks whose flags (then aggregates) one read
+      of its look-back covers (:func:`_loop_look_back`; 1: one at a time, as ``chunk``).
     """
     design: str
     block_t: int
     block_p: int
     num_warps: int
+    window: int = 1
 
     def __post_init__(self):
         if self.design not in DESIGNS:
             raise ValueError(f"linoss_scan: design must be one of {DESIGNS}, got {self.design!r}")
-        for name in ("block_t", "block_p", "num_warps"):
+        if self.window != 1 and self.design != "chunk_loop":
+            raise ValueError(f"linoss_scan: window applies to chunk_loop only, not {self.design}")
+        for name in ("block_t", "block_p", "num_warps", "window"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"linoss_scan: {name} must be a power of two, got {v}")
@@ -640,12 +695,14 @@ def choose(B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
       tile: measured 86% of copy at B=256 T=4096 P=128 on an H100. ``rows_loop`` is not
       measured yet, and ptxas gives its one-warp programs 255 registers (a 64-bit address
       per prefetched step), so it stays opt-in until a benchmark run says otherwise;
-    - else ``chunk_loop`` with 32-step chunks, 32 oscillators, one warp (140 registers for
-      sm_90, no spills). Not yet measured on a GPU either; it replaces the scan-based
-      ``chunk`` (0.0568 ms = 48% of copy at B=32 T=1024 P=128, H100), whose tile costs two
-      8-value affine-map scans per element (217 registers, about 1.1k FP instructions per
-      16 x 32 tile) where the loop costs 2 x 3 FMAs per element per pass, and its 32-step
-      chunks halve the look-back chains of 16-step ones.
+    - else ``chunk_loop`` with 32-step chunks, 32 oscillators, one warp, a look-back
+      window of 8 (217 registers for sm_90, no spills; 140 with window 1). Not yet
+      measured on a GPU either; it replaces the scan-based ``chunk`` (0.0568 ms = 48% of
+      copy at B=32 T=1024 P=128, H100, twice the copy's time), whose tile costs two 8-value
+      affine-map scans per element where the loop costs 2 x 3 FMAs per element per pass;
+      its 32-step chunks halve the look-back chains of 16-step ones, and the window cuts
+      the serial L2 round trips of a walk across k chunks from about 2k to 2k / 8 (the
+      first wave of programs walks back to chunk 0: up to ~14 chunks per walk at B=32).
 
     ``benchmarks/dlinoss_scan.py`` times every design (and ``--sweep`` tiles) at the
     issue's sizes and prints the fastest per size."""
@@ -655,7 +712,7 @@ def choose(B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
         if device.type == "cuda" else 132
     if slots >= ROWS_PER_SM * sms or T <= 16:
         return LaunchPlan("rows", _tile_t(16, T), block_p, 1)
-    return LaunchPlan("chunk_loop", _tile_t(32, T), block_p, 1)
+    return LaunchPlan("chunk_loop", _tile_t(32, T), block_p, 1, LOOK_BACK_WINDOW)
 
 
 def _tile_t(block_t: int, T: int) -> int:
@@ -665,9 +722,11 @@ def _tile_t(block_t: int, T: int) -> int:
 
 def default_plan(design: str, B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
     """``design``'s plan with its default tile: 16 steps for the scan designs (as measured),
-    32 for the loop designs; 32 oscillators and one warp for all."""
+    32 for the loop designs; 32 oscillators and one warp for all; chunk_loop's look-back
+    window ``LOOK_BACK_WINDOW``."""
     block_t = 16 if design in ("chunk", "rows") else 32
-    return LaunchPlan(design, _tile_t(block_t, T), min(32, triton.next_power_of_2(P)), 1)
+    return LaunchPlan(design, _tile_t(block_t, T), min(32, triton.next_power_of_2(P)), 1,
+                      LOOK_BACK_WINDOW if design == "chunk_loop" else 1)
 
 
 _LAUNCHERS = {"chunk": Launcher(_linoss_chunk_kernel, tensors=11),
@@ -712,6 +771,8 @@ def triton_linoss_scan(b_re, b_im, A, G, dt, state0, out=None, plan: LaunchPlan 
     n_chunks = triton.cdiv(T, plan.block_t)
     carry = torch.empty(max(n_chunks - 1, 1) * 8 * B * P, dtype=torch.float32, device=b_re.device)
     flags = torch.zeros(max(n_chunks - 1, 1) * slots, dtype=torch.int32, device=b_re.device)
-    run((n_chunks * slots,), (*tensors, carry, flags, *sizes),
-        (plan.block_t, plan.block_p, plan.block_t.bit_length() - 1), num_warps=plan.num_warps)
+    values = (plan.block_t, plan.block_p, plan.block_t.bit_length() - 1)
+    if plan.design == "chunk_loop":
+        values += (plan.window,)
+    run((n_chunks * slots,), (*tensors, carry, flags, *sizes), values, num_warps=plan.num_warps)
     return x_re, x_im, state_t
