@@ -24,7 +24,8 @@ tile of ``BLOCK_T`` steps by ``BLOCK_P`` oscillators, times two grids:
   decoupled look-back (back over the flags of earlier chunks to the latest that has
   published its inclusive end state, then forward from that state over the aggregates in
   between, ``h <- Q h + agg`` with ``Q = M^BLOCK_T`` applied as ``a h + b (M h)``; the
-  first chunk starts from ``state0``); then the tile, still in registers, is walked again
+  first chunk starts from ``state0``; ``chunk_loop`` reads the flags and the aggregates
+  ``LaunchPlan.window`` chunks at a time); then the tile, still in registers, is walked again
   from that state, which gives the outputs and this chunk's inclusive state. A chunk only
   waits on programs with smaller ids, which the hardware (and the interpreter, which runs
   ids in order) has already started;
