@@ -1,43 +1,70 @@
-"""linoss_scan on the GPU, in one run: the Triton kernel vs the seed's formulation (a step
+"""linoss_scan on the GPU, in one run: every kernel design vs the seed's formulation (a step
 loop of ``x @ A.T + Bu_t`` with a block-diagonal A of 2x2 blocks) vs PyTorch's compiled
 ``associative_scan`` of the same recurrence vs the copy-bandwidth ceiling (``y.copy_(x)`` of
-the same bytes, measured here, in this run).
+the same bytes), all measured here, in this run, at every size.
 
-    python benchmarks/dlinoss_scan.py [--dtype fp32] [--sweep] [--json out.json]
+    python benchmarks/dlinoss_scan.py [--dtype fp32] [--budget-s 95] [--sweep]
+        [--no-seed-loop | --seed-loop-all] [--small-only] [--json out.json]
+
+Sizes (``SIZES``): the seed's point B=32 T=1024 P=128 (67 MB in fp32) and three shapes that
+move >= 1 GB (2.1 GB each in fp32): many rows (B=256 T=4096 P=128), a long T with few rows
+(B=32 T=32768 P=128) and wide P (B=32 T=4096 P=1024). Per size, one line per variant:
+``ms`` (median of CUDA-graph replays), ``%copy`` (the copy's time for the op's bytes over
+the variant's: 100% is the copy ceiling), ``x_comp`` (compiled scan's ms over the
+variant's), ``rel-L2`` (x_re, x_im of the first two batch rows against the float64 loop,
+outputs NaN-poisoned before the variant runs). ``*`` marks the default plan (``choose``).
+
+Order and budget: per size the copy, each design's default plan (with the float64 check)
+and, at the issue's two sizes, the compiled scan (a torch.compile per shape; the last
+compile's time estimates the next); then the compiled scan at the other sizes, the
+``EXTRA`` tiles (``--sweep``: and ``SWEEP``) at every size, and the seed loop (eager, at the
+small size unless ``--seed-loop-all``). A stage that would end past ``--budget-s`` is
+skipped and says so, and the JSON is rewritten after every stage, so a run cut short still
+reports what it measured. ``--smoke`` runs it all on the CPU at tiny sizes
+(``TRITON_INTERPRET=1``; no compiled scan) to check the script without a GPU.
 
 Bytes moved by the op: b_re, b_im read once, x_re, x_im written once (4 B*T*P elements) plus
 the [B, P, 4] fp32 states. The copy reads and writes the same 4 B*T*P elements' bytes.
-Targets (issue 16): >= 80% of copy bandwidth at the large size, >= 3x the compiled scan.
+Targets (issue 16): >= 3x the compiled scan at the small size and at >= 1 GB, and >= 80% of
+copy bandwidth at >= 1 GB.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import time
 
 import torch
 
 from seqdeploy.bench import time_fn
-from seqdeploy_dlinoss.kernels import launch_config, triton_linoss_scan
+from seqdeploy_dlinoss.kernels import DESIGNS, LaunchPlan, choose, default_plan, triton_linoss_scan
 from seqdeploy_dlinoss.ops import naive_linoss_scan, stable_band, transition
 
-#: (B, T, P): the seed's point (chunk kernel with look-back) and >= 1 GB with many rows
-#: (rows kernel: 1024 one-warp programs, a single wave at 12 per SM), 2.1 GB in fp32;
-#: ``--long`` adds >= 1 GB with few rows and a long T (chunk kernel), 2.1 GB in fp32.
-SIZES = [(32, 1024, 128), (256, 4096, 128)]
-LONG = (64, 16384, 128)
+SMALL = (32, 1024, 128)
+SMOKE = [(1, 20, 3), (2, 40, 9)]
+SIZES = [SMALL, (256, 4096, 128), (32, 32768, 128), (32, 4096, 1024)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: extra plans timed at every size besides each design's default: (design, BLOCK_T,
+#: BLOCK_P, num_warps[, look-back window]); ``--sweep`` adds ``SWEEP``
+EXTRA = [("chunk_loop", 32, 32, 1, 1), ("chunk_loop", 32, 32, 1, 4), ("chunk_loop", 16, 32, 1, 8),
+         ("chunk_loop", 64, 32, 1, 8), ("chunk_loop", 32, 64, 2, 8), ("rows_loop", 16, 32, 1)]
+SWEEP = [("chunk", 16, 64, 2), ("chunk", 32, 32, 2), ("rows", 16, 64, 2), ("rows", 8, 32, 1),
+         ("chunk_loop", 8, 32, 1, 8), ("chunk_loop", 32, 128, 4, 8), ("chunk_loop", 16, 64, 2, 8),
+         ("chunk_loop", 32, 32, 2, 8), ("chunk_loop", 16, 32, 1, 16), ("chunk_loop", 64, 32, 1, 1),
+         ("rows_loop", 32, 128, 4), ("rows_loop", 8, 32, 1), ("rows_loop", 32, 64, 2)]
 
 
-def make(B, T, P, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    b_re = torch.randn(B, T, P, device="cuda", generator=g).to(dtype)
-    b_im = torch.randn(B, T, P, device="cuda", generator=g).to(dtype)
-    dt = torch.sigmoid(torch.empty(P, device="cuda").uniform_(-2.0, 0.0, generator=g))
-    G = torch.rand(P, device="cuda", generator=g)
+def make(B, T, P, dtype, device="cuda", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    b_re = torch.randn(B, T, P, device=device, generator=g).to(dtype)
+    b_im = torch.randn(B, T, P, device=device, generator=g).to(dtype)
+    dt = torch.sigmoid(torch.empty(P, device=device).uniform_(-2.0, 0.0, generator=g))
+    G = torch.rand(P, device=device, generator=g)
     lo, hi = stable_band(G, dt)
-    A = torch.clamp(torch.rand(P, device="cuda", generator=g), lo, hi)
-    state0 = torch.randn(B, P, 4, device="cuda", generator=g)
+    A = torch.clamp(torch.rand(P, device=device, generator=g), lo, hi)
+    state0 = torch.randn(B, P, 4, device=device, generator=g)
     return b_re, b_im, A, G, dt, state0
 
 
@@ -91,114 +118,251 @@ def rel_err(out, ref):
     return float((x - r).norm() / r.norm())
 
 
-_REFS: dict[int, tuple] = {}
+def rel_err(out, ref):
+    x = torch.cat([out[0].double().flatten(), out[1].double().flatten()]).cpu()
+    r = torch.cat([ref[0].flatten(), ref[1].flatten()])
+    return float((x - r).norm() / r.norm())
 
 
-def check_sample(args, out, rows=2):
-    """rel-L2 against the float64 loop on the first rows (the loop is slow on the host; it
-    runs once per set of inputs)."""
-    key = id(args[0])
-    if key not in _REFS:
-        _REFS.clear()
-        sub = [a[:rows].cpu() if a.dim() == 3 else a.cpu() for a in args]
-        _REFS[key] = naive_linoss_scan(*sub)
-    return rel_err((out[0][:rows], out[1][:rows]), _REFS[key])
+def float64_reference(args, rows=2):
+    """The float64 loop on the first ``rows`` batch rows (on the host: slow, once a size)."""
+    sub = [a[:rows].cpu() if a.dim() == 3 else a.cpu() for a in args]
+    return naive_linoss_scan(*sub)
+
+
+def name_of(plan: LaunchPlan, B, T, P, device) -> str:
+    """``design`` for a design's default plan, else ``design/tBLOCK_T pBLOCK_P wWARPS [lWINDOW]``."""
+    if plan == default_plan(plan.design, B, T, P, device):
+        return plan.design
+    name = f"{plan.design}/t{plan.block_t}p{plan.block_p}w{plan.num_warps}"
+    return name + (f"l{plan.window}" if plan.design == "chunk_loop" else "")
+
+
+def plans(B, T, P, device, extra: bool, sweep: bool = False) -> list[LaunchPlan]:
+    """The default ``choose`` plan and each design's default plan; with ``extra`` also
+    ``EXTRA`` (and with ``sweep`` ``SWEEP``) where their tile fits T."""
+    out = [choose(B, T, P, device), *[default_plan(d, B, T, P, device) for d in DESIGNS]]
+    if extra:
+        out += [LaunchPlan(*tile) for tile in EXTRA + (SWEEP if sweep else []) if tile[1] <= T]
+    seen, unique = set(), []
+    for plan in out:
+        if plan not in seen:
+            seen.add(plan)
+            unique.append(plan)
+    return unique
+
+
+class Budget:
+    """Wall-clock budget of the whole run: ``fits(s)`` says whether a stage of about ``s``
+    seconds ends before it runs out."""
+
+    def __init__(self, seconds: float):
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def fits(self, s: float) -> bool:
+        return self.left() > s
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--sweep", action="store_true", help="also time other tilings")
-    parser.add_argument("--no-seed-loop", action="store_true")
-    parser.add_argument("--long", action="store_true", help=f"also B, T, P = {LONG}")
-    parser.add_argument("--json", help="write results here")
+    parser.add_argument("--sweep", action="store_true", help="also time the SWEEP tiles")
+    parser.add_argument("--no-seed-loop", action="store_true", help="skip the seed loop")
+    parser.add_argument("--seed-loop-all", action="store_true",
+                        help="time the seed loop at every size (default: the small one)")
+    parser.add_argument("--small-only", action="store_true", help=f"only {SMALL}")
+    parser.add_argument("--budget-s", type=float, default=95.0,
+                        help="skip stages that would end later than this (seconds)")
+    parser.add_argument("--json", help="write results here (after every stage)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes on the CPU through Triton's interpreter (checks this "
+                             "script runs end to end without a GPU; times mean nothing)")
     args = parser.parse_args()
+    budget = Budget(args.budget_s)
     dtype = DTYPES[args.dtype]
-    print(f"GPU {torch.cuda.get_device_name()}  dtype {args.dtype}", flush=True)
-    compiled = torch.compile(torch_parallel_scan, fullgraph=True, dynamic=False)
+    dev = "cpu" if args.smoke else "cuda"
+    device = torch.device(dev)
+    gpu = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
+    print(f"GPU {gpu}  dtype {args.dtype}  torch {torch.__version__}"
+          f"  triton {__import__('triton').__version__}", flush=True)
+    sizes = SMOKE if args.smoke else [SMALL] if args.small_only else SIZES
+    if args.smoke:      # one interpreted call each (time_fn's rounds of 10 take minutes)
+        def timed(fn, **_):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    else:
+        def timed(fn, **kw):
+            return time_fn(fn, dev, cuda_graph=True, **kw).median_ms
+    sync = (lambda: None) if args.smoke else torch.cuda.synchronize  # noqa: E731
     results = []
-    for B, T, P in SIZES + ([LONG] if args.long else []):
-        a = make(B, T, P, dtype)
-        elem = a[0].element_size()
-        moved = 4 * B * T * P * elem + 2 * B * P * 4 * 4
-        row = {"B": B, "T": T, "P": P, "dtype": args.dtype, "bytes": moved,
-               "config": launch_config(B, T, P, a[0].device)}
-        src = torch.empty(2 * B * T * P * elem, dtype=torch.uint8, device="cuda").random_()
-        dst = torch.empty_like(src)
-        row["copy_ms"] = time_fn(lambda: dst.copy_(src), "cuda", cuda_graph=True).median_ms
-        row["copy_gb_s"] = 4 * B * T * P * elem / (row["copy_ms"] * 1e6)
-        del src, dst
-        out = (torch.full_like(a[0], math.nan), torch.full_like(a[0], math.nan),
-               torch.full((B, P, 4), math.nan, device="cuda"))
-        triton_linoss_scan(*a, out=out)
-        torch.cuda.synchronize()
-        row["kernel_err"] = check_sample(a, out)
-        run = lambda: triton_linoss_scan(*a, out=out)  # noqa: E731
-        row["kernel_ms"] = time_fn(run, "cuda", cuda_graph=True).median_ms
-        row["kernel_gb_s"] = moved / (row["kernel_ms"] * 1e6)
-        row["kernel_pct_copy"] = 100 * row["copy_ms"] / row["kernel_ms"] * (moved / (4 * B * T * P * elem))
-        print(f"  B={B} T={T} P={P}: kernel {row['kernel_ms']:.4f} ms "
-              f"({row['kernel_pct_copy']:.0f}% of copy), copy {row['copy_ms']:.4f} ms", flush=True)
-        for other in ("chunk", "rows"):
-            if other != row["config"][0]:
-                ms = time_fn(lambda: triton_linoss_scan(*a, out=out, kernel=other), "cuda",
-                             cuda_graph=True, budget_s=1.0).median_ms
-                row[f"{other}_kernel_ms"] = ms
-                print(f"  B={B} T={T} P={P}: the {other} kernel instead: {ms:.4f} ms", flush=True)
-        c_out = compiled(*a)
-        row["compiled_err"] = check_sample(a, c_out)
-        row["compiled_ms"] = time_fn(lambda: compiled(*a), "cuda", cuda_graph=True).median_ms
-        del c_out
-        torch.cuda.empty_cache()
-        if not args.no_seed_loop:
-            s_out = seed_step_loop(*a)
-            row["seed_err"] = check_sample(a, s_out)
-            del s_out
-            row["seed_loop_ms"] = time_fn(lambda: seed_step_loop(*a), "cuda", min_repeats=3,
-                                          max_repeats=5, warmup=1, budget_s=5.0).median_ms
-            row["x_vs_seed"] = row["seed_loop_ms"] / row["kernel_ms"]
-        row["x_vs_compiled"] = row["compiled_ms"] / row["kernel_ms"]
-        if args.sweep:
-            best = []
-            for kind in ("chunk", "rows"):
-                for bt, bp, nw in [(16, 32, 1), (16, 64, 2), (16, 128, 4), (8, 32, 1),
-                                   (32, 32, 2), (32, 64, 4)]:
-                    try:
-                        f = lambda: triton_linoss_scan(*a, out=out, kernel=kind, block_t=bt,  # noqa: E731
-                                                       block_p=bp, num_warps=nw)
-                        f()
-                        ms = time_fn(f, "cuda", cuda_graph=True, budget_s=0.3).median_ms
-                    except Exception as exc:  # noqa: BLE001 - report configs that fail
-                        print(f"  {kind} {bt},{bp},{nw} failed: {type(exc).__name__}"[:200])
-                        continue
-                    best.append((round(ms, 5), kind, bt, bp, nw))
-            best.sort()
-            row["sweep_top"] = best[:8]
-            print(f"  sweep B={B} T={T} P={P}: (ms, kernel, BT, BP, warps) {best[:6]}", flush=True)
-        results.append(row)
-        print(f"  B={B} T={T} P={P}: compiled scan {row['compiled_ms']:.4f} ms "
-              f"(kernel {row['x_vs_compiled']:.1f}x faster), seed loop "
-              f"{row.get('seed_loop_ms', float('nan')):.2f} ms "
-              f"(kernel {row.get('x_vs_seed', float('nan')):.0f}x faster), errors vs float64: "
-              f"kernel {row['kernel_err']:.1e} compiled {row['compiled_err']:.1e}", flush=True)
+
+    def save():
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump({"gpu": torch.cuda.get_device_name(), "sizes": results}, fh, indent=2)
-        del a, out
-        torch.cuda.empty_cache()
-    print("GPU times are medians of CUDA-graph replays (the seed loop: eager, few repeats)")
-    print(f"{'B':>4} {'T':>6} {'P':>4} {'MB':>6} {'kernel':>6} {'copy ms':>8} {'ms':>8} "
-          f"{'%copy':>6} {'compiled':>9} {'x':>6} {'seed loop':>10} {'x':>7} {'err':>8}")
+                json.dump({"gpu": gpu, "dtype": args.dtype,
+                           "sizes": results}, fh, indent=2)
+
+    refs: dict[tuple, tuple] = {}
+    compiled = torch.compile(torch_parallel_scan, fullgraph=True, dynamic=False)
+    state = {"compile_s": 20.0}     # a guess until the first compile is timed
+
+    def inputs(row):
+        B, T, P = row["B"], row["T"], row["P"]
+        a = make(B, T, P, dtype, dev)
+        if (B, T, P) not in refs:
+            refs[(B, T, P)] = float64_reference(a)
+        return a
+
+    def variants(row, a, tiles):
+        """Time ``tiles`` (plans) on inputs ``a``, NaN-poisoned outputs checked first."""
+        B, T, P = row["B"], row["T"], row["P"]
+        elem, default = a[0].element_size(), choose(B, T, P, device)
+        out = (torch.empty_like(a[0]), torch.empty_like(a[0]), torch.empty(B, P, 4, device=dev))
+        for plan in tiles:
+            name = name_of(plan, B, T, P, device)
+            if name in row["variants"]:
+                continue
+            if not budget.fits(5.0):
+                print(f"  B={B} T={T} P={P} {name}: skipped (budget)", flush=True)
+                continue
+            try:
+                for o in out:
+                    o.fill_(math.nan)
+                triton_linoss_scan(*a, out=out, plan=plan)
+                sync()
+                err = rel_err(out, refs[(B, T, P)])
+                ms = timed(lambda: triton_linoss_scan(*a, out=out, plan=plan), budget_s=0.5)
+            except Exception as exc:  # noqa: BLE001 - report a variant that fails, go on
+                print(f"  B={B} T={T} P={P} {name}: failed: {type(exc).__name__}: "
+                      f"{str(exc)[:300]}", flush=True)
+                row["variants"][name] = {"plan": dataclasses.asdict(plan), "error": str(exc)[:300]}
+                continue
+            pct = 100 * row["copy_ms"] / ms * row["bytes"] / (4 * B * T * P * elem)
+            row["variants"][name] = {"plan": dataclasses.asdict(plan), "ms": ms, "pct_copy": pct,
+                                     "rel_l2": err, "default": plan == default}
+            if "compiled_ms" in row:
+                row["variants"][name]["x_vs_compiled"] = row["compiled_ms"] / ms
+            print(f"  B={B} T={T} P={P} {'*' if plan == default else ' '}{name:<26} {ms:8.4f} ms "
+                  f"{pct:5.0f}% of copy  rel-L2 {err:.1e}", flush=True)
+
+    def compiled_scan(row, a):
+        B, T, P = row["B"], row["T"], row["P"]
+        if "compiled_tried" in row:
+            return
+        row["compiled_tried"] = True
+        if not budget.fits(state["compile_s"] + 5.0):
+            print(f"  B={B} T={T} P={P}: compiled scan skipped (budget: {budget.left():.0f} s "
+                  f"left, a compile took {state['compile_s']:.0f} s)", flush=True)
+            return
+        t0 = time.perf_counter()
+        c_out = compiled(*a)
+        sync()
+        state["compile_s"] = time.perf_counter() - t0
+        row["compiled_err"] = rel_err(c_out, refs[(B, T, P)])
+        del c_out
+        row["compiled_ms"] = timed(lambda: compiled(*a), budget_s=1.0)
+        for v in row["variants"].values():
+            if "ms" in v:
+                v["x_vs_compiled"] = row["compiled_ms"] / v["ms"]
+        print(f"  B={B} T={T} P={P}: compiled scan {row['compiled_ms']:.4f} ms (compile "
+              f"{state['compile_s']:.0f} s, rel-L2 {row['compiled_err']:.1e})", flush=True)
+
+    def seed_loop(row, a):
+        B, T, P = row["B"], row["T"], row["P"]
+        if not budget.fits(5.0 + T * 2e-3):
+            print(f"  B={B} T={T} P={P}: seed loop skipped (budget)", flush=True)
+            return
+        s_out = seed_step_loop(*a)
+        row["seed_err"] = rel_err(s_out, refs[(B, T, P)])
+        del s_out
+        row["seed_loop_ms"] = time_fn(lambda: seed_step_loop(*a), dev, min_repeats=3,
+                                      max_repeats=5, warmup=1, budget_s=3.0).median_ms \
+            if not args.smoke else timed(lambda: seed_step_loop(*a))
+        print(f"  B={B} T={T} P={P}: seed loop {row['seed_loop_ms']:.2f} ms", flush=True)
+
+    # 1. per size: the copy ceiling and each design's default plan (and the default)
+    for B, T, P in sizes:
+        elem = torch.empty((), dtype=dtype).element_size()
+        row = {"B": B, "T": T, "P": P, "dtype": args.dtype,
+               "bytes": 4 * B * T * P * elem + 2 * B * P * 4 * 4,
+               "default": dataclasses.asdict(choose(B, T, P, device)), "variants": {}}
+        src = torch.empty(2 * B * T * P * elem, dtype=torch.uint8, device=dev).random_()
+        dst = torch.empty_like(src)
+        row["copy_ms"] = timed(lambda: dst.copy_(src))
+        row["copy_gb_s"] = 4 * B * T * P * elem / (row["copy_ms"] * 1e6)
+        del src, dst
+        print(f"B={B} T={T} P={P} ({row['bytes'] / 1e6:.0f} MB): copy {row['copy_ms']:.4f} ms "
+              f"({row['copy_gb_s']:.0f} GB/s)", flush=True)
+        results.append(row)
+        a = inputs(row)
+        variants(row, a, plans(B, T, P, device, extra=False))
+        if len(results) <= 2 and not args.smoke:   # the issue's two sizes: their baseline first
+            compiled_scan(row, a)
+        save()
+        del a
+        if not args.smoke:
+            torch.cuda.empty_cache()
+    # 2. the compiled scan (3. extra tiles, 4. the seed loop) per size, within the budget
+    stages = ([] if args.smoke else [("compiled", compiled_scan)]) + \
+        [("extra", lambda row, a: variants(row, a, plans(row["B"], row["T"], row["P"], device,
+                                                         extra=True, sweep=args.sweep)))]
+    if not args.no_seed_loop:
+        stages.append(("seed", lambda row, a: seed_loop(row, a)
+                       if (row["B"], row["T"], row["P"]) == sizes[0] or args.seed_loop_all
+                       else None))
+    for _, stage in stages:
+        for row in results:
+            a = inputs(row)
+            stage(row, a)
+            save()
+            del a
+            if not args.smoke:
+                torch.cuda.empty_cache()
+    report(results)
+
+
+def report(results):
+    nan = float("nan")
+    print("\nGPU times are medians of CUDA-graph replays (the seed loop: eager, few repeats); "
+          "* = default plan")
+    print(f"{'B':>4} {'T':>6} {'P':>5} {'MB':>5} {'variant':<27} {'ms':>8} {'%copy':>6} "
+          f"{'x_comp':>6} {'x_seed':>7} {'rel-L2':>8}")
     for r in results:
-        print(f"{r['B']:>4} {r['T']:>6} {r['P']:>4} {r['bytes'] / 1e6:>6.0f} {r['config'][0]:>6} "
-              f"{r['copy_ms']:>8.4f} {r['kernel_ms']:>8.4f} {r['kernel_pct_copy']:>5.0f}% "
-              f"{r['compiled_ms']:>9.4f} {r['x_vs_compiled']:>6.1f} "
-              f"{r.get('seed_loop_ms', float('nan')):>10.2f} {r.get('x_vs_seed', float('nan')):>7.0f} "
-              f"{r['kernel_err']:>8.1e}")
-    large = [r for r in results if r["bytes"] >= 1e9]
-    print("targets: >= 80% of copy at >= 1 GB:",
-          ", ".join(f"B={r['B']} T={r['T']} {r['kernel_pct_copy']:.0f}%" for r in large),
-          "| >= 3x compiled scan:", ", ".join(f"{r['x_vs_compiled']:.1f}x" for r in results))
+        print(f"{r['B']:>4} {r['T']:>6} {r['P']:>5} {r['bytes'] / 1e6:>5.0f} {'copy':<27} "
+              f"{r['copy_ms']:>8.4f} {100:>5.0f}%")
+        comp = r.get("compiled_ms", nan)
+        print(f"{'':>23} {'compiled associative_scan':<27} {comp:>8.4f} "
+              f"{100 * r['copy_ms'] / comp:>5.0f}% {1.0:>6.1f} {'':>7} "
+              f"{r.get('compiled_err', nan):>8.1e}")
+        if "seed_loop_ms" in r:
+            print(f"{'':>23} {'seed step loop':<27} {r['seed_loop_ms']:>8.2f}  "
+                  f"{'':>5} {comp / r['seed_loop_ms']:>6.2f} {1.0:>7.0f} {r['seed_err']:>8.1e}")
+        for name, v in sorted(r["variants"].items(), key=lambda kv: kv[1].get("ms", 1e9)):
+            if "ms" not in v:
+                print(f"{'':>23} {name:<27} failed")
+                continue
+            seed = r.get("seed_loop_ms", nan) / v["ms"]
+            print(f"{'':>23} {('*' if v['default'] else '') + name:<27} {v['ms']:>8.4f} "
+                  f"{v['pct_copy']:>5.0f}% {v.get('x_vs_compiled', nan):>6.2f} {seed:>7.0f} "
+                  f"{v['rel_l2']:>8.1e}")
+    print("\nper size: default and fastest variant (targets: >= 3x compiled everywhere, "
+          ">= 80% of copy at >= 1 GB)")
+    for r in results:
+        ok = {k: v for k, v in r["variants"].items() if "ms" in v}
+        if not ok:
+            continue
+        best = min(ok, key=lambda k: ok[k]["ms"])
+        dflt = next((k for k, v in ok.items() if v["default"]), None)
+        for label, k in (("default", dflt), ("fastest", best)):
+            if k is None:
+                continue
+            v = ok[k]
+            print(f"  B={r['B']} T={r['T']} P={r['P']} {label} {k}: {v['ms']:.4f} ms, "
+                  f"{v['pct_copy']:.0f}% of copy, {v.get('x_vs_compiled', nan):.2f}x compiled")
 
 
 if __name__ == "__main__":

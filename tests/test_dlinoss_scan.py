@@ -19,14 +19,15 @@ import triton
 import triton.language as tl
 from conftest import DEVICE, compile_and_trace, gpu, make_model
 
-from seqdeploy_dlinoss.kernels import _linoss_chunk, triton_linoss_scan
+from seqdeploy_dlinoss.kernels import (DESIGNS, LaunchPlan, _linoss_chunk, _linoss_chunk_loop,
+                                       choose, triton_linoss_scan)
 from seqdeploy_dlinoss.ops import (linoss_scan, naive_linoss_scan, reference_linoss_scan,
                                    stable_band, transition, vectorised_linoss_scan)
 
 # max rel-L2 against the float64 loop run on the same (already rounded) inputs
 TOL = {torch.float32: 2e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-KERNELS = ["chunk", "rows"]
+KERNELS = list(DESIGNS)   # chunk, rows (scan tiles), chunk_loop, rows_loop (step loops)
 
 
 def make(B, T, P, dtype=torch.float32, device="cpu", seed=0, strided=False):
@@ -117,7 +118,8 @@ def test_triton_matches_naive(B, T, P, strided, kernel, dtype):
     assert rel_l2(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("kernel,P,T", [("rows", 1, 4096), ("chunk", 3, 512)])
+@pytest.mark.parametrize("kernel,P,T", [("rows", 1, 4096), ("chunk", 3, 512), ("rows_loop", 2, 4096),
+                                         ("chunk_loop", 3, 1024)])
 def test_triton_long_sequence(kernel, P, T):
     """Long T. The interpreter emulates every element one at a time (and runs programs in
     order, so a look-back never walks past its predecessor): here the rows kernel carries
@@ -130,11 +132,11 @@ def test_triton_long_sequence(kernel, P, T):
     assert rel_l2(out, ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("form", ["vectorised", "reference", "triton-chunk", "triton-rows"])
+@pytest.mark.parametrize("form", ["vectorised", "reference", *[f"triton-{k}" for k in KERNELS]])
 def test_split_sequence_equals_full(form):
     fn = {"vectorised": vectorised_linoss_scan, "reference": reference_linoss_scan,
-          "triton-chunk": lambda *a: triton_linoss_scan(*a, out=poisoned(a[0]), kernel="chunk"),
-          "triton-rows": lambda *a: triton_linoss_scan(*a, out=poisoned(a[0]), kernel="rows")}[form]
+          **{f"triton-{k}": (lambda *a, k=k: triton_linoss_scan(*a, out=poisoned(a[0]), kernel=k))
+             for k in KERNELS}}[form]
     device = DEVICE if form.startswith("triton") else "cpu"
     b_re, b_im, A, G, dt, s0 = make(1, 97, 3, torch.float32, device, seed=3)
     full = fn(b_re, b_im, A, G, dt, s0)
@@ -144,6 +146,36 @@ def test_split_sequence_equals_full(form):
     joined = (torch.cat([a[0], b[0]], 1), torch.cat([a[1], b[1]], 1), b[2])
     # equal up to fp32 rounding (chunk boundaries move with the cut)
     assert rel_l2(joined, [v.double().cpu() for v in full]) < 5e-6
+
+
+@pytest.mark.parametrize("design", ["chunk_loop", "rows_loop"])
+@pytest.mark.parametrize("block_t,block_p,num_warps,window", [(8, 16, 1, 4), (64, 64, 2, 2)])
+def test_loop_designs_take_any_tile(design, block_t, block_p, num_warps, window):
+    """A plan given explicitly (the benchmark's sweep): other tiles, partial last tiles and
+    P blocks, a block of P spread over two warps."""
+    args = make(2, 77, 37, torch.float32, DEVICE, seed=4, strided=True)
+    ref = naive_linoss_scan(*[a.cpu() for a in args])
+    plan = LaunchPlan(design, block_t, block_p, num_warps,
+                      window if design == "chunk_loop" else 1)
+    out = triton_linoss_scan(*args, out=poisoned(args[0]), plan=plan)
+    assert rel_l2(out, ref) < TOL[torch.float32]
+
+
+def test_default_plans_and_bad_plans():
+    """``choose`` (the default: chunk_loop for few rows, the measured rows design where rows
+    fill the GPU or T fits one tile) and one-line errors for plans that cannot launch."""
+    cpu = torch.device("cpu")      # (132 SMs assumed, an H100's count)
+    assert choose(32, 1024, 128, cpu) == LaunchPlan("chunk_loop", 32, 32, 1, window=8)
+    assert choose(32, 32768, 128, cpu).design == "chunk_loop"
+    assert choose(256, 4096, 128, cpu) == LaunchPlan("rows", 16, 32, 1)
+    assert choose(4, 1, 100, cpu) == LaunchPlan("rows", 2, 32, 1)
+    assert choose(2, 5, 3, cpu) == LaunchPlan("rows", 8, 4, 1)
+    with pytest.raises(ValueError, match="design must be one of"):
+        LaunchPlan("scan", 16, 32, 1)
+    with pytest.raises(ValueError, match="block_p must be a power of two, got 24"):
+        LaunchPlan("rows_loop", 16, 24, 1)
+    with pytest.raises(ValueError, match="window applies to chunk_loop only"):
+        LaunchPlan("chunk", 16, 32, 1, window=8)
 
 
 #: fp32 unit roundoff: the bound on the error growth is about T * U (see ops.py)
@@ -236,15 +268,21 @@ def test_near_unit_eigenvalues_triton_interpreted():
 def _held_back_chunks_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr,
                              sT_ptr, carry_ptr, flag_ptr, held_ptr, B, T, P, sb_b, sb_t, sx_b,
                              sx_t, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-                             LOG2_T: tl.constexpr):
+                             LOG2_T: tl.constexpr, LOOP: tl.constexpr, WINDOW: tl.constexpr):
     """The chunk kernel's programs for one (row, block of P), run in order by one program;
     the chunks marked in ``held`` keep their inclusive state unpublished, so later chunks'
     look-backs walk past them, as on a GPU while those chunks are still running."""
     for c in range(0, tl.cdiv(T, BLOCK_T)):
         chunk = c + tl.program_id(0)    # a tensor, as in the kernel (the grid is one program)
-        _linoss_chunk(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, sT_ptr,
-                      carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t, chunk, 0,
-                      tl.load(held_ptr + c), BLOCK_T, BLOCK_P, LOG2_T)
+        if LOOP:
+            _linoss_chunk_loop(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr,
+                               sT_ptr, carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t,
+                               chunk, 0, tl.load(held_ptr + c), BLOCK_T, BLOCK_P, LOG2_T,
+                               WINDOW)
+        else:
+            _linoss_chunk(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, sT_ptr,
+                          carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t, chunk, 0,
+                          tl.load(held_ptr + c), BLOCK_T, BLOCK_P, LOG2_T)
 
 
 def per_oscillator(out, ref) -> torch.Tensor:
@@ -254,7 +292,8 @@ def per_oscillator(out, ref) -> torch.Tensor:
     return (x - x_ref).pow(2).sum((0, 1, 2)).sqrt() / x_ref.pow(2).sum((0, 1, 2)).sqrt()
 
 
-def test_look_back_walks_at_band_edges():
+@pytest.mark.parametrize("design,window", [("chunk", 1), ("chunk_loop", 1), ("chunk_loop", 4)])
+def test_look_back_walks_at_band_edges(design, window):
     """The chunk kernel's look-back when it has to walk (T = 1024, all 15 kinds of near_unit's
     oscillators). On a GPU a chunk walks back past every earlier chunk still running; the
     interpreter runs programs in order, so a launched kernel never walks, and here 7 in 8
@@ -278,7 +317,8 @@ def test_look_back_walks_at_band_edges():
     _held_back_chunks_kernel[(1,)](*args[:6], *out, carry, flags,
                                    held.to(torch.int32).to(DEVICE), 1, T, P, b_re.stride(0),
                                    b_re.stride(1), out[0].stride(0), out[0].stride(1),
-                                   BLOCK_T=BT, BLOCK_P=16, LOG2_T=4)
+                                   BLOCK_T=BT, BLOCK_P=16, LOG2_T=4, LOOP=design == "chunk_loop",
+                                   WINDOW=window)
     assert int(flags.eq(1).sum()) == int(held[:n - 1].sum()) > n // 2   # they did walk
     err = rel_l2(out, ref)
     assert err < KAPPA["kernel"] * U * T, err
@@ -426,18 +466,24 @@ SM90 = textwrap.dedent("""
 
     i32 = "i32"
     sizes = dict(B=i32, T=i32, P=i32, sb_b=i32, sb_t=i32, sx_b=i32, sx_t=i32)
+    scan = {"fp32": [(16, 32, 1), (16, 64, 2), (32, 32, 2)], "half": [(16, 32, 1)]}
+    loop = {"fp32": [(32, 32, 1), (16, 32, 1)], "half": [(32, 32, 1)]}
     for dt in ("fp32", "fp16", "bf16"):
-        # the default tiling for every dtype, the benchmark's alternatives for fp32
-        configs = [(16, 32, 1), (16, 64, 2), (32, 32, 2)] if dt == "fp32" else [(16, 32, 1)]
+        # the default tilings for every dtype, the benchmark's alternatives for fp32
         p = "*" + dt
         base = dict(br_ptr=p, bi_ptr=p, a_ptr="*fp32", g_ptr="*fp32", dt_ptr="*fp32",
                     s0_ptr="*fp32", xr_ptr=p, xi_ptr=p, sT_ptr="*fp32")
-        for fn, extra in ((k._linoss_chunk_kernel, dict(carry_ptr="*fp32", flag_ptr="*i32")),
-                          (k._linoss_rows_kernel, {})):
-            for bt, bp, nw in configs:
+        chunked = dict(carry_ptr="*fp32", flag_ptr="*i32")
+        for fn, extra, tiles in ((k._linoss_chunk_kernel, chunked, scan),
+                                 (k._linoss_rows_kernel, {}, scan),
+                                 (k._linoss_chunk_loop_kernel, chunked, loop),
+                                 (k._linoss_rows_loop_kernel, {}, loop)):
+            for bt, bp, nw in tiles["fp32" if dt == "fp32" else "half"]:
                 const = dict(BLOCK_T=bt, BLOCK_P=bp)
-                if fn is k._linoss_chunk_kernel:
+                if extra:
                     const["LOG2_T"] = bt.bit_length() - 1
+                if fn is k._linoss_chunk_loop_kernel:
+                    const["WINDOW"] = 8
                 sig = {**base, **extra, **sizes, **{c: "constexpr" for c in const}}
                 c = triton.compile(ASTSource(fn, sig, constexprs=const),
                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
@@ -447,15 +493,15 @@ SM90 = textwrap.dedent("""
 
 
 def test_kernels_compile_for_sm90():
-    """Both kernels, every dtype, the default and the benchmark's alternative tilings,
+    """The four kernels, every dtype, the default and the benchmark's alternative tilings,
     compile for Hopper without a GPU (the interpreter never lowers them)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", SM90], capture_output=True, text=True, env=env,
-                         timeout=600)
+                         timeout=1200)
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
         pytest.skip("this triton build ships no ptxas")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count(" ok") == 2 * (3 + 1 + 1)
+    assert out.stdout.count(" ok") == 2 * (3 + 1 + 1) + 2 * (2 + 1 + 1)
 
 
 @gpu

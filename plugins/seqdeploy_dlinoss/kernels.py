@@ -2,43 +2,57 @@
 
 Per oscillator p the transition ``M`` (2x2, real) is time-invariant and the real and
 imaginary parts share it, so each (b, p) carries two independent 2-vectors ``w = (z, x)``.
-A program owns a ``[BLOCK_P, BLOCK_T]`` tile (T is the inner axis, held in each thread's
-registers) of ``b_re`` and ``b_im`` and scans it with ``tl.associative_scan`` over the affine
-maps ``w -> M w + c b_t`` (eight fp32 values per element: the cumulative power of M relative
-to the tile, never a negative power, and the sums). The state entering the tile is folded
-into its first step (``_tile_scan``), so the outputs come out of the scan itself.
+Inputs ``b_re, b_im [B, T, P]`` (fp32/fp16/bf16, unit stride over P), outputs ``x_re, x_im``
+alike, states ``[B, P, 4]`` fp32; P, the contiguous axis, goes across a warp's lanes, so
+every load and store of one time step is one coalesced row.
 
-Two grids, chosen by :func:`launch_config`:
+Four designs, chosen by :func:`choose` or named in a :class:`LaunchPlan`; two ways to walk a
+tile of ``BLOCK_T`` steps by ``BLOCK_P`` oscillators, times two grids:
 
-- ``_linoss_chunk_kernel`` (few rows, e.g. B=32, P=128: 128 tiles of P per time step): grid
-  over (chunk of T, batch row, block of P), one tile per program, chunk-major. The tile is
-  scanned from a zero state and its aggregate published at once; the state entering the
-  chunk comes by decoupled look-back (back over the flags of earlier chunks to the latest
-  that has published its inclusive end state, then forward from that state over the
-  aggregates in between, ``h <- Q h + agg`` with ``Q = M^BLOCK_T`` applied as ``a h +
-  b (M h)``; the first chunk starts from ``state0``); then the tile, still in registers, is
-  scanned again from that state, which gives the outputs and this chunk's inclusive state.
-  A chunk only waits on programs with smaller ids, which the hardware (and the
-  interpreter, which runs ids in order) has already started.
-- ``_linoss_rows_kernel`` (many rows): grid over (batch row, block of P); each program walks
-  its rows' whole sequence tile by tile, the next tile's load issued before the current one
-  is scanned. No look-back traffic at all.
+- the scan tile (``chunk``, ``rows``): ``tl.associative_scan`` over the affine maps
+  ``w -> M w + c b_t`` (eight fp32 values per element: the cumulative power of M relative
+  to the tile, never a negative power, and the sums), with M rounded once to fp32 and the
+  state entering the tile folded into its first step (``_tile_scan``);
+- the step loop (``chunk_loop``, ``rows_loop``): each thread walks its oscillators' steps in
+  order in registers, the tile held as ``BLOCK_T`` vectors of ``[BLOCK_P]`` loaded before
+  any step runs (``_load_tile``), in the model's IMEX form ``z' = m00 z + m01 x + c0 b``,
+  ``x' = x + dt z'`` (``_imex_step``: three FMAs per part, no matrix products);
+
+- grid over chunks (``chunk``, ``chunk_loop``; few rows, e.g. B=32, P=128): (chunk of T,
+  batch row, block of P), one tile per program, chunk-major. The tile is walked from a zero
+  state and that aggregate published at once; the state entering the chunk comes by
+  decoupled look-back (back over the flags of earlier chunks to the latest that has
+  published its inclusive end state, then forward from that state over the aggregates in
+  between, ``h <- Q h + agg`` with ``Q = M^BLOCK_T`` applied as ``a h + b (M h)``; the
+  first chunk starts from ``state0``; ``chunk_loop`` reads the flags and the aggregates
+  ``LaunchPlan.window`` chunks at a time); then the tile, still in registers, is walked again
+  from that state, which gives the outputs and this chunk's inclusive state. A chunk only
+  waits on programs with smaller ids, which the hardware (and the interpreter, which runs
+  ids in order) has already started;
+- grid over rows (``rows``, ``rows_loop``; many rows): (batch row, block of P); each
+  program walks its rows' whole sequence tile by tile, the next tile's loads issued before
+  the current one is walked. No look-back traffic at all.
 
 HBM traffic is one read of ``b_re, b_im`` and one write of ``x_re, x_im`` (plus ``state0``,
-``stateT`` and, for the chunk kernel, 8 fp32 per (chunk, b, p) of look-back carries). Padded
-time steps of the last tile use ``M = I, c = 0`` so the tile's last column is the state at
-T-1.
+``stateT`` and, for the chunk grids, 8 fp32 per (chunk, b, p) of look-back carries). Padded
+time steps of a last partial tile leave the state alone (scan: ``M = I, c = 0``; loop: a
+select), so the tile's end state is the state at T-1.
 
-Error growth with T (see ``ops.py``): both kernels make the fp32 step loop's errors, with M
-computed in float64 and rounded once: they grow about linearly in T where M's eigenvalues
-are well separated, and faster (up to T^2, until the damping time ``1/(1 - |lambda|)``)
-where they nearly coincide at the band's edges; kappa = rel-L2 / (u T) is about 32 at
-T = 16384 with ``dt G = 1e-6``. A look-back that crosses k unfinished chunks applies Q k
-times in place of k BLOCK_T steps of M, each application as accurate as those steps, so
-how far the look-backs walk (which depends on the GPU's scheduling) does not change this.
+Error growth with T (see ``ops.py``): all designs make the errors of an fp32 step loop,
+with M's entries computed in float64 and rounded once: they grow about linearly in T where
+M's eigenvalues are well separated, and faster (up to T^2, until the damping time
+``1/(1 - |lambda|)``) where they nearly coincide at the band's edges. There the scan tile's
+per-step form (``m11 = 1 - dt^2 A/S`` rounded) has kappa = rel-L2 / (u T) about 32 at
+T = 16384 with ``dt G = 1e-6``; the loop's IMEX form never rounds ``m11`` and measures
+like the fp32 step loop (``tests/test_dlinoss_scan.py``). A look-back that crosses k
+unfinished chunks applies Q k times in place of k BLOCK_T steps, each application as
+accurate as those steps (``a, b`` squared in float64 and rounded once, no power of Q ever
+formed), so how far the look-backs walk (which depends on the GPU's scheduling) does not
+change this.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -323,11 +337,350 @@ def _linoss_rows_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi
     _store_state(sT_ptr, b, offs_p, mask_p, P, h_zr, h_zi, h_xr, h_xi)
 
 
-#: the rows kernel needs about this many (batch row, block of P) programs per SM to keep HBM
-#: busy on its own (each one-warp program has one 4 KB tile in flight while it scans the one
-#: before; 164 registers allow 12 per SM). A guess until benchmarks/dlinoss_scan.py has run
-#: on a GPU: it times both kernels at every size.
+# --- the step-loop designs: one oscillator per thread, T walked in order in its registers ----
+
+
+@triton.jit
+def _imex_transition(a_ptr, g_ptr, dt_ptr, offs_p, mask_p):
+    """``(m00, m01, dt, c0)`` fp32 ``[BLOCK_P]``: the IMEX step as the loop designs apply it,
+    ``z' = m00 z + m01 x + c0 b``, ``x' = x + dt z'`` (``m00 = 1/S``, ``m01 = -dt A/S``,
+    ``c0 = dt/S``, from float64 and rounded once; padded oscillators get 0, a harmless
+    map). ``x'`` is formed from ``z'`` as the model's update does, not as ``m10 z + m11 x``:
+    ``m11 = 1 - dt^2 A/S`` rounded to fp32 loses the low digits of ``dt^2 A/S``, which near
+    the band's edges is the part of M the solution is most sensitive to."""
+    A = tl.load(a_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float64)
+    G = tl.load(g_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float64)
+    dt32 = tl.load(dt_ptr + offs_p, mask=mask_p, other=0.0)
+    dt = dt32.to(tl.float64)
+    inv = 1.0 / (1.0 + dt * G)
+    return (inv.to(tl.float32), (-dt * A * inv).to(tl.float32), dt32, (dt * inv).to(tl.float32))
+
+
+@triton.jit
+def _imex_step(m00, m01, dt, c0, z, x, b):
+    z = m00 * z + m01 * x + c0 * b
+    return z, x + dt * z
+
+
+@triton.jit
+def _imex_power(m00, m01, dt, LOG2_T: tl.constexpr):
+    """``(a, b)`` with ``E^(2^LOG2_T) = a I + b E`` for the step map ``E`` the loop designs
+    apply, ``E = [[m00, m01], [dt m00, 1 + dt m01]]`` in the fp32 coefficients (so
+    ``tr E = m00 + 1 + dt m01``, ``det E = m00``), squared in float64 and rounded once; the
+    reasons are :func:`_tile_power`'s. ``E h`` itself is :func:`_imex_step` with ``b = 0``."""
+    t00 = m00.to(tl.float64)
+    tr = t00 + 1.0 + dt.to(tl.float64) * m01.to(tl.float64)
+    det = t00
+    a = tl.zeros_like(tr)
+    b = a + 1.0
+    for _ in tl.static_range(LOG2_T):
+        a, b = a * a - b * b * det, 2.0 * a * b + b * b * tr
+    return a.to(tl.float32), b.to(tl.float32)
+
+
+@triton.jit
+def _load_tile(ptr, stride_t, n_valid, mask_p, BLOCK_T: tl.constexpr):
+    """``BLOCK_T`` fp32 ``[BLOCK_P]`` vectors: steps ``0 .. BLOCK_T-1`` from ``ptr`` (steps
+    ``>= n_valid`` read as 0). All the loads are issued before any use, so a thread has
+    ``2 BLOCK_T`` of them in flight per plane pair."""
+    lim = tl.where(mask_p, n_valid, 0)     # (a vector: the interpreter masks with no scalar)
+    vals = ()
+    for t in tl.static_range(BLOCK_T):
+        vals = vals + (tl.load(ptr + t * stride_t, mask=t < lim,
+                               other=0.0).to(tl.float32),)
+    return vals
+
+
+@triton.jit
+def _aggregate(b_r, b_i, m00, m01, dt, c0, BLOCK_T: tl.constexpr):
+    """The end state of a full tile from a zero state: ``(z_re, z_im, x_re, x_im)``."""
+    zr = c0 * b_r[0]
+    zi = c0 * b_i[0]
+    xr = dt * zr
+    xi = dt * zi
+    for t in tl.static_range(1, BLOCK_T):
+        zr, xr = _imex_step(m00, m01, dt, c0, zr, xr, b_r[t])
+        zi, xi = _imex_step(m00, m01, dt, c0, zi, xi, b_i[t])
+    return zr, zi, xr, xi
+
+
+@triton.jit
+def _walk_tile(b_r, b_i, m00, m01, dt, c0, zr, zi, xr, xi, xr_ptr, xi_ptr, stride_t, n_valid,
+               mask_p, BLOCK_T: tl.constexpr, MASKED: tl.constexpr):
+    """The step loop over one tile from the state entering it, storing ``x_re, x_im`` per
+    step (one coalesced ``[BLOCK_P]`` store each); returns the state after the tile's last
+    valid step. ``MASKED``: the tile may end early (``n_valid < BLOCK_T``), so steps past
+    it leave the state alone; full tiles skip the selects."""
+    lim = tl.where(mask_p, n_valid, 0)
+    for t in tl.static_range(BLOCK_T):
+        nzr, nxr = _imex_step(m00, m01, dt, c0, zr, xr, b_r[t])
+        nzi, nxi = _imex_step(m00, m01, dt, c0, zi, xi, b_i[t])
+        if MASKED:
+            live = t < lim
+            tl.store(xr_ptr + t * stride_t, nxr.to(xr_ptr.dtype.element_ty), mask=live)
+            tl.store(xi_ptr + t * stride_t, nxi.to(xi_ptr.dtype.element_ty), mask=live)
+            zr = tl.where(live, nzr, zr)
+            xr = tl.where(live, nxr, xr)
+            zi = tl.where(live, nzi, zi)
+            xi = tl.where(live, nxi, xi)
+        else:
+            tl.store(xr_ptr + t * stride_t, nxr.to(xr_ptr.dtype.element_ty), mask=mask_p)
+            tl.store(xi_ptr + t * stride_t, nxi.to(xi_ptr.dtype.element_ty), mask=mask_p)
+            zr, xr, zi, xi = nzr, nxr, nzi, nxi
+    return zr, zi, xr, xi
+
+
+@triton.jit
+def _loop_look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr, agg_xi,
+                    m00, m01, dt, qa, qb, chunk, slot, n_slots, b, offs_p, mask_p, B, P,
+                    publish, WINDOW: tl.constexpr):
+    """:func:`_look_back` for the loop designs' step map E (:func:`_imex_power`): the same
+    flags, carry planes and forward walk ``h <- a h + b (E h) + agg``.
+
+    ``WINDOW = 1`` reads the flags and then the aggregates one at a time, each read waiting
+    on the one before (a walk across k chunks costs about 2k L2 round trips, which the first
+    wave of programs, all walking back to chunk 0, pays in full). ``WINDOW > 1`` reads the
+    flags of ``WINDOW`` chunks at once (:func:`_window_back`) and then the aggregates
+    ``WINDOW`` at a time, all loads of a group in flight together, combined in order in
+    registers: the same arithmetic in the same order, about 2k / WINDOW round trips."""
+    state = b * P + offs_p
+    plane = B * P
+    mine = carry_ptr + chunk.to(tl.int64) * 8 * plane
+    if chunk == 0:
+        s0 = s0_ptr + b * P * 4 + offs_p * 4
+        h_zr = tl.load(s0, mask=mask_p, other=0.0)
+        h_zi = tl.load(s0 + 1, mask=mask_p, other=0.0)
+        h_xr = tl.load(s0 + 2, mask=mask_p, other=0.0)
+        h_xi = tl.load(s0 + 3, mask=mask_p, other=0.0)
+    else:
+        if publish:
+            tl.store(mine + state, agg_zr, mask=mask_p)
+            tl.store(mine + plane + state, agg_zi, mask=mask_p)
+            tl.store(mine + 2 * plane + state, agg_xr, mask=mask_p)
+            tl.store(mine + 3 * plane + state, agg_xi, mask=mask_p)
+            tl.debug_barrier()   # every thread's values are stored before the flag is raised
+            tl.atomic_xchg(flag_ptr + chunk * n_slots + slot, 1, sem="release")
+        if WINDOW == 1:
+            j = chunk - 1
+            flag = tl.atomic_add(flag_ptr + j * n_slots + slot, 0, sem="acquire")
+            while flag != 2:
+                j = j - (flag == 1).to(tl.int32)
+                flag = tl.atomic_add(flag_ptr + j * n_slots + slot, 0, sem="acquire")
+        else:
+            j = _window_back(flag_ptr, chunk, slot, n_slots, WINDOW)
+        src = carry_ptr + j.to(tl.int64) * 8 * plane + 4 * plane + state
+        h_zr = tl.load(src, mask=mask_p, other=0.0, volatile=True)
+        h_zi = tl.load(src + plane, mask=mask_p, other=0.0, volatile=True)
+        h_xr = tl.load(src + 2 * plane, mask=mask_p, other=0.0, volatile=True)
+        h_xi = tl.load(src + 3 * plane, mask=mask_p, other=0.0, volatile=True)
+        src = src + 4 * plane       # chunk j + 1's aggregate
+        for i0 in range(j + 1, chunk, WINDOW):
+            # WINDOW aggregates' loads in flight at once, then applied in order
+            v_zr = ()
+            v_zi = ()
+            v_xr = ()
+            v_xi = ()
+            lim = tl.where(mask_p, chunk - i0, 0)     # (a vector mask, as in _load_tile)
+            for g in tl.static_range(WINDOW):
+                m = g < lim
+                at = src + g * 8 * plane
+                v_zr = v_zr + (tl.load(at, mask=m, other=0.0, volatile=True),)
+                v_zi = v_zi + (tl.load(at + plane, mask=m, other=0.0, volatile=True),)
+                v_xr = v_xr + (tl.load(at + 2 * plane, mask=m, other=0.0, volatile=True),)
+                v_xi = v_xi + (tl.load(at + 3 * plane, mask=m, other=0.0, volatile=True),)
+            for g in tl.static_range(WINDOW):
+                live = g < lim
+                ez_r, ex_r = _imex_step(m00, m01, dt, 0.0, h_zr, h_xr, 0.0)
+                ez_i, ex_i = _imex_step(m00, m01, dt, 0.0, h_zi, h_xi, 0.0)
+                h_zr = tl.where(live, qa * h_zr + qb * ez_r + v_zr[g], h_zr)
+                h_xr = tl.where(live, qa * h_xr + qb * ex_r + v_xr[g], h_xr)
+                h_zi = tl.where(live, qa * h_zi + qb * ez_i + v_zi[g], h_zi)
+                h_xi = tl.where(live, qa * h_xi + qb * ex_i + v_xi[g], h_xi)
+            src += WINDOW * 8 * plane
+    return h_zr, h_zi, h_xr, h_xi
+
+
+@triton.jit
+def _window_back(flag_ptr, chunk, slot, n_slots, WINDOW: tl.constexpr):
+    """The latest chunk j < ``chunk`` whose inclusive state is published (flag 2) with every
+    chunk after it having published at least its aggregate (flag 1), reading the flags of
+    ``WINDOW`` chunks at a time: a window with an unpublished chunk after its latest
+    inclusive one is read again (those chunks started earlier and will publish); a window
+    of aggregates only moves the window back. Chunk 0 always ends the search (it publishes
+    its inclusive state and nothing else). Flags only ever rise (0, 1, 2), so a window
+    found clear stays clear."""
+    w = tl.arange(0, WINDOW)
+    zero = tl.zeros((WINDOW,), dtype=tl.int32)
+    hi = chunk
+    found = chunk * 0 - 1
+    while found < 0:
+        idx = hi - WINDOW + w
+        f = tl.atomic_add(flag_ptr + tl.maximum(idx, 0) * n_slots + slot, zero, sem="acquire")
+        f = tl.where(idx >= 0, f, 1)          # (before chunk 0: never reached, see above)
+        last = tl.max(tl.where(f == 2, idx, -1), axis=0)
+        waiting = tl.sum(((f == 0) & (idx > last)).to(tl.int32), axis=0)
+        found = tl.where(waiting == 0, last, -1)
+        hi = tl.where((waiting == 0) & (last < 0), hi - WINDOW, hi)
+    return found
+
+
+@triton.jit
+def _linoss_chunk_loop_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr,
+                              sT_ptr, carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t,
+                              BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+                              LOG2_T: tl.constexpr, WINDOW: tl.constexpr):
+    pid = tl.program_id(0)
+    n_slots = B * tl.cdiv(P, BLOCK_P)
+    _linoss_chunk_loop(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, sT_ptr,
+                       carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t, pid // n_slots,
+                       pid % n_slots, False, BLOCK_T, BLOCK_P, LOG2_T, WINDOW)
+
+
+@triton.jit
+def _linoss_chunk_loop(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, sT_ptr,
+                       carry_ptr, flag_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t, chunk, slot, hold,
+                       BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, LOG2_T: tl.constexpr,
+                       WINDOW: tl.constexpr):
+    """One program of the ``chunk_loop`` design: ``chunk`` of T for ``slot`` (batch row,
+    block of P); ``hold`` as in :func:`_linoss_chunk`, ``WINDOW`` :func:`_loop_look_back`'s.
+    The tile is ``BLOCK_T`` vectors of
+    ``[BLOCK_P]`` (one oscillator per thread lane, P the contiguous axis, so each step's
+    load and store is one coalesced row). Its aggregate is the step loop from a zero state,
+    the state entering it comes by look-back, and its outputs are the step loop again from
+    that state: 2 x 3 FMAs per element per pass, no matrix products, no scan network."""
+    n_pb = tl.cdiv(P, BLOCK_P)
+    n_slots = B * n_pb
+    b = (slot // n_pb).to(tl.int64)
+    offs_p = (slot % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    m00, m01, dt, c0 = _imex_transition(a_ptr, g_ptr, dt_ptr, offs_p, mask_p)
+    t0 = chunk * BLOCK_T
+    n_valid = T - t0
+    b_off = b * sb_b + t0.to(tl.int64) * sb_t + offs_p
+    b_r = _load_tile(br_ptr + b_off, sb_t, n_valid, mask_p, BLOCK_T)
+    b_i = _load_tile(bi_ptr + b_off, sb_t, n_valid, mask_p, BLOCK_T)
+    publish = t0 + BLOCK_T < T
+    # 1. the aggregate (used only when published: a full tile that is not the last)
+    agg_zr, agg_zi, agg_xr, agg_xi = _aggregate(b_r, b_i, m00, m01, dt, c0, BLOCK_T)
+    qa, qb = _imex_power(m00, m01, dt, LOG2_T)
+    # 2. the state entering the chunk
+    h_zr, h_zi, h_xr, h_xi = _loop_look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi,
+                                             agg_xr, agg_xi, m00, m01, dt, qa, qb, chunk,
+                                             slot, n_slots, b, offs_p, mask_p, B, P, publish,
+                                             WINDOW)
+    # 3. the outputs and the inclusive end state
+    x_off = b * sx_b + t0.to(tl.int64) * sx_t + offs_p
+    if n_valid >= BLOCK_T:
+        e_zr, e_zi, e_xr, e_xi = _walk_tile(b_r, b_i, m00, m01, dt, c0, h_zr, h_zi, h_xr, h_xi,
+                                            xr_ptr + x_off, xi_ptr + x_off, sx_t, n_valid,
+                                            mask_p, BLOCK_T, False)
+    else:
+        e_zr, e_zi, e_xr, e_xi = _walk_tile(b_r, b_i, m00, m01, dt, c0, h_zr, h_zi, h_xr, h_xi,
+                                            xr_ptr + x_off, xi_ptr + x_off, sx_t, n_valid,
+                                            mask_p, BLOCK_T, True)
+    if publish:
+        if hold == 0:
+            _publish_inclusive(carry_ptr, flag_ptr, chunk, slot, n_slots, b, offs_p, mask_p,
+                               B, P, e_zr, e_zi, e_xr, e_xi)
+    else:
+        _store_state(sT_ptr, b, offs_p, mask_p, P, e_zr, e_zi, e_xr, e_xi)
+
+
+@triton.jit
+def _linoss_rows_loop_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr,
+                             sT_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t,
+                             BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The ``rows_loop`` design: a program per (batch row, block of P) walks the whole
+    sequence with the step loop, the next tile's ``2 BLOCK_T`` loads issued before the
+    current tile's steps. No look-back traffic."""
+    pid = tl.program_id(0)
+    n_pb = tl.cdiv(P, BLOCK_P)
+    b = (pid // n_pb).to(tl.int64)
+    offs_p = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    m00, m01, dt, c0 = _imex_transition(a_ptr, g_ptr, dt_ptr, offs_p, mask_p)
+    s0 = s0_ptr + b * P * 4 + offs_p * 4
+    zr = tl.load(s0, mask=mask_p, other=0.0)
+    zi = tl.load(s0 + 1, mask=mask_p, other=0.0)
+    xr = tl.load(s0 + 2, mask=mask_p, other=0.0)
+    xi = tl.load(s0 + 3, mask=mask_p, other=0.0)
+    b_off = b * sb_b + offs_p           # int64: advanced a tile at a time
+    x_off = b * sx_b + offs_p
+    cur_r = _load_tile(br_ptr + b_off, sb_t, T, mask_p, BLOCK_T)
+    cur_i = _load_tile(bi_ptr + b_off, sb_t, T, mask_p, BLOCK_T)
+    n_full = T // BLOCK_T
+    for k in tl.range(0, n_full, num_stages=1):   # (prefetched by hand, one tile ahead)
+        # the next tile's loads go out before this tile's stores (which they could alias)
+        b_off += BLOCK_T * sb_t
+        left = T - (k + 1) * BLOCK_T
+        nxt_r = _load_tile(br_ptr + b_off, sb_t, left, mask_p, BLOCK_T)
+        nxt_i = _load_tile(bi_ptr + b_off, sb_t, left, mask_p, BLOCK_T)
+        zr, zi, xr, xi = _walk_tile(cur_r, cur_i, m00, m01, dt, c0, zr, zi, xr, xi,
+                                    xr_ptr + x_off, xi_ptr + x_off, sx_t, BLOCK_T, mask_p,
+                                    BLOCK_T, False)
+        x_off += BLOCK_T * sx_t
+        cur_r = nxt_r
+        cur_i = nxt_i
+    left = T - n_full * BLOCK_T
+    if left > 0:
+        zr, zi, xr, xi = _walk_tile(cur_r, cur_i, m00, m01, dt, c0, zr, zi, xr, xi,
+                                    xr_ptr + x_off, xi_ptr + x_off, sx_t, left, mask_p,
+                                    BLOCK_T, True)
+    _store_state(sT_ptr, b, offs_p, mask_p, P, zr, zi, xr, xi)
+
+
+
+#: the rows designs need about this many (batch row, block of P) programs per SM to keep HBM
+#: busy on their own (each one-warp program has one tile in flight while it walks the one
+#: before). The scan-based rows kernel measured 86% of copy at B=256 T=4096 P=128 on an H100
+#: (1024 programs, about 7.8 per SM), 1.26x faster than the chunk kernel there.
 ROWS_PER_SM = 6
+#: the tile of the AOT kernels that ort_linoss_scan.cc launches (the scan-based designs):
+#: (BLOCK_T, BLOCK_P, num_warps); it keeps its own copy of ROWS_PER_SM's rule
+ORT_TILE = (16, 32, 1)
+DESIGNS = ("chunk", "rows", "chunk_loop", "rows_loop")
+#: chunk_loop's default look-back window (LaunchPlan.window)
+LOOK_BACK_WINDOW = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """One launch of ``linoss_scan``. Tiles are powers of two.
+
+    - ``design``: ``"chunk"`` / ``"rows"`` (the tile scanned with ``tl.associative_scan``
+      over 8-value affine maps, M rounded once) or ``"chunk_loop"`` / ``"rows_loop"`` (a
+      per-thread step loop in the IMEX form, :func:`_imex_step`); the ``chunk*`` designs
+      put one program on each chunk of ``block_t`` steps and hand the state on by decoupled
+      look-back, the ``rows*`` ones walk a row's whole T in one program;
+    - ``block_t``: steps per tile (per chunk for the chunk designs);
+    - ``block_p``: oscillators per program (``block_p / (32 num_warps)`` per thread);
+    - ``num_warps``;
+    - ``window``: ``chunk_loop`` only, the chunks whose flags (then aggregates) one read
+      of its look-back covers (:func:`_loop_look_back`; 1: one at a time, as ``chunk``).
+    """
+    design: str
+    block_t: int
+    block_p: int
+    num_warps: int
+    window: int = 1
+
+    def __post_init__(self):
+        if self.design not in DESIGNS:
+            raise ValueError(f"linoss_scan: design must be one of {DESIGNS}, got {self.design!r}")
+        if self.window != 1 and self.design != "chunk_loop":
+            raise ValueError(f"linoss_scan: window applies to chunk_loop only, not {self.design}")
+        for name in ("block_t", "block_p", "num_warps", "window"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"linoss_scan: {name} must be a power of two, got {v}")
+
+    @property
+    def chunked(self) -> bool:
+        return self.design in ("chunk", "chunk_loop")
+
+    def slots(self, B: int, P: int) -> int:
+        """(batch row, block of P) pairs: the rows designs' grid, one chunk's for the others."""
+        return B * triton.cdiv(P, self.block_p)
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,28 +688,61 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def launch_config(B: int, T: int, P: int, device: torch.device) -> tuple[str, int, int, int]:
-    """(kernel, BLOCK_T, BLOCK_P, num_warps). Eight fp32 scan values per element live in
-    registers, so a tile is 32 oscillators (one per thread of one warp) by 16 steps. Not yet
-    tuned on a GPU: ``benchmarks/dlinoss_scan.py --sweep`` measures the alternatives."""
+def choose(B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
+    """The default plan for ``[B, T, P]`` on ``device``:
+
+    - ``rows`` (the scan design, 16 x 32 tiles, one warp) where the (batch row, 32
+      oscillators) programs alone fill the GPU (``ROWS_PER_SM`` per SM) or T fits one
+      tile: measured 86% of copy at B=256 T=4096 P=128 on an H100. ``rows_loop`` is not
+      measured yet, and ptxas gives its one-warp programs 255 registers (a 64-bit address
+      per prefetched step), so it stays opt-in until a benchmark run says otherwise;
+    - else ``chunk_loop`` with 32-step chunks, 32 oscillators, one warp, a look-back
+      window of 8 (217 registers for sm_90, no spills; 140 with window 1). Not yet
+      measured on a GPU either; it replaces the scan-based ``chunk`` (0.0568 ms = 48% of
+      copy at B=32 T=1024 P=128, H100, twice the copy's time), whose tile costs two 8-value
+      affine-map scans per element where the loop costs 2 x 3 FMAs per element per pass;
+      its 32-step chunks halve the look-back chains of 16-step ones, and the window cuts
+      the serial L2 round trips of a walk across k chunks from about 2k to 2k / 8 (the
+      first wave of programs walks back to chunk 0: up to ~14 chunks per walk at B=32).
+
+    ``benchmarks/dlinoss_scan.py`` times every design (and ``--sweep`` tiles) at the
+    issue's sizes and prints the fastest per size."""
     block_p = min(32, triton.next_power_of_2(P))
-    block_t = 16 if T >= 16 else max(2, triton.next_power_of_2(T))
     slots = B * triton.cdiv(P, block_p)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
-    kernel = "rows" if slots >= ROWS_PER_SM * sms or T <= block_t else "chunk"
-    return kernel, block_t, block_p, 1
+    if slots >= ROWS_PER_SM * sms or T <= 16:
+        return LaunchPlan("rows", _tile_t(16, T), block_p, 1)
+    return LaunchPlan("chunk_loop", _tile_t(32, T), block_p, 1, LOOK_BACK_WINDOW)
 
 
-_chunk_launcher = Launcher(_linoss_chunk_kernel, tensors=11)
-_rows_launcher = Launcher(_linoss_rows_kernel, tensors=9)
+def _tile_t(block_t: int, T: int) -> int:
+    """``block_t``, or T rounded up to a power of two (at least 2) where that is shorter."""
+    return block_t if T >= block_t else max(2, triton.next_power_of_2(T))
 
 
-def triton_linoss_scan(b_re, b_im, A, G, dt, state0, out=None, kernel=None, block_t=None,
-                       block_p=None, num_warps=None):
-    """Launch the kernel. ``b_*`` may be strided views with unit stride over P (e.g. halves
-    of one [B, T, 2P] projection). ``out``: optional preallocated ``(x_re, x_im, stateT)``.
-    ``kernel`` ("chunk" or "rows") and the block sizes override :func:`launch_config`."""
+def default_plan(design: str, B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
+    """``design``'s plan with its default tile: 16 steps for the scan designs (as measured),
+    32 for the loop designs; 32 oscillators and one warp for all; chunk_loop's look-back
+    window ``LOOK_BACK_WINDOW``."""
+    block_t = 16 if design in ("chunk", "rows") else 32
+    return LaunchPlan(design, _tile_t(block_t, T), min(32, triton.next_power_of_2(P)), 1,
+                      LOOK_BACK_WINDOW if design == "chunk_loop" else 1)
+
+
+_LAUNCHERS = {"chunk": Launcher(_linoss_chunk_kernel, tensors=11),
+              "rows": Launcher(_linoss_rows_kernel, tensors=9),
+              "chunk_loop": Launcher(_linoss_chunk_loop_kernel, tensors=11),
+              "rows_loop": Launcher(_linoss_rows_loop_kernel, tensors=9)}
+
+
+def triton_linoss_scan(b_re, b_im, A, G, dt, state0, out=None, plan: LaunchPlan | None = None,
+                       kernel: str | None = None):
+    """Launch ``plan`` (default :func:`choose`'s; ``kernel``, a design name, takes that
+    design's :func:`default_plan`). ``b_* [B, T, P]`` fp32/fp16/bf16 may be strided views
+    with unit stride over P (e.g. halves of one [B, T, 2P] projection); ``A, G, dt [P]`` and
+    ``state0 [B, P, 4]`` fp32. ``out``: optional preallocated ``(x_re, x_im, stateT)``.
+    Returns ``x_re, x_im [B, T, P]`` in ``b_re``'s dtype and ``stateT [B, P, 4]`` fp32."""
     B, T, P = b_re.shape
     if b_re.stride(2) != 1 or b_im.stride(2) != 1 or b_re.stride()[:2] != b_im.stride()[:2]:
         b_re, b_im = b_re.contiguous(), b_im.contiguous()
@@ -373,19 +759,21 @@ def triton_linoss_scan(b_re, b_im, A, G, dt, state0, out=None, kernel=None, bloc
     if T == 0:
         state_t.copy_(state0)
         return x_re, x_im, state_t
-    kind, bt, bp, nw = launch_config(B, T, P, b_re.device)
-    kind, bt, bp, nw = kernel or kind, block_t or bt, block_p or bp, num_warps or nw
-    if bt & (bt - 1) or bp & (bp - 1):
-        raise ValueError(f"linoss_scan: block sizes must be powers of two, got {bt}, {bp}")
+    if plan is None:
+        plan = default_plan(kernel, B, T, P, b_re.device) if kernel else \
+            choose(B, T, P, b_re.device)
     tensors = (b_re, b_im, A, G, dt, state0, x_re, x_im, state_t)
     sizes = (B, T, P, b_re.stride(0), b_re.stride(1), x_re.stride(0), x_re.stride(1))
-    if kind == "rows":
-        _rows_launcher((B * triton.cdiv(P, bp),), (*tensors, *sizes), (bt, bp), num_warps=nw)
+    run, slots = _LAUNCHERS[plan.design], plan.slots(B, P)
+    if not plan.chunked:
+        run((slots,), (*tensors, *sizes), (plan.block_t, plan.block_p),
+            num_warps=plan.num_warps)
         return x_re, x_im, state_t
-    n_chunks = triton.cdiv(T, bt)
-    n_slots = B * triton.cdiv(P, bp)
+    n_chunks = triton.cdiv(T, plan.block_t)
     carry = torch.empty(max(n_chunks - 1, 1) * 8 * B * P, dtype=torch.float32, device=b_re.device)
-    flags = torch.zeros(max(n_chunks - 1, 1) * n_slots, dtype=torch.int32, device=b_re.device)
-    _chunk_launcher((n_chunks * n_slots,), (*tensors, carry, flags, *sizes),
-                    (bt, bp, bt.bit_length() - 1), num_warps=nw)
+    flags = torch.zeros(max(n_chunks - 1, 1) * slots, dtype=torch.int32, device=b_re.device)
+    values = (plan.block_t, plan.block_p, plan.block_t.bit_length() - 1)
+    if plan.design == "chunk_loop":
+        values += (plan.window,)
+    run((n_chunks * slots,), (*tensors, carry, flags, *sizes), values, num_warps=plan.num_warps)
     return x_re, x_im, state_t

@@ -33,9 +33,12 @@ at step s reaches step t through ``M^(t-s)``, so the error at T is about
   the kernel's per-step form (float64-computed M rounded once to fp32).
 
 The chunked CPU form computes ``M^d`` (d <= chunk) in float64 and rounds each once; the
-Triton kernel folds the incoming state into the first step of each tile, so no power of M
-ever multiplies a state except in the look-back across unfinished chunks, which applies
-``Q = M^16 = a I + b M`` once per chunk it crosses (``a, b`` float64, rounded once).
+Triton kernels (four designs, ``kernels.py``) walk every tile step by step from the state
+entering it (the scan designs fold that state into the tile's first step, the loop designs
+run the IMEX step ``z' = m00 z + m01 x + c0 b``, ``x' = x + dt z'`` in order), so no power
+of M ever multiplies a state except in the chunk designs' look-back across unfinished
+chunks, which applies ``Q = M^BLOCK_T = a I + b M`` once per chunk it crosses (``a, b``
+float64, rounded once).
 ``tests/test_dlinoss_scan.py`` checks all of this.
 """
 from __future__ import annotations
@@ -203,14 +206,12 @@ FLOAT32_OUTPUTS = ("stateT",)
 
 
 def _ort_variants(kernel: str):
-    """The AOT variants of one of the two Triton kernels: the tile and warps launch_config
-    gives a long sequence (the CUDA form masks partial tiles, so one tile serves every shape)."""
+    """The AOT variants of one of the two scan-based Triton kernels: ``kernels.ORT_TILE``
+    (the CUDA form masks partial tiles, so one tile serves every shape)."""
     def variants(dtype: str) -> dict:
-        import torch
+        from seqdeploy_dlinoss.kernels import ORT_TILE
 
-        from seqdeploy_dlinoss.kernels import launch_config
-
-        _, block_t, block_p, num_warps = launch_config(1, 1 << 16, 1 << 10, torch.device("cpu"))
+        block_t, block_p, num_warps = ORT_TILE
         constexprs = {"BLOCK_T": block_t, "BLOCK_P": block_p}
         if kernel == "chunk":
             constexprs["LOG2_T"] = block_t.bit_length() - 1
@@ -221,7 +222,7 @@ def _ort_variants(kernel: str):
 def ort_kernel():
     """The ONNX Runtime kernels (``ort_linoss_scan.cc``): a CPU step loop, and on CUDA this
     plugin's rows and chunk Triton kernels compiled ahead of time (no scratch, no clusters),
-    chosen per shape as launch_config chooses them."""
+    chosen per shape by the rule of ``kernels.ROWS_PER_SM``."""
     from seqdeploy.ort_native import OrtKernel, TritonAOT
 
     p, f, i = "*T", "*fp32", "i32"
