@@ -23,6 +23,7 @@ tiny shape, ``--shapes``; no CUDA graphs, fla or encoder there).
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 import os
@@ -60,7 +61,6 @@ VARIANTS = {
     "split half bv16": dict(design="split", dot_operands="input", BV=16),
     "split half bv64": dict(design="split", dot_operands="input", BV=64),
     "split half both-mem": dict(design="split", dot_operands="input", mems_per_program=2),
-    "split half w2": dict(design="split", dot_operands="input", num_warps=2),
     "fused": dict(design="fused"),
     "fused bv16": dict(design="fused", BV=16),
     "fused bv64 w8": dict(design="fused", BV=64, num_warps=8),
@@ -162,6 +162,7 @@ def encoder_latency(results, dtype_name):
 
 
 def main():
+    sys.stdout.reconfigure(line_buffering=True)   # lines survive a stage timeout's kill
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))

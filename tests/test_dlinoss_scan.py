@@ -532,3 +532,26 @@ def test_cuda_odd_shapes(T, dtype):
     for kernel in KERNELS:
         out = triton_linoss_scan(*args, out=poisoned(args[0]), kernel=kernel)
         assert rel_l2(out, ref) < TOL[dtype]
+
+
+def test_benchmark_smoke_run(tmp_path):
+    """benchmarks/dlinoss_scan.py runs on one unattended device call: its --smoke run takes
+    every design once on the CPU (the interpreter), at a batch larger than the float64
+    reference's rows, and every variant's outputs match that reference."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "dlinoss_scan.py"
+    spec = importlib.util.spec_from_file_location("dlinoss_scan_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "dlinoss.json"
+    bench.main(["--smoke", "--no-seed-loop", "--json", str(out)])
+    sizes = json.loads(out.read_text())["sizes"]
+    assert any(s["B"] > 2 for s in sizes)
+    for size in sizes:
+        assert size["variants"], size
+        for name, v in size["variants"].items():
+            assert "error" not in v, (name, v)
+            assert v["rel_l2"] < 1e-5, (name, v)

@@ -489,6 +489,10 @@ class LaunchPlan:
         if self.mems_per_program not in (1, 2) or self.workspace not in ("input", "fp32") or \
                 self.dot_operands not in ("input", "fp32"):
             raise ValueError(f"dual_delta_rule: bad plan {self}")
+        if self.design == "split" and self.dot_operands == "input" and self.num_warps < 4:
+            # seen on an H100 (triton 3.6, bf16): an illegal memory access; cause not found
+            raise ValueError("dual_delta_rule: the split design with input-dtype dots needs "
+                             f"num_warps >= 4, got {self.num_warps}")
 
     def half_dots(self, dtype: torch.dtype) -> bool:
         return dtype in (torch.float16, torch.bfloat16) and self.dot_operands == "input"

@@ -9,7 +9,8 @@ Without capacity (the inference default) tokens are independent: the grid is
 program walks its row's T blocks in order: grid (row,).
 
 **Experts** (``triton_moe_experts``): two designs, chosen by an :class:`ExpertsPlan`
-(:func:`experts_plan` names them; the default ``"auto"`` is one of ``"buckets"``'s).
+(:func:`experts_plan` names them; the default ``"auto"`` is ``"padded"``, the faster on an
+H100).
 Neither waits on the host, and both gather the token rows of ``x`` in the first GEMM's A
 load and apply the gate and the scatter back to each token's row in the second GEMM's
 epilogue.
@@ -530,9 +531,11 @@ def experts_plan(N: int, E: int, d: int, f: int, dtype: torch.dtype,
     in ``dtype`` (see :class:`ExpertsPlan`). The row tile follows the mean group size, as
     :func:`experts_config`; on top of it:
 
-    - ``auto`` (the default): ``buckets-tail`` where the mean-size row tile is under 128
-      rows (E=64 over 8192 tokens), else ``buckets``. Chosen from the traffic count in the
-      module docstring, not yet from a timing: ``benchmarks/moe_layer.py`` prints each;
+    - ``auto`` (the default): ``padded``. On one H100 (bf16, N=8192, d=768, f=3072, one
+      run of ``benchmarks/moe_layer.py``) every ``buckets`` variant's GEMMs were slower than
+      ``padded``'s (E=8: 253-299 against 252 us; E=64: 370-421 against 369 us) although its
+      grouping was faster (8.5 against 12.9 us; 10.2 against 25.3 us), so the first design
+      stays the default and the others stay selectable for that benchmark;
     - ``padded``: the first design at :func:`experts_config`'s tiles;
     - ``buckets``: the one-pass grouping with the same tiles (it removes the layout
       kernel's serial walk over E, a dependent load per expert);
@@ -544,16 +547,14 @@ def experts_plan(N: int, E: int, d: int, f: int, dtype: torch.dtype,
       weight share of each tile's loads halves again;
     - ``buckets-persistent``: ``buckets-tail`` on a persistent grid (2 programs per SM).
 
-    Not yet timed on hardware: ``benchmarks/moe_layer.py`` times every variant."""
+    ``benchmarks/moe_layer.py`` times every variant."""
     if variant not in EXPERTS_VARIANTS:
         raise ValueError(f"unknown experts variant {variant!r}: one of {EXPERTS_VARIANTS}")
     cfg = experts_config(N, E, d, f, dtype)
     bm = cfg["block_m"]
     tiles = GemmTiles(cfg["block_n"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"])
-    if variant == "padded":
+    if variant in ("padded", "auto"):
         return ExpertsPlan("padded", bm, tiles, tiles)
-    if variant == "auto":
-        variant = "buckets-tail" if bm < 128 else "buckets"
     if variant == "buckets":
         return ExpertsPlan("buckets", bm, tiles, tiles)
     if variant == "buckets-n":
