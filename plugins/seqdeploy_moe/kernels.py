@@ -203,6 +203,34 @@ def _gelu(z):
 
 
 @triton.jit
+def _rows_times_w(a_ptr, a_rows, valid, w_base, offs_n, mask_n, K, s_a, s_wk,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  DOT_F32: tl.constexpr, WIDEN: tl.constexpr, EVEN_K: tl.constexpr):
+    """``a[a_rows] @ w[:, offs_n]`` as a ``[BLOCK_M, BLOCK_N]`` fp32 tile (rows not ``valid``
+    and columns not in ``mask_n`` load zeros): the K loop of both experts designs.
+    EVEN_K: ``K % BLOCK_K == 0``, so the loads need no K mask."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * s_a + offs_k[None, :]
+        w_ptrs = w_base + offs_k[:, None].to(tl.int64) * s_wk + offs_n[None, :]
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = offs_k < K
+            a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if WIDEN:      # the interpreter's bf16 dot (see _widen_in_interpreter)
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        elif DOT_F32:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    return acc
+
+
+@triton.jit
 def _grouped_ffn_kernel(a_ptr, row_token_ptr, tile_expert_ptr, w_ptr, bias_ptr, gate_ptr,
                         out_ptr, K, N, E, s_a, s_we, s_wk, s_be, s_o,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -227,24 +255,8 @@ def _grouped_ffn_kernel(a_ptr, row_token_ptr, tile_expert_ptr, w_ptr, bias_ptr, 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         w_base = w_ptr + e.to(tl.int64) * s_we
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a_ptrs = a_ptr + a_rows[:, None] * s_a + offs_k[None, :]
-            w_ptrs = w_base + offs_k[:, None].to(tl.int64) * s_wk + offs_n[None, :]
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
-            else:
-                mask_k = offs_k < K
-                a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if WIDEN:      # the interpreter's bf16 dot (see _widen_in_interpreter)
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            elif DOT_F32:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
+        acc = _rows_times_w(a_ptr, a_rows, valid, w_base, offs_n, mask_n, K, s_a, s_wk,
+                            BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, WIDEN, EVEN_K)
         bias = tl.load(bias_ptr + e * s_be + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += bias[None, :]
         if FIRST:
@@ -298,24 +310,8 @@ def _bucket_tile(a_ptr, slot_ptr, w_base, bias_ptr, gate_ptr, out_ptr, row0, n_r
         a_rows = padded
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + a_rows[:, None] * s_a + offs_k[None, :]
-        w_ptrs = w_base + offs_k[:, None].to(tl.int64) * s_wk + offs_n[None, :]
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
-        else:
-            mask_k = offs_k < K
-            a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if WIDEN:      # the interpreter's bf16 dot (see _widen_in_interpreter)
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        elif DOT_F32:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+    acc = _rows_times_w(a_ptr, a_rows, valid, w_base, offs_n, mask_n, K, s_a, s_wk,
+                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, WIDEN, EVEN_K)
     bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     acc += bias[None, :]
     if FIRST:
