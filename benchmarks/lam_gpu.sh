@@ -7,9 +7,9 @@
 # says fla is unavailable and the fla test skips.
 #   1. GPU tests of the op and the model (the registered op on CUDA runs the Triton kernels)
 #   2. benchmarks/lam_dual_delta.py: kernel vs the seed's per-token loop vs fla (one memory)
-#      at B=8 n=8 d=64 bf16, T=2048/128/512; --sweep: every design (split, fused) and tiling of
-#      kernels.LaunchPlan in one table (ms, x fla, rel-L2 vs float64); the base encoder at B=1,
-#      T=128 and 512 (the script stops starting measurements after --budget-s 70 s)
+#      at B=8 n=8 d=64 bf16, T=2048/128/512, with the default plans; the base encoder at B=1,
+#      T=128 and 512 (measurements start only within --budget-s 75 s)
+#   4. (LAM_SWEEP=1) every design and tiling of kernels.LaunchPlan in one table
 #   3. seqdeploy run lam --preset tiny on the GPU, long case T=1024 (time budget; the base
 #      encoder's GPU latency is step 2's last lines)
 set -uo pipefail
@@ -21,9 +21,9 @@ if ls .whl/fla_core-*.whl >/dev/null 2>&1; then
     >/dev/null 2>&1 || echo "fla wheels did not install"
 fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$O/lam_env.txt"
-SEQDEPLOY_LAM_E2E=0 timeout 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_lam_ops.py tests/test_lam_model.py 2>&1 \
+SEQDEPLOY_LAM_E2E=0 timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_lam_ops.py tests/test_lam_model.py 2>&1 \
   | tail -15 | tee "$O/lam_pytest_gpu.txt"
-timeout 80 python3 benchmarks/lam_dual_delta.py --sweep --json "$O/lam_dual_delta.json" 2>&1 | grep -v Warning \
+timeout 90 python3 benchmarks/lam_dual_delta.py --budget-s 75 --json "$O/lam_dual_delta.json" 2>&1 | grep -v Warning \
   | tee "$O/lam_dual_delta.txt"
 # `run` leaves out (and says why) an engine that cannot serve lam here: the native `ort` engine
 # needs its op library, which the device cannot build (no ORT headers): benchmarks/ort_gpu.sh
@@ -32,4 +32,9 @@ timeout 80 python3 benchmarks/lam_dual_delta.py --sweep --json "$O/lam_dual_delt
 timeout 100 seqdeploy run lam --preset tiny --out /tmp/seqdeploy-lam --long-seq 1024 --no-plot 2>&1 \
   | grep -v "^  \[" | tee "$O/run_lam.txt"
 cp /tmp/seqdeploy-lam/lam/tiny/parity.json /tmp/seqdeploy-lam/lam/tiny/bench.json "$O/" 2>/dev/null
+# 4. every design and tiling (precompiled in parallel first), when LAM_SWEEP=1 and time is left
+if [ "${LAM_SWEEP:-0}" = "1" ]; then
+  timeout 130 python3 benchmarks/lam_dual_delta.py --sweep --no-encoder --budget-s 110 \
+    --json "$O/lam_sweep.json" 2>&1 | grep -v Warning | tee "$O/lam_sweep.txt"
+fi
 exit 0
