@@ -9,9 +9,9 @@
 #   2. benchmarks/lam_dual_delta.py: kernel vs the seed's per-token loop vs fla (one memory)
 #      at B=8 n=8 d=64 bf16, T=2048/128/512, with the default plans; the base encoder at B=1,
 #      T=128 and 512 (measurements start only within --budget-s 75 s)
-#   4. (LAM_SWEEP=1) every design and tiling of kernels.LaunchPlan in one table
 #   3. seqdeploy run lam --preset tiny on the GPU, long case T=1024 (time budget; the base
 #      encoder's GPU latency is step 2's last lines)
+#   4. (LAM_SWEEP=1) every design and tiling of kernels.LaunchPlan in one table
 set -uo pipefail
 O=${OUT:-/tmp/seqdeploy-out}
 mkdir -p "$O"
