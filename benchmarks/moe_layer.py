@@ -208,6 +208,8 @@ def main(argv=None) -> int:
             times[f"experts op BLOCK_M={bm}"] = bench(
                 lambda bm=bm: triton_moe_experts(xb, expert, gate, w1, b1, w2, b2, block_m=bm,
                                                  plan="padded"))
+        if not args.smoke:
+            point["projection"] = projection_breakdown(x, w_r, bench, times, layer)
         reason = "smoke run on the CPU" if args.smoke else grouped_mm_reason(dtype)
         if reason is None:
             try:
@@ -263,6 +265,56 @@ def main(argv=None) -> int:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
     return 0
+
+
+def split_bf16(w: torch.Tensor, parts: int = 3) -> torch.Tensor:
+    """``w [d, E]`` fp32 as ``parts`` bf16 terms whose sum is w to about 2^-24 relative:
+    ``[d, parts * E]``, term j holding what terms 0..j-1 left over."""
+    terms, rest = [], w.float()
+    for _ in range(parts):
+        t = rest.to(torch.bfloat16)
+        terms.append(t)
+        rest = rest - t.float()
+    return torch.cat(terms, dim=1)
+
+
+def projection_breakdown(x, w_r, bench, times, layer) -> dict:
+    """Where the layer's time outside the experts op goes, and one candidate for the fp32
+    router projection: x (bf16/fp16, exact in bf16? only bf16) times w_r split in three bf16
+    terms through one GEMM with fp32 output (each product exact in fp32, fp32 accumulation),
+    against ``x.float() @ w_r``; both compared with a float64 product. Adds timings to
+    ``times`` and returns the errors."""
+    N, E = x.shape[0], w_r.shape[1]
+    exact = x.double() @ w_r.double()
+    fp32 = x.float() @ w_r
+    out = {"fp32_max_abs_vs_f64": float((fp32.double() - exact).abs().max())}
+    times["projection fp32 (x.float() @ w)"] = bench(lambda: x.float() @ w_r)
+    times["upcast x.float() alone"] = bench(lambda: x.float())
+    if x.dtype == torch.bfloat16:
+        wcat = split_bf16(w_r)
+        try:
+            def split3():
+                return torch.mm(x, wcat, out_dtype=torch.float32).view(N, 3, E).sum(1)
+            got = split3()
+            out["split3_max_abs_vs_f64"] = float((got.double() - exact).abs().max())
+            out["split3_argmax_agrees_with_fp32"] = float((got.argmax(-1) == fp32.argmax(-1)).float().mean())
+            times["projection split3 bf16 (fp32 out)"] = bench(split3)
+        except Exception as exc:   # torch.mm(out_dtype=) is new: report, do not hide
+            out["split3"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    try:      # the layer without Python launch gaps: what a CUDA-graph engine would see
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            layer()
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            layer()
+        times["moe layer (CUDA graph)"] = bench(g.replay)
+    except Exception as exc:
+        out["graph"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    print(f"  projection errors vs float64: {out}")
+    return out
 
 
 def time_plans(plans, floor, deadline, bench, layer_on, xb, expert, gate, weights,
