@@ -71,9 +71,7 @@ struct CfcScanKernel : seqdeploy::Computes<CfcScanKernel> {
     auto type = xw.GetTensorTypeAndShapeInfo().GetElementType();
     const char* dtype = seqdeploy::DtypeName(type);
     if (!dtype) throw Error("xw must be float32 or float16");
-    if (h0.GetTensorTypeAndShapeInfo().GetElementType() != type ||
-        w_rec.GetTensorTypeAndShapeInfo().GetElementType() != type)
-      throw Error("h0 and w_rec must have xw's dtype");
+    seqdeploy::RequireDtype(type, {&h0, &w_rec}, "h0 and w_rec must have xw's dtype");
     auto y = ctx.GetOutput(0, shape);
     if (B * T * H == 0) return;
     if (!cuda_) {

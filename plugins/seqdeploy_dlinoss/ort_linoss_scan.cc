@@ -125,8 +125,7 @@ struct LinossScanKernel : seqdeploy::Computes<LinossScanKernel> {
     auto type = b_re.GetTensorTypeAndShapeInfo().GetElementType();
     const char* dtype = seqdeploy::DtypeName(type);
     if (!dtype) throw Error("b_re must be float32 or float16");
-    if (b_im.GetTensorTypeAndShapeInfo().GetElementType() != type)
-      throw Error("b_im must have b_re's dtype");
+    seqdeploy::RequireDtype(type, {&b_im}, "b_im must have b_re's dtype");
     auto x_re = ctx.GetOutput(0, shape), x_im = ctx.GetOutput(1, shape);
     auto state_t = ctx.GetOutput(2, state);
     if (B * P == 0) return;   // T = 0 still hands state0 on as stateT

@@ -143,12 +143,9 @@ struct DualDeltaRuleKernel : seqdeploy::Computes<DualDeltaRuleKernel> {
     auto type = q.GetTensorTypeAndShapeInfo().GetElementType();
     const char* dtype = seqdeploy::DtypeName(type);
     if (!dtype) throw Error("q must be float32 or float16");
-    for (auto* x : {&k, &v, &beta, &mix})
-      if (x->GetTensorTypeAndShapeInfo().GetElementType() != type)
-        throw Error("k, v, beta and mix must have q's dtype");
-    for (auto* x : {&g_fast, &g_slow, &state0})
-      if (x->GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-        throw Error("g_fast, g_slow and state0 must be float32");
+    seqdeploy::RequireDtype(type, {&k, &v, &beta, &mix}, "k, v, beta and mix must have q's dtype");
+    seqdeploy::RequireDtype(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {&g_fast, &g_slow, &state0},
+                            "g_fast, g_slow and state0 must be float32");
     auto o = ctx.GetOutput(0, {B, T, n, dv});
     auto stateT = ctx.GetOutput(1, state_shape);
     if (B * n * dv == 0) return;   // no element of o or stateT to write

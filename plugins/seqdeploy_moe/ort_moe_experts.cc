@@ -128,12 +128,9 @@ struct MoEExpertsKernel : seqdeploy::Computes<MoEExpertsKernel> {
     auto type = x.GetTensorTypeAndShapeInfo().GetElementType();
     const char* dtype = seqdeploy::DtypeName(type);
     if (!dtype) throw Error("x must be float32 or float16");
-    for (auto* v : {&w1, &b1, &w2, &b2})
-      if (v->GetTensorTypeAndShapeInfo().GetElementType() != type)
-        throw Error("w1, b1, w2 and b2 must have x's dtype");
-    if (expert.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 ||
-        gate.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-      throw Error("expert must be int64 and gate float32");
+    seqdeploy::RequireDtype(type, {&w1, &b1, &w2, &b2}, "w1, b1, w2 and b2 must have x's dtype");
+    seqdeploy::RequireDtype(ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {&expert}, "expert must be int64");
+    seqdeploy::RequireDtype(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {&gate}, "gate must be float32");
     auto y = ctx.GetOutput(0, shape);
     if (N * d == 0) return;
     if (E < 1 || f < 1) throw Error("w1 must have E >= 1 experts and f >= 1");
@@ -171,12 +168,7 @@ struct MoEExpertsKernel : seqdeploy::Computes<MoEExpertsKernel> {
             const Ort::ConstValue& gate, const Ort::ConstValue& w1, const Ort::ConstValue& b1,
             const Ort::ConstValue& w2, const Ort::ConstValue& b2, Ort::UnownedValue& y,
             const char* dtype, int64_t N, int64_t E, int64_t d, int64_t f) {
-    int64_t block_e = 0;
-    for (int64_t be : kBlockE)
-      if (!block_e && E <= be) block_e = be;
-    if (!block_e)
-      throw Error("the CUDA kernels support E <= " + std::to_string(kBlockE[2]) + ", got " +
-                  std::to_string(E));
+    int64_t block_e = seqdeploy::SmallestFit(kBlockE, E, "the CUDA kernels support E");
     int64_t block_m = BlockM(N, E);
     int64_t block_n = block_m >= 64 ? 128 : 64;   // kernels.experts_config
     std::string tile = "_m" + std::to_string(block_m), gemm = tile + "_n" + std::to_string(block_n);

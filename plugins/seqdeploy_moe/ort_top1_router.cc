@@ -92,8 +92,8 @@ struct Top1RouterKernel : seqdeploy::Computes<Top1RouterKernel> {
     auto shape = seqdeploy::ShapeOf(logits, 3, "logits");
     int64_t B = shape[0], T = shape[1], E = shape[2];
     if (E < 1) throw Error("logits must have E >= 1 experts");
-    if (logits.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-      throw Error("logits must be float32 (the router is fp32)");
+    seqdeploy::RequireDtype(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {&logits},
+                            "logits must be float32 (the router is fp32)");
     auto expert = ctx.GetOutput(0, {B, T}), gate = ctx.GetOutput(1, {B, T});
     if (B * T == 0) return;
     int64_t cap = Capacity(capacity_factor_, T, E);
@@ -102,12 +102,7 @@ struct Top1RouterKernel : seqdeploy::Computes<Top1RouterKernel> {
                     gate.GetTensorMutableData<float>(), B, T, E, cap);
       return;
     }
-    int64_t block_e = 0;
-    for (int64_t be : kBlockE)
-      if (!block_e && E <= be) block_e = be;
-    if (!block_e)
-      throw Error("the CUDA kernel supports E <= " + std::to_string(kBlockE[2]) + ", got " +
-                  std::to_string(E));
+    int64_t block_e = seqdeploy::SmallestFit(kBlockE, E, "the CUDA kernel supports E");
     int64_t block_t = kTileLogits / block_e;
     bool dropping = cap < T;
     int64_t t_blocks = dropping ? 1 : seqdeploy::CeilDiv(T, block_t);

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -106,6 +107,22 @@ inline const char* DtypeName(ONNXTensorElementDataType t) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "fp16";
     default: return nullptr;
   }
+}
+
+// Throws Error(message) unless every value holds elements of `type`.
+inline void RequireDtype(ONNXTensorElementDataType type,
+                         std::initializer_list<const Ort::ConstValue*> values, const char* message) {
+  for (const Ort::ConstValue* v : values)
+    if (v->GetTensorTypeAndShapeInfo().GetElementType() != type) throw Error(message);
+}
+
+// The smallest of the ascending `sizes` that is >= n (the block size of the compiled kernel
+// variant that fits n); throws Error("<what> <= <largest>, got <n>") when none does.
+template <size_t K>
+int64_t SmallestFit(const int64_t (&sizes)[K], int64_t n, const std::string& what) {
+  for (int64_t s : sizes)
+    if (n <= s) return s;
+  throw Error(what + " <= " + std::to_string(sizes[K - 1]) + ", got " + std::to_string(n));
 }
 
 inline float ToFloat(float v) { return v; }
