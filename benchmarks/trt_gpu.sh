@@ -29,13 +29,30 @@ if ! python3 -c "import tensorrt" 2>/dev/null && [ -f .trt/SHA256SUMS ]; then
 fi
 python3 -c "import tensorrt_rtx_bindings as t; print('tensorrt-rtx', t.__version__)" 2>&1 | tail -1 | tee "$O/trt_install.txt"
 seqdeploy doctor 2>&1 | tee "$O/trt_doctor.txt"
-# the GPU's part of tests/test_trt.py (engine builds are CI's; TRT_PYTEST_K="" runs them all).
-# Verbose, so each test's verdict is on its own line as it finishes: on an H100 (2026-12-07)
-# 200 s ended after 3 tests, with no summary (exporting every tiny model and the float64
-# references at the validation cases, T = 4096 among them, run on the host). Give it a call.
-K=${TRT_PYTEST_K-enqueue or doctor or runnable_gpu}
-timeout "${TRT_PYTEST_S:-480}" python3 -m pytest -v -p no:cacheprovider -rs -rf --tb=short --durations=10 \
-  ${K:+-k "$K"} tests/test_trt.py 2>&1 | grep -v "^$" | tee "$O/trt_pytest.txt" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|slowest|s call|s setup"
+# the GPU's part of tests/test_trt.py (engine builds are CI's): one pytest process per
+# architecture, in parallel, each test's verdict on its own line. On an H100 (2026-12-07) one
+# process running them all ended after 3 of 10 tests in 200 s (each process exports every tiny
+# model and JIT-compiles its architecture's kernels; the float64 references at the validation
+# cases, T = 4096 among them, run step by step). TRT_PYTEST_K="" runs the whole file in one.
+S=${TRT_PYTEST_S:-400}
+run_part() {   # $1: label, then pytest selection arguments
+  local label=$1; shift
+  timeout "$S" python3 -m pytest -v -p no:cacheprovider -rs -rf --tb=short --durations=5 \
+    "$@" > "/tmp/trt_pytest_$label.txt" 2>&1
+  echo "exit status $?" >> "/tmp/trt_pytest_$label.txt"
+}
+if [ -z "${TRT_PYTEST_K+set}" ]; then
+  IDS=$(python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_trt.py 2>/dev/null | grep "::test_plugin_enqueue")
+  for a in $(echo "$IDS" | sed -E 's/.*-([a-z0-9_]+)\]$/\1/' | sort -u); do
+    run_part "$a" $(echo "$IDS" | grep -- "-$a\]") &
+  done
+  run_part other -k "doctor or runnable_gpu" tests/test_trt.py &
+  wait
+else
+  run_part all ${TRT_PYTEST_K:+-k "$TRT_PYTEST_K"} tests/test_trt.py
+fi
+cat /tmp/trt_pytest_*.txt | grep -v "^$" > "$O/trt_pytest.txt"
+grep -hE "PASS|FAIL|ERROR|SKIP|passed|failed|exit status|s call|s setup" /tmp/trt_pytest_*.txt
 EX=/tmp/trt-ex
 seqdeploy --out $EX export ten --preset tiny >/dev/null 2>&1
 seqdeploy --out $EX bench ten --preset tiny --engine trt > "$O/trt_bench.txt" 2>&1
