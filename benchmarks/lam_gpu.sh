@@ -21,8 +21,13 @@ if ls .whl/fla_core-*.whl >/dev/null 2>&1; then
     >/dev/null 2>&1 || echo "fla wheels did not install"
 fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$O/lam_env.txt"
-SEQDEPLOY_LAM_E2E=0 timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_lam_ops.py tests/test_lam_model.py 2>&1 \
-  | tail -15 | tee "$O/lam_pytest_gpu.txt"
+# the op's and the model's tests in two processes at once (each JIT-compiles its kernels)
+for t in ops model; do
+  SEQDEPLOY_LAM_E2E=0 timeout 170 python3 -m pytest -q -p no:cacheprovider -rf --tb=line \
+    "tests/test_lam_$t.py" > "/tmp/lam_pytest_$t.txt" 2>&1 &
+done
+wait
+for t in ops model; do tail -12 "/tmp/lam_pytest_$t.txt"; done | tee "$O/lam_pytest_gpu.txt"
 timeout 90 python3 benchmarks/lam_dual_delta.py --budget-s 75 --json "$O/lam_dual_delta.json" 2>&1 | grep -v Warning \
   | tee "$O/lam_dual_delta.txt"
 # `run` leaves out (and says why) an engine that cannot serve lam here: the native `ort` engine
