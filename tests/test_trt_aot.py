@@ -225,3 +225,20 @@ def test_registration_skips_without_tensorrt_plugin():
     for why in state.values():
         assert why.startswith("skipped: ") and "full TensorRT >= 10.9" in why
     assert set(aot.plugin_forms(rt, ops).values()) == {"python"}
+
+
+def test_engine_key_and_report_carry_the_plugin_form():
+    """An engine whose nodes hold the AOT form is another cache entry than the Python form's,
+    and the report names the engine's form from its nodes' forms."""
+    from seqdeploy.trt.builder import engine_form
+    from seqdeploy.trt.cache import engine_key
+
+    ops = [load_op("eigen_scan")]
+    python = engine_key("0" * 64, ops, "tensorrt 10.9", "sm90", True, {}, {"EigenScan": "python"})
+    aot_key = engine_key("0" * 64, ops, "tensorrt 10.9", "sm90", True, {}, {"EigenScan": "aot"})
+    assert python != aot_key
+    assert python == engine_key("0" * 64, ops, "tensorrt 10.9", "sm90", True, {})
+    assert engine_form({"a": "aot", "b": "python"}, True) == "aot+python-plugin"
+    assert engine_form({"a": "aot"}, True) == "aot-plugin"
+    assert engine_form({"a": "python"}, True) == "python-plugin"
+    assert engine_form({"a": "aot"}, False) == "onnx-function"

@@ -525,6 +525,8 @@ def _register_one(rt: "TensorRT", op: "CustomOp") -> None:
     describe.__name__ = f"{op.onnx_name}_describe"
 
     def aot_impl(*args):
+        # TensorRT passes the attributes positionally, in the order of the plugin's fields
+        # (the register signature's); seqdeploy's ops have at most one
         descs = args[:len(in_names)]
         attrs = dict(zip(attr_names, args[len(in_names):len(in_names) + len(attr_names)]))
         out_descs = args[len(in_names) + len(attr_names)]

@@ -1,7 +1,8 @@
 """The engine cache: serialized engines keyed by everything that decides their bytes.
 
     key = sha256(model file bytes, plugin names and versions, TensorRT flavour and version,
-                 target GPU, plugin or function form, optimisation profile)
+                 target GPU, plugin or function form, each op's plugin form (AOT or Python),
+                 optimisation profile)
 
 Each entry is ``<key>.plan`` plus ``<key>.json`` (the plan's sha256 and size, and the build
 report). A lookup checks the plan against its sha256 first: a truncated or edited engine is
@@ -35,11 +36,13 @@ def cache_dir(artifact_dir: Path) -> Path:
 
 
 def engine_key(model_bytes_sha256: str, ops, tensorrt: str, target: str, use_plugins: bool,
-               profile: dict[str, Any]) -> str:
-    """The cache key (hex sha256) of one engine build."""
+               profile: dict[str, Any], forms: dict[str, str] | None = None) -> str:
+    """The cache key (hex sha256) of one engine build. ``forms``: ``{onnx name: "aot" |
+    "python"}`` (:func:`seqdeploy.trt.aot.plugin_forms`); None means every op Python."""
     record = {
         "model_sha256": model_bytes_sha256,
-        "plugins": sorted([PLUGIN_NAMESPACE, o.onnx_name, PLUGIN_VERSION, o.version]
+        "plugins": sorted([PLUGIN_NAMESPACE, o.onnx_name, PLUGIN_VERSION, o.version,
+                           (forms or {}).get(o.onnx_name, "python")]
                           for o in ops) if use_plugins else "onnx-function",
         "plugin_factory": [PLUGIN_FACTORY_VERSION, seqdeploy.__version__],
         "tensorrt": tensorrt,
