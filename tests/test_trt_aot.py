@@ -23,8 +23,11 @@ from seqdeploy.trt import aot
 import test_cfc_scan
 import test_dlinoss_scan
 import test_eigen_scan
+import test_lam_ops
 
 FLOATS = {torch.float32: "fp32", torch.float16: "fp16"}
+#: the ops with an AOT entry (MoEExperts has none: its grouping runs its own launches)
+AOT_OPS = {"CfCScan", "DualDeltaRule", "EigenScan", "LinossScan", "Top1Router"}
 
 
 def load_op(name: str):
@@ -57,10 +60,9 @@ def test_every_declared_entry_has_tensorrt_order(registry):
     its declared scalars and its outputs (``plan`` checks the count and the scalar names),
     and exactly the ops expected have one."""
     have = sorted(op.onnx_name for op in registry.ops.values() if op.trt_aot is not None)
-    assert have == ["CfCScan", "EigenScan", "LinossScan", "Top1Router"]
-    for name in ("DualDeltaRule", "MoEExperts"):
-        assert registry.ops[next(k for k, o in registry.ops.items()
-                                 if o.onnx_name == name)].trt_aot is None
+    assert have == sorted(AOT_OPS)
+    python_only = sorted(op.onnx_name for op in registry.ops.values() if op.trt_aot is None)
+    assert python_only == ["MoEExperts"]
     for op in registry.ops.values():
         if op.trt_aot is None:
             continue
@@ -100,6 +102,18 @@ def test_linoss_scan_entry_matches_naive(B, T, P, dtype):
     args = test_dlinoss_scan.make(B, T, P, dtype)
     out = run_entry(load_op("linoss_scan"), args, dtype=FLOATS[dtype])
     assert test_dlinoss_scan.rel_l2(out, naive_linoss_scan(*args)) < test_dlinoss_scan.TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,T,n,d,dv", [(1, 1, 1, 8, 8), (2, 63, 2, 12, 20)])
+def test_dual_delta_rule_entry_matches_naive(B, T, n, d, dv, dtype):
+    from seqdeploy_lam.ops import naive_dual_delta_rule
+
+    args = test_lam_ops.make(B, T, n, d, dv, dtype)
+    o, state = run_entry(load_op("dual_delta_rule"), args, dtype=FLOATS[dtype])
+    ref_o, ref_state = naive_dual_delta_rule(*args)
+    assert test_lam_ops.rel(o, ref_o) < test_lam_ops.TOL[dtype]
+    assert test_lam_ops.rel(state, ref_state) < test_lam_ops.TOL[dtype]
 
 
 @pytest.mark.parametrize("B,T,E,capacity_factor", [(1, 1, 3, 1.0), (2, 63, 5, 0.8),
@@ -163,7 +177,10 @@ COMPILE = textwrap.dedent("""
                           "tau": (128,)},
               "LinossScan": {"b_re": (2, 64, 64), "b_im": (2, 64, 64), "A": (64,),
                              "G": (64,), "dt": (64,), "state0": (2, 64, 4)},
-              "Top1Router": {"logits": (2, 64, 8)}}
+              "Top1Router": {"logits": (2, 64, 8)},
+              "DualDeltaRule": {"q": (2, 64, 4, 32), "k": (2, 64, 4, 32), "v": (2, 64, 4, 32),
+                                "beta": (2, 64, 4), "g_fast": (2, 64, 4), "g_slow": (2, 64, 4),
+                                "mix": (2, 64, 4), "state0": (2, 4, 2, 32, 32)}}
     ATTRS = {"CfCScan": {"dt": 0.1}, "Top1Router": {"capacity_factor": 1.25}}
     ops = {op.onnx_name: op for op in load_registry().ops.values() if op.trt_aot is not None}
     facts = []
@@ -196,7 +213,8 @@ def test_entries_compile_to_ptx_for_sm80_and_sm90(tmp_path):
         pytest.skip("this triton build ships no ptxas")
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(out_file.read_text())
-    assert len(facts) == 2 * (2 + 2 + 2 + 1)
+    assert {f["op"] for f in facts} == AOT_OPS
+    assert len(facts) == 2 * (2 * len(AOT_OPS) - 1)     # fp32 + fp16 (the router: fp32)
     import triton
 
     hidden = 2 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 3) else 0
@@ -221,7 +239,7 @@ def test_registration_skips_without_tensorrt_plugin():
         pytest.skip(f"{rt.describe()} offers AOT plugins; this test covers TensorRT-RTX")
     ops = list(load_registry().ops.values())
     state = aot.register_aot_plugins(rt, ops)
-    assert set(state) == {"CfCScan", "EigenScan", "LinossScan", "Top1Router"}
+    assert set(state) == AOT_OPS
     for why in state.values():
         assert why.startswith("skipped: ") and "full TensorRT >= 10.9" in why
     assert set(aot.plugin_forms(rt, ops).values()) == {"python"}
