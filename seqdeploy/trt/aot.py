@@ -39,10 +39,12 @@ no scratch memory never reads them, so :func:`strip_hidden_params` removes them 
 PTX entry, after checking that the body never names them; a kernel that does need scratch
 is refused (:func:`compile_entry`).
 
-Never run here: the registration with ``tensorrt.plugin`` (:func:`register_aot_plugins`,
-its ``_register_one``) and the engines it builds need full TensorRT, which these machines
-cannot install. Everything before it (the entry kernels, their launch parameters against
-the float64 references, their PTX) is tested in CI.
+Never run here: the registration with ``tensorrt.plugin`` (``_register_one``, which
+:func:`register_aot_plugins` calls only where :func:`aot_unavailable` finds the API) and the
+engines it builds need full TensorRT, which these machines cannot install; nor has an entry
+kernel run on a GPU. Everything before it (the entry kernels in Triton's interpreter with
+their declared launches against the float64 references, their PTX, the skip under
+TensorRT-RTX, the per-node forms in the build report) is tested in CI.
 """
 from __future__ import annotations
 
