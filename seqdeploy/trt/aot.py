@@ -163,6 +163,25 @@ class TrtAot:
         module, name = self.kernel.split(":")
         return getattr(importlib.import_module(module), name)
 
+    def digest(self) -> str:
+        """sha256 of what the embedded PTX comes from: the entry's package sources (the entry
+        calls the plugin's other jit functions) and the Triton version; an AOT engine bakes
+        the kernel in, so the engine cache key carries this."""
+        import hashlib
+        import importlib.metadata
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.find_spec(self.kernel.split(":")[0])
+        h = hashlib.sha256(self.kernel.encode())
+        for path in sorted(Path(spec.origin).parent.glob("*.py")):
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+        try:
+            h.update(importlib.metadata.version("triton").encode())
+        except importlib.metadata.PackageNotFoundError:
+            h.update(b"no-triton")
+        return h.hexdigest()
+
 
 @dataclass(frozen=True)
 class AotPlan:

@@ -1,8 +1,9 @@
 """The engine cache: serialized engines keyed by everything that decides their bytes.
 
     key = sha256(model file bytes, plugin names and versions, TensorRT flavour and version,
-                 target GPU, plugin or function form, each op's plugin form (AOT or Python),
-                 optimisation profile)
+                 target GPU, plugin or function form, each op's plugin form (AOT or Python;
+                 AOT with its entry kernel's sources and Triton version), optimisation
+                 profile)
 
 Each entry is ``<key>.plan`` plus ``<key>.json`` (the plan's sha256 and size, and the build
 report). A lookup checks the plan against its sha256 first: a truncated or edited engine is
@@ -42,14 +43,20 @@ def engine_key(model_bytes_sha256: str, ops, tensorrt: str, target: str, use_plu
     record = {
         "model_sha256": model_bytes_sha256,
         "plugins": sorted([PLUGIN_NAMESPACE, o.onnx_name, PLUGIN_VERSION, o.version,
-                           (forms or {}).get(o.onnx_name, "python")]
-                          for o in ops) if use_plugins else "onnx-function",
+                           *_form_of(o, forms)] for o in ops) if use_plugins else "onnx-function",
         "plugin_factory": [PLUGIN_FACTORY_VERSION, seqdeploy.__version__],
         "tensorrt": tensorrt,
         "target": target,
         "profile": profile,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _form_of(op, forms: dict[str, str] | None) -> list[str]:
+    """An op's plugin form in the key; an AOT form also carries its entry's digest (the PTX
+    is baked into the engine, so a changed kernel must not hit an old engine)."""
+    form = (forms or {}).get(op.onnx_name, "python")
+    return [form, op.trt_aot.digest()] if form == "aot" else [form]
 
 
 class EngineCache:
