@@ -12,7 +12,10 @@ A :class:`CustomOp` bundles, for one recurrence or router op:
 - ``fallback``: builds a model-local ``FunctionProto`` of standard ONNX ops for a given opset,
   so any ONNX runtime without seqdeploy kernels still runs the model;
 - ``eager`` (optional): per device type, the function the op's kernel registration calls,
-  which :func:`call` may call directly (see there).
+  which :func:`call` may call directly (see there);
+- ``trt_aot`` (optional): a :class:`seqdeploy.trt.aot.TrtAot`, the op's workspace-free
+  Triton entry kernel and its launch, for TensorRT's AOT plugin form (full TensorRT only);
+  an op without one keeps the Python ``IPluginV3`` form in every engine.
 
 Models call ops through :func:`call`, which honours :func:`reference_ops`.
 """
@@ -22,12 +25,15 @@ import contextlib
 import contextvars
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import onnx
 import onnx.defs
 import torch
 from onnx.defs import OpSchema
+
+if TYPE_CHECKING:
+    from seqdeploy.trt.aot import TrtAot
 
 DOMAIN = "seqdeploy"
 PLUGIN_NAMESPACE = "seqdeploy"
@@ -52,6 +58,7 @@ class CustomOp:
     doc: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     eager: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    trt_aot: "TrtAot | None" = None
 
     def __call__(self, *args, **kwargs):
         return call(self, *args, **kwargs)
@@ -153,7 +160,8 @@ def define_op(name: str, onnx_name: str, cpu: Callable[..., Any], fake: Callable
               reference: Callable[..., Any], translation: Callable[..., Any],
               fallback: Callable[[int], onnx.FunctionProto], inputs: Sequence[str],
               outputs: Sequence[str], doc: str, cuda: tuple[str, str] | None = None,
-              schema_doc: str | None = None, **schema_types: Sequence[str]) -> CustomOp:
+              schema_doc: str | None = None, trt_aot: "TrtAot | None" = None,
+              **schema_types: Sequence[str]) -> CustomOp:
     """Every form of one op from its parts, the way each plugin would otherwise repeat it:
 
     - ``cpu``: the function ``torch.library.custom_op("seqdeploy::<name>")`` wraps (typed
@@ -162,7 +170,8 @@ def define_op(name: str, onnx_name: str, cpu: Callable[..., Any], fake: Callable
     - ``cuda``: ``(module, function)`` of the CUDA kernel's launcher, imported on first use,
       so CPU-only runs never load Triton; also the op's eager fast path (:func:`call`);
     - the ONNX schema (``inputs``, ``outputs`` and ``schema_types`` as in
-      :func:`make_schema`), registered with onnx once per process.
+      :func:`make_schema`), registered with onnx once per process;
+    - ``trt_aot``: the op's TensorRT AOT entry, if it has one (:class:`CustomOp`).
     """
     torch_op = torch.library.custom_op(f"{DOMAIN}::{name}", cpu, mutates_args=())
     torch_op.register_fake(fake)
@@ -174,7 +183,7 @@ def define_op(name: str, onnx_name: str, cpu: Callable[..., Any], fake: Callable
     register_schema(schema)
     return CustomOp(name=name, onnx_name=onnx_name, torch_op=torch_op, reference=reference,
                     schema=schema, translation=translation, fallback=fallback, doc=doc,
-                    eager=eager)
+                    eager=eager, trt_aot=trt_aot)
 
 
 def plugin_attributes() -> dict[str, str]:

@@ -306,6 +306,12 @@ def test_engine_holds_one_plugin_layer_per_custom_node(root, built, arch_name, p
     report = engine.record["build"]
     assert report["plugin_layers"] == nodes and report["plan_plugin_layers"] == nodes
     assert report["form"] == "python-plugin" and report["precision"] == precision
+    # one form per custom node; TensorRT-RTX has no AOT plugins, so every node is Python
+    model = onnx.load(str(root / arch_name / "tiny" / ONNX_FILES[precision]))
+    names = [n.name for n in model.graph.node if n.domain == "seqdeploy"]
+    assert sorted(report["node_forms"]) == sorted(names) and len(names) == sum(nodes.values())
+    if RT.is_rtx:
+        assert set(report["node_forms"].values()) == {"python"}
     assert engine.plan[:4] == b"vtrt" or RT.flavour == "tensorrt"
     profile = report["profile"]
     first = next(iter(profile.values()))
@@ -328,6 +334,7 @@ def test_function_form_holds_no_plugin_and_differs(root, built):
     engine = engine_for(registry, Artifact.load(root / "cfc" / "tiny"), "fp32", use_plugins=False)
     assert sum(plugin_layers_in_plan(engine.plan, ["CfCScan"]).values()) == 0
     assert engine.record["build"]["form"] == "onnx-function"
+    assert engine.record["build"]["node_forms"] == {}
     assert engine.key != built[("cfc", "fp32")].key
 
 
@@ -420,6 +427,7 @@ def test_optimize_trt_records_verified_engines(copy, capsys, built):
         assert record["key"] == built[("ten", precision)].key and record["source"] == "cache"
         assert artifact.path(name).read_bytes() == built[("ten", precision)].plan  # sha256 checked
         assert artifact.manifest["files"][name]["sha256"] == record["sha256"]
+        assert record["form"] == "python-plugin" and len(record["node_forms"]) == 2
     # the recorded engine is what engine_for returns now; an edited one is refused
     from seqdeploy.trt import engine_for
 

@@ -16,6 +16,7 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 
 from seqdeploy.launch import Launcher, cluster_launch_available
 from seqdeploy_cfc.common import SERIES_BELOW
@@ -26,6 +27,21 @@ W_RESIDENT_BYTES = 128 * 1024   # the largest w_rec tile (in the dot's dtype) ke
 MAX_CLUSTER = 8                 # the most programs in a cluster (CUDA's portable limit)
 #: whether kernels run in Triton's interpreter (``triton.jit`` reads TRITON_INTERPRET at import)
 _INTERPRETED = not isinstance(_cfc_split_kernel, triton.runtime.JITFunction)
+
+
+@triton.jit
+def _cfc_scan_aot_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, dt_bits, B, T, H, y_ptr,
+                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                         W_RESIDENT: tl.constexpr, DOT_F32: tl.constexpr,
+                         SERIES_BELOW: tl.constexpr, FAST_TANH: tl.constexpr):
+    """TensorRT's AOT entry (``seqdeploy.trt.aot``): the ``rows`` design (``rows.py``, one
+    launch, no workspace, no cluster) with its parameters in TensorRT's order (inputs,
+    scalars, outputs) on dense tensors (``xw, y [B, T, H]``, ``h0 [B, H]``, ``w_rec [H, H]``).
+    ``dt_bits``: the ``dt`` attribute's fp32 bit pattern (TensorRT's AOT scalars are
+    integers)."""
+    dt = dt_bits.to(tl.float32, bitcast=True)
+    _cfc_scan_kernel(xw_ptr, h0_ptr, w_ptr, tau_ptr, y_ptr, dt, B, T, H, T * H, H, H, H, T * H,
+                     H, BLOCK_B, BLOCK_H, BLOCK_K, W_RESIDENT, DOT_F32, SERIES_BELOW, FAST_TANH)
 
 
 @dataclasses.dataclass(frozen=True)

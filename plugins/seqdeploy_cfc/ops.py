@@ -130,6 +130,35 @@ def ort_kernel():
     return OrtKernel("seqdeploy_cfc", ("ort_cfc_scan.cc",), "CfcScanKernel", (aot,))
 
 
+def trt_aot():
+    """TensorRT's AOT form (full TensorRT only): ``kernels._cfc_scan_aot_kernel``, the rows
+    design tiled as :func:`seqdeploy_cfc.kernels.choose` tiles it on a GPU without cluster
+    launches (the split and wgmma designs launch clusters, which TensorRT's AOT launch cannot);
+    H is the model's width, fixed at build time, and ``dt`` travels as its fp32 bits."""
+    from seqdeploy.trt.aot import EntryLaunch, TrtAot, cdiv, fp32_bits
+
+    def launch(q):
+        from seqdeploy_cfc.kernels import Gpu, choose
+
+        B, T, H = (q.sizes("xw", a) for a in range(3))
+        gpu = None if q.capability is None else Gpu(1, q.capability, clusters=False, wgmma=False)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[q.dtype]
+        plan = choose(16, 2, q.sizes.constant("w_rec", 0), dtype, gpu)
+        assert plan.design == "rows", plan
+        names = ("BLOCK_B", "BLOCK_H", "BLOCK_K", "W_RESIDENT", "DOT_F32", "SERIES_BELOW",
+                 "FAST_TANH")
+        return EntryLaunch(grid=(cdiv(B, plan.block_b),),
+                           scalars=(fp32_bits(q.attributes["dt"]), B, T, H),
+                           constexprs=dict(zip(names, plan.constexprs(plan.block_h))),
+                           num_warps=plan.num_warps)
+
+    def output_shapes(sizes):
+        return (tuple(sizes("xw", a) for a in range(3)),)
+
+    return TrtAot("seqdeploy_cfc.kernels:_cfc_scan_aot_kernel", ("dt_bits", "B", "T", "H"),
+                  launch, output_shapes)
+
+
 def cfc_scan_op() -> CustomOp:
     from seqdeploy_cfc.onnx import cfc_scan_function, cfc_scan_translation
 
@@ -140,4 +169,5 @@ def cfc_scan_op() -> CustomOp:
                     reference=reference_cfc_scan, schema=schema,
                     translation=cfc_scan_translation, fallback=cfc_scan_function,
                     doc="liquid recurrence h_t = a h_{t-1} + (1-a) tanh(xw_t + h_{t-1} W)",
-                    eager={"cuda": cuda_cfc_scan}, extra={"ort": ort_kernel()})
+                    eager={"cuda": cuda_cfc_scan}, extra={"ort": ort_kernel()},
+                    trt_aot=trt_aot())

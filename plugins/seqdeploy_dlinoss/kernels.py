@@ -337,6 +337,16 @@ def _linoss_rows_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi
     _store_state(sT_ptr, b, offs_p, mask_p, P, h_zr, h_zi, h_xr, h_xi)
 
 
+@triton.jit
+def _linoss_scan_aot_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, B, T, P,
+                            xr_ptr, xi_ptr, sT_ptr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """TensorRT's AOT entry (``seqdeploy.trt.aot``): the ``rows`` design (one launch, no
+    carry or flag buffers, unlike the chunk designs) with its parameters in TensorRT's order
+    (inputs, scalars, outputs) on dense tensors (``b, x [B, T, P]``, states ``[B, P, 4]``)."""
+    _linoss_rows_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, sT_ptr,
+                        B, T, P, T * P, P, T * P, P, BLOCK_T, BLOCK_P)
+
+
 # --- the step-loop designs: one oscillator per thread, T walked in order in its registers ----
 
 

@@ -238,6 +238,29 @@ def ort_kernel():
                      (rows, chunk))
 
 
+def trt_aot():
+    """TensorRT's AOT form (full TensorRT only): ``kernels._linoss_scan_aot_kernel``, the
+    rows design in ``kernels.ORT_TILE``'s tile (the tile the ORT library launches; partial
+    tiles are masked, so one tile serves every shape)."""
+    from seqdeploy.trt.aot import EntryLaunch, TrtAot, cdiv
+
+    def launch(q):
+        from seqdeploy_dlinoss.kernels import ORT_TILE
+
+        block_t, block_p, num_warps = ORT_TILE
+        B, T, P = (q.sizes("b_re", a) for a in range(3))
+        return EntryLaunch(grid=(B * cdiv(P, block_p),), scalars=(B, T, P),
+                           constexprs={"BLOCK_T": block_t, "BLOCK_P": block_p},
+                           num_warps=num_warps)
+
+    def output_shapes(sizes):
+        x = tuple(sizes("b_re", a) for a in range(3))
+        return x, x, tuple(sizes("state0", a) for a in range(3))
+
+    return TrtAot("seqdeploy_dlinoss.kernels:_linoss_scan_aot_kernel", ("B", "T", "P"), launch,
+                  output_shapes)
+
+
 def linoss_scan_op() -> CustomOp:
     from seqdeploy_dlinoss.onnx import linoss_scan_function, linoss_scan_translation
 
@@ -247,7 +270,8 @@ def linoss_scan_op() -> CustomOp:
                      doc="damped oscillators w_t = M w_{t-1} + c b_t (D-LinOSS, IMEX)",
                      schema_doc=__doc__.split("\n\n")[0],
                      cuda=("seqdeploy_dlinoss.kernels", "triton_linoss_scan"),
-                     float_inputs=FLOAT32_INPUTS, float_outputs=FLOAT32_OUTPUTS)
+                     float_inputs=FLOAT32_INPUTS, float_outputs=FLOAT32_OUTPUTS,
+                     trt_aot=trt_aot())
     op.extra["ort"] = ort_kernel()
     return op
 

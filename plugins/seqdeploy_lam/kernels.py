@@ -432,6 +432,20 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, mix_ptr, s0
     tl.store(sT_ptr + plane + s_off, S1, mask=smask)
 
 
+@triton.jit
+def _dual_delta_rule_aot_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, mix_ptr, s0_ptr,
+                                T, n, d, dv, o_ptr, sT_ptr, BD: tl.constexpr, BV: tl.constexpr):
+    """TensorRT's AOT entry (``seqdeploy.trt.aot``): the recurrent design (one launch, the
+    states in registers, no workspace, unlike the chunked designs' W, U and per-chunk states)
+    for every T, with its parameters in TensorRT's order (inputs, scalars, outputs) on dense
+    tensors (``q, k [B, T, n, d]``, ``v, o [B, T, n, dv]``, ``beta, g_*, mix [B, T, n]``,
+    states ``[B, n, 2, d, dv]``). Grid ``(B * n, cdiv(dv, BV))``. A per-token loop: exact at
+    any T, but without the chunked path's parallelism over T."""
+    _recurrent_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, mix_ptr, s0_ptr, o_ptr,
+                      sT_ptr, T, n, d, dv, T * n * d, n * d, d, T * n * d, n * d, d,
+                      T * n * dv, n * dv, dv, T * n * dv, n * dv, dv, BD, BV)
+
+
 _wy = Launcher(_wy_kernel, tensors=8)
 _chunk = Launcher(_chunk_kernel, tensors=9)
 _state = Launcher(_state_kernel, tensors=7)

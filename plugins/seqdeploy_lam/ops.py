@@ -200,6 +200,34 @@ def ort_kernel():
     return OrtKernel("seqdeploy_lam", ("ort_dual_delta_rule.cc",), "DualDeltaRuleKernel", aot)
 
 
+def trt_aot():
+    """TensorRT's AOT form (full TensorRT only): ``kernels._dual_delta_rule_aot_kernel``, the
+    recurrent design at every T (the chunked designs need workspaces and several launches,
+    which TensorRT's AOT launch cannot give), tiled as ``kernels.launch_plan`` tiles it for
+    the model's head sizes d and dv (fixed at build time). Slower than the chunked path at
+    long T on the GPU: it walks the tokens one by one."""
+    from seqdeploy.trt.aot import EntryLaunch, TrtAot, cdiv
+
+    def launch(q):
+        from seqdeploy_lam.kernels import launch_plan
+
+        B, T, n, d = (q.sizes("q", a) for a in range(4))
+        dv = q.sizes("v", 3)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[q.dtype]
+        plan = launch_plan(1, q.sizes.constant("q", 3), q.sizes.constant("v", 3), dtype,
+                           design="recurrent")
+        return EntryLaunch(grid=(B * n, cdiv(dv, plan.BV)), scalars=(T, n, d, dv),
+                           constexprs={"BD": plan.BD, "BV": plan.BV}, num_warps=plan.num_warps)
+
+    def output_shapes(sizes):
+        B, T, n, d = (sizes("q", a) for a in range(4))
+        dv = sizes("v", 3)
+        return (B, T, n, dv), (B, n, 2, d, dv)
+
+    return TrtAot("seqdeploy_lam.kernels:_dual_delta_rule_aot_kernel", ("T", "n", "d", "dv"),
+                  launch, output_shapes)
+
+
 def dual_delta_rule_op() -> CustomOp:
     from seqdeploy_lam.onnx import dual_delta_rule_function, dual_delta_rule_translation
 
@@ -210,4 +238,5 @@ def dual_delta_rule_op() -> CustomOp:
                     reference=reference_dual_delta_rule, schema=schema,
                     translation=dual_delta_rule_translation, fallback=dual_delta_rule_function,
                     doc="two gated delta-rule memories, outputs mixed per token",
-                    eager={"cuda": cuda_dual_delta_rule}, extra={"ort": ort_kernel()})
+                    eager={"cuda": cuda_dual_delta_rule}, extra={"ort": ort_kernel()},
+                    trt_aot=trt_aot())

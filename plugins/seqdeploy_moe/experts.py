@@ -18,6 +18,15 @@ Forms, side by side: ``naive_moe_experts`` (float64 per-token loop, tests only),
 grouped GEMMs (``kernels.triton_moe_experts``, CUDA), the ONNX forms, and the ONNX Runtime
 kernels (``ort_moe_experts.cc``: a per-token C++ loop, and the same Triton kernels compiled
 ahead of time).
+
+TensorRT: no AOT entry (``CustomOp.trt_aot``), so its nodes keep the Python ``IPluginV3``
+form even under full TensorRT, whose AOT launch takes one kernel and no workspace. Both
+designs group the tokens by expert in launches of their own (counts, ranks, the tile layout,
+or buckets) writing index buffers the GEMMs then read, and the padded design keeps the hidden
+``[N, f]`` activations between its two GEMMs. One workspace-free kernel would have to run
+each token's FFN on its own (a GEMV per token, each expert's weights read once per token
+instead of once per tile of its tokens): no such design exists here, and it would be a new
+kernel rather than these ones.
 """
 from __future__ import annotations
 

@@ -108,6 +108,24 @@ def _top1_router_kernel(logits_ptr, expert_ptr, gate_ptr, T, E, cap, s_b, s_t,
         tl.store(gate_ptr + out, gate, mask=mask_t)
 
 
+@triton.jit
+def _top1_router_aot_kernel(logits_ptr, cf_bits, T, E, expert_ptr, gate_ptr,
+                            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                            CAPACITY: tl.constexpr):
+    """TensorRT's AOT entry (``seqdeploy.trt.aot``): ``_top1_router_kernel`` with its
+    parameters in TensorRT's order (inputs, scalars, outputs) on dense tensors
+    (``logits [B, T, E]``). The capacity is computed here from ``cf_bits`` (the
+    ``capacity_factor`` attribute's fp32 bit pattern: TensorRT's AOT scalars are integers and
+    its expressions have no floats) exactly as ``router.capacity`` does,
+    ``ceil(fp32(fp32(cf) * T) / E)`` with IEEE division; ``CAPACITY`` is ``cf > 0``."""
+    cap = T
+    if CAPACITY:
+        cf = cf_bits.to(tl.float32, bitcast=True)
+        cap = tl.math.ceil(tl.math.div_rn(cf * T.to(tl.float32), E.to(tl.float32))).to(tl.int32)
+    _top1_router_kernel(logits_ptr, expert_ptr, gate_ptr, T, E, cap, T * E, E, BLOCK_T, BLOCK_E,
+                        CAPACITY)
+
+
 _router_launcher = Launcher(_top1_router_kernel, tensors=3)
 #: the widths of E the ORT library's ahead-of-time router, rank and layout kernels are compiled
 #: for (a narrower E masks the rest; ``ort_top1_router.cc`` and ``ort_moe_experts.cc`` choose

@@ -150,6 +150,35 @@ def ort_kernel():
     return OrtKernel("seqdeploy_moe", ("ort_top1_router.cc",), "Top1RouterKernel", (aot,))
 
 
+def trt_aot():
+    """TensorRT's AOT form (full TensorRT only): ``kernels._top1_router_aot_kernel``, tiled
+    as ``kernels.router_config`` tiles a long row for the model's E (fixed at build time).
+    With a positive ``capacity_factor`` one program walks each row in token order (grid
+    ``(B, 1)``; whether tokens are dropped depends on T, known only at run time, and the
+    capacity path is exact either way); without, a program per tile of tokens."""
+    from seqdeploy.trt.aot import EntryLaunch, TrtAot, cdiv, fp32_bits
+
+    def launch(q):
+        from seqdeploy_moe.kernels import router_config
+
+        B, T, E = (q.sizes("logits", a) for a in range(3))
+        block_t, block_e, warps = router_config(4096, q.sizes.constant("logits", 2))
+        cf = float(np.float32(q.attributes["capacity_factor"]))
+        dropping = cf > 0
+        return EntryLaunch(grid=(B, 1) if dropping else (B, cdiv(T, block_t)),
+                           scalars=(fp32_bits(cf) if dropping else 0, T, E),
+                           constexprs={"BLOCK_T": block_t, "BLOCK_E": block_e,
+                                       "CAPACITY": dropping},
+                           num_warps=warps)
+
+    def output_shapes(sizes):
+        shape = (sizes("logits", 0), sizes("logits", 1))
+        return shape, shape
+
+    return TrtAot("seqdeploy_moe.kernels:_top1_router_aot_kernel", ("cf_bits", "T", "E"),
+                  launch, output_shapes, dtypes=("fp32",))
+
+
 def top1_router_op() -> CustomOp:
     from seqdeploy_moe.onnx import top1_router_function, top1_router_translation
 
@@ -160,7 +189,7 @@ def top1_router_op() -> CustomOp:
                    schema_doc=__doc__.split("\n\n")[0],
                    cuda=("seqdeploy_moe.kernels", "triton_top1_router"),
                    float_attrs=("capacity_factor",), float_inputs=("logits",),
-                   int_outputs=("expert",), float_outputs=("gate",))
+                   int_outputs=("expert",), float_outputs=("gate",), trt_aot=trt_aot())
     op.extra["ort"] = ort_kernel()
     return op
 

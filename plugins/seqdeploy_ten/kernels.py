@@ -73,6 +73,16 @@ def _look_back(carry_ptr, flag_ptr, h0r_ptr, h0i_ptr, s_re, s_im, p_re, p_im, ch
 
 
 @triton.jit
+def _decay(nu_ptr, th_ptr, offs_k, mask_k):
+    """``(Re lam, Im lam)`` fp32 ``[BLOCK_K]``, ``lam = exp(-exp(nu)) e^(i theta)`` (padded
+    channels: ``exp(-1)``, harmless)."""
+    rate = tl.exp(tl.load(nu_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32))
+    th = tl.load(th_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    mag = tl.exp(-rate)
+    return mag * tl.cos(th), mag * tl.sin(th)
+
+
+@triton.jit
 def _compose(a_re, a_im, b_re, b_im, c_re, c_im, d_re, d_im):
     # apply (a, b) first, then (c, d):  h -> c (a h + b) + d
     return (c_re * a_re - c_im * a_im, c_re * a_im + c_im * a_re,
@@ -91,11 +101,7 @@ def _eigen_scan_kernel(xr_ptr, xi_ptr, nu_ptr, th_ptr, h0r_ptr, h0i_ptr, yr_ptr,
     b = (slot // n_kb).to(tl.int64)
     offs_k = (slot % n_kb) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    rate = tl.exp(tl.load(nu_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32))
-    th = tl.load(th_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    mag = tl.exp(-rate)
-    lam_re = mag * tl.cos(th)
-    lam_im = mag * tl.sin(th)
+    lam_re, lam_im = _decay(nu_ptr, th_ptr, offs_k, mask_k)
     t0 = chunk * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     # the tile is [K, T]: T is the scanned axis, kept inside each thread's registers
@@ -120,6 +126,46 @@ def _eigen_scan_kernel(xr_ptr, xi_ptr, nu_ptr, th_ptr, h0r_ptr, h0i_ptr, yr_ptr,
     y_off = b * sy_b + offs_t[None, :].to(tl.int64) * sy_t + offs_k[:, None]
     tl.store(yr_ptr + y_off, y_re.to(yr_ptr.dtype.element_ty), mask=mask)
     tl.store(yi_ptr + y_off, y_im.to(yi_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _eigen_scan_aot_kernel(xr_ptr, xi_ptr, nu_ptr, th_ptr, h0r_ptr, h0i_ptr, B, T, K,
+                           yr_ptr, yi_ptr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """TensorRT's AOT entry (``seqdeploy.trt.aot``): parameters in TensorRT's order (inputs,
+    scalars, outputs), every tensor dense (``x, y [B, T, K]``, ``h0 [B, K]``), and no workspace,
+    so no look-back: a program per (batch row, block of K) walks the whole sequence in
+    ``[BLOCK_K, BLOCK_T]`` tiles, each scanned as in ``_eigen_scan_kernel`` (same ``_decay``
+    and ``_compose``) from the end state of the tile before, carried in registers. Grid:
+    ``B * cdiv(K, BLOCK_K)`` programs (less parallel than the chunked kernel at small B; it is
+    what one workspace-free launch allows). HBM traffic is still one read of ``x`` and one
+    write of ``y``."""
+    pid = tl.program_id(0)
+    n_kb = tl.cdiv(K, BLOCK_K)
+    b = (pid // n_kb).to(tl.int64)
+    offs_k = (pid % n_kb) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    lam_re, lam_im = _decay(nu_ptr, th_ptr, offs_k, mask_k)
+    h_re = tl.load(h0r_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    h_im = tl.load(h0i_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    a_re = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32) + lam_re[:, None]
+    a_im = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32) + lam_im[:, None]
+    offs_tt = tl.arange(0, BLOCK_T)
+    base = b * T * K + offs_k[:, None]
+    for t0 in tl.range(0, T, BLOCK_T):
+        offs_t = t0 + offs_tt
+        mask = mask_k[:, None] & (offs_t < T)[None, :]
+        off = base + offs_t[None, :].to(tl.int64) * K
+        x_re = tl.load(xr_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        x_im = tl.load(xi_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        pw_re, pw_im, s_re, s_im = tl.associative_scan((a_re, a_im, x_re, x_im), 1, _compose)
+        y_re = s_re + pw_re * h_re[:, None] - pw_im * h_im[:, None]
+        y_im = s_im + pw_re * h_im[:, None] + pw_im * h_re[:, None]
+        tl.store(yr_ptr + off, y_re.to(yr_ptr.dtype.element_ty), mask=mask)
+        tl.store(yi_ptr + off, y_im.to(yi_ptr.dtype.element_ty), mask=mask)
+        # the state after the tile's last valid step (padded steps still multiply by lam)
+        last = (offs_tt == tl.minimum(T - t0, BLOCK_T) - 1)[None, :]
+        h_re = tl.sum(tl.where(last, y_re, 0.0), axis=1)
+        h_im = tl.sum(tl.where(last, y_im, 0.0), axis=1)
 
 
 def launch_config(B: int, T: int, K: int, device: torch.device) -> tuple[int, int, int]:

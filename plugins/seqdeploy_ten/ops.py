@@ -121,6 +121,26 @@ def ort_kernel():
     return OrtKernel("seqdeploy_ten", ("ort_eigen_scan.cc",), "EigenScanKernel", (aot,))
 
 
+def trt_aot():
+    """TensorRT's AOT form (full TensorRT only): ``kernels._eigen_scan_aot_kernel``, the
+    workspace-free rows walk (the chunked CUDA kernel needs carry and flag buffers), one tile
+    of ``[min(32, K), 32]`` for every shape; K is the model's width, fixed at build time."""
+    from seqdeploy.trt.aot import EntryLaunch, TrtAot, cdiv
+
+    def launch(q):
+        B, T, K = (q.sizes("x_re", a) for a in range(3))
+        block_k = min(32, 1 << max(q.sizes.constant("nu", 0) - 1, 0).bit_length())
+        return EntryLaunch(grid=(B * cdiv(K, block_k),), scalars=(B, T, K),
+                           constexprs={"BLOCK_T": 32, "BLOCK_K": block_k}, num_warps=1)
+
+    def output_shapes(sizes):
+        shape = tuple(sizes("x_re", a) for a in range(3))
+        return shape, shape
+
+    return TrtAot("seqdeploy_ten.kernels:_eigen_scan_aot_kernel", ("B", "T", "K"), launch,
+                  output_shapes)
+
+
 def eigen_scan_op() -> CustomOp:
     from seqdeploy_ten.onnx import eigen_scan_function, eigen_scan_translation
 
@@ -129,7 +149,7 @@ def eigen_scan_op() -> CustomOp:
                    INPUTS, OUTPUTS, doc="complex diagonal recurrence h_t = lam h_{t-1} + x_t",
                    schema_doc=__doc__.split("\n\n")[0],
                    cuda=("seqdeploy_ten.kernels", "triton_eigen_scan"),
-                   float_inputs=("nu", "theta"))
+                   float_inputs=("nu", "theta"), trt_aot=trt_aot())
     op.extra["ort"] = ort_kernel()
     return op
 

@@ -1,6 +1,8 @@
 """TensorRT for seqdeploy: one adapter for full TensorRT and TensorRT-RTX
 (:mod:`~seqdeploy.trt.adapter`), a plugin for every registered op generated from its
-definition (:mod:`~seqdeploy.trt.plugins`), the engine builder
+definition (:mod:`~seqdeploy.trt.plugins`: the Python ``IPluginV3`` form), the AOT plugin form
+for ops with a workspace-free Triton entry under full TensorRT (:mod:`~seqdeploy.trt.aot`),
+the engine builder
 (:mod:`~seqdeploy.trt.builder`) and the engine cache (:mod:`~seqdeploy.trt.cache`).
 
 :func:`engine_for` is what ``validate``/``bench --engine trt`` and ``optimize --trt`` call:
@@ -66,7 +68,7 @@ def engine_for(registry: "Registry", artifact: "Artifact", precision: str,
     """The engine of ``artifact`` at ``precision``: the one recorded in the manifest when its
     key matches, else the cache's, else built now and cached. Every plan is checked against
     its sha256 before it is returned."""
-    from seqdeploy.trt import adapter, builder
+    from seqdeploy.trt import adapter, aot, builder
     from seqdeploy.trt.cache import EngineCache, cache_dir, engine_key
 
     rt = rt or adapter.load()
@@ -77,7 +79,8 @@ def engine_for(registry: "Registry", artifact: "Artifact", precision: str,
     model_sha = artifact.manifest["files"][ONNX_FILES[precision]]["sha256"]
     profile = builder.profile_shapes(arch, config, **({"long_seq": long_seq} if long_seq else {}))
     ops = artifact_ops(registry, artifact)
-    key = engine_key(model_sha, ops, rt.describe(), target, use_plugins, profile.as_json())
+    key = engine_key(model_sha, ops, rt.describe(), target, use_plugins, profile.as_json(),
+                     aot.plugin_forms(rt, ops))
     name = plan_name(precision, target, use_plugins)
     recorded = artifact.manifest.get("trt", {}).get(name)
     if recorded and recorded.get("key") == key:
@@ -108,9 +111,12 @@ def prebuild(registry: "Registry", artifact: "Artifact", precision: str,
     target = current_target(rt)
     engine = engine_for(registry, artifact, precision, use_plugins, rt, target, progress=progress)
     name = plan_name(precision, target, use_plugins)
+    build = engine.record.get("build", {})
     record = {"key": engine.key, "tensorrt": rt.describe(), "target": target,
-              "plugins": use_plugins, "sha256": hashlib.sha256(engine.plan).hexdigest(),
-              "build": engine.record.get("build", {}), "source": engine.source}
+              "plugins": use_plugins, "form": build.get("form"),
+              "node_forms": build.get("node_forms", {}),
+              "sha256": hashlib.sha256(engine.plan).hexdigest(),
+              "build": build, "source": engine.source}
     artifact.write(name, lambda p: p.write_bytes(engine.plan), records={"trt": record},
                    kind="tensorrt-engine", precision=precision)
     return {"file": name, **record}

@@ -6,6 +6,13 @@ checks that every custom node became a ``PLUGIN_V3`` layer (the parser silently 
 node's fallback function when no plugin matches), adds one optimisation profile over the
 batch and sequence sizes validate and bench use (:func:`profile_shapes`), reuses a timing
 cache, builds, and checks the serialized engine again (:func:`plugin_layers_in_plan`).
+
+Each op's nodes take one of two plugin forms (:func:`seqdeploy.trt.aot.plugin_forms`): the
+AOT form (the op's Triton entry kernel's PTX embedded in the engine, no Python at run time)
+where this TensorRT offers ``tensorrt.plugin`` (full TensorRT >= 10.9) and the op declares an
+entry; else the Python ``IPluginV3`` (:mod:`seqdeploy.trt.plugins`), which calls the op's
+torch op on every enqueue: every node under TensorRT-RTX, and the nodes of ops whose kernels
+need a workspace or several launches. The build report says which form each node holds.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import onnx
 
 from seqdeploy.errors import SeqdeployError
 from seqdeploy.ops import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION
-from seqdeploy.trt import plugins
+from seqdeploy.trt import aot, plugins
 
 if TYPE_CHECKING:
     from seqdeploy.architecture import Architecture
@@ -82,10 +89,14 @@ class BuildReport:
     target: str
     form: str = "python-plugin"
     extra: dict[str, Any] = field(default_factory=dict)
+    #: node name -> "aot" or "python": the plugin form each custom node holds (empty for the
+    #: function form, where no node holds a plugin)
+    node_forms: dict[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {"onnx": self.onnx_file, "precision": self.precision, "plugins": self.plugins,
-                "form": self.form, "custom_nodes": self.custom_nodes,
+                "form": self.form, "node_forms": self.node_forms,
+                "custom_nodes": self.custom_nodes,
                 "plugin_layers": self.plugin_layers,
                 "plan_plugin_layers": self.plan_plugin_layers, "profile": self.profile,
                 "build_seconds": round(self.seconds, 3), "tensorrt": self.tensorrt,
@@ -95,6 +106,24 @@ class BuildReport:
 def custom_nodes(model: onnx.ModelProto) -> Counter:
     """``{op_type: count}`` of the seqdeploy nodes in the main graph."""
     return Counter(n.op_type for n in model.graph.node if n.domain == DOMAIN)
+
+
+def node_forms(model: onnx.ModelProto, forms: dict[str, str]) -> dict[str, str]:
+    """``{node name: "aot" | "python"}`` for every seqdeploy node of the main graph, from
+    ``forms`` (``{op type: form}``, :func:`seqdeploy.trt.aot.plugin_forms`)."""
+    return {n.name or f"{n.op_type}_{i}": forms.get(n.op_type, aot.FORM_PYTHON)
+            for i, n in enumerate(model.graph.node) if n.domain == DOMAIN}
+
+
+def engine_form(forms: dict[str, str], use_plugins: bool) -> str:
+    """The engine's form in one word: ``onnx-function`` (no plugins), ``python-plugin``,
+    ``aot-plugin`` or ``aot+python-plugin`` (some nodes of each)."""
+    if not use_plugins:
+        return "onnx-function"
+    kinds = set(forms.values())
+    if kinds == {aot.FORM_AOT}:
+        return "aot-plugin"
+    return "aot+python-plugin" if aot.FORM_AOT in kinds else "python-plugin"
 
 
 def plugin_layers(rt: "TensorRT", network) -> Counter:
@@ -230,14 +259,19 @@ def build_engine(rt: "TensorRT", onnx_path: Path, precision: str, profile: Profi
                  ) -> tuple[bytes, BuildReport]:
     """Build a serialized engine from ``onnx_path`` (already checksum-verified).
 
-    With ``use_plugins`` every custom node must become a ``PLUGIN_V3`` layer, in the parsed
+    With ``use_plugins`` every custom node must become a ``PLUGIN_V3`` layer (of the form
+    :func:`seqdeploy.trt.aot.plugin_forms` gives its op: AOT where this TensorRT and the op
+    allow, else Python; the report's ``node_forms`` lists each node's), in the parsed
     network and in the serialized engine, or :class:`BuildError` says which did not; without
     it seqdeploy's creators are deregistered while parsing, so the parser inlines each node's
     fallback function (and the engine must then hold no seqdeploy plugin)."""
     trt = rt.trt
     model = onnx.load(str(onnx_path), load_external_data=False)
     expected = custom_nodes(model)
-    state = plugins.register_plugins(rt, ops)
+    forms = aot.plugin_forms(rt, ops)
+    python_ops = [op for op in ops if forms[op.onnx_name] == aot.FORM_PYTHON]
+    aot_ops = [op for op in ops if forms[op.onnx_name] == aot.FORM_AOT]
+    state = {**plugins.register_plugins(rt, python_ops), **aot.register_aot_plugins(rt, aot_ops)}
     broken = {k: v for k, v in state.items() if v != "registered"}
     if use_plugins and broken:
         name, why = next(iter(broken.items()))
@@ -313,8 +347,10 @@ def build_engine(rt: "TensorRT", onnx_path: Path, precision: str, profile: Profi
     report = BuildReport(onnx_path.name, precision, use_plugins, dict(expected), dict(layers),
                          dict(in_plan), profile.as_json(), time.perf_counter() - start,
                          rt.describe(), target,
-                         form="python-plugin" if use_plugins else "onnx-function",
-                         extra={"inspector_plugin_layers": inspected})
+                         form=engine_form({o: forms.get(o, aot.FORM_PYTHON) for o in expected},
+                                          use_plugins),
+                         extra={"inspector_plugin_layers": inspected},
+                         node_forms=node_forms(model, forms) if use_plugins else {})
     return plan, report
 
 

@@ -1,7 +1,9 @@
 """The engine cache: serialized engines keyed by everything that decides their bytes.
 
     key = sha256(model file bytes, plugin names and versions, TensorRT flavour and version,
-                 target GPU, plugin or function form, optimisation profile)
+                 target GPU, plugin or function form, each op's plugin form (AOT or Python;
+                 AOT with its entry kernel's sources and Triton version), optimisation
+                 profile)
 
 Each entry is ``<key>.plan`` plus ``<key>.json`` (the plan's sha256 and size, and the build
 report). A lookup checks the plan against its sha256 first: a truncated or edited engine is
@@ -35,18 +37,26 @@ def cache_dir(artifact_dir: Path) -> Path:
 
 
 def engine_key(model_bytes_sha256: str, ops, tensorrt: str, target: str, use_plugins: bool,
-               profile: dict[str, Any]) -> str:
-    """The cache key (hex sha256) of one engine build."""
+               profile: dict[str, Any], forms: dict[str, str] | None = None) -> str:
+    """The cache key (hex sha256) of one engine build. ``forms``: ``{onnx name: "aot" |
+    "python"}`` (:func:`seqdeploy.trt.aot.plugin_forms`); None means every op Python."""
     record = {
         "model_sha256": model_bytes_sha256,
-        "plugins": sorted([PLUGIN_NAMESPACE, o.onnx_name, PLUGIN_VERSION, o.version]
-                          for o in ops) if use_plugins else "onnx-function",
+        "plugins": sorted([PLUGIN_NAMESPACE, o.onnx_name, PLUGIN_VERSION, o.version,
+                           *_form_of(o, forms)] for o in ops) if use_plugins else "onnx-function",
         "plugin_factory": [PLUGIN_FACTORY_VERSION, seqdeploy.__version__],
         "tensorrt": tensorrt,
         "target": target,
         "profile": profile,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _form_of(op, forms: dict[str, str] | None) -> list[str]:
+    """An op's plugin form in the key; an AOT form also carries its entry's digest (the PTX
+    is baked into the engine, so a changed kernel must not hit an old engine)."""
+    form = (forms or {}).get(op.onnx_name, "python")
+    return [form, op.trt_aot.digest()] if form == "aot" else [form]
 
 
 class EngineCache:

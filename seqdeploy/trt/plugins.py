@@ -391,18 +391,21 @@ def registered_creator(rt: "TensorRT", onnx_name: str):
 
 
 class suspended:
-    """Within this block seqdeploy's creators are deregistered, so TensorRT's ONNX parser
-    inlines each custom node's fallback function (``--no-plugins``: the function form on
-    purpose); they are registered again on exit."""
+    """Within this block seqdeploy's creators (Python and AOT forms) are deregistered, so
+    TensorRT's ONNX parser inlines each custom node's fallback function (``--no-plugins``:
+    the function form on purpose); they are registered again on exit."""
 
     def __init__(self, rt: "TensorRT"):
         self.rt = rt
         self.removed: list[Any] = []
 
     def __enter__(self):
+        from seqdeploy.trt.aot import registered_creators
+
         registry = self.rt.trt.get_plugin_registry()
-        for (module, _), creator in list(_REGISTERED.items()):
-            if module == self.rt.trt.__name__ and registry.deregister_creator(creator):
+        mine = [c for (module, _), c in _REGISTERED.items() if module == self.rt.trt.__name__]
+        for creator in [*mine, *registered_creators(self.rt)]:
+            if registry.deregister_creator(creator):
                 self.removed.append(creator)
         return self
 
