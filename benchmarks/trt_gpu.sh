@@ -34,7 +34,7 @@ seqdeploy doctor 2>&1 | tee "$O/trt_doctor.txt"
 # process running them all ended after 3 of 10 tests in 200 s (each process exports every tiny
 # model and JIT-compiles its architecture's kernels; the float64 references at the validation
 # cases, T = 4096 among them, run step by step). TRT_PYTEST_K="" runs the whole file in one.
-S=${TRT_PYTEST_S:-400}
+S=${TRT_PYTEST_S:-330}
 run_part() {   # $1: label, then pytest selection arguments
   local label=$1; shift
   timeout "$S" python3 -m pytest -v -p no:cacheprovider -rs -rf --tb=short --durations=5 \
