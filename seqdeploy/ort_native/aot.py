@@ -28,35 +28,53 @@ PTX_VERSION = 80
 _ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(([^)]*)\)", re.S)
 
 
-def entry_params(ptx: str) -> tuple[str, int]:
-    """``(name, parameter count)`` of the PTX's single ``.entry``."""
-    found = _ENTRY.findall(ptx)
+def entry_match(ptx: str) -> re.Match:
+    """The PTX's single ``.entry``: group 1 its name, group 2 its parameter list; ValueError
+    unless there is exactly one."""
+    found = list(_ENTRY.finditer(ptx))
     if len(found) != 1:
         raise ValueError(f"expected one .entry in the PTX, found {len(found)}")
-    name, params = found[0]
-    return name, params.count(".param")
+    return found[0]
 
 
-def compile_job(job: dict) -> tuple[str, dict]:
+def entry_params(ptx: str) -> tuple[str, int]:
+    """``(name, parameter count)`` of the PTX's single ``.entry``."""
+    m = entry_match(ptx)
+    return m.group(1), m.group(2).count(".param")
+
+
+def compile_ptx(fn, signature: dict[str, str], constexprs: dict, arch: int, num_warps: int):
+    """Triton's compiled kernel of ``fn`` for ``sm_<arch>`` (its PTX in ``asm["ptx"]``), with
+    every runtime argument kept a parameter (no specialisation hints) and PTX ISA
+    :data:`PTX_VERSION`. ValueError where a plain driver launch cannot run it: the kernel
+    needs Triton scratch memory, a cluster or a cooperative launch."""
     import triton
-    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature = {**signature, **{k: "constexpr" for k in constexprs}}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "ptx_version": PTX_VERSION})
+    md = compiled.metadata
+    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
+        raise ValueError("the kernel needs Triton scratch memory")
+    if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False):
+        raise ValueError("cluster or cooperative launches are not supported")
+    return compiled
+
+
+def compile_job(job: dict) -> tuple[str, dict]:
     module, attr = job["kernel"].split(":")
     fn = getattr(importlib.import_module(module), attr)
-    signature = {**job["signature"], **{k: "constexpr" for k in job["constexprs"]}}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=job["constexprs"]),
-                              target=GPUTarget("cuda", job["arch"], 32),
-                              options={"num_warps": job["num_warps"], "ptx_version": PTX_VERSION})
+    try:
+        compiled = compile_ptx(fn, job["signature"], job["constexprs"], job["arch"],
+                               job["num_warps"])
+    except ValueError as exc:
+        raise SystemExit(f"{job['name']}: {exc}, which the ORT library does not provide")
     ptx = compiled.asm["ptx"]
     entry, n_params = entry_params(ptx)
     md = compiled.metadata
-    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
-        raise SystemExit(f"{job['name']}: the kernel needs Triton scratch memory, which the ORT "
-                         "library does not provide")
-    if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False):
-        raise SystemExit(f"{job['name']}: cluster or cooperative launches are not supported")
     n_args = len(job["signature"])
     if n_params < n_args:
         raise SystemExit(f"{job['name']}: PTX entry has {n_params} parameters for {n_args} "

@@ -291,31 +291,30 @@ class CompiledEntry:
     num_warps: int
 
 
-_ENTRY = re.compile(r"(\.entry\s+(\w+)\s*\()([^)]*)(\))", re.S)
-
-
 def strip_hidden_params(ptx: str, keep: int) -> tuple[str, int]:
     """``(ptx, removed)``: the PTX with every ``.entry`` parameter after the first ``keep``
     removed. Refuses (:class:`AotError`) when there is not exactly one entry, when it has
     fewer than ``keep`` parameters, or when the body names a removed parameter (the kernel
     would read an argument TensorRT does not pass)."""
-    found = list(_ENTRY.finditer(ptx))
-    if len(found) != 1:
-        raise AotError(f"expected one .entry in the PTX, found {len(found)}")
-    m = found[0]
-    params = [p.strip() for p in m.group(3).split(",") if p.strip()]
+    from seqdeploy.ort_native.aot import entry_match
+
+    try:
+        m = entry_match(ptx)
+    except ValueError as exc:
+        raise AotError(str(exc)) from None
+    params = [p.strip() for p in m.group(2).split(",") if p.strip()]
     if len(params) < keep:
-        raise AotError(f"PTX entry {m.group(2)} has {len(params)} parameters, fewer than the "
+        raise AotError(f"PTX entry {m.group(1)} has {len(params)} parameters, fewer than the "
                        f"{keep} arguments TensorRT passes (a specialised argument was dropped)")
     removed = params[keep:]
     body = ptx[:m.start()] + ptx[m.end():]
     for p in removed:
         name = p.split()[-1]
         if re.search(rf"\b{re.escape(name)}\b", body):
-            raise AotError(f"PTX entry {m.group(2)} reads its hidden parameter {name}: the "
+            raise AotError(f"PTX entry {m.group(1)} reads its hidden parameter {name}: the "
                            f"kernel needs Triton scratch memory, which TensorRT does not pass")
     kept = ",\n\t".join(params[:keep])
-    text = ptx[:m.start()] + m.group(1) + "\n\t" + kept + "\n" + m.group(4) + ptx[m.end():]
+    text = ptx[:m.start(2)] + "\n\t" + kept + "\n" + ptx[m.end(2):]
     return text, len(removed)
 
 
@@ -342,27 +341,18 @@ def compile_entry(aot: AotPlan, arch: int) -> CompiledEntry:
     argument stays a parameter; the PTX ISA version is the ORT library's (8.0), which older
     drivers load. Refuses a kernel that needs Triton scratch memory, a cluster or a
     cooperative launch."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from seqdeploy.ort_native.aot import compile_ptx, entry_params
 
-    from seqdeploy.ort_native.aot import PTX_VERSION
-
-    consts = dict(aot.launch.constexprs)
-    signature = {**aot.signature, **{k: "constexpr" for k in consts}}
     with _ptx_stage_only():
-        compiled = triton.compile(ASTSource(aot.entry.entry(), signature, constexprs=consts),
-                                  target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": aot.launch.num_warps,
-                                           "ptx_version": PTX_VERSION})
+        try:
+            compiled = compile_ptx(aot.entry.entry(), aot.signature, dict(aot.launch.constexprs),
+                                   arch, aot.launch.num_warps)
+        except ValueError as exc:
+            raise AotError(f"{aot.entry.kernel}: {exc}, which TensorRT's AOT launch does not "
+                           f"provide") from None
     md = compiled.metadata
-    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
-        raise AotError(f"{aot.entry.kernel}: needs Triton scratch memory, which TensorRT's AOT "
-                       f"launch does not provide")
-    if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False):
-        raise AotError(f"{aot.entry.kernel}: cluster or cooperative launches are not supported")
     ptx, hidden = strip_hidden_params(compiled.asm["ptx"], aot.n_args)
-    name = _ENTRY.search(ptx).group(2)
+    name = entry_params(ptx)[0]
     return CompiledEntry(name, ptx, aot.n_args, hidden, int(md.shared), int(md.num_warps))
 
 
