@@ -142,8 +142,7 @@ def trt_aot():
 
         B, T, H = (q.sizes("xw", a) for a in range(3))
         gpu = None if q.capability is None else Gpu(1, q.capability, clusters=False, wgmma=False)
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[q.dtype]
-        plan = choose(16, 2, q.sizes.constant("w_rec", 0), dtype, gpu)
+        plan = choose(16, 2, q.sizes.constant("w_rec", 0), q.torch_dtype, gpu)
         assert plan.design == "rows", plan
         names = ("BLOCK_B", "BLOCK_H", "BLOCK_K", "W_RESIDENT", "DOT_F32", "SERIES_BELOW",
                  "FAST_TANH")

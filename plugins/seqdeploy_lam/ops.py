@@ -213,8 +213,7 @@ def trt_aot():
 
         B, T, n, d = (q.sizes("q", a) for a in range(4))
         dv = q.sizes("v", 3)
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[q.dtype]
-        plan = launch_plan(1, q.sizes.constant("q", 3), q.sizes.constant("v", 3), dtype,
+        plan = launch_plan(1, q.sizes.constant("q", 3), q.sizes.constant("v", 3), q.torch_dtype,
                            design="recurrent")
         return EntryLaunch(grid=(B * n, cdiv(dv, plan.BV)), scalars=(T, n, d, dv),
                            constexprs={"BD": plan.BD, "BV": plan.BV}, num_warps=plan.num_warps)

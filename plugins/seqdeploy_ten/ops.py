@@ -128,8 +128,10 @@ def trt_aot():
     from seqdeploy.trt.aot import EntryLaunch, TrtAot, cdiv
 
     def launch(q):
+        import triton
+
         B, T, K = (q.sizes("x_re", a) for a in range(3))
-        block_k = min(32, 1 << max(q.sizes.constant("nu", 0) - 1, 0).bit_length())
+        block_k = min(32, triton.next_power_of_2(q.sizes.constant("nu", 0)))
         return EntryLaunch(grid=(B * cdiv(K, block_k),), scalars=(B, T, K),
                            constexprs={"BLOCK_T": 32, "BLOCK_K": block_k}, num_warps=1)
 

@@ -125,6 +125,13 @@ class LaunchQuery:
     attributes: Mapping[str, Any]
     capability: tuple[int, int] | None
 
+    @property
+    def torch_dtype(self):
+        """``dtype`` as a torch dtype (for the plugins' own tile choosers)."""
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
+
 
 @dataclass(frozen=True)
 class EntryLaunch:
