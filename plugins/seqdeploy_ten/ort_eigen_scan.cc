@@ -72,7 +72,8 @@ struct EigenScanKernel : seqdeploy::Computes<EigenScanKernel> {
     auto type = x_re.GetTensorTypeAndShapeInfo().GetElementType();
     const char* dtype = seqdeploy::DtypeName(type);
     if (!dtype) throw Error("x_re must be float32 or float16");
-    seqdeploy::RequireDtype(type, {&x_im, &h_re, &h_im}, "x_im, h0_re and h0_im must have x_re's dtype");
+    seqdeploy::RequireDtype(type, {&x_im, &h_re, &h_im},
+                            "x_im, h0_re and h0_im must have x_re's dtype");
     auto y_re = ctx.GetOutput(0, shape), y_im = ctx.GetOutput(1, shape);
     if (B * T * K == 0) return;
     if (!cuda_) {

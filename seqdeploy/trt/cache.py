@@ -25,6 +25,7 @@ import seqdeploy
 from seqdeploy.artifacts import atomic_write, sha256_file
 from seqdeploy.errors import ArtifactError
 from seqdeploy.ops import PLUGIN_NAMESPACE, PLUGIN_VERSION
+from seqdeploy.trt.aot import FORM_AOT, FORM_PYTHON
 
 CACHE_DIR = ".trt-cache"
 #: bump when the plugin factory's behaviour changes in a way engines would bake in
@@ -55,8 +56,8 @@ def engine_key(model_bytes_sha256: str, ops, tensorrt: str, target: str, use_plu
 def _form_of(op, forms: dict[str, str] | None) -> list[str]:
     """An op's plugin form in the key; an AOT form also carries its entry's digest (the PTX
     is baked into the engine, so a changed kernel must not hit an old engine)."""
-    form = (forms or {}).get(op.onnx_name, "python")
-    return [form, op.trt_aot.digest()] if form == "aot" else [form]
+    form = (forms or {}).get(op.onnx_name, FORM_PYTHON)
+    return [form, op.trt_aot.digest()] if form == FORM_AOT else [form]
 
 
 class EngineCache:
