@@ -48,12 +48,11 @@ SIZES = [SMALL, (256, 4096, 128), (32, 32768, 128), (32, 4096, 1024)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: extra plans timed at every size besides each design's default: (design, BLOCK_T,
 #: BLOCK_P, num_warps[, look-back window]); ``--sweep`` adds ``SWEEP``
-EXTRA = [("chunk_loop", 32, 32, 1, 1), ("chunk_loop", 32, 32, 1, 4), ("chunk_loop", 16, 32, 1, 8),
-         ("chunk_loop", 64, 32, 1, 8), ("chunk_loop", 32, 64, 2, 8), ("rows_loop", 16, 32, 1)]
+EXTRA = [("chunk_loop", 32, 32, 1, 1), ("chunk_loop", 32, 32, 1, 8), ("chunk_loop", 16, 32, 1, 4),
+         ("chunk_loop", 64, 32, 1, 4), ("chunk_loop", 32, 64, 2, 4)]
 SWEEP = [("chunk", 16, 64, 2), ("chunk", 32, 32, 2), ("rows", 16, 64, 2), ("rows", 8, 32, 1),
          ("chunk_loop", 8, 32, 1, 8), ("chunk_loop", 32, 128, 4, 8), ("chunk_loop", 16, 64, 2, 8),
-         ("chunk_loop", 32, 32, 2, 8), ("chunk_loop", 16, 32, 1, 16), ("chunk_loop", 64, 32, 1, 1),
-         ("rows_loop", 32, 128, 4), ("rows_loop", 8, 32, 1), ("rows_loop", 32, 64, 2)]
+         ("chunk_loop", 32, 32, 2, 8), ("chunk_loop", 16, 32, 1, 16), ("chunk_loop", 64, 32, 1, 1)]
 
 
 def make(B, T, P, dtype, device="cuda", seed=0):

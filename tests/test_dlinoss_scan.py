@@ -27,7 +27,7 @@ from seqdeploy_dlinoss.ops import (linoss_scan, naive_linoss_scan, reference_lin
 # max rel-L2 against the float64 loop run on the same (already rounded) inputs
 TOL = {torch.float32: 2e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-KERNELS = list(DESIGNS)   # chunk, rows (scan tiles), chunk_loop, rows_loop (step loops)
+KERNELS = list(DESIGNS)   # chunk, rows (scan tiles), chunk_loop (step loop)
 
 
 def make(B, T, P, dtype=torch.float32, device="cpu", seed=0, strided=False):
@@ -118,8 +118,7 @@ def test_triton_matches_naive(B, T, P, strided, kernel, dtype):
     assert rel_l2(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("kernel,P,T", [("rows", 1, 4096), ("chunk", 3, 512), ("rows_loop", 2, 4096),
-                                         ("chunk_loop", 3, 1024)])
+@pytest.mark.parametrize("kernel,P,T", [("rows", 1, 4096), ("chunk", 3, 512), ("chunk_loop", 3, 1024)])
 def test_triton_long_sequence(kernel, P, T):
     """Long T. The interpreter emulates every element one at a time (and runs programs in
     order, so a look-back never walks past its predecessor): here the rows kernel carries
@@ -148,15 +147,13 @@ def test_split_sequence_equals_full(form):
     assert rel_l2(joined, [v.double().cpu() for v in full]) < 5e-6
 
 
-@pytest.mark.parametrize("design", ["chunk_loop", "rows_loop"])
 @pytest.mark.parametrize("block_t,block_p,num_warps,window", [(8, 16, 1, 4), (64, 64, 2, 2)])
-def test_loop_designs_take_any_tile(design, block_t, block_p, num_warps, window):
+def test_loop_design_takes_any_tile(block_t, block_p, num_warps, window):
     """A plan given explicitly (the benchmark's sweep): other tiles, partial last tiles and
     P blocks, a block of P spread over two warps."""
     args = make(2, 77, 37, torch.float32, DEVICE, seed=4, strided=True)
     ref = naive_linoss_scan(*[a.cpu() for a in args])
-    plan = LaunchPlan(design, block_t, block_p, num_warps,
-                      window if design == "chunk_loop" else 1)
+    plan = LaunchPlan("chunk_loop", block_t, block_p, num_warps, window)
     out = triton_linoss_scan(*args, out=poisoned(args[0]), plan=plan)
     assert rel_l2(out, ref) < TOL[torch.float32]
 
@@ -165,7 +162,7 @@ def test_default_plans_and_bad_plans():
     """``choose`` (the default: chunk_loop for few rows, the measured rows design where rows
     fill the GPU or T fits one tile) and one-line errors for plans that cannot launch."""
     cpu = torch.device("cpu")      # (132 SMs assumed, an H100's count)
-    assert choose(32, 1024, 128, cpu) == LaunchPlan("chunk_loop", 32, 32, 1, window=8)
+    assert choose(32, 1024, 128, cpu) == LaunchPlan("chunk_loop", 32, 32, 1, window=4)
     assert choose(32, 32768, 128, cpu).design == "chunk_loop"
     assert choose(256, 4096, 128, cpu) == LaunchPlan("rows", 16, 32, 1)
     assert choose(4, 1, 100, cpu) == LaunchPlan("rows", 2, 32, 1)
@@ -173,7 +170,7 @@ def test_default_plans_and_bad_plans():
     with pytest.raises(ValueError, match="design must be one of"):
         LaunchPlan("scan", 16, 32, 1)
     with pytest.raises(ValueError, match="block_p must be a power of two, got 24"):
-        LaunchPlan("rows_loop", 16, 24, 1)
+        LaunchPlan("rows", 16, 24, 1)
     with pytest.raises(ValueError, match="window applies to chunk_loop only"):
         LaunchPlan("chunk", 16, 32, 1, window=8)
 
@@ -476,14 +473,13 @@ SM90 = textwrap.dedent("""
         chunked = dict(carry_ptr="*fp32", flag_ptr="*i32")
         for fn, extra, tiles in ((k._linoss_chunk_kernel, chunked, scan),
                                  (k._linoss_rows_kernel, {}, scan),
-                                 (k._linoss_chunk_loop_kernel, chunked, loop),
-                                 (k._linoss_rows_loop_kernel, {}, loop)):
+                                 (k._linoss_chunk_loop_kernel, chunked, loop)):
             for bt, bp, nw in tiles["fp32" if dt == "fp32" else "half"]:
                 const = dict(BLOCK_T=bt, BLOCK_P=bp)
                 if extra:
                     const["LOG2_T"] = bt.bit_length() - 1
                 if fn is k._linoss_chunk_loop_kernel:
-                    const["WINDOW"] = 8
+                    const["WINDOW"] = k.LOOK_BACK_WINDOW
                 sig = {**base, **extra, **sizes, **{c: "constexpr" for c in const}}
                 c = triton.compile(ASTSource(fn, sig, constexprs=const),
                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
@@ -493,7 +489,7 @@ SM90 = textwrap.dedent("""
 
 
 def test_kernels_compile_for_sm90():
-    """The four kernels, every dtype, the default and the benchmark's alternative tilings,
+    """The three kernels, every dtype, the default and the benchmark's alternative tilings,
     compile for Hopper without a GPU (the interpreter never lowers them)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", SM90], capture_output=True, text=True, env=env,
@@ -501,7 +497,8 @@ def test_kernels_compile_for_sm90():
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
         pytest.skip("this triton build ships no ptxas")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count(" ok") == 2 * (3 + 1 + 1) + 2 * (2 + 1 + 1)
+    # fp32: 3 chunk + 3 rows + 2 chunk_loop tilings; fp16 and bf16: each default tiling
+    assert out.stdout.count(" ok") == (3 + 3 + 2) + 2 * 3
 
 
 @gpu

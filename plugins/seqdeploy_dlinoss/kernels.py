@@ -6,14 +6,14 @@ Inputs ``b_re, b_im [B, T, P]`` (fp32/fp16/bf16, unit stride over P), outputs ``
 alike, states ``[B, P, 4]`` fp32; P, the contiguous axis, goes across a warp's lanes, so
 every load and store of one time step is one coalesced row.
 
-Four designs, chosen by :func:`choose` or named in a :class:`LaunchPlan`; two ways to walk a
-tile of ``BLOCK_T`` steps by ``BLOCK_P`` oscillators, times two grids:
+Three designs, chosen by :func:`choose` or named in a :class:`LaunchPlan`: two ways to walk a
+tile of ``BLOCK_T`` steps by ``BLOCK_P`` oscillators, on two grids:
 
 - the scan tile (``chunk``, ``rows``): ``tl.associative_scan`` over the affine maps
   ``w -> M w + c b_t`` (eight fp32 values per element: the cumulative power of M relative
   to the tile, never a negative power, and the sums), with M rounded once to fp32 and the
   state entering the tile folded into its first step (``_tile_scan``);
-- the step loop (``chunk_loop``, ``rows_loop``): each thread walks its oscillators' steps in
+- the step loop (``chunk_loop``): each thread walks its oscillators' steps in
   order in registers, the tile held as ``BLOCK_T`` vectors of ``[BLOCK_P]`` loaded before
   any step runs (``_load_tile``), in the model's IMEX form ``z' = m00 z + m01 x + c0 b``,
   ``x' = x + dt z'`` (``_imex_step``: three FMAs per part, no matrix products);
@@ -29,9 +29,10 @@ tile of ``BLOCK_T`` steps by ``BLOCK_P`` oscillators, times two grids:
   from that state, which gives the outputs and this chunk's inclusive state. A chunk only
   waits on programs with smaller ids, which the hardware (and the interpreter, which runs
   ids in order) has already started;
-- grid over rows (``rows``, ``rows_loop``; many rows): (batch row, block of P); each
-  program walks its rows' whole sequence tile by tile, the next tile's loads issued before
-  the current one is walked. No look-back traffic at all.
+- grid over rows (``rows``; many rows): (batch row, block of P); each program walks its
+  rows' whole sequence tile by tile, the next tile's loads issued before the current one is
+  walked. No look-back traffic at all. (The step loop on this grid was measured several
+  times slower than the scan tile at every size and was dropped.)
 
 HBM traffic is one read of ``b_re, b_im`` and one write of ``x_re, x_im`` (plus ``state0``,
 ``stateT`` and, for the chunk grids, 8 fp32 per (chunk, b, p) of look-back carries). Padded
@@ -347,12 +348,12 @@ def _linoss_scan_aot_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, B, T, 
                         B, T, P, T * P, P, T * P, P, BLOCK_T, BLOCK_P)
 
 
-# --- the step-loop designs: one oscillator per thread, T walked in order in its registers ----
+# --- the step-loop design: one oscillator per thread, T walked in order in its registers -----
 
 
 @triton.jit
 def _imex_transition(a_ptr, g_ptr, dt_ptr, offs_p, mask_p):
-    """``(m00, m01, dt, c0)`` fp32 ``[BLOCK_P]``: the IMEX step as the loop designs apply it,
+    """``(m00, m01, dt, c0)`` fp32 ``[BLOCK_P]``: the IMEX step as the loop design applies it,
     ``z' = m00 z + m01 x + c0 b``, ``x' = x + dt z'`` (``m00 = 1/S``, ``m01 = -dt A/S``,
     ``c0 = dt/S``, from float64 and rounded once; padded oscillators get 0, a harmless
     map). ``x'`` is formed from ``z'`` as the model's update does, not as ``m10 z + m11 x``:
@@ -374,8 +375,8 @@ def _imex_step(m00, m01, dt, c0, z, x, b):
 
 @triton.jit
 def _imex_power(m00, m01, dt, LOG2_T: tl.constexpr):
-    """``(a, b)`` with ``E^(2^LOG2_T) = a I + b E`` for the step map ``E`` the loop designs
-    apply, ``E = [[m00, m01], [dt m00, 1 + dt m01]]`` in the fp32 coefficients (so
+    """``(a, b)`` with ``E^(2^LOG2_T) = a I + b E`` for the step map ``E`` the loop design
+    applies, ``E = [[m00, m01], [dt m00, 1 + dt m01]]`` in the fp32 coefficients (so
     ``tr E = m00 + 1 + dt m01``, ``det E = m00``), squared in float64 and rounded once; the
     reasons are :func:`_tile_power`'s. ``E h`` itself is :func:`_imex_step` with ``b = 0``."""
     t00 = m00.to(tl.float64)
@@ -444,7 +445,7 @@ def _walk_tile(b_r, b_i, m00, m01, dt, c0, zr, zi, xr, xi, xr_ptr, xi_ptr, strid
 def _loop_look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr, agg_xi,
                     m00, m01, dt, qa, qb, chunk, slot, n_slots, b, offs_p, mask_p, B, P,
                     publish, WINDOW: tl.constexpr):
-    """:func:`_look_back` for the loop designs' step map E (:func:`_imex_power`): the same
+    """:func:`_look_back` for the loop design's step map E (:func:`_imex_power`): the same
     flags, carry planes and forward walk ``h <- a h + b (E h) + agg``.
 
     ``WINDOW = 1`` reads the flags and then the aggregates one at a time, each read waiting
@@ -596,51 +597,7 @@ def _linoss_chunk_loop(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_
         _store_state(sT_ptr, b, offs_p, mask_p, P, e_zr, e_zi, e_xr, e_xi)
 
 
-@triton.jit
-def _linoss_rows_loop_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr,
-                             sT_ptr, B, T, P, sb_b, sb_t, sx_b, sx_t,
-                             BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The ``rows_loop`` design: a program per (batch row, block of P) walks the whole
-    sequence with the step loop, the next tile's ``2 BLOCK_T`` loads issued before the
-    current tile's steps. No look-back traffic."""
-    pid = tl.program_id(0)
-    n_pb = tl.cdiv(P, BLOCK_P)
-    b = (pid // n_pb).to(tl.int64)
-    offs_p = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    m00, m01, dt, c0 = _imex_transition(a_ptr, g_ptr, dt_ptr, offs_p, mask_p)
-    s0 = s0_ptr + b * P * 4 + offs_p * 4
-    zr = tl.load(s0, mask=mask_p, other=0.0)
-    zi = tl.load(s0 + 1, mask=mask_p, other=0.0)
-    xr = tl.load(s0 + 2, mask=mask_p, other=0.0)
-    xi = tl.load(s0 + 3, mask=mask_p, other=0.0)
-    b_off = b * sb_b + offs_p           # int64: advanced a tile at a time
-    x_off = b * sx_b + offs_p
-    cur_r = _load_tile(br_ptr + b_off, sb_t, T, mask_p, BLOCK_T)
-    cur_i = _load_tile(bi_ptr + b_off, sb_t, T, mask_p, BLOCK_T)
-    n_full = T // BLOCK_T
-    for k in tl.range(0, n_full, num_stages=1):   # (prefetched by hand, one tile ahead)
-        # the next tile's loads go out before this tile's stores (which they could alias)
-        b_off += BLOCK_T * sb_t
-        left = T - (k + 1) * BLOCK_T
-        nxt_r = _load_tile(br_ptr + b_off, sb_t, left, mask_p, BLOCK_T)
-        nxt_i = _load_tile(bi_ptr + b_off, sb_t, left, mask_p, BLOCK_T)
-        zr, zi, xr, xi = _walk_tile(cur_r, cur_i, m00, m01, dt, c0, zr, zi, xr, xi,
-                                    xr_ptr + x_off, xi_ptr + x_off, sx_t, BLOCK_T, mask_p,
-                                    BLOCK_T, False)
-        x_off += BLOCK_T * sx_t
-        cur_r = nxt_r
-        cur_i = nxt_i
-    left = T - n_full * BLOCK_T
-    if left > 0:
-        zr, zi, xr, xi = _walk_tile(cur_r, cur_i, m00, m01, dt, c0, zr, zi, xr, xi,
-                                    xr_ptr + x_off, xi_ptr + x_off, sx_t, left, mask_p,
-                                    BLOCK_T, True)
-    _store_state(sT_ptr, b, offs_p, mask_p, P, zr, zi, xr, xi)
-
-
-
-#: the rows designs need about this many (batch row, block of P) programs per SM to keep HBM
+#: the rows grid needs about this many (batch row, block of P) programs per SM to keep HBM
 #: busy on their own (each one-warp program has one tile in flight while it walks the one
 #: before). The scan-based rows kernel measured 86% of copy at B=256 T=4096 P=128 on an H100
 #: (1024 programs, about 7.8 per SM), 1.26x faster than the chunk kernel there.
@@ -648,9 +605,9 @@ ROWS_PER_SM = 6
 #: the tile of the AOT kernels that ort_linoss_scan.cc launches (the scan-based designs):
 #: (BLOCK_T, BLOCK_P, num_warps); it keeps its own copy of ROWS_PER_SM's rule
 ORT_TILE = (16, 32, 1)
-DESIGNS = ("chunk", "rows", "chunk_loop", "rows_loop")
+DESIGNS = ("chunk", "rows", "chunk_loop")
 #: chunk_loop's default look-back window (LaunchPlan.window)
-LOOK_BACK_WINDOW = 8
+LOOK_BACK_WINDOW = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -658,10 +615,10 @@ class LaunchPlan:
     """One launch of ``linoss_scan``. Tiles are powers of two.
 
     - ``design``: ``"chunk"`` / ``"rows"`` (the tile scanned with ``tl.associative_scan``
-      over 8-value affine maps, M rounded once) or ``"chunk_loop"`` / ``"rows_loop"`` (a
-      per-thread step loop in the IMEX form, :func:`_imex_step`); the ``chunk*`` designs
-      put one program on each chunk of ``block_t`` steps and hand the state on by decoupled
-      look-back, the ``rows*`` ones walk a row's whole T in one program;
+      over 8-value affine maps, M rounded once) or ``"chunk_loop"`` (a per-thread step
+      loop in the IMEX form, :func:`_imex_step`); the ``chunk*`` designs put one program on
+      each chunk of ``block_t`` steps and hand the state on by decoupled look-back, ``rows``
+      walks a row's whole T in one program;
     - ``block_t``: steps per tile (per chunk for the chunk designs);
     - ``block_p``: oscillators per program (``block_p / (32 num_warps)`` per thread);
     - ``num_warps``;
@@ -689,7 +646,7 @@ class LaunchPlan:
         return self.design in ("chunk", "chunk_loop")
 
     def slots(self, B: int, P: int) -> int:
-        """(batch row, block of P) pairs: the rows designs' grid, one chunk's for the others."""
+        """(batch row, block of P) pairs: the rows grid, one chunk's for the chunk designs."""
         return B * triton.cdiv(P, self.block_p)
 
 
@@ -699,24 +656,20 @@ def _sm_count(index: int) -> int:
 
 
 def choose(B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
-    """The default plan for ``[B, T, P]`` on ``device``:
+    """The default plan for ``[B, T, P]`` on ``device``, from the designs' measured
+    ranking (``benchmarks/dlinoss_scan.py`` times them all at the issue's sizes; the
+    numbers are in BENCHMARKS.md):
 
-    - ``rows`` (the scan design, 16 x 32 tiles, one warp) where the (batch row, 32
-      oscillators) programs alone fill the GPU (``ROWS_PER_SM`` per SM) or T fits one
-      tile: measured 86% of copy at B=256 T=4096 P=128 on an H100. ``rows_loop`` is not
-      measured yet, and ptxas gives its one-warp programs 255 registers (a 64-bit address
-      per prefetched step), so it stays opt-in until a benchmark run says otherwise;
-    - else ``chunk_loop`` with 32-step chunks, 32 oscillators, one warp, a look-back
-      window of 8 (217 registers for sm_90, no spills; 140 with window 1). Not yet
-      measured on a GPU either; it replaces the scan-based ``chunk`` (0.0568 ms = 48% of
-      copy at B=32 T=1024 P=128, H100, twice the copy's time), whose tile costs two 8-value
-      affine-map scans per element where the loop costs 2 x 3 FMAs per element per pass;
-      its 32-step chunks halve the look-back chains of 16-step ones, and the window cuts
-      the serial L2 round trips of a walk across k chunks from about 2k to 2k / 8 (the
-      first wave of programs walks back to chunk 0: up to ~14 chunks per walk at B=32).
-
-    ``benchmarks/dlinoss_scan.py`` times every design (and ``--sweep`` tiles) at the
-    issue's sizes and prints the fastest per size."""
+    - ``rows`` (the scan tile, 16 x 32, one warp) where the (batch row, 32 oscillators)
+      programs alone fill the GPU (``ROWS_PER_SM`` per SM) or T fits one tile: no
+      look-back and no flags, near the copy bandwidth; ``chunk_loop`` measured within a
+      few percent of it there;
+    - else ``chunk_loop`` with 32-step chunks, 32 oscillators, one warp and a look-back
+      window of ``LOOK_BACK_WINDOW`` chunks (8 was slower at B=32 T=1024, where the first
+      wave of programs walks back furthest: a wider window costs registers, so fewer
+      programs are resident). The scan-based ``chunk`` costs two 8-value affine-map scans
+      per element where the loop costs 2 x 3 FMAs; it stays for the ONNX Runtime library,
+      whose ahead-of-time kernels are the scan tile's."""
     block_p = min(32, triton.next_power_of_2(P))
     slots = B * triton.cdiv(P, block_p)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
@@ -733,7 +686,7 @@ def _tile_t(block_t: int, T: int) -> int:
 
 def default_plan(design: str, B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
     """``design``'s plan with its default tile: 16 steps for the scan designs (as measured),
-    32 for the loop designs; 32 oscillators and one warp for all; chunk_loop's look-back
+    32 for the loop design; 32 oscillators and one warp for all; chunk_loop's look-back
     window ``LOOK_BACK_WINDOW``."""
     block_t = 16 if design in ("chunk", "rows") else 32
     return LaunchPlan(design, _tile_t(block_t, T), min(32, triton.next_power_of_2(P)), 1,
@@ -742,8 +695,7 @@ def default_plan(design: str, B: int, T: int, P: int, device: torch.device) -> L
 
 _LAUNCHERS = {"chunk": Launcher(_linoss_chunk_kernel, tensors=11),
               "rows": Launcher(_linoss_rows_kernel, tensors=9),
-              "chunk_loop": Launcher(_linoss_chunk_loop_kernel, tensors=11),
-              "rows_loop": Launcher(_linoss_rows_loop_kernel, tensors=9)}
+              "chunk_loop": Launcher(_linoss_chunk_loop_kernel, tensors=11)}
 
 
 def triton_linoss_scan(b_re, b_im, A, G, dt, state0, out=None, plan: LaunchPlan | None = None,

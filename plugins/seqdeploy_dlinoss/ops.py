@@ -33,9 +33,9 @@ at step s reaches step t through ``M^(t-s)``, so the error at T is about
   the kernel's per-step form (float64-computed M rounded once to fp32).
 
 The chunked CPU form computes ``M^d`` (d <= chunk) in float64 and rounds each once; the
-Triton kernels (four designs, ``kernels.py``) walk every tile step by step from the state
-entering it (the scan designs fold that state into the tile's first step, the loop designs
-run the IMEX step ``z' = m00 z + m01 x + c0 b``, ``x' = x + dt z'`` in order), so no power
+Triton kernels (three designs, ``kernels.py``) walk every tile step by step from the state
+entering it (the scan designs fold that state into the tile's first step, the loop design
+runs the IMEX step ``z' = m00 z + m01 x + c0 b``, ``x' = x + dt z'`` in order), so no power
 of M ever multiplies a state except in the chunk designs' look-back across unfinished
 chunks, which applies ``Q = M^BLOCK_T = a I + b M`` once per chunk it crosses (``a, b``
 float64, rounded once).
