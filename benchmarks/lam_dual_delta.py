@@ -61,6 +61,9 @@ VARIANTS = {
     "split half bv16": dict(design="split", dot_operands="input", BV=16),
     "split half bv64": dict(design="split", dot_operands="input", BV=64),
     "split half both-mem": dict(design="split", dot_operands="input", mems_per_program=2),
+    # the WY kernel's chained inverse products at one tf32 pass instead of three
+    "split inv-tf32": dict(design="split", INV_PREC="tf32"),
+    "split half inv-tf32": dict(design="split", dot_operands="input", INV_PREC="tf32"),
     "fused": dict(design="fused"),
     "fused bv16": dict(design="fused", BV=16),
     "fused bv64 w8": dict(design="fused", BV=64, num_warps=8),
@@ -161,6 +164,34 @@ def encoder_latency(results, dtype_name):
               f"{13.7 if T == 128 else 23.9} ms)")
 
 
+def kernel_breakdown(fn, iters: int = 20, top: int = 6) -> list[tuple[str, float]]:
+    """GPU time per call of each kernel ``fn`` launches, from torch.profiler: ``[(kernel
+    name, ms per call)]``, the largest first. Says where the time goes (our WY, state and
+    output kernels; fla's pipeline) without touching either implementation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = getattr(evt, "self_cuda_time_total", 0.0)
+        if us > 0:
+            rows.append((evt.key, us / 1000.0 / iters))
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
+def print_breakdown(label: str, rows: list[tuple[str, float]]) -> None:
+    total = sum(ms for _, ms in rows)
+    parts = ", ".join(f"{name[:40]} {ms:.3f}" for name, ms in rows)
+    print(f"    {label} kernels (ms per call, {total:.3f} in all): {parts}")
+
+
 def main():
     sys.stdout.reconfigure(line_buffering=True)   # lines survive a stage timeout's kill
     parser = argparse.ArgumentParser()
@@ -254,6 +285,12 @@ def main():
                      f"{row['ratio_both_vs_fla_one']:.2f} (target <= 1.5); fast memory vs fla "
                      f"rel {row['rel_diff_vs_fla']:.1e}")
         print(line, flush=True)
+        if cuda:
+            row["ours_kernels_ms"] = kernel_breakdown(lambda: triton_dual_delta_rule(*x))
+            print_breakdown("ours", row["ours_kernels_ms"])
+            if fla is not None:
+                row["fla_kernels_ms"] = kernel_breakdown(call)
+                print_breakdown("fla ", row["fla_kernels_ms"])
         del x
     save(args.json, results)     # kept if a later part is cut off by a time budget
     if args.sweep:
