@@ -152,6 +152,36 @@ def _store_state(ptr, b, offs_p, mask_p, P, zr, zi, xr, xi):
 
 
 @triton.jit
+def _load_state(ptr, b, offs_p, mask_p, P):
+    """``(z_re, z_im, x_re, x_im)`` of rows ``b`` of a ``[B, P, 4]`` fp32 state."""
+    base = ptr + b * P * 4 + offs_p * 4
+    return (tl.load(base, mask=mask_p, other=0.0), tl.load(base + 1, mask=mask_p, other=0.0),
+            tl.load(base + 2, mask=mask_p, other=0.0), tl.load(base + 3, mask=mask_p, other=0.0))
+
+
+@triton.jit
+def _load_planes(src, plane, mask_p):
+    """Four consecutive carry planes at ``src`` (``plane`` apart), read past the caches:
+    other programs write them while this one runs."""
+    return (tl.load(src, mask=mask_p, other=0.0, volatile=True),
+            tl.load(src + plane, mask=mask_p, other=0.0, volatile=True),
+            tl.load(src + 2 * plane, mask=mask_p, other=0.0, volatile=True),
+            tl.load(src + 3 * plane, mask=mask_p, other=0.0, volatile=True))
+
+
+@triton.jit
+def _publish(dst, plane, mask_p, zr, zi, xr, xi, flag, value):
+    """Store four carry planes at ``dst`` and then raise ``flag`` to ``value`` (1: the
+    chunk's aggregate, 2: its inclusive end state)."""
+    tl.store(dst, zr, mask=mask_p)
+    tl.store(dst + plane, zi, mask=mask_p)
+    tl.store(dst + 2 * plane, xr, mask=mask_p)
+    tl.store(dst + 3 * plane, xi, mask=mask_p)
+    tl.debug_barrier()   # every thread's values are stored before the flag is raised
+    tl.atomic_xchg(flag, value, sem="release")
+
+
+@triton.jit
 def _look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr, agg_xi,
                m00, m01, m10, m11, qa, qb, chunk, slot, n_slots, b, offs_p, mask_p, B, P,
                publish, BLOCK_P: tl.constexpr):
@@ -173,19 +203,10 @@ def _look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr, agg_xi,
     mine = carry_ptr + chunk.to(tl.int64) * 8 * plane
     my_flag = flag_ptr + chunk * n_slots + slot
     if chunk == 0:
-        s0 = s0_ptr + b * P * 4 + offs_p * 4
-        h_zr = tl.load(s0, mask=mask_p, other=0.0)
-        h_zi = tl.load(s0 + 1, mask=mask_p, other=0.0)
-        h_xr = tl.load(s0 + 2, mask=mask_p, other=0.0)
-        h_xi = tl.load(s0 + 3, mask=mask_p, other=0.0)
+        h_zr, h_zi, h_xr, h_xi = _load_state(s0_ptr, b, offs_p, mask_p, P)
     else:
         if publish:
-            tl.store(mine + state, agg_zr, mask=mask_p)
-            tl.store(mine + plane + state, agg_zi, mask=mask_p)
-            tl.store(mine + 2 * plane + state, agg_xr, mask=mask_p)
-            tl.store(mine + 3 * plane + state, agg_xi, mask=mask_p)
-            tl.debug_barrier()   # every thread's values are stored before the flag is raised
-            tl.atomic_xchg(my_flag, 1, sem="release")
+            _publish(mine + state, plane, mask_p, agg_zr, agg_zi, agg_xr, agg_xi, my_flag, 1)
         # 1. back over the flags: 0 nothing yet (wait), 1 aggregate (go on), 2 inclusive (stop)
         j = chunk - 1
         flag = tl.atomic_add(flag_ptr + j * n_slots + slot, 0, sem="acquire")
@@ -194,16 +215,10 @@ def _look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr, agg_xi,
             flag = tl.atomic_add(flag_ptr + j * n_slots + slot, 0, sem="acquire")
         # 2. forward from chunk j's inclusive state over the later chunks' aggregates
         src = carry_ptr + j.to(tl.int64) * 8 * plane + 4 * plane + state
-        h_zr = tl.load(src, mask=mask_p, other=0.0, volatile=True)
-        h_zi = tl.load(src + plane, mask=mask_p, other=0.0, volatile=True)
-        h_xr = tl.load(src + 2 * plane, mask=mask_p, other=0.0, volatile=True)
-        h_xi = tl.load(src + 3 * plane, mask=mask_p, other=0.0, volatile=True)
+        h_zr, h_zi, h_xr, h_xi = _load_planes(src, plane, mask_p)
         src = src + 4 * plane       # chunk j + 1's aggregate
         for _ in range(j + 1, chunk):
-            v_zr = tl.load(src, mask=mask_p, other=0.0, volatile=True)
-            v_zi = tl.load(src + plane, mask=mask_p, other=0.0, volatile=True)
-            v_xr = tl.load(src + 2 * plane, mask=mask_p, other=0.0, volatile=True)
-            v_xi = tl.load(src + 3 * plane, mask=mask_p, other=0.0, volatile=True)
+            v_zr, v_zi, v_xr, v_xi = _load_planes(src, plane, mask_p)
             mz_r = m00 * h_zr + m01 * h_xr
             mx_r = m10 * h_zr + m11 * h_xr
             mz_i = m00 * h_zi + m01 * h_xi
@@ -221,12 +236,7 @@ def _publish_inclusive(carry_ptr, flag_ptr, chunk, slot, n_slots, b, offs_p, mas
                        zr, zi, xr, xi):
     plane = B * P
     mine = carry_ptr + chunk.to(tl.int64) * 8 * plane + b * P + offs_p
-    tl.store(mine + 4 * plane, zr, mask=mask_p)
-    tl.store(mine + 5 * plane, zi, mask=mask_p)
-    tl.store(mine + 6 * plane, xr, mask=mask_p)
-    tl.store(mine + 7 * plane, xi, mask=mask_p)
-    tl.debug_barrier()   # every thread's values are stored before the flag is raised
-    tl.atomic_xchg(flag_ptr + chunk * n_slots + slot, 2, sem="release")
+    _publish(mine + 4 * plane, plane, mask_p, zr, zi, xr, xi, flag_ptr + chunk * n_slots + slot, 2)
 
 
 @triton.jit
@@ -303,11 +313,7 @@ def _linoss_rows_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi
     offs_p = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
     m00, m01, m10, m11, c0, c1 = _transition(a_ptr, g_ptr, dt_ptr, offs_p, mask_p)
-    s0 = s0_ptr + b * P * 4 + offs_p * 4
-    h_zr = tl.load(s0, mask=mask_p, other=0.0)
-    h_zi = tl.load(s0 + 1, mask=mask_p, other=0.0)
-    h_xr = tl.load(s0 + 2, mask=mask_p, other=0.0)
-    h_xi = tl.load(s0 + 3, mask=mask_p, other=0.0)
+    h_zr, h_zi, h_xr, h_xi = _load_state(s0_ptr, b, offs_p, mask_p, P)
     offs_tt = tl.arange(0, BLOCK_T)
     b_base = b * sb_b + offs_p[:, None]
     x_base = b * sx_b + offs_p[:, None]
@@ -458,19 +464,11 @@ def _loop_look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr, agg_xi,
     plane = B * P
     mine = carry_ptr + chunk.to(tl.int64) * 8 * plane
     if chunk == 0:
-        s0 = s0_ptr + b * P * 4 + offs_p * 4
-        h_zr = tl.load(s0, mask=mask_p, other=0.0)
-        h_zi = tl.load(s0 + 1, mask=mask_p, other=0.0)
-        h_xr = tl.load(s0 + 2, mask=mask_p, other=0.0)
-        h_xi = tl.load(s0 + 3, mask=mask_p, other=0.0)
+        h_zr, h_zi, h_xr, h_xi = _load_state(s0_ptr, b, offs_p, mask_p, P)
     else:
         if publish:
-            tl.store(mine + state, agg_zr, mask=mask_p)
-            tl.store(mine + plane + state, agg_zi, mask=mask_p)
-            tl.store(mine + 2 * plane + state, agg_xr, mask=mask_p)
-            tl.store(mine + 3 * plane + state, agg_xi, mask=mask_p)
-            tl.debug_barrier()   # every thread's values are stored before the flag is raised
-            tl.atomic_xchg(flag_ptr + chunk * n_slots + slot, 1, sem="release")
+            _publish(mine + state, plane, mask_p, agg_zr, agg_zi, agg_xr, agg_xi,
+                     flag_ptr + chunk * n_slots + slot, 1)
         if WINDOW == 1:
             j = chunk - 1
             flag = tl.atomic_add(flag_ptr + j * n_slots + slot, 0, sem="acquire")
@@ -480,10 +478,7 @@ def _loop_look_back(carry_ptr, flag_ptr, s0_ptr, agg_zr, agg_zi, agg_xr, agg_xi,
         else:
             j = _window_back(flag_ptr, chunk, slot, n_slots, WINDOW)
         src = carry_ptr + j.to(tl.int64) * 8 * plane + 4 * plane + state
-        h_zr = tl.load(src, mask=mask_p, other=0.0, volatile=True)
-        h_zi = tl.load(src + plane, mask=mask_p, other=0.0, volatile=True)
-        h_xr = tl.load(src + 2 * plane, mask=mask_p, other=0.0, volatile=True)
-        h_xi = tl.load(src + 3 * plane, mask=mask_p, other=0.0, volatile=True)
+        h_zr, h_zi, h_xr, h_xi = _load_planes(src, plane, mask_p)
         src = src + 4 * plane       # chunk j + 1's aggregate
         for i0 in range(j + 1, chunk, WINDOW):
             # WINDOW aggregates' loads in flight at once, then applied in order
