@@ -210,18 +210,32 @@ def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
 
 
 @triton.jit
+def _head_tile(bh, vb, n, d, dv, BD: tl.constexpr, BV: tl.constexpr):
+    """Program (batch*head ``bh``, dv block ``vb``): the batch row (int64), the head, the
+    key offsets ``od [BD]`` and value offsets ``ov [BV]`` with their masks."""
+    od = tl.arange(0, BD)
+    ov = vb * BV + tl.arange(0, BV)
+    return (bh // n).to(tl.int64), bh % n, od, ov, od < d, ov < dv
+
+
+@triton.jit
+def _load_qk(q_ptr, k_ptr, b, h, t64, od, m2, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h):
+    """Rows ``t64`` of q and k of head (b, h), ``[BT, BD]`` in the input dtype."""
+    qt = tl.load(q_ptr + b * sq_b + h * sq_h + t64[:, None] * sq_t + od[None, :], mask=m2,
+                 other=0.0)
+    kt = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :], mask=m2,
+                 other=0.0)
+    return qt, kt
+
+
+@triton.jit
 def _chunk_kernel(q_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, mix_ptr, s0_ptr, o_ptr, sT_ptr,
                   T, n, d, dv, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, so_b, so_t, so_h, Tp,
                   BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     vb = tl.program_id(1)
-    b = (bh // n).to(tl.int64)
-    h = bh % n
+    b, h, od, ov, md, mv = _head_tile(bh, vb, n, d, dv, BD, BV)
     rows = tl.arange(0, BT)
-    od = tl.arange(0, BD)
-    ov = vb * BV + tl.arange(0, BV)
-    md = od < d
-    mv = ov < dv
     smask = md[:, None] & mv[None, :]
     plane = d * dv
     s_off = (bh * 2).to(tl.int64) * plane + od[:, None] * dv + ov[None, :]
@@ -234,8 +248,7 @@ def _chunk_kernel(q_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, mix_ptr, s0_ptr, o_ptr, s
         mt = t < T
         t64 = t.to(tl.int64)
         m2 = mt[:, None] & md[None, :]
-        qt = tl.load(q_ptr + b * sq_b + h * sq_h + t64[:, None] * sq_t + od[None, :], mask=m2, other=0.0)
-        kt = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :], mask=m2, other=0.0)
+        qt, kt = _load_qk(q_ptr, k_ptr, b, h, t64, od, m2, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h)
         qf = qt.to(tl.float32)
         kf = kt.to(tl.float32)
         qk = tl.dot(qf, tl.trans(kf), input_precision=PREC)    # once for both memories
@@ -287,13 +300,8 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, sT_ptr,
     vb = tl.program_id(0)
     bh = tl.program_id(1)
     mem0 = tl.program_id(2) * MEMS
-    b = (bh // n).to(tl.int64)
-    h = bh % n
+    b, h, od, ov, md, mv = _head_tile(bh, vb, n, d, dv, BD, BV)
     rows = tl.arange(0, BT)
-    od = tl.arange(0, BD)
-    ov = vb * BV + tl.arange(0, BV)
-    md = od < d
-    mv = ov < dv
     smask = md[:, None] & mv[None, :]
     plane = d * dv
     tile = od[:, None] * dv + ov[None, :]
@@ -352,19 +360,13 @@ def _output_kernel(q_ptr, k_ptr, u_ptr, gam_ptr, h_ptr, mix_ptr, o_ptr,
     vb = tl.program_id(0)
     c = tl.program_id(1)
     bh = tl.program_id(2)
-    b = (bh // n).to(tl.int64)
-    h = bh % n
+    b, h, od, ov, md, mv = _head_tile(bh, vb, n, d, dv, BD, BV)
     rows = tl.arange(0, BT)
-    od = tl.arange(0, BD)
-    ov = vb * BV + tl.arange(0, BV)
-    md = od < d
-    mv = ov < dv
     t = c * BT + rows
     mt = t < T
     t64 = t.to(tl.int64)
     m2 = mt[:, None] & md[None, :]
-    qt = tl.load(q_ptr + b * sq_b + h * sq_h + t64[:, None] * sq_t + od[None, :], mask=m2, other=0.0)
-    kt = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :], mask=m2, other=0.0)
+    qt, kt = _load_qk(q_ptr, k_ptr, b, h, t64, od, m2, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h)
     DT = q_ptr.dtype.element_ty
     if HALF_DOTS:
         qk = tl.dot(qt, tl.trans(kt))
@@ -401,12 +403,7 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, mix_ptr, s0
                       so_b, so_t, so_h, BD: tl.constexpr, BV: tl.constexpr):
     bh = tl.program_id(0)
     vb = tl.program_id(1)
-    b = (bh // n).to(tl.int64)
-    h = bh % n
-    od = tl.arange(0, BD)
-    ov = vb * BV + tl.arange(0, BV)
-    md = od < d
-    mv = ov < dv
+    b, h, od, ov, md, mv = _head_tile(bh, vb, n, d, dv, BD, BV)
     smask = md[:, None] & mv[None, :]
     plane = d * dv
     s_off = (bh * 2).to(tl.int64) * plane + od[:, None] * dv + ov[None, :]
