@@ -96,6 +96,12 @@ def _last(v, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _last4(zr, zi, xr, xi, BLOCK_T: tl.constexpr):
+    """:func:`_last` of the four state tiles: the state after the tile's last step."""
+    return _last(zr, BLOCK_T), _last(zi, BLOCK_T), _last(xr, BLOCK_T), _last(xi, BLOCK_T)
+
+
+@triton.jit
 def _tile_scan(b_r, b_i, valid, m00, m01, m10, m11, c0, c1, h_zr, h_zi, h_xr, h_xi):
     """Scan one tile from the state ``h`` entering it: ``(M^(t+1), w_t)`` per element.
 
@@ -121,6 +127,18 @@ def _tile_scan(b_r, b_i, valid, m00, m01, m10, m11, c0, c1, h_zr, h_zi, h_xr, h_
 
 
 @triton.jit
+def _power_coefficients(tr, det, LOG2_T: tl.constexpr):
+    """``(a, b)`` fp32 with ``X^(2^LOG2_T) = a I + b X`` for a 2x2 ``X`` of trace ``tr`` and
+    determinant ``det`` (float64): ``LOG2_T`` squarings of ``a I + b X`` in float64, using
+    ``X^2 = tr X - det I``, rounded once at the end."""
+    a = tl.zeros_like(tr)
+    b = a + 1.0
+    for _ in tl.static_range(LOG2_T):
+        a, b = a * a - b * b * det, 2.0 * a * b + b * b * tr
+    return a.to(tl.float32), b.to(tl.float32)
+
+
+@triton.jit
 def _tile_power(m00, m01, m10, m11, LOG2_T: tl.constexpr):
     """``(a, b)`` with ``M^(2^LOG2_T) = a I + b M`` (Cayley-Hamilton: ``M^2 = tr M - det I``)
     for the fp32 M the tiles apply, squared in float64 and rounded once to fp32.
@@ -135,11 +153,7 @@ def _tile_power(m00, m01, m10, m11, LOG2_T: tl.constexpr):
     t11 = m11.to(tl.float64)
     tr = t00 + t11
     det = t00 * t11 - m01.to(tl.float64) * m10.to(tl.float64)
-    a = tl.zeros_like(tr)
-    b = a + 1.0
-    for _ in tl.static_range(LOG2_T):
-        a, b = a * a - b * b * det, 2.0 * a * b + b * b * tr
-    return a.to(tl.float32), b.to(tl.float32)
+    return _power_coefficients(tr, det, LOG2_T)
 
 
 @triton.jit
@@ -275,10 +289,7 @@ def _linoss_chunk(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, 
     # 1. the tile's aggregate: its scan from a zero state
     _, _, _, _, s_zr, s_xr, s_zi, s_xi = _tile_scan(b_r, b_i, valid, m00, m01, m10, m11, c0,
                                                     c1, zero, zero, zero, zero)
-    agg_zr = _last(s_zr, BLOCK_T)
-    agg_zi = _last(s_zi, BLOCK_T)
-    agg_xr = _last(s_xr, BLOCK_T)
-    agg_xi = _last(s_xi, BLOCK_T)
+    agg_zr, agg_zi, agg_xr, agg_xi = _last4(s_zr, s_zi, s_xr, s_xi, BLOCK_T)
     qa, qb = _tile_power(m00, m01, m10, m11, LOG2_T)
     # 2. the state entering the chunk
     publish = t0 + BLOCK_T < T
@@ -288,10 +299,7 @@ def _linoss_chunk(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_ptr, 
     # 3. the tile again from that state: the outputs and the inclusive end state
     _, _, _, _, w_zr, w_xr, w_zi, w_xi = _tile_scan(b_r, b_i, valid, m00, m01, m10, m11, c0,
                                                     c1, h_zr, h_zi, h_xr, h_xi)
-    end_zr = _last(w_zr, BLOCK_T)
-    end_zi = _last(w_zi, BLOCK_T)
-    end_xr = _last(w_xr, BLOCK_T)
-    end_xi = _last(w_xi, BLOCK_T)
+    end_zr, end_zi, end_xr, end_xi = _last4(w_zr, w_zi, w_xr, w_xi, BLOCK_T)
     if publish:
         if hold == 0:
             _publish_inclusive(carry_ptr, flag_ptr, chunk, slot, n_slots, b, offs_p, mask_p,
@@ -337,10 +345,7 @@ def _linoss_rows_kernel(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi
         mask = mask_p[:, None] & valid
         tl.store(xr_ptr + x_off, w_xr.to(xr_ptr.dtype.element_ty), mask=mask)
         tl.store(xi_ptr + x_off, w_xi.to(xi_ptr.dtype.element_ty), mask=mask)
-        h_zr = _last(w_zr, BLOCK_T)
-        h_zi = _last(w_zi, BLOCK_T)
-        h_xr = _last(w_xr, BLOCK_T)
-        h_xi = _last(w_xi, BLOCK_T)
+        h_zr, h_zi, h_xr, h_xi = _last4(w_zr, w_zi, w_xr, w_xi, BLOCK_T)
     _store_state(sT_ptr, b, offs_p, mask_p, P, h_zr, h_zi, h_xr, h_xi)
 
 
@@ -388,11 +393,7 @@ def _imex_power(m00, m01, dt, LOG2_T: tl.constexpr):
     t00 = m00.to(tl.float64)
     tr = t00 + 1.0 + dt.to(tl.float64) * m01.to(tl.float64)
     det = t00
-    a = tl.zeros_like(tr)
-    b = a + 1.0
-    for _ in tl.static_range(LOG2_T):
-        a, b = a * a - b * b * det, 2.0 * a * b + b * b * tr
-    return a.to(tl.float32), b.to(tl.float32)
+    return _power_coefficients(tr, det, LOG2_T)
 
 
 @triton.jit
