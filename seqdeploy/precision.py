@@ -20,8 +20,15 @@ PRECISIONS = ("fp32", "fp16")
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
 
 
+#: dtype names as the kernels, their ahead-of-time variants and TensorRT's AOT launches spell
+#: them; a model precision is one of ``PRECISIONS``
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def torch_dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16}[precision]
+    if precision not in PRECISIONS:
+        raise KeyError(precision)
+    return TORCH_DTYPES[precision]
 
 
 def cast_model(model: torch.nn.Module, precision: str,

@@ -102,16 +102,14 @@ def _ort_rows_variants(dtype: str) -> dict:
     """The rows kernel's tilings for each ``BLOCK_H`` up to 512 (fp32: 256), as the dispatch
     plans them on a GPU without cluster launches (fast tanh for fp16). fp32 at 512 is left
     out: its unrolled fp32 dot took Triton over 5 minutes to lower on the CI machine."""
-    import torch
-
+    from seqdeploy.precision import TORCH_DTYPES
     from seqdeploy_cfc.kernels import Gpu, choose
 
     no_clusters = Gpu(sms=108, capability=(8, 0), clusters=False, wgmma=False)
     names = ("BLOCK_B", "BLOCK_H", "BLOCK_K", "W_RESIDENT", "DOT_F32", "SERIES_BELOW", "FAST_TANH")
     variants = {}
     for block_h in (16, 32, 64, 128, 256) + ((512,) if dtype != "fp32" else ()):
-        plan = choose(16, 2, block_h, {"fp32": torch.float32, "fp16": torch.float16}[dtype],
-                      no_clusters)
+        plan = choose(16, 2, block_h, TORCH_DTYPES[dtype], no_clusters)
         assert plan.design == "rows", plan
         variants[f"h{block_h}"] = (dict(zip(names, plan.constexprs(block_h))), plan.num_warps)
     return variants

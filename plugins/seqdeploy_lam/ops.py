@@ -163,14 +163,14 @@ def _ort_variants(path: str):
     library compiles the recurrent and fused kernels; the torch op's default for T > 16 is
     the split design, which the library does not carry yet)."""
     def variants(dtype: str) -> dict:
+        from seqdeploy.precision import TORCH_DTYPES
         from seqdeploy_lam.kernels import BT, launch_plan
 
         names = {"wy": ("BD", "BDV", "PREC", "INV_PREC"), "chunk": ("BD", "BV", "PREC"),
                  "recurrent": ("BD", "BV")}[path]
         out = {}
         for head in ORT_HEAD_TILES:
-            plan = launch_plan(BT + 1, head, head, {"fp32": torch.float32, "fp16": torch.float16}[dtype],
-                               design="fused")
+            plan = launch_plan(BT + 1, head, head, TORCH_DTYPES[dtype], design="fused")
             constexprs = ({} if path == "recurrent" else {"BT": BT}) | {k: getattr(plan, k) for k in names}
             out[f"d{head}"] = (constexprs, plan.num_warps)
         return out

@@ -154,11 +154,10 @@ def _ort_ffn_variants(dtype: str) -> dict:
     """Both layers of the grouped GEMM at each BLOCK_M with the tiles ``kernels.experts_config``
     gives it. One binary per variant, so BLOCK_N and BLOCK_K are not shrunk to a small d or f and
     EVEN_K is off (the kernel masks both); the pipeline depth is Triton's default."""
-    import torch
-
+    from seqdeploy.precision import TORCH_DTYPES
     from seqdeploy_moe.kernels import experts_config
 
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     out = {}
     for block_m, mean in ORT_BLOCK_M.items():
         cfg = experts_config(mean, 1, 4096, 4096, torch_dtype)

@@ -128,9 +128,9 @@ class LaunchQuery:
     @property
     def torch_dtype(self):
         """``dtype`` as a torch dtype (for the plugins' own tile choosers)."""
-        import torch
+        from seqdeploy.precision import TORCH_DTYPES
 
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
+        return TORCH_DTYPES[self.dtype]
 
 
 @dataclass(frozen=True)
