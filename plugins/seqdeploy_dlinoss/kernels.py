@@ -424,27 +424,34 @@ def _aggregate(b_r, b_i, m00, m01, dt, c0, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _walk_tile(b_r, b_i, m00, m01, dt, c0, zr, zi, xr, xi, xr_ptr, xi_ptr, stride_t, n_valid,
-               mask_p, BLOCK_T: tl.constexpr, MASKED: tl.constexpr):
+               mask_p, BLOCK_T: tl.constexpr):
     """The step loop over one tile from the state entering it, storing ``x_re, x_im`` per
-    step (one coalesced ``[BLOCK_P]`` store each); returns the state after the tile's last
-    valid step. ``MASKED``: the tile may end early (``n_valid < BLOCK_T``), so steps past
-    it leave the state alone; full tiles skip the selects."""
-    lim = tl.where(mask_p, n_valid, 0)
+    step (one coalesced ``[BLOCK_P]`` store each, steps ``>= n_valid`` not stored); returns
+    the state after all ``BLOCK_T`` steps, which is the tile's end state only where the tile
+    is full (a partial tile's comes from :func:`_walk_tail`). One unrolled walk, not a
+    masked and an unmasked one: Triton's coalescing pass costs about the square of the
+    kernel's memory operations, and a second walk doubled the compile time. The store mask
+    is ``mask_p`` and a scalar test (a per-lane ``t < n_valid`` vector cost ptxas 38 more
+    registers)."""
     for t in tl.static_range(BLOCK_T):
-        nzr, nxr = _imex_step(m00, m01, dt, c0, zr, xr, b_r[t])
-        nzi, nxi = _imex_step(m00, m01, dt, c0, zi, xi, b_i[t])
-        if MASKED:
-            live = t < lim
-            tl.store(xr_ptr + t * stride_t, nxr.to(xr_ptr.dtype.element_ty), mask=live)
-            tl.store(xi_ptr + t * stride_t, nxi.to(xi_ptr.dtype.element_ty), mask=live)
-            zr = tl.where(live, nzr, zr)
-            xr = tl.where(live, nxr, xr)
-            zi = tl.where(live, nzi, zi)
-            xi = tl.where(live, nxi, xi)
-        else:
-            tl.store(xr_ptr + t * stride_t, nxr.to(xr_ptr.dtype.element_ty), mask=mask_p)
-            tl.store(xi_ptr + t * stride_t, nxi.to(xi_ptr.dtype.element_ty), mask=mask_p)
-            zr, xr, zi, xi = nzr, nxr, nzi, nxi
+        zr, xr = _imex_step(m00, m01, dt, c0, zr, xr, b_r[t])
+        zi, xi = _imex_step(m00, m01, dt, c0, zi, xi, b_i[t])
+        live = tl.where(n_valid > t, mask_p, False)
+        tl.store(xr_ptr + t * stride_t, xr.to(xr_ptr.dtype.element_ty), mask=live)
+        tl.store(xi_ptr + t * stride_t, xi.to(xi_ptr.dtype.element_ty), mask=live)
+    return zr, zi, xr, xi
+
+
+@triton.jit
+def _walk_tail(br_ptr, bi_ptr, stride_t, n_valid, mask_p, m00, m01, dt, c0, zr, zi, xr, xi):
+    """The state after the first ``n_valid`` steps of a partial tile (the sequence's last,
+    which publishes nothing): a runtime loop over the steps, reading the inputs again (the
+    tile's own loads moments ago, so cache hits) rather than a second unrolled walk."""
+    for t in range(0, n_valid):
+        b_r = tl.load(br_ptr + t * stride_t, mask=mask_p, other=0.0).to(tl.float32)
+        b_i = tl.load(bi_ptr + t * stride_t, mask=mask_p, other=0.0).to(tl.float32)
+        zr, xr = _imex_step(m00, m01, dt, c0, zr, xr, b_r)
+        zi, xi = _imex_step(m00, m01, dt, c0, zi, xi, b_i)
     return zr, zi, xr, xi
 
 
@@ -577,14 +584,12 @@ def _linoss_chunk_loop(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_
                                              WINDOW)
     # 3. the outputs and the inclusive end state
     x_off = b * sx_b + t0.to(tl.int64) * sx_t + offs_p
-    if n_valid >= BLOCK_T:
-        e_zr, e_zi, e_xr, e_xi = _walk_tile(b_r, b_i, m00, m01, dt, c0, h_zr, h_zi, h_xr, h_xi,
-                                            xr_ptr + x_off, xi_ptr + x_off, sx_t, n_valid,
-                                            mask_p, BLOCK_T, False)
-    else:
-        e_zr, e_zi, e_xr, e_xi = _walk_tile(b_r, b_i, m00, m01, dt, c0, h_zr, h_zi, h_xr, h_xi,
-                                            xr_ptr + x_off, xi_ptr + x_off, sx_t, n_valid,
-                                            mask_p, BLOCK_T, True)
+    e_zr, e_zi, e_xr, e_xi = _walk_tile(b_r, b_i, m00, m01, dt, c0, h_zr, h_zi, h_xr, h_xi,
+                                        xr_ptr + x_off, xi_ptr + x_off, sx_t, n_valid, mask_p,
+                                        BLOCK_T)
+    if n_valid < BLOCK_T:
+        e_zr, e_zi, e_xr, e_xi = _walk_tail(br_ptr + b_off, bi_ptr + b_off, sb_t, n_valid,
+                                            mask_p, m00, m01, dt, c0, h_zr, h_zi, h_xr, h_xi)
     if publish:
         if hold == 0:
             _publish_inclusive(carry_ptr, flag_ptr, chunk, slot, n_slots, b, offs_p, mask_p,
