@@ -16,9 +16,10 @@ outputs NaN-poisoned before the variant runs). ``*`` marks the default plan (``c
 
 Order and budget: per size the copy, each design's default plan (with the float64 check)
 and, at the issue's two sizes, the compiled scan (a torch.compile per shape; the last
-compile's time estimates the next); then the compiled scan at the other sizes, the
-``EXTRA`` tiles (``--sweep``: and ``SWEEP``) at every size, and the seed loop (eager, at the
-small size unless ``--seed-loop-all``). A stage that would end past ``--budget-s`` is
+compile's time estimates the next) and the seed loop (eager; at the small size only unless
+``--seed-loop-all``); then the compiled scan at the other sizes, the ``EXTRA`` tiles
+(``--sweep``: and ``SWEEP``) at every size, and the seed loop at the other sizes
+(``--seed-loop-all``). A stage that would end past ``--budget-s`` is
 skipped and says so, and the JSON is rewritten after every stage, so a run cut short still
 reports what it measured. ``--smoke`` runs it all on the CPU at tiny sizes
 (``TRITON_INTERPRET=1``; no compiled scan) to check the script without a GPU.
@@ -269,6 +270,9 @@ def main(argv=None):
 
     def seed_loop(row, a):
         B, T, P = row["B"], row["T"], row["P"]
+        if "seed_tried" in row:
+            return
+        row["seed_tried"] = True
         if not budget.fits(5.0 + T * 2e-3):
             print(f"  B={B} T={T} P={P}: seed loop skipped (budget)", flush=True)
             return
@@ -296,8 +300,10 @@ def main(argv=None):
         results.append(row)
         a = inputs(row)
         variants(row, a, plans(B, T, P, device, extra=False))
-        if len(results) <= 2 and not args.smoke:   # the two sizes: their baseline first
+        if len(results) <= 2 and not args.smoke:   # the two sizes: their baselines first
             compiled_scan(row, a)
+            if not args.no_seed_loop and ((B, T, P) == sizes[0] or args.seed_loop_all):
+                seed_loop(row, a)
         save()
         del a
         if not args.smoke:

@@ -54,7 +54,6 @@ change this.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import triton
@@ -598,9 +597,10 @@ def _linoss_chunk_loop(br_ptr, bi_ptr, a_ptr, g_ptr, dt_ptr, s0_ptr, xr_ptr, xi_
         _store_state(sT_ptr, b, offs_p, mask_p, P, e_zr, e_zi, e_xr, e_xi)
 
 
-#: the rows grid needs about this many (batch row, block of P) programs per SM to keep HBM
-#: busy on their own (each one-warp program has one tile in flight while it walks the one
-#: before). The scan-based rows kernel measured 86% of copy at B=256 T=4096 P=128 on an H100
+#: between the two scan-based designs (the ONNX Runtime library's, which launches no
+#: chunk_loop): the rows grid needs about this many (batch row, block of P) programs per SM
+#: to keep HBM busy on their own (each one-warp program has one tile in flight while it walks
+#: the one before). The rows kernel measured 86% of copy at B=256 T=4096 P=128 on an H100
 #: (1024 programs, about 7.8 per SM), 1.26x faster than the chunk kernel there.
 ROWS_PER_SM = 6
 #: the tile of the AOT kernels that ort_linoss_scan.cc launches (the scan-based designs):
@@ -651,31 +651,26 @@ class LaunchPlan:
         return B * triton.cdiv(P, self.block_p)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def choose(B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
     """The default plan for ``[B, T, P]`` on ``device``, from the designs' measured
     ranking (``benchmarks/dlinoss_scan.py`` times them all at the issue's sizes; the
     numbers are in BENCHMARKS.md):
 
-    - ``rows`` (the scan tile, 16 x 32, one warp) where the (batch row, 32 oscillators)
-      programs alone fill the GPU (``ROWS_PER_SM`` per SM) or T fits one tile: no
-      look-back and no flags, near the copy bandwidth; ``chunk_loop`` measured within a
-      few percent of it there;
-    - else ``chunk_loop`` with 32-step chunks, 32 oscillators, one warp and a look-back
-      window of ``LOOK_BACK_WINDOW`` chunks (8 was slower at B=32 T=1024, where the first
-      wave of programs walks back furthest: a wider window costs registers, so fewer
-      programs are resident). The scan-based ``chunk`` costs two 8-value affine-map scans
-      per element where the loop costs 2 x 3 FMAs; it stays for the ONNX Runtime library,
-      whose ahead-of-time kernels are the scan tile's."""
+    - ``chunk_loop`` with 32-step chunks, 32 oscillators, one warp and a look-back window
+      of ``LOOK_BACK_WINDOW`` chunks wherever T is longer than 16: it was the fastest
+      design at every measured size on an H100 and an H200, at the copy bandwidth where
+      the data moved is large (also where the (batch row, 32 oscillators) programs alone
+      would fill the GPU, which the ``rows`` design once served: 10-12% slower there). A
+      wider window cost registers and so resident programs (8 was slower at B=32 T=1024,
+      where the first wave of programs walks back furthest);
+    - ``rows`` (the scan tile, one warp) where T fits one tile (streaming steps, short
+      calls): no look-back and no flags.
+
+    The scan-based ``chunk`` costs two 8-value affine-map scans per element where the loop
+    costs 2 x 3 FMAs; it stays for the ONNX Runtime library, whose ahead-of-time kernels
+    are the scan tile's (chosen there between ``chunk`` and ``rows`` by ``ROWS_PER_SM``)."""
     block_p = min(32, triton.next_power_of_2(P))
-    slots = B * triton.cdiv(P, block_p)
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 132
-    if slots >= ROWS_PER_SM * sms or T <= 16:
+    if T <= 16:
         return LaunchPlan("rows", _tile_t(16, T), block_p, 1)
     return LaunchPlan("chunk_loop", _tile_t(32, T), block_p, 1, LOOK_BACK_WINDOW)
 
