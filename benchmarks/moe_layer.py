@@ -3,7 +3,8 @@
 At N tokens, d, f and each E, times (``triton.testing.do_bench``, median ms):
 
 - ``router``: ``seqdeploy::top1_router`` alone on ``[1, N, E]`` fp32 logits (capacity off, the
-  inference default; and with capacity factor 1.25, where each row is one program);
+  inference default; and with capacity factor 1.25, the router over the row's tiles, then
+  the tiles' per-expert counts, their cumsum and the drop);
 - ``moe layer``: router projection + ``top1_router`` + ``moe_experts`` (grouping, both grouped
   GEMMs, gate, scatter): what one Switch FFN costs;
 - ``mask loop``: the seed's ``for e in range(E): m = expert == e; y[m] = FFN_e(x[m])``;

@@ -5,8 +5,10 @@ row max, the lowest index attaining it, ``gate = 1 / sum exp(l - max)`` (= ``p[a
 and with capacity on, the per-row first-come rank of each token in its expert: the cumsum of
 the tile's one-hot choices along T plus a running per-expert count carried across tiles.
 Without capacity (the inference default) tokens are independent: the grid is
-(row, block of T). With capacity the rank depends on every earlier token of the row, so one
-program walks its row's T blocks in order: grid (row,).
+(row, block of T). With capacity the rank depends on every earlier token of the row: in the
+ahead-of-time forms (ONNX Runtime, TensorRT) and for a row of one tile, one program walks
+its row's T blocks in order, grid (row,); the torch engine splits a longer row over its
+tiles (``_capacity_kernel``, see :func:`triton_top1_router`).
 
 **Experts** (``triton_moe_experts``): two designs, chosen by an :class:`ExpertsPlan`
 (:func:`experts_plan` names them; the default ``"auto"`` is ``"padded"``, the faster on an
@@ -126,7 +128,36 @@ def _top1_router_aot_kernel(logits_ptr, cf_bits, T, E, expert_ptr, gate_ptr,
                         CAPACITY)
 
 
+@triton.jit
+def _capacity_kernel(expert_ptr, gate_ptr, counts_ptr, T, n_tiles, cap,
+                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, DROP: tl.constexpr):
+    """Capacity over a row longer than one tile, parallel over its tiles (grid (row, tile);
+    :func:`triton_top1_router`), after the router ran without capacity. ``DROP=False``:
+    store the tile's token count per expert to ``counts [B, n_tiles, BLOCK_E]`` int32.
+    ``DROP=True``: ``counts`` holds the exclusive prefix of those counts over the row's
+    tiles (the tokens of each expert in earlier tiles); a token's 1-based first-come rank
+    in its expert is that base plus its rank inside the tile, and past ``cap`` its gate
+    becomes 0, the same rule as the one-program walk of ``_top1_router_kernel``."""
+    b = tl.program_id(0)
+    tile = tl.program_id(1)
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_e = tl.arange(0, BLOCK_E)
+    row = b.to(tl.int64) * T + offs_t
+    e = tl.load(expert_ptr + row, mask=mask_t, other=-1).to(tl.int32)
+    one_hot = ((offs_e[None, :] == e[:, None]) & mask_t[:, None]).to(tl.int32)
+    slot = counts_ptr + (b.to(tl.int64) * n_tiles + tile) * BLOCK_E + offs_e
+    if DROP:
+        rank = tl.cumsum(one_hot, axis=0) + tl.load(slot)[None, :]
+        position = tl.sum(one_hot * rank, axis=1)
+        g = tl.load(gate_ptr + row, mask=mask_t, other=0.0)
+        tl.store(gate_ptr + row, tl.where(position <= cap, g, 0.0), mask=mask_t)
+    else:
+        tl.store(slot, tl.sum(one_hot, axis=0))
+
+
 _router_launcher = Launcher(_top1_router_kernel, tensors=3)
+_capacity_launcher = Launcher(_capacity_kernel, tensors=3)
 #: the widths of E the ORT library's ahead-of-time router, rank and layout kernels are compiled
 #: for (a narrower E masks the rest; ``ort_top1_router.cc`` and ``ort_moe_experts.cc`` choose
 #: among them, so E <= 128 there): three tiers instead of every power of two keep the build short
@@ -142,7 +173,13 @@ def router_config(T: int, E: int) -> tuple[int, int, int]:
 
 def triton_top1_router(logits: torch.Tensor, capacity_factor: float, out=None):
     """Launch the fused router. ``logits [B, T, E]`` fp32 with unit stride over E.
-    ``out``: optional preallocated ``(expert, gate)``."""
+    ``out``: optional preallocated ``(expert, gate)``.
+
+    With capacity on, a row of one tile is one program's walk; a longer row runs the router
+    over all its tiles at once, then :func:`_capacity_kernel` twice around a cumsum of the
+    tiles' per-expert counts (four launches instead of one program walking the row alone:
+    the walk measured 116 us at E=8 and 505 us at E=64 for one row of 8192 tokens on an
+    H100, where the router without capacity took 8-17 us)."""
     check_logits(logits)
     if logits.stride(2) != 1:
         logits = logits.contiguous()
@@ -154,9 +191,18 @@ def triton_top1_router(logits: torch.Tensor, capacity_factor: float, out=None):
     cap = capacity(capacity_factor, T, E)
     dropping = cap < T
     block_t, block_e, warps = router_config(T, E)
-    grid = (B, 1) if dropping else (B, triton.cdiv(T, block_t))
+    n_tiles = triton.cdiv(T, block_t)
+    walk = dropping and n_tiles == 1
+    grid = (B, 1) if walk else (B, n_tiles)
     _router_launcher(grid, (logits, expert, gate, T, E, cap, logits.stride(0), logits.stride(1)),
-                     (block_t, block_e, dropping), num_warps=warps)
+                     (block_t, block_e, walk), num_warps=warps)
+    if dropping and not walk:
+        counts = torch.empty(B, n_tiles, block_e, dtype=torch.int32, device=logits.device)
+        _capacity_launcher(grid, (expert, gate, counts, T, n_tiles, cap),
+                           (block_t, block_e, False), num_warps=warps)
+        base = counts.cumsum(1, dtype=torch.int32).sub_(counts)     # earlier tiles' tokens
+        _capacity_launcher(grid, (expert, gate, base, T, n_tiles, cap),
+                           (block_t, block_e, True), num_warps=warps)
     return expert, gate
 
 
