@@ -35,16 +35,33 @@ class Timing:
                 "spread": self.spread, "noisy": self.spread > SPREAD_WARN}
 
 
+#: samples a slow call (see :func:`time_fn`) is timed with at the least
+SLOW_MIN_REPEATS = 3
+
+
 def time_fn(fn: Callable[[], Any], device: str, warmup: int = 3, min_repeats: int = 10,
             max_repeats: int = 500, budget_s: float = 3.0, cuda_graph: bool = False) -> Timing:
     """Time ``fn`` until the running median moves less than 2% between rounds of 10
     (or ``max_repeats`` / ``budget_s`` run out). Each sample is one call, synchronised.
 
+    A call slower than ``budget_s / min_repeats`` (the first warm-up call says; a fallback
+    engine walking a long recurrence step by step takes seconds) gets no more warm-ups and
+    rounds of one sample, at least ``SLOW_MIN_REPEATS`` of them, until stable or over the
+    budget: "until stable" in rounds of 10 would take minutes a case there, and the
+    result's ``repeats`` says how few it has.
+
     ``cuda_graph=True`` captures ``fn`` once and times graph replays: GPU time without the
     Python launch overhead, which otherwise dominates kernels of a few microseconds."""
     cuda = device == "cuda"
-    for _ in range(warmup):
+    rounds = 10
+    for i in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        if cuda:
+            torch.cuda.synchronize()
+        if i == 0 and time.perf_counter() - t0 > budget_s / min_repeats:
+            rounds, min_repeats = 1, min(min_repeats, SLOW_MIN_REPEATS)
+            break
     if cuda:
         torch.cuda.synchronize()
     if cuda and cuda_graph:
@@ -60,7 +77,7 @@ def time_fn(fn: Callable[[], Any], device: str, warmup: int = 3, min_repeats: in
     start_all = time.perf_counter()
     last_median = None
     while len(samples) < max_repeats:
-        for _ in range(10):
+        for _ in range(rounds):
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
