@@ -59,6 +59,9 @@ VARIANTS = {
     "split ws-fp32": dict(design="split", workspace="fp32"),
     # the WY kernel's chained inverse products at one tf32 pass instead of three
     "split inv-tf32": dict(design="split", INV_PREC="tf32"),
+    # the WY representation from two kernels (the inverse stored whole, then 64-row products)
+    "split wy-solve": dict(design="split", wy="solve"),
+    "split wy-solve inv-tf32": dict(design="split", wy="solve", INV_PREC="tf32"),
     "fused": dict(design="fused"),
     "fused bv16": dict(design="fused", BV=16),
     "fused bv64 w8": dict(design="fused", BV=64, num_warps=8),

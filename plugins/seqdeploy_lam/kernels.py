@@ -93,6 +93,17 @@ def _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t, T, n, d, dv, sk_b, sk_t, sk_h, 
 
 
 @triton.jit
+def _block_keys(k_ptr, beta_ptr, b, h, t, T, n, d, sk_b, sk_t, sk_h, BD: tl.constexpr):
+    """k [16, BD] (fp32) and beta [16] of the rows ``t``; zeros past T."""
+    mt = t < T
+    od = tl.arange(0, BD)
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + t.to(tl.int64)[:, None] * sk_t + od[None, :],
+                mask=mt[:, None] & (od < d)[None, :], other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + (b * T + t.to(tl.int64)) * n + h, mask=mt, other=0.0).to(tl.float32)
+    return k, beta
+
+
+@triton.jit
 def _log_decays(g_ptr, b, h, t, T, n):
     return tl.load(g_ptr + (b * T + t.to(tl.int64)) * n + h, mask=t < T, other=0.0).to(tl.float32)
 
@@ -120,14 +131,73 @@ def _store_rows(w_ptr, u_ptr, gam_ptr, base, W, U, gam, d, dv, BD: tl.constexpr,
 
 
 @triton.jit
+def _kk_blocks(k0, k1, k2, k3, PREC: tl.constexpr):
+    """The lower 16 x 16 blocks of ``K K^T`` for a chunk's four row blocks, diagonal first:
+    kk00, kk11, kk22, kk33, kk10, kk20, kk21, kk30, kk31, kk32."""
+    return (tl.dot(k0, tl.trans(k0), input_precision=PREC),
+            tl.dot(k1, tl.trans(k1), input_precision=PREC),
+            tl.dot(k2, tl.trans(k2), input_precision=PREC),
+            tl.dot(k3, tl.trans(k3), input_precision=PREC),
+            tl.dot(k1, tl.trans(k0), input_precision=PREC),
+            tl.dot(k2, tl.trans(k0), input_precision=PREC),
+            tl.dot(k2, tl.trans(k1), input_precision=PREC),
+            tl.dot(k3, tl.trans(k0), input_precision=PREC),
+            tl.dot(k3, tl.trans(k1), input_precision=PREC),
+            tl.dot(k3, tl.trans(k2), input_precision=PREC))
+
+
+@triton.jit
+def _chunk_decays(g_ptr, b, h, t0, t1, t2, t3, T, n):
+    """``gamma`` of a chunk's four row blocks: the inclusive cumulative log-decay from the
+    chunk start (fp32)."""
+    g0 = _log_decays(g_ptr, b, h, t0, T, n)
+    g1 = _log_decays(g_ptr, b, h, t1, T, n)
+    g2 = _log_decays(g_ptr, b, h, t2, T, n)
+    g3 = _log_decays(g_ptr, b, h, t3, T, n)
+    e0 = tl.cumsum(g0, 0)
+    e1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
+    e2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
+    e3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
+    return e0, e1, e2, e3
+
+
+@triton.jit
+def _inverse_blocks(b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC: tl.constexpr):
+    """The ten lower blocks ``T_IJ`` of ``(I + A)^-1`` for one memory (``kk``:
+    :func:`_kk_blocks`), in the order T00, T10, T11, T20, T21, T22, T30, T31, T32, T33: the
+    diagonal ones by forward substitution on 16 x 16 tiles, the ones below from products of
+    those (``T_IJ = -T_II sum_{J<=M<I} A_IM T_MJ``), never from powers of A. Those products
+    chain, so they run at ``INV_PREC``."""
+    kk00, kk11, kk22, kk33, kk10, kk20, kk21, kk30, kk31, kk32 = kk
+    T00 = _inv_unit_lower(_diag_block(b0, kk00, e0), 16)
+    T11 = _inv_unit_lower(_diag_block(b1, kk11, e1), 16)
+    T22 = _inv_unit_lower(_diag_block(b2, kk22, e2), 16)
+    T33 = _inv_unit_lower(_diag_block(b3, kk33, e3), 16)
+    A10 = _off_block(b1, kk10, e1, e0)
+    A20 = _off_block(b2, kk20, e2, e0)
+    A21 = _off_block(b2, kk21, e2, e1)
+    A30 = _off_block(b3, kk30, e3, e0)
+    A31 = _off_block(b3, kk31, e3, e1)
+    A32 = _off_block(b3, kk32, e3, e2)
+    T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=INV_PREC), input_precision=INV_PREC)
+    T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=INV_PREC), input_precision=INV_PREC)
+    T32 = -tl.dot(T33, tl.dot(A32, T22, input_precision=INV_PREC), input_precision=INV_PREC)
+    T20 = -tl.dot(T22, tl.dot(A20, T00, input_precision=INV_PREC) + tl.dot(A21, T10, input_precision=INV_PREC),
+                  input_precision=INV_PREC)
+    T31 = -tl.dot(T33, tl.dot(A31, T11, input_precision=INV_PREC) + tl.dot(A32, T21, input_precision=INV_PREC),
+                  input_precision=INV_PREC)
+    T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=INV_PREC) + tl.dot(A31, T10, input_precision=INV_PREC)
+                  + tl.dot(A32, T20, input_precision=INV_PREC), input_precision=INV_PREC)
+    return T00, T10, T11, T20, T21, T22, T30, T31, T32, T33
+
+
+@triton.jit
 def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
                T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, Tp,
                BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
                INV_PREC: tl.constexpr):
-    """One chunk of 64 rows as four blocks of 16: ``(I + A)^-1`` is block lower triangular;
-    its diagonal blocks come from forward substitution on 16 x 16 tiles and the blocks below
-    from products of those (``T_IJ = -T_II sum_{J<=M<I} A_IM T_MJ``), never from powers of A.
-    Those products chain, so they run at ``INV_PREC`` (``tf32x3``, about fp32, for half inputs)."""
+    """One chunk of 64 rows as four blocks of 16, both memories (:func:`_inverse_blocks`),
+    then ``W`` and ``U`` block row by block row from 16-row products."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n).to(tl.int64)
@@ -141,49 +211,15 @@ def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
     k1, bv1, b1 = _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t1, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, BD, BDV)
     k2, bv2, b2 = _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t2, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, BD, BDV)
     k3, bv3, b3 = _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t3, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, BD, BDV)
-    # K K^T once for both memories (its lower blocks)
-    kk00 = tl.dot(k0, tl.trans(k0), input_precision=PREC)
-    kk11 = tl.dot(k1, tl.trans(k1), input_precision=PREC)
-    kk22 = tl.dot(k2, tl.trans(k2), input_precision=PREC)
-    kk33 = tl.dot(k3, tl.trans(k3), input_precision=PREC)
-    kk10 = tl.dot(k1, tl.trans(k0), input_precision=PREC)
-    kk20 = tl.dot(k2, tl.trans(k0), input_precision=PREC)
-    kk21 = tl.dot(k2, tl.trans(k1), input_precision=PREC)
-    kk30 = tl.dot(k3, tl.trans(k0), input_precision=PREC)
-    kk31 = tl.dot(k3, tl.trans(k1), input_precision=PREC)
-    kk32 = tl.dot(k3, tl.trans(k2), input_precision=PREC)
+    kk = _kk_blocks(k0, k1, k2, k3, PREC)     # K K^T once for both memories (its lower blocks)
     for s in tl.static_range(2):
         if s == 0:
             g_ptr = gf_ptr
         else:
             g_ptr = gs_ptr
-        g0 = _log_decays(g_ptr, b, h, t0, T, n)
-        g1 = _log_decays(g_ptr, b, h, t1, T, n)
-        g2 = _log_decays(g_ptr, b, h, t2, T, n)
-        g3 = _log_decays(g_ptr, b, h, t3, T, n)
-        e0 = tl.cumsum(g0, 0)
-        e1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
-        e2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
-        e3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
-        T00 = _inv_unit_lower(_diag_block(b0, kk00, e0), 16)
-        T11 = _inv_unit_lower(_diag_block(b1, kk11, e1), 16)
-        T22 = _inv_unit_lower(_diag_block(b2, kk22, e2), 16)
-        T33 = _inv_unit_lower(_diag_block(b3, kk33, e3), 16)
-        A10 = _off_block(b1, kk10, e1, e0)
-        A20 = _off_block(b2, kk20, e2, e0)
-        A21 = _off_block(b2, kk21, e2, e1)
-        A30 = _off_block(b3, kk30, e3, e0)
-        A31 = _off_block(b3, kk31, e3, e1)
-        A32 = _off_block(b3, kk32, e3, e2)
-        T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=INV_PREC), input_precision=INV_PREC)
-        T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=INV_PREC), input_precision=INV_PREC)
-        T32 = -tl.dot(T33, tl.dot(A32, T22, input_precision=INV_PREC), input_precision=INV_PREC)
-        T20 = -tl.dot(T22, tl.dot(A20, T00, input_precision=INV_PREC) + tl.dot(A21, T10, input_precision=INV_PREC),
-                      input_precision=INV_PREC)
-        T31 = -tl.dot(T33, tl.dot(A31, T11, input_precision=INV_PREC) + tl.dot(A32, T21, input_precision=INV_PREC),
-                      input_precision=INV_PREC)
-        T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=INV_PREC) + tl.dot(A31, T10, input_precision=INV_PREC)
-                      + tl.dot(A32, T20, input_precision=INV_PREC), input_precision=INV_PREC)
+        e0, e1, e2, e3 = _chunk_decays(g_ptr, b, h, t0, t1, t2, t3, T, n)
+        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _inverse_blocks(
+            b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC)
         # W = (I+A)^-1 (beta e^gamma K), U = (I+A)^-1 (beta V), block row by block row
         r0 = (b0 * tl.exp(e0))[:, None] * k0
         r1 = (b1 * tl.exp(e1))[:, None] * k1
@@ -207,6 +243,105 @@ def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
                     tl.dot(T30, bv0, input_precision=PREC) + tl.dot(T31, bv1, input_precision=PREC)
                     + tl.dot(T32, bv2, input_precision=PREC) + tl.dot(T33, bv3, input_precision=PREC),
                     e3, d, dv, BD, BDV)
+
+
+@triton.jit
+def _store_block(ptr, X, row0: tl.constexpr, col0: tl.constexpr):
+    """A 16 x 16 block of a row-major 64 x 64 fp32 matrix at ``ptr``."""
+    r = tl.arange(0, 16)
+    tl.store(ptr + (row0 + r)[:, None] * 64 + (col0 + r)[None, :], X)
+
+
+@triton.jit
+def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
+                  T, n, d, sk_b, sk_t, sk_h, Tp, NT,
+                  BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                  INV_PREC: tl.constexpr):
+    """The ``"solve"`` WY form, first half: grid (chunk, batch*head, memory). One memory's
+    ``(I + A)^-1`` (:func:`_inverse_blocks`) stored whole, upper blocks zero, to
+    ``tinv [B*n, 2, NT, 64, 64]`` fp32, and its ``gamma`` to the workspace. Holding k but
+    neither v nor the W and U products, it needs far fewer registers than ``_wy_kernel``,
+    which holds all of them for both memories (255 and spills at 4 warps, sm_90)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    mem = tl.program_id(2)
+    b = (bh // n).to(tl.int64)
+    h = bh % n
+    r = tl.arange(0, 16)
+    t0 = c * BT + r
+    t1 = t0 + 16
+    t2 = t0 + 32
+    t3 = t0 + 48
+    k0, b0 = _block_keys(k_ptr, beta_ptr, b, h, t0, T, n, d, sk_b, sk_t, sk_h, BD)
+    k1, b1 = _block_keys(k_ptr, beta_ptr, b, h, t1, T, n, d, sk_b, sk_t, sk_h, BD)
+    k2, b2 = _block_keys(k_ptr, beta_ptr, b, h, t2, T, n, d, sk_b, sk_t, sk_h, BD)
+    k3, b3 = _block_keys(k_ptr, beta_ptr, b, h, t3, T, n, d, sk_b, sk_t, sk_h, BD)
+    if mem == 0:
+        g_ptr = gf_ptr
+    else:
+        g_ptr = gs_ptr
+    e0, e1, e2, e3 = _chunk_decays(g_ptr, b, h, t0, t1, t2, t3, T, n)
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _inverse_blocks(
+        b0, b1, b2, b3, _kk_blocks(k0, k1, k2, k3, PREC), e0, e1, e2, e3, INV_PREC)
+    ws = bh * 2 + mem
+    out = tinv_ptr + (ws.to(tl.int64) * NT + c) * BT * BT
+    zero = tl.zeros((16, 16), dtype=tl.float32)
+    _store_block(out, T00, 0, 0)
+    _store_block(out, zero, 0, 16)
+    _store_block(out, zero, 0, 32)
+    _store_block(out, zero, 0, 48)
+    _store_block(out, T10, 16, 0)
+    _store_block(out, T11, 16, 16)
+    _store_block(out, zero, 16, 32)
+    _store_block(out, zero, 16, 48)
+    _store_block(out, T20, 32, 0)
+    _store_block(out, T21, 32, 16)
+    _store_block(out, T22, 32, 32)
+    _store_block(out, zero, 32, 48)
+    _store_block(out, T30, 48, 0)
+    _store_block(out, T31, 48, 16)
+    _store_block(out, T32, 48, 32)
+    _store_block(out, T33, 48, 48)
+    base = ws.to(tl.int64) * Tp + c * BT + r
+    tl.store(gam_ptr + base, e0)
+    tl.store(gam_ptr + base + 16, e1)
+    tl.store(gam_ptr + base + 32, e2)
+    tl.store(gam_ptr + base + 48, e3)
+
+
+@triton.jit
+def _apply_kernel(k_ptr, v_ptr, beta_ptr, tinv_ptr, gam_ptr, w_ptr, u_ptr,
+                  T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, Tp, NT,
+                  BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
+    """The ``"solve"`` WY form, second half: grid (chunk, batch*head, memory).
+    ``W = (I+A)^-1 (beta e^gamma K)`` and ``U = (I+A)^-1 (beta V)`` as two 64-row products
+    (where ``_wy_kernel`` makes twenty of 16 rows), from ``_solve_kernel``'s inverse."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    mem = tl.program_id(2)
+    b = (bh // n).to(tl.int64)
+    h = bh % n
+    rows = tl.arange(0, BT)
+    t = c * BT + rows
+    mt = t < T
+    t64 = t.to(tl.int64)
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BDV)
+    ws = (bh * 2 + mem).to(tl.int64)
+    tinv = tl.load(tinv_ptr + (ws * NT + c) * BT * BT + rows[:, None] * BT + rows[None, :])
+    gam = tl.load(gam_ptr + ws * Tp + c * BT + rows)
+    beta = tl.load(beta_ptr + (b * T + t64) * n + h, mask=mt, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :],
+                mask=mt[:, None] & (od < d)[None, :], other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + t64[:, None] * sv_t + ov[None, :],
+                mask=mt[:, None] & (ov < dv)[None, :], other=0.0).to(tl.float32)
+    W = tl.dot(tinv, (beta * tl.exp(gam))[:, None] * k, input_precision=PREC)
+    U = tl.dot(tinv, beta[:, None] * v, input_precision=PREC)
+    base = ws * Tp + c * BT + rows
+    tl.store(w_ptr + base[:, None] * d + od[None, :], W.to(w_ptr.dtype.element_ty),
+             mask=(od < d)[None, :])
+    tl.store(u_ptr + base[:, None] * dv + ov[None, :], U.to(u_ptr.dtype.element_ty),
+             mask=(ov < dv)[None, :])
 
 
 @triton.jit
@@ -444,6 +579,8 @@ def _dual_delta_rule_aot_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, m
 
 
 _wy = Launcher(_wy_kernel, tensors=8)
+_solve = Launcher(_solve_kernel, tensors=6)
+_apply = Launcher(_apply_kernel, tensors=7)
 _chunk = Launcher(_chunk_kernel, tensors=9)
 _state = Launcher(_state_kernel, tensors=7)
 _output = Launcher(_output_kernel, tensors=7)
@@ -481,7 +618,12 @@ class LaunchPlan:
       kernel always runs 4, as the ONNX Runtime library compiles it);
     - ``state_stages``: split's state kernel's software-pipelining depth (Triton's
       ``num_stages``: how many chunks of W, U and k are in flight ahead of the recurrence);
-      None leaves Triton's default (3).
+      None leaves Triton's default (3);
+    - ``wy``: how the WY representation is made, ``"fused"`` (``_wy_kernel``: one program a
+      chunk for both memories, W and U from 16-row products; the ONNX Runtime library's) or
+      ``"solve"`` (``_solve_kernel`` stores each memory's ``(I + A)^-1`` whole to a
+      workspace, then ``_apply_kernel`` makes W and U as 64-row products: two launches, a
+      program a chunk and memory, each holding far fewer values; not yet timed on a GPU).
     """
     design: str
     BD: int
@@ -496,12 +638,13 @@ class LaunchPlan:
     num_warps: int = 4
     out_warps: int = 4
     state_stages: int | None = None
+    wy: str = "fused"
 
     def __post_init__(self):
         if self.design not in DESIGNS:
             raise ValueError(f"dual_delta_rule: design must be one of {DESIGNS}, got {self.design!r}")
         if self.mems_per_program not in (1, 2) or self.workspace not in ("input", "fp32") or \
-                self.dot_operands not in ("input", "fp32"):
+                self.dot_operands not in ("input", "fp32") or self.wy not in ("fused", "solve"):
             raise ValueError(f"dual_delta_rule: bad plan {self}")
 
     def half_dots(self, dtype: torch.dtype) -> bool:
@@ -570,9 +713,18 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
     w = torch.empty(B, n, 2, Tp, d, dtype=ws, device=q.device)
     u = torch.empty(B, n, 2, Tp, dv, dtype=ws, device=q.device)
     gam = torch.empty(B, n, 2, Tp, dtype=torch.float32, device=q.device)
-    _wy((n_chunks, B * n),
-        (k, v, beta, g_fast, g_slow, w, u, gam, T, n, d, dv, *strides(k), *strides(v), Tp),
-        (BT, plan.BD, plan.BDV, plan.PREC, plan.INV_PREC), num_warps=4)
+    if plan.wy == "solve":
+        tinv = torch.empty(B * n * 2 * n_chunks * BT * BT, dtype=torch.float32, device=q.device)
+        _solve((n_chunks, B * n, 2),
+               (k, beta, g_fast, g_slow, tinv, gam, T, n, d, *strides(k), Tp, n_chunks),
+               (BT, plan.BD, plan.PREC, plan.INV_PREC), num_warps=4)
+        _apply((n_chunks, B * n, 2),
+               (k, v, beta, tinv, gam, w, u, T, n, d, dv, *strides(k), *strides(v), Tp, n_chunks),
+               (BT, plan.BD, plan.BDV, plan.PREC), num_warps=4)
+    else:
+        _wy((n_chunks, B * n),
+            (k, v, beta, g_fast, g_slow, w, u, gam, T, n, d, dv, *strides(k), *strides(v), Tp),
+            (BT, plan.BD, plan.BDV, plan.PREC, plan.INV_PREC), num_warps=4)
     if plan.design == "fused":
         _chunk((B * n, triton.cdiv(dv, plan.BV)),
                (q, k, w, u, gam, mix, state0, o, state, T, n, d, dv, *strides(q), *strides(k),
