@@ -131,6 +131,17 @@ def _store_rows(w_ptr, u_ptr, gam_ptr, base, W, U, gam, d, dv, BD: tl.constexpr,
 
 
 @triton.jit
+def _chunk_blocks(c, bh, n, BT: tl.constexpr):
+    """Chunk ``c`` of program (batch*head ``bh``): the batch row (int64), the head, ``r =
+    arange(16)`` and the token indices of the chunk's four 16-row blocks."""
+    b = (bh // n).to(tl.int64)
+    h = bh % n
+    r = tl.arange(0, 16)
+    t0 = c * BT + r
+    return b, h, r, t0, t0 + 16, t0 + 32, t0 + 48
+
+
+@triton.jit
 def _kk_blocks(k0, k1, k2, k3, PREC: tl.constexpr):
     """The lower 16 x 16 blocks of ``K K^T`` for a chunk's four row blocks, diagonal first:
     kk00, kk11, kk22, kk33, kk10, kk20, kk21, kk30, kk31, kk32."""
@@ -200,13 +211,7 @@ def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
     then ``W`` and ``U`` block row by block row from 16-row products."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // n).to(tl.int64)
-    h = bh % n
-    r = tl.arange(0, 16)
-    t0 = c * BT + r
-    t1 = t0 + 16
-    t2 = t0 + 32
-    t3 = t0 + 48
+    b, h, r, t0, t1, t2, t3 = _chunk_blocks(c, bh, n, BT)
     k0, bv0, b0 = _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t0, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, BD, BDV)
     k1, bv1, b1 = _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t1, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, BD, BDV)
     k2, bv2, b2 = _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t2, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, BD, BDV)
@@ -259,19 +264,14 @@ def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
                   INV_PREC: tl.constexpr):
     """The ``"solve"`` WY form, first half: grid (chunk, batch*head, memory). One memory's
     ``(I + A)^-1`` (:func:`_inverse_blocks`) stored whole, upper blocks zero, to
-    ``tinv [B*n, 2, NT, 64, 64]`` fp32, and its ``gamma`` to the workspace. Holding k but
-    neither v nor the W and U products, it needs far fewer registers than ``_wy_kernel``,
-    which holds all of them for both memories (255 and spills at 4 warps, sm_90)."""
+    ``tinv [B*n, 2, NT, 64, 64]`` fp32, and its ``gamma`` to the workspace. It holds k but
+    neither v nor the W and U products (ptxas for sm_90, 4 warps: 249 registers and no
+    spills, where ``_wy_kernel``, holding all of them for both memories, takes 255 and
+    spills)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     mem = tl.program_id(2)
-    b = (bh // n).to(tl.int64)
-    h = bh % n
-    r = tl.arange(0, 16)
-    t0 = c * BT + r
-    t1 = t0 + 16
-    t2 = t0 + 32
-    t3 = t0 + 48
+    b, h, r, t0, t1, t2, t3 = _chunk_blocks(c, bh, n, BT)
     k0, b0 = _block_keys(k_ptr, beta_ptr, b, h, t0, T, n, d, sk_b, sk_t, sk_h, BD)
     k1, b1 = _block_keys(k_ptr, beta_ptr, b, h, t1, T, n, d, sk_b, sk_t, sk_h, BD)
     k2, b2 = _block_keys(k_ptr, beta_ptr, b, h, t2, T, n, d, sk_b, sk_t, sk_h, BD)
@@ -623,7 +623,7 @@ class LaunchPlan:
       chunk for both memories, W and U from 16-row products; the ONNX Runtime library's) or
       ``"solve"`` (``_solve_kernel`` stores each memory's ``(I + A)^-1`` whole to a
       workspace, then ``_apply_kernel`` makes W and U as 64-row products: two launches, a
-      program a chunk and memory, each holding far fewer values; not yet timed on a GPU).
+      program a chunk and memory, each holding fewer values; not yet timed on a GPU).
     """
     design: str
     BD: int
