@@ -660,7 +660,7 @@ def choose(B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
       of ``LOOK_BACK_WINDOW`` chunks wherever T is longer than 16: it was the fastest
       design at every measured size on an H100 and an H200, at the copy bandwidth where
       the data moved is large (also where the (batch row, 32 oscillators) programs alone
-      would fill the GPU, which the ``rows`` design once served: 10-12% slower there). A
+      would fill the GPU, which the ``rows`` design once served: 12-14% slower there). A
       wider window cost registers and so resident programs (8 was slower at B=32 T=1024,
       where the first wave of programs walks back furthest);
     - ``rows`` (the scan tile, one warp) where T fits one tile (streaming steps, short
