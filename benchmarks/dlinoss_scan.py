@@ -127,18 +127,18 @@ def float64_reference(args, rows=2):
     return naive_linoss_scan(*sub)
 
 
-def name_of(plan: LaunchPlan, B, T, P, device) -> str:
+def name_of(plan: LaunchPlan, B, T, P) -> str:
     """``design`` for a design's default plan, else ``design/tBLOCK_T pBLOCK_P wWARPS [lWINDOW]``."""
-    if plan == default_plan(plan.design, B, T, P, device):
+    if plan == default_plan(plan.design, B, T, P):
         return plan.design
     name = f"{plan.design}/t{plan.block_t}p{plan.block_p}w{plan.num_warps}"
     return name + (f"l{plan.window}" if plan.design == "chunk_loop" else "")
 
 
-def plans(B, T, P, device, extra: bool, sweep: bool = False) -> list[LaunchPlan]:
+def plans(B, T, P, extra: bool, sweep: bool = False) -> list[LaunchPlan]:
     """The default ``choose`` plan and each design's default plan; with ``extra`` also
     ``EXTRA`` (and with ``sweep`` ``SWEEP``) where their tile fits T."""
-    out = [choose(B, T, P, device), *[default_plan(d, B, T, P, device) for d in DESIGNS]]
+    out = [choose(B, T, P), *[default_plan(d, B, T, P) for d in DESIGNS]]
     if extra:
         out += [LaunchPlan(*tile) for tile in EXTRA + (SWEEP if sweep else []) if tile[1] <= T]
     seen, unique = set(), []
@@ -181,7 +181,6 @@ def main(argv=None):
     budget = Budget(args.budget_s)
     dtype = DTYPES[args.dtype]
     dev = "cpu" if args.smoke else "cuda"
-    device = torch.device(dev)
     gpu = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
     print(f"GPU {gpu}  dtype {args.dtype}  torch {torch.__version__}"
           f"  triton {__import__('triton').__version__}", flush=True)
@@ -217,10 +216,10 @@ def main(argv=None):
     def variants(row, a, tiles):
         """Time ``tiles`` (plans) on inputs ``a``, NaN-poisoned outputs checked first."""
         B, T, P = row["B"], row["T"], row["P"]
-        elem, default = a[0].element_size(), choose(B, T, P, device)
+        elem, default = a[0].element_size(), choose(B, T, P)
         out = (torch.empty_like(a[0]), torch.empty_like(a[0]), torch.empty(B, P, 4, device=dev))
         for plan in tiles:
-            name = name_of(plan, B, T, P, device)
+            name = name_of(plan, B, T, P)
             if name in row["variants"]:
                 continue
             if not budget.fits(5.0):
@@ -289,7 +288,7 @@ def main(argv=None):
         elem = torch.empty((), dtype=dtype).element_size()
         row = {"B": B, "T": T, "P": P, "dtype": args.dtype,
                "bytes": 4 * B * T * P * elem + 2 * B * P * 4 * 4,
-               "default": dataclasses.asdict(choose(B, T, P, device)), "variants": {}}
+               "default": dataclasses.asdict(choose(B, T, P)), "variants": {}}
         src = torch.empty(2 * B * T * P * elem, dtype=torch.uint8, device=dev).random_()
         dst = torch.empty_like(src)
         row["copy_ms"] = timed(lambda: dst.copy_(src))
@@ -299,7 +298,7 @@ def main(argv=None):
               f"({row['copy_gb_s']:.0f} GB/s)", flush=True)
         results.append(row)
         a = inputs(row)
-        variants(row, a, plans(B, T, P, device, extra=False))
+        variants(row, a, plans(B, T, P, extra=False))
         if len(results) <= 2 and not args.smoke:   # the issue's two sizes: their baselines first
             compiled_scan(row, a)
             if not args.no_seed_loop and ((B, T, P) == sizes[0] or args.seed_loop_all):
@@ -310,7 +309,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
     # 2. the compiled scan (3. extra tiles, 4. the seed loop) per size, within the budget
     stages = ([] if args.smoke else [("compiled", compiled_scan)]) + \
-        [("extra", lambda row, a: variants(row, a, plans(row["B"], row["T"], row["P"], device,
+        [("extra", lambda row, a: variants(row, a, plans(row["B"], row["T"], row["P"],
                                                          extra=True, sweep=args.sweep)))]
     if not args.no_seed_loop:
         stages.append(("seed", lambda row, a: seed_loop(row, a)

@@ -163,14 +163,13 @@ def test_loop_design_takes_any_tile(block_t, block_p, num_warps, window):
 def test_default_plans_and_bad_plans():
     """``choose`` (the default: chunk_loop, the measured fastest design at every size, and
     rows where T fits one tile) and one-line errors for plans that cannot launch."""
-    cpu = torch.device("cpu")
-    assert choose(32, 1024, 128, cpu) == LaunchPlan("chunk_loop", 32, 32, 1, window=4)
-    assert choose(32, 32768, 128, cpu).design == "chunk_loop"
-    assert choose(256, 4096, 128, cpu) == LaunchPlan("chunk_loop", 32, 32, 1, window=4)
-    assert choose(3, 17, 5, cpu) == LaunchPlan("chunk_loop", 32, 8, 1, window=4)
-    assert choose(4, 16, 100, cpu) == LaunchPlan("rows", 16, 32, 1)
-    assert choose(4, 1, 100, cpu) == LaunchPlan("rows", 2, 32, 1)
-    assert choose(2, 5, 3, cpu) == LaunchPlan("rows", 8, 4, 1)
+    assert choose(32, 1024, 128) == LaunchPlan("chunk_loop", 32, 32, 1, window=4)
+    assert choose(32, 32768, 128).design == "chunk_loop"
+    assert choose(256, 4096, 128) == LaunchPlan("chunk_loop", 32, 32, 1, window=4)
+    assert choose(3, 17, 5) == LaunchPlan("chunk_loop", 32, 8, 1, window=4)
+    assert choose(4, 16, 100) == LaunchPlan("rows", 16, 32, 1)
+    assert choose(4, 1, 100) == LaunchPlan("rows", 2, 32, 1)
+    assert choose(2, 5, 3) == LaunchPlan("rows", 8, 4, 1)
     with pytest.raises(ValueError, match="design must be one of"):
         LaunchPlan("scan", 16, 32, 1)
     with pytest.raises(ValueError, match="block_p must be a power of two, got 24"):

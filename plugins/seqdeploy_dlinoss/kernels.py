@@ -651,8 +651,8 @@ class LaunchPlan:
         return B * triton.cdiv(P, self.block_p)
 
 
-def choose(B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
-    """The default plan for ``[B, T, P]`` on ``device``, from the designs' measured
+def choose(B: int, T: int, P: int) -> LaunchPlan:
+    """The default plan for ``[B, T, P]``, from the designs' measured
     ranking (``benchmarks/dlinoss_scan.py`` times them all at the issue's sizes; the
     numbers are in BENCHMARKS.md):
 
@@ -669,10 +669,7 @@ def choose(B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
     The scan-based ``chunk`` costs two 8-value affine-map scans per element where the loop
     costs 2 x 3 FMAs; it stays for the ONNX Runtime library, whose ahead-of-time kernels
     are the scan tile's (chosen there between ``chunk`` and ``rows`` by ``ROWS_PER_SM``)."""
-    block_p = min(32, triton.next_power_of_2(P))
-    if T <= 16:
-        return LaunchPlan("rows", _tile_t(16, T), block_p, 1)
-    return LaunchPlan("chunk_loop", _tile_t(32, T), block_p, 1, LOOK_BACK_WINDOW)
+    return default_plan("rows" if T <= 16 else "chunk_loop", B, T, P)
 
 
 def _tile_t(block_t: int, T: int) -> int:
@@ -680,7 +677,7 @@ def _tile_t(block_t: int, T: int) -> int:
     return block_t if T >= block_t else max(2, triton.next_power_of_2(T))
 
 
-def default_plan(design: str, B: int, T: int, P: int, device: torch.device) -> LaunchPlan:
+def default_plan(design: str, B: int, T: int, P: int) -> LaunchPlan:
     """``design``'s plan with its default tile: 16 steps for the scan designs (as measured),
     32 for the loop design; 32 oscillators and one warp for all; chunk_loop's look-back
     window ``LOOK_BACK_WINDOW``."""
@@ -718,8 +715,7 @@ def triton_linoss_scan(b_re, b_im, A, G, dt, state0, out=None, plan: LaunchPlan 
         state_t.copy_(state0)
         return x_re, x_im, state_t
     if plan is None:
-        plan = default_plan(kernel, B, T, P, b_re.device) if kernel else \
-            choose(B, T, P, b_re.device)
+        plan = default_plan(kernel, B, T, P) if kernel else choose(B, T, P)
     tensors = (b_re, b_im, A, G, dt, state0, x_re, x_im, state_t)
     sizes = (B, T, P, b_re.stride(0), b_re.stride(1), x_re.stride(0), x_re.stride(1))
     run, slots = _LAUNCHERS[plan.design], plan.slots(B, P)
