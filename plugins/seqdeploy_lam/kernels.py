@@ -77,30 +77,27 @@ def _inv_unit_lower(A, BC: tl.constexpr):
 
 
 @triton.jit
-def _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t,
-                sv_h, BD: tl.constexpr, BDV: tl.constexpr):
-    """k [16, BD] and beta * v [16, BDV] (fp32), beta [16] of the rows ``t``; zeros past T."""
-    mt = t < T
-    od = tl.arange(0, BD)
-    ov = tl.arange(0, BDV)
-    t64 = t.to(tl.int64)
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :],
-                mask=mt[:, None] & (od < d)[None, :], other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + b * sv_b + h * sv_h + t64[:, None] * sv_t + ov[None, :],
-                mask=mt[:, None] & (ov < dv)[None, :], other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + (b * T + t64) * n + h, mask=mt, other=0.0).to(tl.float32)
-    return k, beta[:, None] * v, beta
-
-
-@triton.jit
 def _block_keys(k_ptr, beta_ptr, b, h, t, T, n, d, sk_b, sk_t, sk_h, BD: tl.constexpr):
     """k [16, BD] (fp32) and beta [16] of the rows ``t``; zeros past T."""
     mt = t < T
     od = tl.arange(0, BD)
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + t.to(tl.int64)[:, None] * sk_t + od[None, :],
+    t64 = t.to(tl.int64)
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :],
                 mask=mt[:, None] & (od < d)[None, :], other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + (b * T + t.to(tl.int64)) * n + h, mask=mt, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + (b * T + t64) * n + h, mask=mt, other=0.0).to(tl.float32)
     return k, beta
+
+
+@triton.jit
+def _block_rows(k_ptr, v_ptr, beta_ptr, b, h, t, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t,
+                sv_h, BD: tl.constexpr, BDV: tl.constexpr):
+    """k [16, BD] and beta * v [16, BDV] (fp32), beta [16] of the rows ``t``; zeros past T
+    (:func:`_block_keys` and the values)."""
+    k, beta = _block_keys(k_ptr, beta_ptr, b, h, t, T, n, d, sk_b, sk_t, sk_h, BD)
+    ov = tl.arange(0, BDV)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + t.to(tl.int64)[:, None] * sv_t + ov[None, :],
+                mask=(t < T)[:, None] & (ov < dv)[None, :], other=0.0).to(tl.float32)
+    return k, beta[:, None] * v, beta
 
 
 @triton.jit
