@@ -77,6 +77,20 @@ from seqdeploy_moe.router import capacity, check_logits
 
 # -- router ----------------------------------------------------------------------------------
 @triton.jit
+def _one_hot(e, offs_e, mask):
+    """``[rows, BLOCK_E]`` int32: a 1 at column ``e_i`` of each row where ``mask_i``."""
+    return ((offs_e[None, :] == e[:, None]) & mask[:, None]).to(tl.int32)
+
+
+@triton.jit
+def _first_come(one_hot, before):
+    """Each row's 1-based first-come rank among the tokens of its expert: its place among the
+    block's tokens of that expert (a cumsum down the block) plus ``before[e]``, the expert's
+    tokens ahead of the block."""
+    return tl.sum(one_hot * (tl.cumsum(one_hot, axis=0) + before[None, :]), axis=1)
+
+
+@triton.jit
 def _top1_router_kernel(logits_ptr, expert_ptr, gate_ptr, T, E, cap, s_b, s_t,
                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, CAPACITY: tl.constexpr):
     b = tl.program_id(0)
@@ -100,9 +114,8 @@ def _top1_router_kernel(logits_ptr, expert_ptr, gate_ptr, T, E, cap, s_b, s_t,
         choice = tl.minimum(choice, E - 1)    # a NaN row matches nothing: keep the id valid
         gate = 1.0 / tl.sum(tl.exp(lg - m[:, None]), axis=1)
         if CAPACITY:
-            one_hot = ((offs_e[None, :] == choice[:, None]) & mask_t[:, None]).to(tl.int32)
-            rank = tl.cumsum(one_hot, axis=0) + taken[None, :]
-            position = tl.sum(one_hot * rank, axis=1)          # 1-based, within the row
+            one_hot = _one_hot(choice, offs_e, mask_t)
+            position = _first_come(one_hot, taken)              # 1-based, within the row
             gate = tl.where(position <= cap, gate, 0.0)
             taken += tl.sum(one_hot, axis=0)
         out = b.to(tl.int64) * T + offs_t
@@ -145,11 +158,10 @@ def _capacity_kernel(expert_ptr, gate_ptr, counts_ptr, T, n_tiles, cap,
     offs_e = tl.arange(0, BLOCK_E)
     row = b.to(tl.int64) * T + offs_t
     e = tl.load(expert_ptr + row, mask=mask_t, other=-1).to(tl.int32)
-    one_hot = ((offs_e[None, :] == e[:, None]) & mask_t[:, None]).to(tl.int32)
+    one_hot = _one_hot(e, offs_e, mask_t)
     slot = counts_ptr + (b.to(tl.int64) * n_tiles + tile) * BLOCK_E + offs_e
     if DROP:
-        rank = tl.cumsum(one_hot, axis=0) + tl.load(slot)[None, :]
-        position = tl.sum(one_hot * rank, axis=1)
+        position = _first_come(one_hot, tl.load(slot))
         g = tl.load(gate_ptr + row, mask=mask_t, other=0.0)
         tl.store(gate_ptr + row, tl.where(position <= cap, g, 0.0), mask=mask_t)
     else:
@@ -208,19 +220,23 @@ def triton_top1_router(logits: torch.Tensor, capacity_factor: float, out=None):
 
 # -- experts ---------------------------------------------------------------------------------
 @triton.jit
+def _claim_slots(e, mask, counts_ptr, E, BLOCK_E: tl.constexpr):
+    """Each token's 0-based slot in its expert's group (tokens where ``mask``): one atomic add
+    per (block, expert) on ``counts`` reserves the block's slots and returns their base."""
+    offs_e = tl.arange(0, BLOCK_E)
+    one_hot = _one_hot(e, offs_e, mask)
+    here = tl.sum(one_hot, axis=0)
+    base = tl.atomic_add(counts_ptr + offs_e, here, mask=(offs_e < E) & (here > 0))
+    return _first_come(one_hot, tl.where(here > 0, base, 0)) - 1
+
+
+@triton.jit
 def _rank_kernel(expert_ptr, counts_ptr, rank_ptr, N, E,
                  BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     e = tl.load(expert_ptr + offs, mask=mask, other=0).to(tl.int32)
-    offs_e = tl.arange(0, BLOCK_E)
-    one_hot = ((offs_e[None, :] == e[:, None]) & mask[:, None]).to(tl.int32)
-    local = tl.sum(one_hot * tl.cumsum(one_hot, axis=0), axis=1) - 1      # 0-based in block
-    here = tl.sum(one_hot, axis=0)
-    base = tl.atomic_add(counts_ptr + offs_e, here, mask=(offs_e < E) & (here > 0))
-    base = tl.where(here > 0, base, 0)
-    rank = local + tl.sum(one_hot * base[None, :], axis=1)
-    tl.store(rank_ptr + offs, rank, mask=mask)
+    tl.store(rank_ptr + offs, _claim_slots(e, mask, counts_ptr, E, BLOCK_E), mask=mask)
 
 
 @triton.jit
@@ -344,13 +360,7 @@ def _bucket_kernel(expert_ptr, counts_ptr, slot_token_ptr, N, E,
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e = tl.load(expert_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
     ok = (offs < N) & (e >= 0) & (e < E)      # an id out of range joins no bucket
-    offs_e = tl.arange(0, BLOCK_E)
-    one_hot = ((offs_e[None, :] == e[:, None]) & ok[:, None]).to(tl.int32)
-    local = tl.sum(one_hot * tl.cumsum(one_hot, axis=0), axis=1) - 1      # 0-based in block
-    here = tl.sum(one_hot, axis=0)
-    base = tl.atomic_add(counts_ptr + offs_e, here, mask=(offs_e < E) & (here > 0))
-    base = tl.where(here > 0, base, 0)
-    rank = local + tl.sum(one_hot * base[None, :], axis=1)
+    rank = _claim_slots(e, ok, counts_ptr, E, BLOCK_E)
     tl.store(slot_token_ptr + e.to(tl.int64) * N + rank, offs.to(tl.int32), mask=ok)
 
 
