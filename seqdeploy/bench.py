@@ -57,11 +57,12 @@ def time_fn(fn: Callable[[], Any], device: str, warmup: int = 3, min_repeats: in
     for i in range(warmup):
         t0 = time.perf_counter()
         fn()
-        if cuda:
-            torch.cuda.synchronize()
-        if i == 0 and time.perf_counter() - t0 > budget_s / min_repeats:
-            rounds, min_repeats = 1, min(min_repeats, SLOW_MIN_REPEATS)
-            break
+        if i == 0:     # the first call, synchronised, says whether the call is slow
+            if cuda:
+                torch.cuda.synchronize()
+            if time.perf_counter() - t0 > budget_s / min_repeats:
+                rounds, min_repeats = 1, min(min_repeats, SLOW_MIN_REPEATS)
+                break
     if cuda:
         torch.cuda.synchronize()
     if cuda and cuda_graph:
