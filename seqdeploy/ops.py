@@ -97,6 +97,16 @@ def call(op: CustomOp, *args, **kwargs):
     return op.torch_op(*args, **kwargs)
 
 
+def eager_device(*tensors: torch.Tensor) -> str | None:
+    """The device type (``"cuda"``, ``"cpu"``, ...) of plain eager inference on ``tensors``,
+    or None when anything could observe how it is computed: tracing, compiling, exporting,
+    a dispatch or torch-function mode, a tensor subclass, or a tensor that needs a gradient.
+    Model code uses it as :func:`call` does, to take a faster path that only eager
+    inference may take (a kernel launched directly) and the exported graph's form
+    everywhere else."""
+    return _direct_device(tensors, None)
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

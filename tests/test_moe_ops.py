@@ -460,3 +460,60 @@ def test_layer_benchmark_smoke_run(tmp_path, capsys):
     plans = json.loads(out.read_text())["points"][0]["plans"]
     assert set(plans) == {"padded", "buckets-tail"}
     assert all(p["rel_l2"] < TOL[torch.bfloat16] for p in plans.values()), plans
+
+
+# -- router projection -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N, d, E", [(1, 16, 4), (37, 80, 8), (70, 200, 64), (33, 64, 130)])
+def test_router_logits_kernel_against_float64(N, d, E, dtype):
+    """The projection kernel (NaN-poisoned output) at odd row counts, a K tail and E not a
+    power of two, against the float64 product of the same rounded inputs: each entry within
+    2^-18 of the sum of |products| (fp32 accumulation of tf32x3 products), and the same
+    argmax as the float64 logits wherever the top two are apart by more than that."""
+    from seqdeploy_moe.kernels import triton_router_logits
+
+    g = torch.Generator().manual_seed(N + E)
+    u = torch.randn(N, d, generator=g).to(dtype)
+    w = torch.randn(E, d, generator=g) * d ** -0.5
+    exact = u.double() @ w.double().T
+    scale = u.double().abs() @ w.double().abs().T
+    out = torch.full((N, E), math.nan, device=DEVICE)
+    got = triton_router_logits(u.to(DEVICE), w.to(DEVICE), out=out).double().cpu()
+    assert torch.isfinite(got).all(), "an entry was left unwritten"
+    assert ((got - exact).abs() <= 2.0 ** -18 * scale).all()
+    top2 = exact.topk(min(2, E), dim=-1).values
+    clear = (top2[:, 0] - top2[:, -1]) > 2.0 ** -16 * scale.max(-1).values
+    assert torch.equal(got.argmax(-1)[clear], exact.argmax(-1)[clear])
+
+
+def test_router_logits_keeps_the_fp32_form_off_eager_cuda():
+    """Off CUDA, for fp32 inputs and when a gradient is needed, ``router_logits`` is exactly
+    ``F.linear`` in fp32 (the form the exported graph holds)."""
+    from seqdeploy_moe.router import router_logits
+
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        u = torch.randn(2, 5, 24, generator=g).to(dtype)
+        w = torch.randn(6, 24, generator=g, requires_grad=dtype == torch.float32)
+        want = torch.nn.functional.linear(u.float(), w.float())
+        got = router_logits(u, w)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_router_logits_on_cuda_takes_the_kernel_and_agrees(dtype):
+    """On CUDA, eager, half inputs: ``router_logits`` runs the kernel (its result differs
+    from the fp32 GEMM's in rounding only) and routes 8192 tokens over 64 experts as the
+    fp32 GEMM does except at near-ties."""
+    from seqdeploy_moe.router import router_logits
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u = torch.randn(8192, 768, device="cuda", generator=g).to(dtype)
+    w = torch.randn(64, 768, device="cuda", generator=g) * 768 ** -0.5
+    exact = u.double() @ w.double().T
+    scale = u.double().abs() @ w.double().abs().T
+    got = router_logits(u, w).double()
+    assert ((got - exact).abs() <= 2.0 ** -18 * scale).all()
+    fp32 = torch.nn.functional.linear(u.float(), w).double()
+    assert (got.argmax(-1) == fp32.argmax(-1)).float().mean() > 0.999

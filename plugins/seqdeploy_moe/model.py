@@ -28,7 +28,7 @@ from torch import nn
 
 from seqdeploy.architecture import BATCH, INDEX, SEQ, ParityLimits, TensorSpec
 from seqdeploy_moe.experts import MOE_EXPERTS, reference_moe_experts
-from seqdeploy_moe.router import TOP1_ROUTER
+from seqdeploy_moe.router import TOP1_ROUTER, router_logits
 
 # A near-tie between two experts' logits may flip wherever the arithmetic differs (fp16 most
 # of all); a flipped token routes through another expert, which is a legitimate result. So
@@ -83,10 +83,12 @@ class MoEFeedForward(nn.Module):
 
     def router_logits(self, u: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 ``[B, T, E]`` logits of the normalised input ``u``."""
-        r = u.float()
         if self.training and self.jitter > 0:
+            r = u.float()
             r = r * torch.empty_like(r).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(r, self.router.weight.float())
+            logits = F.linear(r, self.router.weight.float())
+        else:
+            logits = router_logits(u, self.router.weight)
         if self.router_complexity is not None:
             if c is None:
                 raise ValueError("this MoE block was built with complexity=True: pass c [B, T]")

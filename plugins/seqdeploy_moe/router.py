@@ -33,7 +33,24 @@ import numpy as np
 import torch
 
 from seqdeploy.errors import InputError
-from seqdeploy.ops import CustomOp, define_op
+from seqdeploy.ops import CustomOp, define_op, eager_device, lazy_kernel
+
+
+_triton_router_logits = lazy_kernel("seqdeploy_moe.kernels", "triton_router_logits")
+
+
+def router_logits(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The router's fp32 logits ``[..., E]`` of ``u [..., d]`` and ``weight [E, d]``: what
+    ``F.linear(u.float(), weight.float())`` computes, and that is the form everywhere but
+    plain eager inference on CUDA with ``u`` in fp16 or bf16 (so the exported graph holds a
+    Cast and an fp32 MatMul). There a Triton kernel widens ``u`` as it loads it instead of
+    writing an fp32 copy (``kernels.triton_router_logits``: products to about 2^-21
+    relative instead of fp32's 2^-24, summed in fp32), so a near-tie may route differently
+    from the fp32 GEMM, as it may between any two fp32 GEMMs that sum in another order."""
+    if (u.dtype in (torch.float16, torch.bfloat16) and weight.shape[0] <= 256
+            and eager_device(u, weight) == "cuda"):
+        return _triton_router_logits(u, weight)
+    return torch.nn.functional.linear(u.float(), weight.float())
 
 
 def capacity(capacity_factor: float, T: int, E: int) -> int:
