@@ -16,10 +16,9 @@ outputs NaN-poisoned before the variant runs). ``*`` marks the default plan (``c
 
 Order and budget: per size the copy, each design's default plan (with the float64 check)
 and, at the issue's two sizes, the compiled scan (a torch.compile per shape; the last
-compile's time estimates the next) and the seed loop (eager; at the small size only unless
-``--seed-loop-all``); then the compiled scan at the other sizes, the ``EXTRA`` tiles
-(``--sweep``: and ``SWEEP``) at every size, and the seed loop at the other sizes
-(``--seed-loop-all``). A stage that would end past ``--budget-s`` is
+compile's time estimates the next) and the seed loop (eager); then the compiled scan at the
+other sizes, the ``EXTRA`` tiles (``--sweep``: and ``SWEEP``) at every size, and the seed
+loop at the other sizes (``--seed-loop-all``). A stage that would end past ``--budget-s`` is
 skipped and says so, and the JSON is rewritten after every stage, so a run cut short still
 reports what it measured. ``--smoke`` runs it all on the CPU at tiny sizes
 (``TRITON_INTERPRET=1``; no compiled scan) to check the script without a GPU.
@@ -169,7 +168,7 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="also time the SWEEP tiles")
     parser.add_argument("--no-seed-loop", action="store_true", help="skip the seed loop")
     parser.add_argument("--seed-loop-all", action="store_true",
-                        help="time the seed loop at every size (default: the small one)")
+                        help="time the seed loop at every size (default: the issue's two)")
     parser.add_argument("--small-only", action="store_true", help=f"only {SMALL}")
     parser.add_argument("--budget-s", type=float, default=95.0,
                         help="skip stages that would end later than this (seconds)")
@@ -301,7 +300,7 @@ def main(argv=None):
         variants(row, a, plans(B, T, P, extra=False))
         if len(results) <= 2 and not args.smoke:   # the two sizes: their baselines first
             compiled_scan(row, a)
-            if not args.no_seed_loop and ((B, T, P) == sizes[0] or args.seed_loop_all):
+            if not args.no_seed_loop:
                 seed_loop(row, a)
         save()
         del a
@@ -313,7 +312,7 @@ def main(argv=None):
                                                          extra=True, sweep=args.sweep)))]
     if not args.no_seed_loop:
         stages.append(("seed", lambda row, a: seed_loop(row, a)
-                       if (row["B"], row["T"], row["P"]) == sizes[0] or args.seed_loop_all
+                       if any(row is r for r in results[:2]) or args.seed_loop_all
                        else None))
     for _, stage in stages:
         for row in results:
