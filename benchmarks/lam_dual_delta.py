@@ -62,6 +62,11 @@ VARIANTS = {
     # the WY representation from two kernels (the inverse stored whole, then 64-row products)
     "split wy-solve": dict(design="split", wy="solve"),
     "split wy-solve inv-tf32": dict(design="split", wy="solve", INV_PREC="tf32"),
+    # the inverting kernel on fewer warps (its row reductions stay inside a warp)
+    "split wy-w2": dict(design="split", wy_warps=2),
+    "split wy-solve w2": dict(design="split", wy="solve", wy_warps=2),
+    "split wy-solve w1": dict(design="split", wy="solve", wy_warps=1),
+    "split wy-solve w2 inv-tf32": dict(design="split", wy="solve", wy_warps=2, INV_PREC="tf32"),
     "fused": dict(design="fused"),
     "fused bv16": dict(design="fused", BV=16),
     "fused bv64 w8": dict(design="fused", BV=64, num_warps=8),

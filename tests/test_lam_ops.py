@@ -329,6 +329,8 @@ def test_cuda_dispatch_both_paths_at_base_shapes(dtype):
         assert o.is_cuda and o.dtype == dtype
         assert rel(o, ref_o) < TOL[dtype] and rel(S, ref_S) < TOL[dtype], T
     # both chunked designs at the base head, compiled for this GPU
-    for design, extra in [(d, {}) for d in CHUNKED] + [("split", dict(wy="solve"))]:
+    for design, extra in [(d, {}) for d in CHUNKED] + [
+            ("split", dict(wy="solve")), ("split", dict(wy="solve", wy_warps=1)),
+            ("split", dict(wy_warps=2))]:
         o, S = triton_dual_delta_rule(*args, out=poisoned(args), plan=plan(args, design, **extra))
         assert rel(o, ref_o) < TOL[dtype] and rel(S, ref_S) < TOL[dtype], (design, extra)

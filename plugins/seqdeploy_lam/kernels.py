@@ -620,7 +620,12 @@ class LaunchPlan:
       chunk for both memories, W and U from 16-row products; the ONNX Runtime library's) or
       ``"solve"`` (``_solve_kernel`` stores each memory's ``(I + A)^-1`` whole to a
       workspace, then ``_apply_kernel`` makes W and U as 64-row products: two launches, a
-      program a chunk and memory, each holding fewer values; not yet timed on a GPU).
+      program a chunk and memory, each holding fewer values; not yet timed on a GPU);
+    - ``wy_warps``: warps of the kernel that inverts ``I + A`` (``_wy_kernel`` or
+      ``_solve_kernel``). Its forward substitution reduces a 16 x 16 tile across its rows
+      twice per row, 120 times per inverse: within one warp that is register shuffles, across
+      warps a round trip through shared memory and a barrier each (fla's 16 x 16 solve is
+      tuned over 1-8 warps). ``_apply_kernel`` always runs 4.
     """
     design: str
     BD: int
@@ -636,12 +641,14 @@ class LaunchPlan:
     out_warps: int = 4
     state_stages: int | None = None
     wy: str = "fused"
+    wy_warps: int = 4
 
     def __post_init__(self):
         if self.design not in DESIGNS:
             raise ValueError(f"dual_delta_rule: design must be one of {DESIGNS}, got {self.design!r}")
         if self.mems_per_program not in (1, 2) or self.workspace not in ("input", "fp32") or \
-                self.dot_operands not in ("input", "fp32") or self.wy not in ("fused", "solve"):
+                self.dot_operands not in ("input", "fp32") or self.wy not in ("fused", "solve") or \
+                self.wy_warps not in (1, 2, 4, 8):
             raise ValueError(f"dual_delta_rule: bad plan {self}")
 
     def half_dots(self, dtype: torch.dtype) -> bool:
@@ -714,14 +721,14 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
         tinv = torch.empty(B * n * 2 * n_chunks * BT * BT, dtype=torch.float32, device=q.device)
         _solve((n_chunks, B * n, 2),
                (k, beta, g_fast, g_slow, tinv, gam, T, n, d, *strides(k), Tp, n_chunks),
-               (BT, plan.BD, plan.PREC, plan.INV_PREC), num_warps=4)
+               (BT, plan.BD, plan.PREC, plan.INV_PREC), num_warps=plan.wy_warps)
         _apply((n_chunks, B * n, 2),
                (k, v, beta, tinv, gam, w, u, T, n, d, dv, *strides(k), *strides(v), Tp, n_chunks),
                (BT, plan.BD, plan.BDV, plan.PREC), num_warps=4)
     else:
         _wy((n_chunks, B * n),
             (k, v, beta, g_fast, g_slow, w, u, gam, T, n, d, dv, *strides(k), *strides(v), Tp),
-            (BT, plan.BD, plan.BDV, plan.PREC, plan.INV_PREC), num_warps=4)
+            (BT, plan.BD, plan.BDV, plan.PREC, plan.INV_PREC), num_warps=plan.wy_warps)
     if plan.design == "fused":
         _chunk((B * n, triton.cdiv(dv, plan.BV)),
                (q, k, w, u, gam, mix, state0, o, state, T, n, d, dv, *strides(q), *strides(k),
