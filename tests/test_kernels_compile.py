@@ -119,13 +119,22 @@ MOE_SCRIPT = textwrap.dedent("""
                              FIRST=first, DOT_F32=dt == "fp32", WIDEN=False, EVEN_K=True),
                         t.num_warps, t.num_stages)
         print("bucket plans", dt, len(plans), flush=True)
+    # the router projection (fp16 / bf16 rows, fp32 weight, tf32x3 dots) at the tiles
+    # triton_router_logits picks for E = 8, 64 and 256
+    for dt in ("fp16", "bf16"):
+        for block_m, block_e, warps in ((32, 16, 4), (32, 64, 4), (16, 256, 8)):
+            compile(moe._router_logits_kernel,
+                    dict(u_ptr="*" + dt, w_ptr="*fp32", out_ptr="*fp32", N=i32, K=i32, E=i32,
+                         s_u=i32, s_wk=i32, s_we=i32),
+                    dict(BLOCK_M=block_m, BLOCK_K=32, BLOCK_E=block_e), warps)
 """)
 
 
 def test_moe_kernels_compile_for_sm90():
     out = compile_for_sm90(MOE_SCRIPT)
     buckets = out.stdout.count("_bucket_ffn_kernel ok")
-    assert out.stdout.count(" ok") == 2 + 2 + 4 * 2 + 1 + buckets and buckets >= 3 * 2 * 4
+    assert out.stdout.count(" ok") == 2 + 2 + 4 * 2 + 1 + buckets + 6 and buckets >= 3 * 2 * 4
+    assert out.stdout.count("_router_logits_kernel ok") == 6
 
 
 CFC_SCRIPT = textwrap.dedent("""
