@@ -67,6 +67,10 @@ VARIANTS = {
     "split wy-solve w2": dict(design="split", wy="solve", wy_warps=2),
     "split wy-solve w1": dict(design="split", wy="solve", wy_warps=1),
     "split wy-solve w2 inv-tf32": dict(design="split", wy="solve", wy_warps=2, INV_PREC="tf32"),
+    # ... and its 16 x 16 substitutions loading rows back from memory (one reduction a row)
+    "split wy-solve rows": dict(design="split", wy="solve", inverse="rows"),
+    "split wy-solve rows w1": dict(design="split", wy="solve", inverse="rows", wy_warps=1),
+    "split wy-solve rows w2": dict(design="split", wy="solve", inverse="rows", wy_warps=2),
     "fused": dict(design="fused"),
     "fused bv16": dict(design="fused", BV=16),
     "fused bv64 w8": dict(design="fused", BV=64, num_warps=8),

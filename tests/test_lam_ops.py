@@ -155,9 +155,9 @@ def test_triton_chunked_matches_naive(T, dtype, design):
 @pytest.mark.parametrize("tiling", [dict(), dict(mems_per_program=2, BV=16, BV_OUT=16),
                                     dict(BV=64, BV_OUT=64, workspace="fp32"),
                                     dict(dot_operands="input", mems_per_program=2),
-                                    dict(wy="solve")],
+                                    dict(wy="solve"), dict(wy="solve", inverse="rows")],
                          ids=["default", "both-memories-bv16", "bv64-out64-fp32-workspace", "half-dots",
-                              "wy-solve"])
+                              "wy-solve", "wy-solve-rows"])
 def test_triton_split_several_chunks_with_tail(tiling, dtype):
     """The split design over 4 chunks and a 37-row tail (T = 293), two batch rows and three
     heads, dv = 40 (two or three value blocks, the last one masked), at each tiling the
@@ -187,6 +187,9 @@ def test_default_plan_is_recurrent_then_split():
     assert launch_plan(17, 64, 64, torch.bfloat16).design == "split"
     with pytest.raises(ValueError, match="design must be one of"):
         launch_plan(100, 64, 64, torch.float32, design="chunked")
+    for bad in (dict(inverse="rows"), dict(wy="solve", inverse="stored"), dict(wy_warps=3)):
+        with pytest.raises(ValueError, match="bad plan"):      # row loads need wy="solve"
+            launch_plan(100, 64, 64, torch.float32, **bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -331,6 +334,6 @@ def test_cuda_dispatch_both_paths_at_base_shapes(dtype):
     # both chunked designs at the base head, compiled for this GPU
     for design, extra in [(d, {}) for d in CHUNKED] + [
             ("split", dict(wy="solve")), ("split", dict(wy="solve", wy_warps=1)),
-            ("split", dict(wy_warps=2))]:
+            ("split", dict(wy_warps=2)), ("split", dict(wy="solve", inverse="rows", wy_warps=1))]:
         o, S = triton_dual_delta_rule(*args, out=poisoned(args), plan=plan(args, design, **extra))
         assert rel(o, ref_o) < TOL[dtype] and rel(S, ref_S) < TOL[dtype], (design, extra)

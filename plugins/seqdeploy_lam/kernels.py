@@ -77,6 +77,25 @@ def _inv_unit_lower(A, BC: tl.constexpr):
 
 
 @triton.jit
+def _inv_unit_lower_rows(A, ptr):
+    """:func:`_inv_unit_lower` of a 16 x 16 tile with one cross-row reduction per row instead
+    of two: ``-A`` goes to ``ptr`` (row-major, row stride 64: a diagonal block of the
+    caller's own output tile, overwritten later) and row i of ``L`` is loaded back from there,
+    as flash-linear-attention's 16 x 16 solve loads its rows, instead of being extracted from
+    the registers. Row i of ``L`` is row i of ``-A`` itself (the substitution has not changed
+    that row yet), so the result is the same."""
+    rows = tl.arange(0, 16)
+    tl.store(ptr + rows[:, None] * 64 + rows[None, :], -A)
+    tl.debug_barrier()                    # every thread's part of -A is written
+    X = -A
+    for i in range(1, 16):
+        li = tl.load(ptr + i * 64 + rows)
+        new = li + tl.sum(li[:, None] * X, 0)
+        X = tl.where(rows[:, None] == i, new[None, :], X)
+    return X + tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+
+
+@triton.jit
 def _block_keys(k_ptr, beta_ptr, b, h, t, T, n, d, sk_b, sk_t, sk_h, BD: tl.constexpr):
     """k [16, BD] (fp32) and beta [16] of the rows ``t``; zeros past T."""
     mt = t < T
@@ -176,11 +195,19 @@ def _inverse_blocks(b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC: tl.constexpr):
     diagonal ones by forward substitution on 16 x 16 tiles, the ones below from products of
     those (``T_IJ = -T_II sum_{J<=M<I} A_IM T_MJ``), never from powers of A. Those products
     chain, so they run at ``INV_PREC``."""
-    kk00, kk11, kk22, kk33, kk10, kk20, kk21, kk30, kk31, kk32 = kk
+    kk00, kk11, kk22, kk33 = kk[0], kk[1], kk[2], kk[3]
     T00 = _inv_unit_lower(_diag_block(b0, kk00, e0), 16)
     T11 = _inv_unit_lower(_diag_block(b1, kk11, e1), 16)
     T22 = _inv_unit_lower(_diag_block(b2, kk22, e2), 16)
     T33 = _inv_unit_lower(_diag_block(b3, kk33, e3), 16)
+    return _below_diagonal(T00, T11, T22, T33, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC)
+
+
+@triton.jit
+def _below_diagonal(T00, T11, T22, T33, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC: tl.constexpr):
+    """The blocks of ``(I + A)^-1`` below the diagonal from its diagonal blocks (see
+    :func:`_inverse_blocks`); returns all ten in :func:`_inverse_blocks`' order."""
+    kk10, kk20, kk21, kk30, kk31, kk32 = kk[4], kk[5], kk[6], kk[7], kk[8], kk[9]
     A10 = _off_block(b1, kk10, e1, e0)
     A20 = _off_block(b2, kk20, e2, e0)
     A21 = _off_block(b2, kk21, e2, e1)
@@ -258,13 +285,14 @@ def _store_block(ptr, X, row0: tl.constexpr, col0: tl.constexpr):
 def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
                   T, n, d, sk_b, sk_t, sk_h, Tp, NT,
                   BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                  INV_PREC: tl.constexpr):
+                  INV_PREC: tl.constexpr, ROWS: tl.constexpr):
     """The ``"solve"`` WY form, first half: grid (chunk, batch*head, memory). One memory's
     ``(I + A)^-1`` (:func:`_inverse_blocks`) stored whole, upper blocks zero, to
     ``tinv [B*n, 2, NT, 64, 64]`` fp32, and its ``gamma`` to the workspace. It holds k but
     neither v nor the W and U products (ptxas for sm_90, 4 warps: 249 registers and no
     spills, where ``_wy_kernel``, holding all of them for both memories, takes 255 and
-    spills)."""
+    spills). ``ROWS``: the diagonal blocks by :func:`_inv_unit_lower_rows`, through this
+    program's own diagonal blocks of ``tinv``."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     mem = tl.program_id(2)
@@ -278,10 +306,20 @@ def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
     else:
         g_ptr = gs_ptr
     e0, e1, e2, e3 = _chunk_decays(g_ptr, b, h, t0, t1, t2, t3, T, n)
-    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _inverse_blocks(
-        b0, b1, b2, b3, _kk_blocks(k0, k1, k2, k3, PREC), e0, e1, e2, e3, INV_PREC)
+    kk = _kk_blocks(k0, k1, k2, k3, PREC)
     ws = bh * 2 + mem
     out = tinv_ptr + (ws.to(tl.int64) * NT + c) * BT * BT
+    if ROWS:
+        D0 = _inv_unit_lower_rows(_diag_block(b0, kk[0], e0), out)
+        D1 = _inv_unit_lower_rows(_diag_block(b1, kk[1], e1), out + 16 * 64 + 16)
+        D2 = _inv_unit_lower_rows(_diag_block(b2, kk[2], e2), out + 32 * 64 + 32)
+        D3 = _inv_unit_lower_rows(_diag_block(b3, kk[3], e3), out + 48 * 64 + 48)
+        tl.debug_barrier()                # every row is read before T_II overwrites it
+        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _below_diagonal(
+            D0, D1, D2, D3, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC)
+    else:
+        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _inverse_blocks(
+            b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC)
     zero = tl.zeros((16, 16), dtype=tl.float32)
     _store_block(out, T00, 0, 0)
     _store_block(out, zero, 0, 16)
@@ -625,7 +663,10 @@ class LaunchPlan:
       ``_solve_kernel``). Its forward substitution reduces a 16 x 16 tile across its rows
       twice per row, 120 times per inverse: within one warp that is register shuffles, across
       warps a round trip through shared memory and a barrier each (fla's 16 x 16 solve is
-      tuned over 1-8 warps). ``_apply_kernel`` always runs 4.
+      tuned over 1-8 warps). ``_apply_kernel`` always runs 4;
+    - ``inverse`` (``wy="solve"`` only): ``"extract"`` takes row i of the 16 x 16 tile out of
+      the registers (a second reduction per row), ``"rows"`` writes the tile to the
+      program's own output block and loads its rows back (:func:`_inv_unit_lower_rows`).
     """
     design: str
     BD: int
@@ -642,13 +683,15 @@ class LaunchPlan:
     state_stages: int | None = None
     wy: str = "fused"
     wy_warps: int = 4
+    inverse: str = "extract"
 
     def __post_init__(self):
         if self.design not in DESIGNS:
             raise ValueError(f"dual_delta_rule: design must be one of {DESIGNS}, got {self.design!r}")
         if self.mems_per_program not in (1, 2) or self.workspace not in ("input", "fp32") or \
                 self.dot_operands not in ("input", "fp32") or self.wy not in ("fused", "solve") or \
-                self.wy_warps not in (1, 2, 4, 8):
+                self.wy_warps not in (1, 2, 4, 8) or self.inverse not in ("extract", "rows") or \
+                (self.inverse == "rows" and self.wy != "solve"):
             raise ValueError(f"dual_delta_rule: bad plan {self}")
 
     def half_dots(self, dtype: torch.dtype) -> bool:
@@ -721,7 +764,8 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
         tinv = torch.empty(B * n * 2 * n_chunks * BT * BT, dtype=torch.float32, device=q.device)
         _solve((n_chunks, B * n, 2),
                (k, beta, g_fast, g_slow, tinv, gam, T, n, d, *strides(k), Tp, n_chunks),
-               (BT, plan.BD, plan.PREC, plan.INV_PREC), num_warps=plan.wy_warps)
+               (BT, plan.BD, plan.PREC, plan.INV_PREC, plan.inverse == "rows"),
+               num_warps=plan.wy_warps)
         _apply((n_chunks, B * n, 2),
                (k, v, beta, tinv, gam, w, u, T, n, d, dv, *strides(k), *strides(v), Tp, n_chunks),
                (BT, plan.BD, plan.BDV, plan.PREC), num_warps=4)
