@@ -214,7 +214,7 @@ def main(argv=None) -> int:
                 lambda bm=bm: triton_moe_experts(xb, expert, gate, w1, b1, w2, b2, block_m=bm,
                                                  plan="padded"))
         if not args.smoke:
-            point["projection"] = projection_breakdown(x, w_r, bench, times)
+            point["projection"] = projection_breakdown(x, w_r, w_router, logits[0], bench, times)
             for name, fn in (("router", lambda: top1_router(logits, 0.0)),
                              ("router_capacity_1.25", lambda: top1_router(logits, 1.25)),
                              ("moe layer", layer)):
@@ -285,16 +285,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def projection_breakdown(x, w_r, bench, times) -> dict:
+def projection_breakdown(x, w_r, w_router, fp32, bench, times) -> dict:
     """Where the layer's time outside the experts op goes: the router projection as the
-    model runs it (``router.router_logits``: the Triton kernel on half inputs) against
-    ``x.float() @ w_r`` and the fp32 upcast alone, and their errors against a float64
-    product. Adds timings to ``times`` and returns the errors."""
+    model runs it (``router.router_logits`` on ``w_router = w_r.T``: the Triton kernel on
+    half inputs) against ``x.float() @ w_r`` (``fp32``, its result) and the fp32 upcast
+    alone, and their errors against a float64 product. Adds timings to ``times`` and
+    returns the errors."""
     from seqdeploy_moe.router import router_logits
 
     exact = x.double() @ w_r.double()
-    fp32 = x.float() @ w_r
-    w_router = w_r.T.contiguous()
     got = router_logits(x, w_router)
     out = {"fp32_max_abs_vs_f64": float((fp32.double() - exact).abs().max()),
            "kernel_max_abs_vs_f64": float((got.double() - exact).abs().max()),

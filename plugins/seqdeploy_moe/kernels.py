@@ -72,7 +72,7 @@ import triton.language as tl
 
 from seqdeploy.launch import Launcher
 from seqdeploy_moe.experts import check_experts_args
-from seqdeploy_moe.router import capacity, check_logits
+from seqdeploy_moe.router import LOGITS_MAX_E, capacity, check_logits
 
 
 # -- router ----------------------------------------------------------------------------------
@@ -242,9 +242,6 @@ def _router_logits_kernel(u_ptr, w_ptr, out_ptr, N, K, E, s_u, s_wk, s_we,
 
 
 _logits_launcher = Launcher(_router_logits_kernel, tensors=3)
-
-#: largest E the projection kernel takes (one tile of the weight's columns per program)
-LOGITS_MAX_E = 256
 
 
 def triton_router_logits(u: torch.Tensor, weight: torch.Tensor, out=None) -> torch.Tensor:

@@ -37,6 +37,8 @@ from seqdeploy.ops import CustomOp, define_op, eager_device, lazy_kernel
 
 
 _triton_router_logits = lazy_kernel("seqdeploy_moe.kernels", "triton_router_logits")
+#: largest E the projection kernel takes (one tile of the weight's columns per program)
+LOGITS_MAX_E = 256
 
 
 def router_logits(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -47,7 +49,7 @@ def router_logits(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     writing an fp32 copy (``kernels.triton_router_logits``: products to about 2^-21
     relative instead of fp32's 2^-24, summed in fp32), so a near-tie may route differently
     from the fp32 GEMM, as it may between any two fp32 GEMMs that sum in another order."""
-    if (u.dtype in (torch.float16, torch.bfloat16) and weight.shape[0] <= 256
+    if (u.dtype in (torch.float16, torch.bfloat16) and weight.shape[0] <= LOGITS_MAX_E
             and eager_device(u, weight) == "cuda"):
         return _triton_router_logits(u, weight)
     return torch.nn.functional.linear(u.float(), weight.float())
