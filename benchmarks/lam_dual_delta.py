@@ -71,6 +71,12 @@ VARIANTS = {
     "split wy-solve rows": dict(design="split", wy="solve", inverse="rows"),
     "split wy-solve rows w1": dict(design="split", wy="solve", inverse="rows", wy_warps=1),
     "split wy-solve rows w2": dict(design="split", wy="solve", inverse="rows", wy_warps=2),
+    # ... or made by recursive doubling (six 16 x 16 products, no row steps)
+    "split doubling": dict(design="split", inverse="doubling"),
+    "split doubling w2": dict(design="split", inverse="doubling", wy_warps=2),
+    "split doubling w8": dict(design="split", inverse="doubling", wy_warps=8),
+    "split wy-solve doubling": dict(design="split", wy="solve", inverse="doubling"),
+    "split wy-solve doubling w2": dict(design="split", wy="solve", inverse="doubling", wy_warps=2),
     "fused": dict(design="fused"),
     "fused bv16": dict(design="fused", BV=16),
     "fused bv64 w8": dict(design="fused", BV=64, num_warps=8),

@@ -155,9 +155,10 @@ def test_triton_chunked_matches_naive(T, dtype, design):
 @pytest.mark.parametrize("tiling", [dict(), dict(mems_per_program=2, BV=16, BV_OUT=16),
                                     dict(BV=64, BV_OUT=64, workspace="fp32"),
                                     dict(dot_operands="input", mems_per_program=2),
-                                    dict(wy="solve"), dict(wy="solve", inverse="rows")],
+                                    dict(wy="solve"), dict(wy="solve", inverse="rows"),
+                                    dict(inverse="doubling"), dict(wy="solve", inverse="doubling")],
                          ids=["default", "both-memories-bv16", "bv64-out64-fp32-workspace", "half-dots",
-                              "wy-solve", "wy-solve-rows"])
+                              "wy-solve", "wy-solve-rows", "doubling", "wy-solve-doubling"])
 def test_triton_split_several_chunks_with_tail(tiling, dtype):
     """The split design over 4 chunks and a 37-row tail (T = 293), two batch rows and three
     heads, dv = 40 (two or three value blocks, the last one masked), at each tiling the
@@ -174,7 +175,7 @@ def test_triton_split_several_chunks_with_tail(tiling, dtype):
         if dtype == torch.bfloat16 and DEVICE == "cpu":
             pytest.skip("triton 3.9's interpreter multiplies bf16 dot operands wrongly (errors "
                         "~1e10 on a plain 16 x 16 tl.dot); fp16 here, bf16 on the GPU")
-    elif dtype != torch.float32 and tiling and "wy" not in tiling:
+    elif dtype != torch.float32 and tiling and "wy" not in tiling and "inverse" not in tiling:
         pytest.skip("the tilings are layout, not precision: fp32 covers them (interpreter time)")
     args = make(2, 4 * 64 + 37, 3, 24, 40, dtype, DEVICE, seed=11)
     ref_o, ref_S = naive_dual_delta_rule(*args)
@@ -334,6 +335,8 @@ def test_cuda_dispatch_both_paths_at_base_shapes(dtype):
     # both chunked designs at the base head, compiled for this GPU
     for design, extra in [(d, {}) for d in CHUNKED] + [
             ("split", dict(wy="solve")), ("split", dict(wy="solve", wy_warps=1)),
-            ("split", dict(wy_warps=2)), ("split", dict(wy="solve", inverse="rows", wy_warps=1))]:
+            ("split", dict(wy_warps=2)), ("split", dict(wy="solve", inverse="rows", wy_warps=1)),
+            ("split", dict(inverse="doubling")), ("split", dict(wy="solve", inverse="doubling")),
+            ("fused", dict(inverse="doubling"))]:
         o, S = triton_dual_delta_rule(*args, out=poisoned(args), plan=plan(args, design, **extra))
         assert rel(o, ref_o) < TOL[dtype] and rel(S, ref_S) < TOL[dtype], (design, extra)

@@ -96,6 +96,44 @@ def _inv_unit_lower_rows(A, ptr):
 
 
 @triton.jit
+def _doubling_level(X, A, SIZE: tl.constexpr, PREC: tl.constexpr):
+    """One level of :func:`_inv_unit_lower_doubling`: ``X`` holds the inverses of the
+    ``SIZE x SIZE`` diagonal blocks of ``I + A`` (zero elsewhere); returns those of the
+    ``2 SIZE`` blocks. Within a 2 SIZE block ``[[P, 0], [C, Q]]`` the inverse is
+    ``[[P^-1, 0], [-Q^-1 C P^-1, Q^-1]]``, which is ``X - X M X`` with ``M`` the C parts of
+    ``A`` (rows in the lower half of a 2 SIZE block, columns in its upper half)."""
+    r = tl.arange(0, 16)
+    pair = (r[:, None] // (2 * SIZE)) == (r[None, :] // (2 * SIZE))
+    M = tl.where(pair & ((r[:, None] // SIZE) != (r[None, :] // SIZE)), A, 0.0)
+    return X - tl.dot(tl.dot(X, M, input_precision=PREC), X, input_precision=PREC)
+
+
+@triton.jit
+def _inv_unit_lower_doubling(A, PREC: tl.constexpr):
+    """``(I + A)^-1`` of a strictly lower ``[16, 16]`` fp32 tile by recursive doubling: the
+    inverses of the 1 x 1 diagonal blocks (ones) give those of the 2 x 2 blocks, then 4, 8,
+    16 (:func:`_doubling_level`), six 16 x 16 products at ``PREC`` in place of
+    :func:`_inv_unit_lower`'s fifteen dependent row steps, each two reductions across the
+    tile's rows. It is the same block recursion :func:`_below_diagonal` runs from 16 to 64
+    (products of the diagonal blocks' inverses, never powers of A)."""
+    r = tl.arange(0, 16)
+    X = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - \
+        tl.where(r[:, None] // 2 == r[None, :] // 2, A, 0.0)     # the 2 x 2 blocks: I - A
+    X = _doubling_level(X, A, 2, PREC)
+    X = _doubling_level(X, A, 4, PREC)
+    return _doubling_level(X, A, 8, PREC)
+
+
+@triton.jit
+def _inv_diag(A, INVERSE: tl.constexpr, INV_PREC: tl.constexpr):
+    """A diagonal 16 x 16 block's inverse by substitution (``"extract"``) or by doubling."""
+    if INVERSE == "doubling":
+        return _inv_unit_lower_doubling(A, INV_PREC)
+    else:
+        return _inv_unit_lower(A, 16)
+
+
+@triton.jit
 def _block_keys(k_ptr, beta_ptr, b, h, t, T, n, d, sk_b, sk_t, sk_h, BD: tl.constexpr):
     """k [16, BD] (fp32) and beta [16] of the rows ``t``; zeros past T."""
     mt = t < T
@@ -189,17 +227,18 @@ def _chunk_decays(g_ptr, b, h, t0, t1, t2, t3, T, n):
 
 
 @triton.jit
-def _inverse_blocks(b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC: tl.constexpr):
+def _inverse_blocks(b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC: tl.constexpr,
+                    INVERSE: tl.constexpr):
     """The ten lower blocks ``T_IJ`` of ``(I + A)^-1`` for one memory (``kk``:
     :func:`_kk_blocks`), in the order T00, T10, T11, T20, T21, T22, T30, T31, T32, T33: the
     diagonal ones by forward substitution on 16 x 16 tiles, the ones below from products of
     those (``T_IJ = -T_II sum_{J<=M<I} A_IM T_MJ``), never from powers of A. Those products
-    chain, so they run at ``INV_PREC``."""
-    kk00, kk11, kk22, kk33 = kk[0], kk[1], kk[2], kk[3]
-    T00 = _inv_unit_lower(_diag_block(b0, kk00, e0), 16)
-    T11 = _inv_unit_lower(_diag_block(b1, kk11, e1), 16)
-    T22 = _inv_unit_lower(_diag_block(b2, kk22, e2), 16)
-    T33 = _inv_unit_lower(_diag_block(b3, kk33, e3), 16)
+    chain, so they run at ``INV_PREC``. ``INVERSE``: the diagonal blocks by substitution
+    (``"extract"``) or by doubling (:func:`_inv_diag`)."""
+    T00 = _inv_diag(_diag_block(b0, kk[0], e0), INVERSE, INV_PREC)
+    T11 = _inv_diag(_diag_block(b1, kk[1], e1), INVERSE, INV_PREC)
+    T22 = _inv_diag(_diag_block(b2, kk[2], e2), INVERSE, INV_PREC)
+    T33 = _inv_diag(_diag_block(b3, kk[3], e3), INVERSE, INV_PREC)
     return _below_diagonal(T00, T11, T22, T33, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC)
 
 
@@ -230,7 +269,7 @@ def _below_diagonal(T00, T11, T22, T33, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC
 def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
                T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, Tp,
                BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
-               INV_PREC: tl.constexpr):
+               INV_PREC: tl.constexpr, INVERSE: tl.constexpr):
     """One chunk of 64 rows as four blocks of 16, both memories (:func:`_inverse_blocks`),
     then ``W`` and ``U`` block row by block row from 16-row products."""
     c = tl.program_id(0)
@@ -248,7 +287,7 @@ def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
             g_ptr = gs_ptr
         e0, e1, e2, e3 = _chunk_decays(g_ptr, b, h, t0, t1, t2, t3, T, n)
         T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _inverse_blocks(
-            b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC)
+            b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC, INVERSE)
         # W = (I+A)^-1 (beta e^gamma K), U = (I+A)^-1 (beta V), block row by block row
         r0 = (b0 * tl.exp(e0))[:, None] * k0
         r1 = (b1 * tl.exp(e1))[:, None] * k1
@@ -285,14 +324,15 @@ def _store_block(ptr, X, row0: tl.constexpr, col0: tl.constexpr):
 def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
                   T, n, d, sk_b, sk_t, sk_h, Tp, NT,
                   BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                  INV_PREC: tl.constexpr, ROWS: tl.constexpr):
+                  INV_PREC: tl.constexpr, INVERSE: tl.constexpr):
     """The ``"solve"`` WY form, first half: grid (chunk, batch*head, memory). One memory's
     ``(I + A)^-1`` (:func:`_inverse_blocks`) stored whole, upper blocks zero, to
     ``tinv [B*n, 2, NT, 64, 64]`` fp32, and its ``gamma`` to the workspace. It holds k but
     neither v nor the W and U products (ptxas for sm_90, 4 warps: 249 registers and no
     spills, where ``_wy_kernel``, holding all of them for both memories, takes 255 and
-    spills). ``ROWS``: the diagonal blocks by :func:`_inv_unit_lower_rows`, through this
-    program's own diagonal blocks of ``tinv``."""
+    spills). ``INVERSE``: the diagonal blocks as :func:`_inverse_blocks` makes them, or
+    (``"rows"``) by :func:`_inv_unit_lower_rows`, through this program's own diagonal blocks
+    of ``tinv``."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     mem = tl.program_id(2)
@@ -309,7 +349,7 @@ def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
     kk = _kk_blocks(k0, k1, k2, k3, PREC)
     ws = bh * 2 + mem
     out = tinv_ptr + (ws.to(tl.int64) * NT + c) * BT * BT
-    if ROWS:
+    if INVERSE == "rows":
         D0 = _inv_unit_lower_rows(_diag_block(b0, kk[0], e0), out)
         D1 = _inv_unit_lower_rows(_diag_block(b1, kk[1], e1), out + 16 * 64 + 16)
         D2 = _inv_unit_lower_rows(_diag_block(b2, kk[2], e2), out + 32 * 64 + 32)
@@ -319,7 +359,7 @@ def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
             D0, D1, D2, D3, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC)
     else:
         T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _inverse_blocks(
-            b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC)
+            b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC, INVERSE)
     zero = tl.zeros((16, 16), dtype=tl.float32)
     _store_block(out, T00, 0, 0)
     _store_block(out, zero, 0, 16)
@@ -664,9 +704,12 @@ class LaunchPlan:
       twice per row, 120 times per inverse: within one warp that is register shuffles, across
       warps a round trip through shared memory and a barrier each (fla's 16 x 16 solve is
       tuned over 1-8 warps). ``_apply_kernel`` always runs 4;
-    - ``inverse`` (``wy="solve"`` only): ``"extract"`` takes row i of the 16 x 16 tile out of
-      the registers (a second reduction per row), ``"rows"`` writes the tile to the
-      program's own output block and loads its rows back (:func:`_inv_unit_lower_rows`).
+    - ``inverse``: how the four 16 x 16 diagonal blocks of ``(I + A)^-1`` are made.
+      ``"extract"``: forward substitution taking row i of the tile out of the registers (a
+      second reduction per row); ``"rows"`` (``wy="solve"`` only): substitution that writes
+      the tile to the program's own output block and loads its rows back
+      (:func:`_inv_unit_lower_rows`); ``"doubling"``: six 16 x 16 products, no row steps
+      (:func:`_inv_unit_lower_doubling`).
     """
     design: str
     BD: int
@@ -690,7 +733,8 @@ class LaunchPlan:
             raise ValueError(f"dual_delta_rule: design must be one of {DESIGNS}, got {self.design!r}")
         if self.mems_per_program not in (1, 2) or self.workspace not in ("input", "fp32") or \
                 self.dot_operands not in ("input", "fp32") or self.wy not in ("fused", "solve") or \
-                self.wy_warps not in (1, 2, 4, 8) or self.inverse not in ("extract", "rows") or \
+                self.wy_warps not in (1, 2, 4, 8) or \
+                self.inverse not in ("extract", "rows", "doubling") or \
                 (self.inverse == "rows" and self.wy != "solve"):
             raise ValueError(f"dual_delta_rule: bad plan {self}")
 
@@ -764,7 +808,7 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
         tinv = torch.empty(B * n * 2 * n_chunks * BT * BT, dtype=torch.float32, device=q.device)
         _solve((n_chunks, B * n, 2),
                (k, beta, g_fast, g_slow, tinv, gam, T, n, d, *strides(k), Tp, n_chunks),
-               (BT, plan.BD, plan.PREC, plan.INV_PREC, plan.inverse == "rows"),
+               (BT, plan.BD, plan.PREC, plan.INV_PREC, plan.inverse),
                num_warps=plan.wy_warps)
         _apply((n_chunks, B * n, 2),
                (k, v, beta, tinv, gam, w, u, T, n, d, dv, *strides(k), *strides(v), Tp, n_chunks),
@@ -772,7 +816,8 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
     else:
         _wy((n_chunks, B * n),
             (k, v, beta, g_fast, g_slow, w, u, gam, T, n, d, dv, *strides(k), *strides(v), Tp),
-            (BT, plan.BD, plan.BDV, plan.PREC, plan.INV_PREC), num_warps=plan.wy_warps)
+            (BT, plan.BD, plan.BDV, plan.PREC, plan.INV_PREC, plan.inverse),
+            num_warps=plan.wy_warps)
     if plan.design == "fused":
         _chunk((B * n, triton.cdiv(dv, plan.BV)),
                (q, k, w, u, gam, mix, state0, o, state, T, n, d, dv, *strides(q), *strides(k),

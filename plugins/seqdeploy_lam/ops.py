@@ -166,12 +166,13 @@ def _ort_variants(path: str):
         from seqdeploy.precision import TORCH_DTYPES
         from seqdeploy_lam.kernels import BT, launch_plan
 
-        names = {"wy": ("BD", "BDV", "PREC", "INV_PREC"), "chunk": ("BD", "BV", "PREC"),
+        names = {"wy": ("BD", "BDV", "PREC", "INV_PREC", "INVERSE"), "chunk": ("BD", "BV", "PREC"),
                  "recurrent": ("BD", "BV")}[path]
         out = {}
         for head in ORT_HEAD_TILES:
             plan = launch_plan(BT + 1, head, head, TORCH_DTYPES[dtype], design="fused")
-            constexprs = ({} if path == "recurrent" else {"BT": BT}) | {k: getattr(plan, k) for k in names}
+            constexprs = ({} if path == "recurrent" else {"BT": BT}) | {
+                k: plan.inverse if k == "INVERSE" else getattr(plan, k) for k in names}
             out[f"d{head}"] = (constexprs, plan.num_warps)
         return out
     return variants
