@@ -57,26 +57,21 @@ VARIANTS = {
     "split stages4": dict(design="split", state_stages=4),
     "split out-w8": dict(design="split", out_warps=8),
     "split ws-fp32": dict(design="split", workspace="fp32"),
-    # the WY kernel's chained inverse products at one tf32 pass instead of three
+    # the WY representation (default: "solve", its substitutions loading rows back, 2 warps)
+    "split wy-fused": dict(design="split", wy="fused", inverse="extract", wy_warps=4),
+    "split wy-fused w2": dict(design="split", wy="fused", inverse="extract"),
+    "split wy-fused doubling": dict(design="split", wy="fused", inverse="doubling", wy_warps=4),
+    "split wy-solve w4": dict(design="split", wy_warps=4),
+    "split wy-solve w1": dict(design="split", wy_warps=1),
+    "split wy-solve extract": dict(design="split", inverse="extract"),
+    "split wy-solve extract w4": dict(design="split", inverse="extract", wy_warps=4),
+    "split wy-solve doubling": dict(design="split", inverse="doubling"),
+    # the inverse stored in the input dtype (half its bytes), K K^T on widened keys, the
+    # inverse's chained products at one tf32 pass instead of three
+    "split tinv-input": dict(design="split", inverse="extract", tinv="input"),
+    "split tinv-input doubling": dict(design="split", inverse="doubling", tinv="input"),
+    "split kk-fp32": dict(design="split", kk_dots="fp32"),
     "split inv-tf32": dict(design="split", INV_PREC="tf32"),
-    # the WY representation from two kernels (the inverse stored whole, then 64-row products)
-    "split wy-solve": dict(design="split", wy="solve"),
-    "split wy-solve inv-tf32": dict(design="split", wy="solve", INV_PREC="tf32"),
-    # the inverting kernel on fewer warps (its row reductions stay inside a warp)
-    "split wy-w2": dict(design="split", wy_warps=2),
-    "split wy-solve w2": dict(design="split", wy="solve", wy_warps=2),
-    "split wy-solve w1": dict(design="split", wy="solve", wy_warps=1),
-    "split wy-solve w2 inv-tf32": dict(design="split", wy="solve", wy_warps=2, INV_PREC="tf32"),
-    # ... and its 16 x 16 substitutions loading rows back from memory (one reduction a row)
-    "split wy-solve rows": dict(design="split", wy="solve", inverse="rows"),
-    "split wy-solve rows w1": dict(design="split", wy="solve", inverse="rows", wy_warps=1),
-    "split wy-solve rows w2": dict(design="split", wy="solve", inverse="rows", wy_warps=2),
-    # ... or made by recursive doubling (six 16 x 16 products, no row steps)
-    "split doubling": dict(design="split", inverse="doubling"),
-    "split doubling w2": dict(design="split", inverse="doubling", wy_warps=2),
-    "split doubling w8": dict(design="split", inverse="doubling", wy_warps=8),
-    "split wy-solve doubling": dict(design="split", wy="solve", inverse="doubling"),
-    "split wy-solve doubling w2": dict(design="split", wy="solve", inverse="doubling", wy_warps=2),
     "fused": dict(design="fused"),
     "fused bv16": dict(design="fused", BV=16),
     "fused bv64 w8": dict(design="fused", BV=64, num_warps=8),

@@ -246,18 +246,24 @@ LAM_SCRIPT = textwrap.dedent("""
                          sq_b=i32, sq_t=i32, sq_h=i32, sk_b=i32, sk_t=i32, sk_h=i32, so_b=i32,
                          so_t=i32, so_h=i32, Tp=i32),
                     dict(BT=64, BD=d, BV=32, PREC=prec))
-            for inverse in (("extract", "rows", "doubling") if dt == "bf16" else ("extract",)):
+            # the solve form: the default (row loads, input-dtype K K^T, fp32 inverse), and
+            # for bf16 the extract and doubling forms with the inverse stored in bf16
+            solve_forms = [("rows", dt != "fp32", "*fp32")]
+            if dt == "bf16":
+                solve_forms += [("extract", True, p), ("doubling", False, p)]
+            for inverse, kk_input, tinv in solve_forms:
                 compile(lam._solve_kernel,
                         dict(k_ptr=p, beta_ptr=p, gf_ptr="*fp32", gs_ptr="*fp32",
-                             tinv_ptr="*fp32", gam_ptr="*fp32", T=i32, n=i32, d=i32, sk_b=i32,
+                             tinv_ptr=tinv, gam_ptr="*fp32", T=i32, n=i32, d=i32, sk_b=i32,
                              sk_t=i32, sk_h=i32, Tp=i32, NT=i32),
-                        dict(BT=64, BD=d, PREC=prec,
-                             INV_PREC="ieee" if dt == "fp32" else "tf32x3", INVERSE=inverse))
-            compile(lam._apply_kernel,
-                    dict(k_ptr=p, v_ptr=p, beta_ptr=p, tinv_ptr="*fp32", gam_ptr="*fp32",
-                         w_ptr=ws, u_ptr=ws, T=i32, n=i32, d=i32, dv=i32, sk_b=i32, sk_t=i32,
-                         sk_h=i32, sv_b=i32, sv_t=i32, sv_h=i32, Tp=i32, NT=i32),
-                    dict(BT=64, BD=d, BDV=d, PREC=prec))
+                        dict(BT=64, BD=d, PREC=prec, INV_PREC="ieee" if dt == "fp32" else "tf32x3",
+                             INVERSE=inverse, KK_INPUT=kk_input), num_warps=2)
+            for tinv in (("*fp32", p) if dt == "bf16" else ("*fp32",)):
+                compile(lam._apply_kernel,
+                        dict(k_ptr=p, v_ptr=p, beta_ptr=p, tinv_ptr=tinv, gam_ptr="*fp32",
+                             w_ptr=ws, u_ptr=ws, T=i32, n=i32, d=i32, dv=i32, sk_b=i32, sk_t=i32,
+                             sk_h=i32, sv_b=i32, sv_t=i32, sv_h=i32, Tp=i32, NT=i32),
+                        dict(BT=64, BD=d, BDV=d, PREC=prec))
             compile(lam._recurrent_kernel,
                     dict(q_ptr=p, k_ptr=p, v_ptr=p, beta_ptr=p, gf_ptr="*fp32", gs_ptr="*fp32",
                          mix_ptr=p, s0_ptr="*fp32", o_ptr=p, sT_ptr="*fp32", T=i32, n=i32,
@@ -287,9 +293,11 @@ def test_lam_kernels_compile_for_sm90():
     """The lam kernels (WY prep in both forms, fused chunk recurrence, split state and output
     kernels, recurrent step): every dtype at d = 64 (base), fp16 also at d = 32 (tiny); bf16
     at d = 64 also at every split tiling the benchmark sweeps (workspace bf16 and fp32, and
-    bf16 dot operands), the solve kernel's row loads and both WY kernels' doubling inverse.
-    Each within sm_90's shared memory."""
+    bf16 dot operands), the solve form's three ways to the diagonal blocks (its default on
+    2 warps) and the bf16 inverse, and the fused WY kernel's doubling inverse. Each within
+    sm_90's shared memory."""
     out = compile_for_sm90(LAM_SCRIPT)
     # 4 (dtype, d) cases x 7 kernels, plus bf16's 3 (workspace, dots) x (4 state + 2 output) - 2,
-    # plus bf16's solve kernel with row loads and with doubling, and its WY kernel with doubling
-    assert out.stdout.count(" ok") == 4 * 7 + 3 * 6 - 2 + 3, out.stdout[-2000:]
+    # plus bf16's two more solve forms, its WY kernel with doubling and its apply kernel on a
+    # bf16 inverse
+    assert out.stdout.count(" ok") == 4 * 7 + 3 * 6 - 2 + 4, out.stdout[-2000:]

@@ -155,10 +155,13 @@ def test_triton_chunked_matches_naive(T, dtype, design):
 @pytest.mark.parametrize("tiling", [dict(), dict(mems_per_program=2, BV=16, BV_OUT=16),
                                     dict(BV=64, BV_OUT=64, workspace="fp32"),
                                     dict(dot_operands="input", mems_per_program=2),
-                                    dict(wy="solve"), dict(wy="solve", inverse="rows"),
-                                    dict(inverse="doubling"), dict(wy="solve", inverse="doubling")],
+                                    dict(wy="fused", inverse="extract", wy_warps=4),
+                                    dict(wy="fused", inverse="doubling"), dict(inverse="extract"),
+                                    dict(inverse="doubling", tinv="input"),
+                                    dict(inverse="extract", tinv="input", kk_dots="fp32")],
                          ids=["default", "both-memories-bv16", "bv64-out64-fp32-workspace", "half-dots",
-                              "wy-solve", "wy-solve-rows", "doubling", "wy-solve-doubling"])
+                              "wy-fused", "wy-fused-doubling", "wy-solve-extract",
+                              "wy-solve-doubling-tinv-input", "wy-solve-tinv-input-kk-fp32"])
 def test_triton_split_several_chunks_with_tail(tiling, dtype):
     """The split design over 4 chunks and a 37-row tail (T = 293), two batch rows and three
     heads, dv = 40 (two or three value blocks, the last one masked), at each tiling the
@@ -175,7 +178,7 @@ def test_triton_split_several_chunks_with_tail(tiling, dtype):
         if dtype == torch.bfloat16 and DEVICE == "cpu":
             pytest.skip("triton 3.9's interpreter multiplies bf16 dot operands wrongly (errors "
                         "~1e10 on a plain 16 x 16 tl.dot); fp16 here, bf16 on the GPU")
-    elif dtype != torch.float32 and tiling and "wy" not in tiling and "inverse" not in tiling:
+    elif dtype != torch.float32 and tiling and "inverse" not in tiling:
         pytest.skip("the tilings are layout, not precision: fp32 covers them (interpreter time)")
     args = make(2, 4 * 64 + 37, 3, 24, 40, dtype, DEVICE, seed=11)
     ref_o, ref_S = naive_dual_delta_rule(*args)
@@ -188,8 +191,12 @@ def test_default_plan_is_recurrent_then_split():
     assert launch_plan(17, 64, 64, torch.bfloat16).design == "split"
     with pytest.raises(ValueError, match="design must be one of"):
         launch_plan(100, 64, 64, torch.float32, design="chunked")
-    for bad in (dict(inverse="rows"), dict(wy="solve", inverse="stored"), dict(wy_warps=3)):
-        with pytest.raises(ValueError, match="bad plan"):      # row loads need wy="solve"
+    default = launch_plan(100, 64, 64, torch.bfloat16)
+    assert (default.wy, default.inverse, default.wy_warps) == ("solve", "rows", 2)
+    for bad in (dict(wy="fused", inverse="rows"), dict(inverse="stored"), dict(wy_warps=3),
+                dict(tinv="input"), dict(wy="fused", inverse="extract", tinv="input"),
+                dict(kk_dots="tf32")):
+        with pytest.raises(ValueError, match="bad plan"):      # e.g. row loads need wy="solve"
             launch_plan(100, 64, 64, torch.float32, **bad)
 
 
@@ -334,9 +341,9 @@ def test_cuda_dispatch_both_paths_at_base_shapes(dtype):
         assert rel(o, ref_o) < TOL[dtype] and rel(S, ref_S) < TOL[dtype], T
     # both chunked designs at the base head, compiled for this GPU
     for design, extra in [(d, {}) for d in CHUNKED] + [
-            ("split", dict(wy="solve")), ("split", dict(wy="solve", wy_warps=1)),
-            ("split", dict(wy_warps=2)), ("split", dict(wy="solve", inverse="rows", wy_warps=1)),
-            ("split", dict(inverse="doubling")), ("split", dict(wy="solve", inverse="doubling")),
-            ("fused", dict(inverse="doubling"))]:
+            ("split", dict(wy="fused", inverse="extract", wy_warps=4)),
+            ("split", dict(wy_warps=1)), ("split", dict(inverse="extract", tinv="input")),
+            ("split", dict(inverse="doubling", kk_dots="fp32")),
+            ("fused", dict(wy="fused", inverse="doubling"))]:
         o, S = triton_dual_delta_rule(*args, out=poisoned(args), plan=plan(args, design, **extra))
         assert rel(o, ref_o) < TOL[dtype] and rel(S, ref_S) < TOL[dtype], (design, extra)

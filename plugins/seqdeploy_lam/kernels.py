@@ -50,6 +50,7 @@ those to about fp16 precision, as fine as the half inputs themselves).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import triton
@@ -315,24 +316,28 @@ def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
 
 @triton.jit
 def _store_block(ptr, X, row0: tl.constexpr, col0: tl.constexpr):
-    """A 16 x 16 block of a row-major 64 x 64 fp32 matrix at ``ptr``."""
+    """A 16 x 16 block of a row-major 64 x 64 matrix at ``ptr`` (rounded to its dtype)."""
     r = tl.arange(0, 16)
-    tl.store(ptr + (row0 + r)[:, None] * 64 + (col0 + r)[None, :], X)
+    tl.store(ptr + (row0 + r)[:, None] * 64 + (col0 + r)[None, :], X.to(ptr.dtype.element_ty))
 
 
 @triton.jit
 def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
                   T, n, d, sk_b, sk_t, sk_h, Tp, NT,
                   BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                  INV_PREC: tl.constexpr, INVERSE: tl.constexpr):
+                  INV_PREC: tl.constexpr, INVERSE: tl.constexpr, KK_INPUT: tl.constexpr):
     """The ``"solve"`` WY form, first half: grid (chunk, batch*head, memory). One memory's
-    ``(I + A)^-1`` (:func:`_inverse_blocks`) stored whole, upper blocks zero, to
-    ``tinv [B*n, 2, NT, 64, 64]`` fp32, and its ``gamma`` to the workspace. It holds k but
-    neither v nor the W and U products (ptxas for sm_90, 4 warps: 249 registers and no
-    spills, where ``_wy_kernel``, holding all of them for both memories, takes 255 and
-    spills). ``INVERSE``: the diagonal blocks as :func:`_inverse_blocks` makes them, or
-    (``"rows"``) by :func:`_inv_unit_lower_rows`, through this program's own diagonal blocks
-    of ``tinv``."""
+    ``(I + A)^-1`` (:func:`_inverse_blocks`): its ten lower 16 x 16 blocks to
+    ``tinv [B*n, 2, NT, 64, 64]`` (fp32, or the input dtype, rounded once; the six upper
+    blocks are never written: ``_apply_kernel`` masks them to zero), and its ``gamma`` to
+    the workspace. It holds k but neither v nor the W and U products (ptxas for sm_90,
+    4 warps: 249 registers and no spills, where ``_wy_kernel``, holding all of them for both
+    memories, takes 255 and spills). ``INVERSE``: the diagonal blocks as
+    :func:`_inverse_blocks` makes them, or (``"rows"``, fp32 ``tinv`` only) by
+    :func:`_inv_unit_lower_rows`, through this program's own diagonal blocks of ``tinv``.
+    ``KK_INPUT``: the ``K K^T`` products take the fp16 / bf16 keys as they are (each product
+    of two half values is exact in fp32, as it is in tf32 after widening: the same sums at
+    twice tf32's tensor-core rate)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     mem = tl.program_id(2)
@@ -346,7 +351,11 @@ def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
     else:
         g_ptr = gs_ptr
     e0, e1, e2, e3 = _chunk_decays(g_ptr, b, h, t0, t1, t2, t3, T, n)
-    kk = _kk_blocks(k0, k1, k2, k3, PREC)
+    if KK_INPUT:
+        DT = k_ptr.dtype.element_ty     # the widened keys back to their own dtype: exact
+        kk = _kk_blocks(k0.to(DT), k1.to(DT), k2.to(DT), k3.to(DT), PREC)
+    else:
+        kk = _kk_blocks(k0, k1, k2, k3, PREC)
     ws = bh * 2 + mem
     out = tinv_ptr + (ws.to(tl.int64) * NT + c) * BT * BT
     if INVERSE == "rows":
@@ -360,19 +369,12 @@ def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
     else:
         T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _inverse_blocks(
             b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC, INVERSE)
-    zero = tl.zeros((16, 16), dtype=tl.float32)
     _store_block(out, T00, 0, 0)
-    _store_block(out, zero, 0, 16)
-    _store_block(out, zero, 0, 32)
-    _store_block(out, zero, 0, 48)
     _store_block(out, T10, 16, 0)
     _store_block(out, T11, 16, 16)
-    _store_block(out, zero, 16, 32)
-    _store_block(out, zero, 16, 48)
     _store_block(out, T20, 32, 0)
     _store_block(out, T21, 32, 16)
     _store_block(out, T22, 32, 32)
-    _store_block(out, zero, 32, 48)
     _store_block(out, T30, 48, 0)
     _store_block(out, T31, 48, 16)
     _store_block(out, T32, 48, 32)
@@ -389,6 +391,7 @@ def _apply_kernel(k_ptr, v_ptr, beta_ptr, tinv_ptr, gam_ptr, w_ptr, u_ptr,
                   T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, Tp, NT,
                   BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
     """The ``"solve"`` WY form, second half: grid (chunk, batch*head, memory).
+    ``tinv``'s upper blocks (unwritten) load as zeros.
     ``W = (I+A)^-1 (beta e^gamma K)`` and ``U = (I+A)^-1 (beta V)`` as two 64-row products
     (where ``_wy_kernel`` makes twenty of 16 rows), from ``_solve_kernel``'s inverse."""
     c = tl.program_id(0)
@@ -403,7 +406,9 @@ def _apply_kernel(k_ptr, v_ptr, beta_ptr, tinv_ptr, gam_ptr, w_ptr, u_ptr,
     od = tl.arange(0, BD)
     ov = tl.arange(0, BDV)
     ws = (bh * 2 + mem).to(tl.int64)
-    tinv = tl.load(tinv_ptr + (ws * NT + c) * BT * BT + rows[:, None] * BT + rows[None, :])
+    lower = (rows[:, None] // 16) >= (rows[None, :] // 16)     # the blocks _solve_kernel wrote
+    tinv = tl.load(tinv_ptr + (ws * NT + c) * BT * BT + rows[:, None] * BT + rows[None, :],
+                   mask=lower, other=0.0).to(tl.float32)
     gam = tl.load(gam_ptr + ws * Tp + c * BT + rows)
     beta = tl.load(beta_ptr + (b * T + t64) * n + h, mask=mt, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :],
@@ -709,7 +714,14 @@ class LaunchPlan:
       second reduction per row); ``"rows"`` (``wy="solve"`` only): substitution that writes
       the tile to the program's own output block and loads its rows back
       (:func:`_inv_unit_lower_rows`); ``"doubling"``: six 16 x 16 products, no row steps
-      (:func:`_inv_unit_lower_doubling`).
+      (:func:`_inv_unit_lower_doubling`);
+    - ``kk_dots`` (``wy="solve"``): ``"input"`` runs the ``K K^T`` products on the fp16 / bf16
+      keys as they are (exact products, fp32 sums: the same values as tf32 on the widened
+      keys, at twice the rate), ``"fp32"`` widens them first; fp32 inputs always use fp32;
+    - ``tinv`` (``wy="solve"``, not with ``inverse="rows"``, whose substitution reads its
+      rows back from there): dtype of the stored inverse, ``"fp32"`` or ``"input"`` (fp16 /
+      bf16: rounded once, half the bytes between the two launches, as fla stores its
+      inverse in the input dtype); fp32 inputs always use fp32.
     """
     design: str
     BD: int
@@ -727,6 +739,8 @@ class LaunchPlan:
     wy: str = "fused"
     wy_warps: int = 4
     inverse: str = "extract"
+    kk_dots: str = "input"
+    tinv: str = "fp32"
 
     def __post_init__(self):
         if self.design not in DESIGNS:
@@ -735,11 +749,17 @@ class LaunchPlan:
                 self.dot_operands not in ("input", "fp32") or self.wy not in ("fused", "solve") or \
                 self.wy_warps not in (1, 2, 4, 8) or \
                 self.inverse not in ("extract", "rows", "doubling") or \
-                (self.inverse == "rows" and self.wy != "solve"):
+                (self.inverse == "rows" and self.wy != "solve") or \
+                self.kk_dots not in ("input", "fp32") or self.tinv not in ("input", "fp32") or \
+                (self.tinv == "input" and (self.wy != "solve" or self.inverse == "rows")):
             raise ValueError(f"dual_delta_rule: bad plan {self}")
 
     def half_dots(self, dtype: torch.dtype) -> bool:
         return dtype in (torch.float16, torch.bfloat16) and self.dot_operands == "input"
+
+    def tinv_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        half = dtype in (torch.float16, torch.bfloat16)
+        return dtype if half and self.tinv == "input" else torch.float32
 
     def workspace_dtype(self, dtype: torch.dtype) -> torch.dtype:
         half = dtype in (torch.float16, torch.bfloat16)
@@ -754,15 +774,29 @@ def launch_plan(T: int, d: int, dv: int, dtype: torch.dtype, design: str | None 
     in split, per memory): 64 heads x 2 x 2 = 256 state programs at B * n = 64, where the fused
     kernel had 128 for an H100's 132 SMs. BV_OUT = 32: at d = 64, bf16, 4 warps, sm_90, the
     output kernel needs 227 registers a thread at 32 and spills (255 + 352 bytes of stack) at
-    64 (cuobjdump -res-usage of triton 3.9's cubin; not yet timed on a GPU)."""
+    64 (cuobjdump -res-usage of triton 3.9's cubin). The WY representation: ``"solve"`` with
+    row loads on 2 warps and input-dtype ``K K^T`` (one H100 sweep, bf16, B=8 n=8 d=64, CUDA
+    graphs: 0.401 / 0.109 / 0.041 ms in all at T = 2048 / 512 / 128, against 0.512 / 0.144 /
+    0.056 for the fused WY kernel on 4 warps; benchmarks/lam_dual_delta.py --sweep). The same
+    sweep measured ``INV_PREC="tf32"`` faster still (0.375 / 0.100 / 0.039 ms, the same error
+    against the float64 loop at those shapes); it stays a sweep variant until the GPU tests
+    at the plugin's limits (T = 4096, near-unit decays) have run with it."""
     if design is None:
         design = "recurrent" if T <= RECURRENT_MAX_T else "split"
     bdv = max(16, triton.next_power_of_2(dv))
     plan = LaunchPlan(design=design, BD=max(16, triton.next_power_of_2(d)), BDV=bdv,
                       BV=max(16, min(32, bdv)), BV_OUT=max(16, min(32, bdv)),
                       PREC="ieee" if dtype == torch.float32 else "tf32",
-                      INV_PREC="ieee" if dtype == torch.float32 else "tf32x3")
+                      INV_PREC="ieee" if dtype == torch.float32 else "tf32x3",
+                      wy="solve", inverse="rows", wy_warps=2)
     return dataclasses.replace(plan, **overrides) if overrides else plan
+
+
+def _interpreted_bf16(dtype: torch.dtype) -> bool:
+    """Triton 3.9's interpreter multiplies bf16 ``tl.dot`` tiles wrongly (errors ~1e10 on a
+    plain 16 x 16 product), so there bf16 operands stay widened to fp32; compiled kernels
+    never take this branch (the sm_90 compile test and the GPU tests cover bf16 dots)."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -805,10 +839,13 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
     u = torch.empty(B, n, 2, Tp, dv, dtype=ws, device=q.device)
     gam = torch.empty(B, n, 2, Tp, dtype=torch.float32, device=q.device)
     if plan.wy == "solve":
-        tinv = torch.empty(B * n * 2 * n_chunks * BT * BT, dtype=torch.float32, device=q.device)
+        tinv = torch.empty(B * n * 2 * n_chunks * BT * BT, dtype=plan.tinv_dtype(q.dtype),
+                           device=q.device)
+        kk_input = plan.kk_dots == "input" and q.dtype in (torch.float16, torch.bfloat16) and \
+            not _interpreted_bf16(q.dtype)
         _solve((n_chunks, B * n, 2),
                (k, beta, g_fast, g_slow, tinv, gam, T, n, d, *strides(k), Tp, n_chunks),
-               (BT, plan.BD, plan.PREC, plan.INV_PREC, plan.inverse),
+               (BT, plan.BD, plan.PREC, plan.INV_PREC, plan.inverse, kk_input),
                num_warps=plan.wy_warps)
         _apply((n_chunks, B * n, 2),
                (k, v, beta, tinv, gam, w, u, T, n, d, dv, *strides(k), *strides(v), Tp, n_chunks),

@@ -170,7 +170,8 @@ def _ort_variants(path: str):
                  "recurrent": ("BD", "BV")}[path]
         out = {}
         for head in ORT_HEAD_TILES:
-            plan = launch_plan(BT + 1, head, head, TORCH_DTYPES[dtype], design="fused")
+            plan = launch_plan(BT + 1, head, head, TORCH_DTYPES[dtype], design="fused",
+                               wy="fused", inverse="extract")
             constexprs = ({} if path == "recurrent" else {"BT": BT}) | {
                 k: plan.inverse if k == "INVERSE" else getattr(plan, k) for k in names}
             out[f"d{head}"] = (constexprs, plan.num_warps)
