@@ -56,6 +56,9 @@ VARIANTS = {
     "split stages2": dict(design="split", state_stages=2),
     "split stages4": dict(design="split", state_stages=4),
     "split out-w8": dict(design="split", out_warps=8),
+    # the whole dv = 64 in one output program (Q K^T and the q, k loads once, not per value
+    # block): spills at 4 warps, none at 8 (ptxas sm_90, triton 3.6: 255 registers, no stack)
+    "split out64 w8": dict(design="split", BV_OUT=64, out_warps=8),
     "split ws-fp32": dict(design="split", workspace="fp32"),
     # the WY representation (default: "solve", its substitutions loading rows back, 2 warps)
     "split wy-fused": dict(design="split", wy="fused", inverse="extract", wy_warps=4),
