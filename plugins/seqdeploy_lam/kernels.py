@@ -701,9 +701,10 @@ class LaunchPlan:
       None leaves Triton's default (3);
     - ``wy``: how the WY representation is made, ``"fused"`` (``_wy_kernel``: one program a
       chunk for both memories, W and U from 16-row products; the ONNX Runtime library's) or
-      ``"solve"`` (``_solve_kernel`` stores each memory's ``(I + A)^-1`` whole to a
-      workspace, then ``_apply_kernel`` makes W and U as 64-row products: two launches, a
-      program a chunk and memory, each holding fewer values; not yet timed on a GPU);
+      ``"solve"`` (``_solve_kernel`` stores each memory's ``(I + A)^-1``, its lower blocks,
+      to a workspace, then ``_apply_kernel`` makes W and U as 64-row products: two
+      launches, a program a chunk and memory, each holding fewer values; the default, see
+      :func:`launch_plan`);
     - ``wy_warps``: warps of the kernel that inverts ``I + A`` (``_wy_kernel`` or
       ``_solve_kernel``). Its forward substitution reduces a 16 x 16 tile across its rows
       twice per row, 120 times per inverse: within one warp that is register shuffles, across
