@@ -25,6 +25,7 @@ tensors, for tensors off the current CUDA device, while launch hooks are install
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -204,6 +205,15 @@ class Launcher:
         direct = (*direct[:4], (direct[4][0], cluster, *direct[4][2:]))
         self._remember(key, direct)
         return direct
+
+
+def interpreter_widens_bf16(dtype: torch.dtype) -> bool:
+    """Whether a kernel must widen bf16 ``tl.dot`` operands to fp32 for this call: only in
+    Triton's interpreter (``TRITON_INTERPRET=1``), whose 3.9 release multiplies bf16 tiles as
+    their uint16 bit patterns (it stores bf16 as uint16 and calls ``np.matmul`` on them:
+    errors ~1e10 on a plain 16 x 16 product). Compiled kernels never widen (the sm_90
+    compile tests and the GPU tests cover their bf16 dots)."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def cluster_launch_available() -> bool:

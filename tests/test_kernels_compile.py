@@ -228,18 +228,13 @@ LAM_SCRIPT = textwrap.dedent("""
         ws = p if dt != "fp32" else "*fp32"
         prec = "ieee" if dt == "fp32" else "tf32"
         for d in ((32, 64) if dt == "fp16" else (64,)):   # head dims of tiny and base
-            compile(lam._wy_kernel,
-                    dict(k_ptr=p, v_ptr=p, beta_ptr=p, gf_ptr="*fp32", gs_ptr="*fp32", w_ptr=ws,
-                         u_ptr=ws, gam_ptr="*fp32", T=i32, n=i32, d=i32, dv=i32, sk_b=i32,
-                         sk_t=i32, sk_h=i32, sv_b=i32, sv_t=i32, sv_h=i32, Tp=i32),
-                    dict(BT=64, BD=d, BDV=d, PREC=prec, INV_PREC="ieee" if dt == "fp32" else "tf32x3",
-                         INVERSE="extract"))
-            if dt == "bf16":
+            for inverse in (("extract", "doubling") if dt == "bf16" else ("extract",)):
                 compile(lam._wy_kernel,
                         dict(k_ptr=p, v_ptr=p, beta_ptr=p, gf_ptr="*fp32", gs_ptr="*fp32",
                              w_ptr=ws, u_ptr=ws, gam_ptr="*fp32", T=i32, n=i32, d=i32, dv=i32,
                              sk_b=i32, sk_t=i32, sk_h=i32, sv_b=i32, sv_t=i32, sv_h=i32, Tp=i32),
-                        dict(BT=64, BD=d, BDV=d, PREC=prec, INV_PREC="tf32x3", INVERSE="doubling"))
+                        dict(BT=64, BD=d, BDV=d, PREC=prec,
+                             INV_PREC="ieee" if dt == "fp32" else "tf32x3", INVERSE=inverse))
             compile(lam._chunk_kernel,
                     dict(q_ptr=p, k_ptr=p, w_ptr=ws, u_ptr=ws, gam_ptr="*fp32", mix_ptr=p,
                          s0_ptr="*fp32", o_ptr=p, sT_ptr="*fp32", T=i32, n=i32, d=i32, dv=i32,

@@ -50,13 +50,12 @@ those to about fp16 precision, as fine as the half inputs themselves).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from seqdeploy.launch import Launcher
+from seqdeploy.launch import Launcher, interpreter_widens_bf16
 
 BT = 64
 #: at or below this many tokens the recurrent kernel runs: its per-token loop has no
@@ -115,7 +114,7 @@ def _inv_unit_lower_doubling(A, PREC: tl.constexpr):
     inverses of the 1 x 1 diagonal blocks (ones) give those of the 2 x 2 blocks, then 4, 8,
     16 (:func:`_doubling_level`), six 16 x 16 products at ``PREC`` in place of
     :func:`_inv_unit_lower`'s fifteen dependent row steps, each two reductions across the
-    tile's rows. It is the same block recursion :func:`_below_diagonal` runs from 16 to 64
+    tile's rows. It is the same block recursion :func:`_inverse_blocks` runs from 16 to 64
     (products of the diagonal blocks' inverses, never powers of A)."""
     r = tl.arange(0, 16)
     X = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - \
@@ -126,10 +125,13 @@ def _inv_unit_lower_doubling(A, PREC: tl.constexpr):
 
 
 @triton.jit
-def _inv_diag(A, INVERSE: tl.constexpr, INV_PREC: tl.constexpr):
-    """A diagonal 16 x 16 block's inverse by substitution (``"extract"``) or by doubling."""
+def _inv_diag(A, scratch, INVERSE: tl.constexpr, INV_PREC: tl.constexpr):
+    """A diagonal 16 x 16 block's inverse by substitution (``"extract"``), by substitution
+    loading its rows back from ``scratch`` (``"rows"``) or by doubling."""
     if INVERSE == "doubling":
         return _inv_unit_lower_doubling(A, INV_PREC)
+    elif INVERSE == "rows":
+        return _inv_unit_lower_rows(A, scratch)
     else:
         return _inv_unit_lower(A, 16)
 
@@ -228,25 +230,22 @@ def _chunk_decays(g_ptr, b, h, t0, t1, t2, t3, T, n):
 
 
 @triton.jit
-def _inverse_blocks(b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC: tl.constexpr,
+def _inverse_blocks(b0, b1, b2, b3, kk, e0, e1, e2, e3, scratch, INV_PREC: tl.constexpr,
                     INVERSE: tl.constexpr):
     """The ten lower blocks ``T_IJ`` of ``(I + A)^-1`` for one memory (``kk``:
     :func:`_kk_blocks`), in the order T00, T10, T11, T20, T21, T22, T30, T31, T32, T33: the
     diagonal ones by forward substitution on 16 x 16 tiles, the ones below from products of
     those (``T_IJ = -T_II sum_{J<=M<I} A_IM T_MJ``), never from powers of A. Those products
-    chain, so they run at ``INV_PREC``. ``INVERSE``: the diagonal blocks by substitution
-    (``"extract"``) or by doubling (:func:`_inv_diag`)."""
-    T00 = _inv_diag(_diag_block(b0, kk[0], e0), INVERSE, INV_PREC)
-    T11 = _inv_diag(_diag_block(b1, kk[1], e1), INVERSE, INV_PREC)
-    T22 = _inv_diag(_diag_block(b2, kk[2], e2), INVERSE, INV_PREC)
-    T33 = _inv_diag(_diag_block(b3, kk[3], e3), INVERSE, INV_PREC)
-    return _below_diagonal(T00, T11, T22, T33, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC)
-
-
-@triton.jit
-def _below_diagonal(T00, T11, T22, T33, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC: tl.constexpr):
-    """The blocks of ``(I + A)^-1`` below the diagonal from its diagonal blocks (see
-    :func:`_inverse_blocks`); returns all ten in :func:`_inverse_blocks`' order."""
+    chain, so they run at ``INV_PREC``. ``INVERSE``: how the diagonal blocks are made
+    (:func:`_inv_diag`); ``"rows"`` uses the diagonal 16 x 16 blocks of the row-major
+    64 x 64 tile at ``scratch`` (the caller's own output, written after this returns), which
+    the other forms never touch."""
+    T00 = _inv_diag(_diag_block(b0, kk[0], e0), scratch, INVERSE, INV_PREC)
+    T11 = _inv_diag(_diag_block(b1, kk[1], e1), scratch + 16 * 64 + 16, INVERSE, INV_PREC)
+    T22 = _inv_diag(_diag_block(b2, kk[2], e2), scratch + 32 * 64 + 32, INVERSE, INV_PREC)
+    T33 = _inv_diag(_diag_block(b3, kk[3], e3), scratch + 48 * 64 + 48, INVERSE, INV_PREC)
+    if INVERSE == "rows":
+        tl.debug_barrier()                # every row is read before the caller overwrites it
     kk10, kk20, kk21, kk30, kk31, kk32 = kk[4], kk[5], kk[6], kk[7], kk[8], kk[9]
     A10 = _off_block(b1, kk10, e1, e0)
     A20 = _off_block(b2, kk20, e2, e0)
@@ -287,8 +286,9 @@ def _wy_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, w_ptr, u_ptr, gam_ptr,
         else:
             g_ptr = gs_ptr
         e0, e1, e2, e3 = _chunk_decays(g_ptr, b, h, t0, t1, t2, t3, T, n)
+        # (w_ptr as scratch is never touched: "rows" is refused with this kernel)
         T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _inverse_blocks(
-            b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC, INVERSE)
+            b0, b1, b2, b3, kk, e0, e1, e2, e3, w_ptr, INV_PREC, INVERSE)
         # W = (I+A)^-1 (beta e^gamma K), U = (I+A)^-1 (beta V), block row by block row
         r0 = (b0 * tl.exp(e0))[:, None] * k0
         r1 = (b1 * tl.exp(e1))[:, None] * k1
@@ -358,17 +358,8 @@ def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
         kk = _kk_blocks(k0, k1, k2, k3, PREC)
     ws = bh * 2 + mem
     out = tinv_ptr + (ws.to(tl.int64) * NT + c) * BT * BT
-    if INVERSE == "rows":
-        D0 = _inv_unit_lower_rows(_diag_block(b0, kk[0], e0), out)
-        D1 = _inv_unit_lower_rows(_diag_block(b1, kk[1], e1), out + 16 * 64 + 16)
-        D2 = _inv_unit_lower_rows(_diag_block(b2, kk[2], e2), out + 32 * 64 + 32)
-        D3 = _inv_unit_lower_rows(_diag_block(b3, kk[3], e3), out + 48 * 64 + 48)
-        tl.debug_barrier()                # every row is read before T_II overwrites it
-        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _below_diagonal(
-            D0, D1, D2, D3, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC)
-    else:
-        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _inverse_blocks(
-            b0, b1, b2, b3, kk, e0, e1, e2, e3, INV_PREC, INVERSE)
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _inverse_blocks(
+        b0, b1, b2, b3, kk, e0, e1, e2, e3, out, INV_PREC, INVERSE)
     _store_block(out, T00, 0, 0)
     _store_block(out, T10, 16, 0)
     _store_block(out, T11, 16, 16)
@@ -667,6 +658,7 @@ _output = Launcher(_output_kernel, tensors=7)
 _recurrent = Launcher(_recurrent_kernel, tensors=10)
 
 DESIGNS = ("recurrent", "fused", "split")
+HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -756,15 +748,18 @@ class LaunchPlan:
             raise ValueError(f"dual_delta_rule: bad plan {self}")
 
     def half_dots(self, dtype: torch.dtype) -> bool:
-        return dtype in (torch.float16, torch.bfloat16) and self.dot_operands == "input"
+        return dtype in HALF and self.dot_operands == "input"
+
+    def kk_input(self, dtype: torch.dtype) -> bool:
+        """``kk_dots="input"`` for fp16 / bf16 inputs, except where Triton's interpreter
+        needs bf16 widened (``seqdeploy.launch.interpreter_widens_bf16``)."""
+        return dtype in HALF and self.kk_dots == "input" and not interpreter_widens_bf16(dtype)
 
     def tinv_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        half = dtype in (torch.float16, torch.bfloat16)
-        return dtype if half and self.tinv == "input" else torch.float32
+        return dtype if dtype in HALF and self.tinv == "input" else torch.float32
 
     def workspace_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        half = dtype in (torch.float16, torch.bfloat16)
-        return dtype if half and self.workspace == "input" else torch.float32
+        return dtype if dtype in HALF and self.workspace == "input" else torch.float32
 
 
 def launch_plan(T: int, d: int, dv: int, dtype: torch.dtype, design: str | None = None,
@@ -791,13 +786,6 @@ def launch_plan(T: int, d: int, dv: int, dtype: torch.dtype, design: str | None 
                       INV_PREC="ieee" if dtype == torch.float32 else "tf32x3",
                       wy="solve", inverse="rows", wy_warps=2)
     return dataclasses.replace(plan, **overrides) if overrides else plan
-
-
-def _interpreted_bf16(dtype: torch.dtype) -> bool:
-    """Triton 3.9's interpreter multiplies bf16 ``tl.dot`` tiles wrongly (errors ~1e10 on a
-    plain 16 x 16 product), so there bf16 operands stay widened to fp32; compiled kernels
-    never take this branch (the sm_90 compile test and the GPU tests cover bf16 dots)."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -842,11 +830,9 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
     if plan.wy == "solve":
         tinv = torch.empty(B * n * 2 * n_chunks * BT * BT, dtype=plan.tinv_dtype(q.dtype),
                            device=q.device)
-        kk_input = plan.kk_dots == "input" and q.dtype in (torch.float16, torch.bfloat16) and \
-            not _interpreted_bf16(q.dtype)
         _solve((n_chunks, B * n, 2),
                (k, beta, g_fast, g_slow, tinv, gam, T, n, d, *strides(k), Tp, n_chunks),
-               (BT, plan.BD, plan.PREC, plan.INV_PREC, plan.inverse, kk_input),
+               (BT, plan.BD, plan.PREC, plan.INV_PREC, plan.inverse, plan.kk_input(q.dtype)),
                num_warps=plan.wy_warps)
         _apply((n_chunks, B * n, 2),
                (k, v, beta, tinv, gam, w, u, T, n, d, dv, *strides(k), *strides(v), Tp, n_chunks),

@@ -166,14 +166,16 @@ def _ort_variants(path: str):
         from seqdeploy.precision import TORCH_DTYPES
         from seqdeploy_lam.kernels import BT, launch_plan
 
-        names = {"wy": ("BD", "BDV", "PREC", "INV_PREC", "INVERSE"), "chunk": ("BD", "BV", "PREC"),
-                 "recurrent": ("BD", "BV")}[path]
+        # the kernel's constexprs -> the plan fields they take
+        fields = {"wy": dict(BD="BD", BDV="BDV", PREC="PREC", INV_PREC="INV_PREC", INVERSE="inverse"),
+                  "chunk": dict(BD="BD", BV="BV", PREC="PREC"),
+                  "recurrent": dict(BD="BD", BV="BV")}[path]
         out = {}
         for head in ORT_HEAD_TILES:
             plan = launch_plan(BT + 1, head, head, TORCH_DTYPES[dtype], design="fused",
                                wy="fused", inverse="extract")
             constexprs = ({} if path == "recurrent" else {"BT": BT}) | {
-                k: plan.inverse if k == "INVERSE" else getattr(plan, k) for k in names}
+                name: getattr(plan, field) for name, field in fields.items()}
             out[f"d{head}"] = (constexprs, plan.num_warps)
         return out
     return variants

@@ -64,13 +64,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from seqdeploy.launch import Launcher
+from seqdeploy.launch import Launcher, interpreter_widens_bf16
 from seqdeploy_moe.experts import check_experts_args
 from seqdeploy_moe.router import LOGITS_MAX_E, capacity, check_logits
 
@@ -361,7 +360,7 @@ def _rows_times_w(a_ptr, a_rows, valid, w_base, offs_n, mask_n, K, s_a, s_wk,
             mask_k = offs_k < K
             a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if WIDEN:      # the interpreter's bf16 dot (see _widen_in_interpreter)
+        if WIDEN:      # the interpreter's bf16 dot (see seqdeploy.launch.interpreter_widens_bf16)
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         elif DOT_F32:
             acc = tl.dot(a, w, acc, input_precision="ieee")
@@ -541,14 +540,6 @@ _ffn_launcher = Launcher(_grouped_ffn_kernel, tensors=7)
 _bucket_launcher = Launcher(_bucket_kernel, tensors=3)
 _bucket_ffn_launcher = Launcher(_bucket_ffn_kernel, tensors=7)
 LAYOUT_BLOCK = 128   # tokens per program of the rank and layout kernels
-
-
-def _widen_in_interpreter(dtype: torch.dtype) -> bool:
-    """Triton 3.9's interpreter multiplies bf16 tiles in ``tl.dot`` as their uint16 bit
-    patterns (it stores bf16 as uint16 and calls ``np.matmul`` on them), so under
-    ``TRITON_INTERPRET=1`` bf16 tiles are widened to fp32 before the dot. Compiled kernels
-    never take this branch (the sm_90 compile test and the GPU tests cover the bf16 dot)."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def experts_config(N: int, E: int, d: int, f: int, dtype: torch.dtype) -> dict[str, int]:
@@ -803,7 +794,7 @@ def triton_moe_experts(x, expert, gate, w1, b1, w2, b2, out=None, block_m=None, 
     _check_plan(plan)
     y = out if out is not None else torch.empty(B, T, d, dtype=x.dtype, device=x.device)
     run = _run_padded if plan.design == "padded" else _run_buckets
-    run(plan, xf, ef, gf, w1, b1, w2, b2, x.dtype, y.view(N, d), _widen_in_interpreter(x.dtype))
+    run(plan, xf, ef, gf, w1, b1, w2, b2, x.dtype, y.view(N, d), interpreter_widens_bf16(x.dtype))
     return y
 
 
