@@ -126,7 +126,7 @@ MOE_SCRIPT = textwrap.dedent("""
             compile(moe._router_logits_kernel,
                     dict(u_ptr="*" + dt, w_ptr="*fp32", out_ptr="*fp32", N=i32, K=i32, E=i32,
                          s_u=i32, s_wk=i32, s_we=i32),
-                    dict(BLOCK_M=block_m, BLOCK_K=32, BLOCK_E=block_e), warps)
+                    dict(BLOCK_M=block_m, BLOCK_K=32, BLOCK_E=block_e, SPLIT=False), warps)
 """)
 
 

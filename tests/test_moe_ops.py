@@ -286,11 +286,13 @@ def test_bucket_tokens(route):
         assert torch.equal(got, torch.nonzero(expert == e)[:, 0]), e
 
 
+@pytest.mark.parametrize("E, N", [(5, 70), (40, 300)])
 @pytest.mark.parametrize("route", ["random", "one"])
-def test_group_tokens_layout(route):
+def test_group_tokens_layout(route, E, N):
     """Every token sits in exactly one row; each used tile holds one expert's tokens only,
-    groups start on tile boundaries, padding rows are -1, unused tiles say E."""
-    E, N, bm = 5, 70, 16
+    groups start on tile boundaries, padding rows are -1, unused tiles say E. (40, 300): more
+    tiles than the layout kernel's programs cover in one step each, so the tile blocks stride."""
+    bm = 16
     g = torch.Generator().manual_seed(3)
     expert = torch.randint(0, E, (N,), generator=g) if route == "random" else torch.full((N,), 2)
     expert[expert == 1] = 0                                 # an empty group
@@ -465,7 +467,8 @@ def test_layer_benchmark_smoke_run(tmp_path, capsys):
 # -- router projection -----------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N, d, E", [(1, 16, 4), (37, 80, 8), (70, 200, 64), (33, 64, 130)])
-def test_router_logits_kernel_against_float64(N, d, E, dtype):
+@pytest.mark.parametrize("split", [False, True], ids=["tf32x3", "split"])
+def test_router_logits_kernel_against_float64(N, d, E, dtype, split):
     """The projection kernel (NaN-poisoned output) at odd row counts, a K tail and E not a
     power of two, against the float64 product of the same rounded inputs: each entry within
     2^-18 of the sum of |products| (fp32 accumulation of tf32x3 products), and the same
@@ -478,7 +481,7 @@ def test_router_logits_kernel_against_float64(N, d, E, dtype):
     exact = u.double() @ w.double().T
     scale = u.double().abs() @ w.double().abs().T
     out = torch.full((N, E), math.nan, device=DEVICE)
-    got = triton_router_logits(u.to(DEVICE), w.to(DEVICE), out=out).double().cpu()
+    got = triton_router_logits(u.to(DEVICE), w.to(DEVICE), out=out, split=split).double().cpu()
     assert torch.isfinite(got).all(), "an entry was left unwritten"
     assert ((got - exact).abs() <= 2.0 ** -18 * scale).all()
     top2 = exact.topk(min(2, E), dim=-1).values

@@ -144,9 +144,10 @@ def _ort_rank_variants(dtype: str) -> dict:
 
 def _ort_layout_variants(dtype: str) -> dict:
     """The layout kernel for each width of E in ``kernels.ORT_BLOCK_E`` and each BLOCK_M."""
-    from seqdeploy_moe.kernels import LAYOUT_BLOCK, ORT_BLOCK_E
+    from seqdeploy_moe.kernels import LAYOUT_BLOCK, LAYOUT_TILES, ORT_BLOCK_E
 
-    return {f"e{e}_m{m}": ({"BLOCK": LAYOUT_BLOCK, "BLOCK_E": e, "BLOCK_M": m, "BLOCK_TILES": 64}, 4)
+    return {f"e{e}_m{m}": ({"BLOCK": LAYOUT_BLOCK, "BLOCK_E": e, "BLOCK_M": m,
+                            "BLOCK_TILES": LAYOUT_TILES}, 4)
             for e in ORT_BLOCK_E for m in ORT_BLOCK_M}
 
 

@@ -27,10 +27,11 @@ memset of the E counters:
    token's row is computed alone) and ``counts`` ends as the histogram.
 2. ``_layout_kernel``: each expert's group starts on a ``BLOCK_M`` boundary of a padded
    row space (``tile_start = cumsum(ceil(count / BLOCK_M))``), so every row tile of the GEMMs
-   belongs to one expert. It scatters ``row_token[padded row] = token``, marks padding rows
-   -1, and program 0 writes ``tile_expert`` (E for unused tiles: the grid is sized by the
-   bound ``cdiv(N, BLOCK_M) + E`` so the host never reads the counts). Program 0 walks the
-   experts one after another: a dependent load and stores per expert, E of them in series.
+   belongs to one expert. It scatters ``row_token[padded row] = token``; blocks of tiles,
+   strided over its programs, write ``tile_expert`` (each tile's owner found by comparing
+   it with every expert's tile range; E for unused tiles: the grid is sized by the bound
+   ``cdiv(N, BLOCK_M) + E`` so the host never reads the counts) and mark the padding rows
+   -1. Nothing walks the experts in series.
 3. ``_grouped_ffn_kernel`` (layer 1): tile (row tile, N block): gathers the tile's token rows
    of ``x``, multiplies by ``w1[e]``, adds ``b1[e]``, applies the exact GELU, writes ``h`` in
    the padded row order.
@@ -220,9 +221,13 @@ def triton_top1_router(logits: torch.Tensor, capacity_factor: float, out=None):
 # -- router projection -----------------------------------------------------------------------
 @triton.jit
 def _router_logits_kernel(u_ptr, w_ptr, out_ptr, N, K, E, s_u, s_wk, s_we,
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                          SPLIT: tl.constexpr):
     """One ``[BLOCK_M, BLOCK_E]`` tile of fp32 logits: half-precision rows of ``u``, widened
-    to fp32 as they load, times the fp32 router weight, through ``tf32x3`` dots."""
+    to fp32 as they load, times the fp32 router weight, through ``tf32x3`` dots, or (SPLIT)
+    two tf32 dots: the weight cut into its tf32 head (the low 13 mantissa bits cleared) and
+    the remainder, the rows being exact in tf32 (``tf32x3``'s third product, the rows'
+    remainder times the weight's head, is zero here)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     mask_m = rows < N
@@ -235,7 +240,12 @@ def _router_logits_kernel(u_ptr, w_ptr, out_ptr, N, K, E, s_u, s_wk, s_we,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         b = tl.load(w_ptr + ks[:, None] * s_wk + offs_e[None, :] * s_we,
                     mask=mask_k[:, None] & mask_e[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+        if SPLIT:
+            head = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            acc = tl.dot(a, b - head, acc, input_precision="tf32")
+            acc = tl.dot(a, head, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc, input_precision="tf32x3")
     tl.store(out_ptr + rows[:, None].to(tl.int64) * E + offs_e[None, :], acc,
              mask=mask_m[:, None] & mask_e[None, :])
 
@@ -243,7 +253,9 @@ def _router_logits_kernel(u_ptr, w_ptr, out_ptr, N, K, E, s_u, s_wk, s_we,
 _logits_launcher = Launcher(_router_logits_kernel, tensors=3)
 
 
-def triton_router_logits(u: torch.Tensor, weight: torch.Tensor, out=None) -> torch.Tensor:
+def triton_router_logits(u: torch.Tensor, weight: torch.Tensor, out=None,
+                         tiles: tuple[int, int, int] | None = None, split: bool = False
+                         ) -> torch.Tensor:
     """fp32 router logits ``[..., E]`` of ``u [..., d]`` (fp16 or bf16, CUDA) and the router
     weight ``weight [E, d]`` (fp32), without materialising ``u`` in fp32.
 
@@ -271,9 +283,12 @@ def triton_router_logits(u: torch.Tensor, weight: torch.Tensor, out=None) -> tor
     # 192 at E = 64 on 4 warps, 207 at E = 256 on 8; 64-deep K steps spilled at E = 64)
     block_e = max(16, triton.next_power_of_2(E))
     block_m, warps = (32, 4) if block_e <= 64 else (16, 8)
+    block_k = 32
+    if tiles:
+        block_m, block_k, warps = tiles
     _logits_launcher((triton.cdiv(n, block_m), 1, 1),
                      (rows, w, out, n, d, E, rows.stride(0), w.stride(1), w.stride(0)),
-                     (block_m, 32, block_e), num_warps=warps)
+                     (block_m, block_k, block_e, split), num_warps=warps)
     return out.view(*u.shape[:-1], E)
 
 
@@ -316,24 +331,25 @@ def _layout_kernel(expert_ptr, rank_ptr, counts_ptr, row_token_ptr, tile_expert_
     start = tl.sum(one_hot * tile_start[None, :], axis=1)
     row = start.to(tl.int64) * BLOCK_M + rank
     tl.store(row_token_ptr + row, offs.to(tl.int32), mask=mask)
-    if pid == 0:
-        # per expert: its tiles in tile_expert, -1 in the padding rows of its last tile
-        first = 0
-        for x in tl.range(0, E):
-            n = tl.load(counts_ptr + x)
-            n_tiles = (n + BLOCK_M - 1) // BLOCK_M
-            pad = first * BLOCK_M + n + tl.arange(0, BLOCK_M)
-            tl.store(row_token_ptr + pad, tl.full((BLOCK_M,), -1, tl.int32),
-                     mask=pad < (first + n_tiles) * BLOCK_M)
-            for j0 in tl.range(0, n_tiles, BLOCK_TILES):
-                j = first + j0 + tl.arange(0, BLOCK_TILES)
-                tl.store(tile_expert_ptr + j, tl.full((BLOCK_TILES,), 0, tl.int32) + x,
-                         mask=j < first + n_tiles)
-            first += n_tiles
-        for j0 in tl.range(first, max_tiles, BLOCK_TILES):
-            j = j0 + tl.arange(0, BLOCK_TILES)
-            tl.store(tile_expert_ptr + j, tl.full((BLOCK_TILES,), 0, tl.int32) + E,
-                     mask=j < max_tiles)
+    # the tile table and the padding rows, BLOCK_TILES tiles at a time, the blocks strided
+    # over the programs: tile j belongs to the expert e with tile_start[e] <= j < tile_end[e]
+    # (E past the last), and row i of it is padding where (j - tile_start[e]) * BLOCK_M + i
+    # reaches counts[e]
+    tile_end = tile_start + tiles
+    offs_i = tl.arange(0, BLOCK_M)
+    for j0 in tl.range(pid * BLOCK_TILES, max_tiles, tl.num_programs(0) * BLOCK_TILES):
+        j = j0 + tl.arange(0, BLOCK_TILES)
+        in_j = j < max_tiles
+        below = (tile_end[None, :] <= j[:, None]) & (offs_e[None, :] < E)
+        owner = tl.sum(below.to(tl.int32), axis=1)                    # [BLOCK_TILES], E: none
+        tl.store(tile_expert_ptr + j, owner, mask=in_j)
+        pick = (offs_e[None, :] == owner[:, None]).to(tl.int32)
+        first = tl.sum(pick * tile_start[None, :], axis=1)
+        n = tl.sum(pick * counts[None, :], axis=1)
+        slot = (j - first)[:, None] * BLOCK_M + offs_i[None, :]
+        pad = (owner < E)[:, None] & (slot >= n[:, None]) & in_j[:, None]
+        tl.store(row_token_ptr + j.to(tl.int64)[:, None] * BLOCK_M + offs_i[None, :],
+                 tl.full((BLOCK_TILES, BLOCK_M), -1, tl.int32), mask=pad)
 
 
 @triton.jit
@@ -540,6 +556,7 @@ _ffn_launcher = Launcher(_grouped_ffn_kernel, tensors=7)
 _bucket_launcher = Launcher(_bucket_kernel, tensors=3)
 _bucket_ffn_launcher = Launcher(_bucket_ffn_kernel, tensors=7)
 LAYOUT_BLOCK = 128   # tokens per program of the rank and layout kernels
+LAYOUT_TILES = 16    # tiles per step of the layout kernel's tile table and padding rows
 
 
 def experts_config(N: int, E: int, d: int, f: int, dtype: torch.dtype) -> dict[str, int]:
@@ -579,7 +596,7 @@ def group_tokens(expert: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tens
     grid = (triton.cdiv(N, LAYOUT_BLOCK),)
     _rank_launcher(grid, (expert, counts, rank, N, E), (LAYOUT_BLOCK, block_e), num_warps=4)
     _layout_launcher(grid, (expert, rank, counts, row_token, tile_expert, N, E, max_tiles),
-                     (LAYOUT_BLOCK, block_e, block_m, 64), num_warps=4)
+                     (LAYOUT_BLOCK, block_e, block_m, LAYOUT_TILES), num_warps=4)
     return row_token, tile_expert
 
 
@@ -599,11 +616,11 @@ class ExpertsPlan:
     """How :func:`triton_moe_experts` runs. ``design``:
 
     - ``"padded"`` (the first design): rank + layout kernels build a padded row table and a
-      tile -> expert table (the layout's program 0 walks the E experts serially), then the
-      two grouped GEMMs over a grid of ``cdiv(N, block_m) + E`` row tiles. Both layers use
-      ``first``'s tiles (``second`` is ignored), the N blocks of a row tile are adjacent.
+      tile -> expert table, then the
+      two grouped GEMMs over a grid of ``cdiv(N, block_m) + E`` row tiles, the N blocks of a
+      row tile adjacent.
     - ``"buckets"``: one kernel groups (``slot_token[e, rank] = token``, atomic counts),
-      and each GEMM derives its tiles from the E counts (no tile table, no serial walk).
+      and each GEMM derives its tiles from the E counts (no tile table).
       ``order``: ``"m"`` the N blocks of a row tile are adjacent, ``"n"`` the row tiles of
       one (expert, N block) are (they read the same weight tile together). ``tail`` (0-2):
       an expert's last tile runs at ``block_m / 2`` (``/ 4``) rows when it fits, so fewer
@@ -624,8 +641,10 @@ class ExpertsPlan:
         """A short label: design, tiles of each layer, options."""
         t = lambda g: f"{g.block_n}x{g.block_k}w{g.num_warps}s{g.num_stages}"  # noqa: E731
         label = f"{self.design} m{self.block_m} {t(self.first)}"
+        if self.second != self.first:
+            label += f"|{t(self.second)}"
         if self.design != "padded":
-            label += f"|{t(self.second)} {self.order}"
+            label += f" {self.order}"
             label += f" tail{self.tail}" if self.tail else ""
             label += f" pers{self.persistent}" if self.persistent else ""
         return label
@@ -658,8 +677,8 @@ def experts_plan(N: int, E: int, d: int, f: int, dtype: torch.dtype,
       grouping was faster (8.5 against 12.9 us; 10.2 against 25.3 us), so the first design
       stays the default and the others stay selectable for that benchmark;
     - ``padded``: the first design at :func:`experts_config`'s tiles;
-    - ``buckets``: the one-pass grouping with the same tiles (it removes the layout
-      kernel's serial walk over E, a dependent load per expert);
+    - ``buckets``: the one-pass grouping with the same tiles (one kernel instead of the
+      rank and layout kernels);
     - ``buckets-n``: row tiles of one (expert, N block) adjacent;
     - ``buckets-tail``: block_m doubled (fewer re-reads of each weight tile: at E=64 a
       weight tile is read once per row tile, ~2.5 times at 64 rows, ~1.5 at 128) with
@@ -703,12 +722,13 @@ def _sm_count(device: torch.device) -> int:
 def _run_padded(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
     N, d = xf.shape
     E, _, f = w1.shape
-    bm, t = plan.block_m, plan.first
+    bm = plan.block_m
     row_token, tile_expert = group_tokens(ef, E, bm)
     max_tiles = tile_expert.numel()
     h = torch.empty(max_tiles * bm, f, dtype=h_dtype, device=xf.device)
     f32 = xf.dtype == torch.float32
-    for a, w, bias, dst, K, Nn, first in ((xf, w1, b1, h, d, f, True), (h, w2, b2, yf, f, d, False)):
+    layers = ((xf, w1, b1, h, d, f, True, plan.first), (h, w2, b2, yf, f, d, False, plan.second))
+    for a, w, bias, dst, K, Nn, first, t in layers:
         bn, bk = _fit(t.block_n, Nn), _fit(t.block_k, K)
         _ffn_launcher((max_tiles * triton.cdiv(Nn, bn),),
                       (a, row_token, tile_expert, w, bias, gf, dst, K, Nn, E, a.stride(0),
