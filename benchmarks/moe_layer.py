@@ -5,9 +5,10 @@ At N tokens, d, f and each E, times (``triton.testing.do_bench``, median ms):
 - ``router``: ``seqdeploy::top1_router`` alone on ``[1, N, E]`` fp32 logits (capacity off, the
   inference default; and with capacity factor 1.25, the router over the row's tiles, then
   the tiles' per-expert counts, their cumsum and the drop);
-- ``moe layer``: router projection (``router.router_logits``, as the model runs it) +
-  ``top1_router`` + ``moe_experts`` (grouping, both grouped GEMMs, gate, scatter): what one
-  Switch FFN costs; eager, and replayed from a CUDA graph (as the torch engine runs it);
+- ``moe layer``: router projection and ``top1_router`` as the model runs them
+  (``router.route_top1``: one launch on CUDA) + ``moe_experts`` (grouping, both grouped
+  GEMMs, gate, scatter): what one Switch FFN costs; eager, and replayed from a CUDA graph
+  (as the torch engine runs it);
 - ``mask loop``: the seed's ``for e in range(E): m = expert == e; y[m] = FFN_e(x[m])``;
 - ``grouped_mm``: ``torch._grouped_mm`` over expert-sorted tokens (argsort, gather, two grouped
   GEMMs with bias + GELU in torch, scatter), where torch has it for this device and dtype;
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     # the ops as the model calls them (seqdeploy.ops.call: the kernel directly in eager inference)
     from seqdeploy_moe.model import MOE_EXPERTS as moe_experts
     from seqdeploy_moe.model import TOP1_ROUTER as top1_router
-    from seqdeploy_moe.router import router_logits
+    from seqdeploy_moe.router import route_top1
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=8192)
@@ -154,14 +155,12 @@ def main(argv=None) -> int:
         counts = torch.bincount(expert.view(-1), minlength=E)
         point = {"E": E, "tokens_per_expert": [int(c) for c in counts.tolist()]}
 
-        def layer():
-            lg = router_logits(xb, w_router)           # the model's projection
-            e, g = top1_router(lg, 0.0)
+        def layer():    # as the model runs it: projection and router in one launch
+            _, e, g = route_top1(xb, w_router)
             return moe_experts(xb, e, g, w1, b1, w2, b2)
 
         def layer_on(plan):
-            lg = router_logits(xb, w_router)
-            e, g = top1_router(lg, 0.0)
+            _, e, g = route_top1(xb, w_router)
             return triton_moe_experts(xb, e, g, w1, b1, w2, b2, plan=plan)
 
         def mask_loop():
@@ -177,8 +176,7 @@ def main(argv=None) -> int:
         w2_t = w2.transpose(1, 2).contiguous().transpose(1, 2)
 
         def grouped_mm():
-            lg = router_logits(xb, w_router)
-            e, g = top1_router(lg, 0.0)
+            _, e, g = route_top1(xb, w_router)
             e, g = e.view(-1), g.view(-1)
             order = torch.argsort(e)
             offs = torch.cumsum(torch.bincount(e, minlength=E), 0).to(torch.int32)

@@ -83,7 +83,7 @@ MOE_SCRIPT = textwrap.dedent("""
     compile(moe._layout_kernel, dict(expert_ptr="*i64", rank_ptr="*i32", counts_ptr="*i32",
                                      row_token_ptr="*i32", tile_expert_ptr="*i32", N=i32, E=i32,
                                      max_tiles=i32), dict(BLOCK=128, BLOCK_E=8, BLOCK_M=64,
-                                                          BLOCK_TILES=64), 4)
+                                                          BLOCK_TILES=moe.LAYOUT_TILES), 4)
     for dt in ("fp32", "fp16", "bf16"):
         p = "*" + dt
         cfg = moe.experts_config(8192, 8, 768, 3072, {"fp32": moe.torch.float32,
@@ -98,6 +98,23 @@ MOE_SCRIPT = textwrap.dedent("""
                              FIRST=first, DOT_F32=dt == "fp32", WIDEN=False,
                              EVEN_K=block_m == 64),
                         8 if block_m == 128 else 4, cfg["num_stages"])
+    # the padded design's tensor-descriptor form at the tiles "auto" picks for E = 8 and 64
+    for dt in ("fp16", "bf16"):
+        torch_dtype = {"fp16": moe.torch.float16, "bf16": moe.torch.bfloat16}[dt]
+        for E in (8, 64):
+            plan = moe.experts_plan(8192, E, 768, 3072, torch_dtype, "padded-tma")
+            bm = plan.block_m
+            for first, t in ((True, plan.first), (False, plan.second)):
+                a_desc = {} if first else {"a_desc": f"tensordesc<{dt}[{bm}, {t.block_k}]>"}
+                compile(moe._grouped_ffn_tma_kernel,
+                        dict(a_ptr="*" + dt, **a_desc, row_token_ptr="*i32",
+                             tile_expert_ptr="*i32",
+                             w_desc=f"tensordesc<{dt}[{t.block_k}, {t.block_n}]>",
+                             bias_ptr="*" + dt, gate_ptr="*fp32", out_ptr="*" + dt, K=i32,
+                             N=i32, E=i32, s_a=i32, s_be=i32, s_o=i32),
+                        dict(**({"a_desc": None} if first else {}), BLOCK_M=bm,
+                             BLOCK_N=t.block_n, BLOCK_K=t.block_k, FIRST=first, WIDEN=False),
+                        t.num_warps, t.num_stages)
     # the "buckets" design: its grouping kernel, and both layers of every named variant at
     # E = 8 and 64 (the tail branches compile one pipelined K loop per tile height)
     compile(moe._bucket_kernel, dict(expert_ptr="*i64", counts_ptr="*i32", slot_token_ptr="*i32",
@@ -119,21 +136,24 @@ MOE_SCRIPT = textwrap.dedent("""
                              FIRST=first, DOT_F32=dt == "fp32", WIDEN=False, EVEN_K=True),
                         t.num_warps, t.num_stages)
         print("bucket plans", dt, len(plans), flush=True)
-    # the router projection (fp16 / bf16 rows, fp32 weight, tf32x3 dots) at the tiles
-    # triton_router_logits picks for E = 8, 64 and 256
+    # the router projection (fp16 / bf16 rows, fp32 weight, tf32 dots) at the tiles
+    # triton_router_logits picks for E = 8, 64 (with the route) and 256
     for dt in ("fp16", "bf16"):
-        for block_m, block_e, warps in ((32, 16, 4), (32, 64, 4), (16, 256, 8)):
+        for E, route in ((8, True), (64, True), (256, False)):
+            t, block_e = moe.projection_tiles(E), max(16, triton.next_power_of_2(E))
             compile(moe._router_logits_kernel,
-                    dict(u_ptr="*" + dt, w_ptr="*fp32", out_ptr="*fp32", N=i32, K=i32, E=i32,
-                         s_u=i32, s_wk=i32, s_we=i32),
-                    dict(BLOCK_M=block_m, BLOCK_K=32, BLOCK_E=block_e, SPLIT=False), warps)
+                    dict(u_ptr="*" + dt, w_ptr="*fp32", out_ptr="*fp32", expert_ptr="*i64",
+                         gate_ptr="*fp32", N=i32, K=i32, E=i32, s_u=i32, s_wk=i32, s_we=i32),
+                    dict(BLOCK_M=t.block_m, BLOCK_K=t.block_k, BLOCK_E=block_e, SPLIT=t.split,
+                         ROUTE=route), t.num_warps)
 """)
 
 
 def test_moe_kernels_compile_for_sm90():
     out = compile_for_sm90(MOE_SCRIPT)
     buckets = out.stdout.count("_bucket_ffn_kernel ok")
-    assert out.stdout.count(" ok") == 2 + 2 + 4 * 2 + 1 + buckets + 6 and buckets >= 3 * 2 * 4
+    assert out.stdout.count(" ok") == 2 + 2 + 4 * 2 + 8 + 1 + buckets + 6 and buckets >= 3 * 2 * 4
+    assert out.stdout.count("_grouped_ffn_tma_kernel ok") == 8
     assert out.stdout.count("_router_logits_kernel ok") == 6
 
 
@@ -253,6 +273,20 @@ LAM_SCRIPT = textwrap.dedent("""
                              sk_t=i32, sk_h=i32, Tp=i32, NT=i32),
                         dict(BT=64, BD=d, PREC=prec, INV_PREC="ieee" if dt == "fp32" else "tf32x3",
                              INVERSE=inverse, KK_INPUT=kk_input), num_warps=2)
+            # the solve-apply form (inverse and W, U in one program; not the default): row
+            # loads on 2 warps, and for bf16 also extract on 4 warps and doubling on widened keys
+            fused_forms = [("rows", dt != "fp32", 2)]
+            if dt == "bf16":
+                fused_forms += [("extract", True, 4), ("doubling", False, 2)]
+            for inverse, kk_input, warps in fused_forms:
+                compile(lam._solve_apply_kernel,
+                        dict(k_ptr=p, v_ptr=p, beta_ptr=p, gf_ptr="*fp32", gs_ptr="*fp32",
+                             scratch_ptr="*fp32", w_ptr=ws, u_ptr=ws, gam_ptr="*fp32", T=i32, n=i32,
+                             d=i32, dv=i32, sk_b=i32, sk_t=i32, sk_h=i32, sv_b=i32, sv_t=i32,
+                             sv_h=i32, Tp=i32, NT=i32),
+                        dict(BT=64, BD=d, BDV=d, PREC=prec,
+                             INV_PREC="ieee" if dt == "fp32" else "tf32x3", INVERSE=inverse,
+                             KK_INPUT=kk_input), num_warps=warps)
             for tinv in (("*fp32", p) if dt == "bf16" else ("*fp32",)):
                 compile(lam._apply_kernel,
                         dict(k_ptr=p, v_ptr=p, beta_ptr=p, tinv_ptr=tinv, gam_ptr="*fp32",
@@ -285,14 +319,15 @@ LAM_SCRIPT = textwrap.dedent("""
 
 
 def test_lam_kernels_compile_for_sm90():
-    """The lam kernels (WY prep in both forms, fused chunk recurrence, split state and output
-    kernels, recurrent step): every dtype at d = 64 (base), fp16 also at d = 32 (tiny); bf16
-    at d = 64 also at every split tiling the benchmark sweeps (workspace bf16 and fp32, and
-    bf16 dot operands), the solve form's three ways to the diagonal blocks (its default on
-    2 warps) and the bf16 inverse, and the fused WY kernel's doubling inverse. Each within
-    sm_90's shared memory."""
+    """The lam kernels (WY prep in its three forms, fused chunk recurrence, split state and
+    output kernels, recurrent step): every dtype at d = 64 (base), fp16 also at d = 32 (tiny);
+    bf16 at d = 64 also at every split tiling the benchmark sweeps (workspace bf16 and fp32,
+    and bf16 dot operands), the solve and solve-apply forms' three ways to the diagonal blocks
+    (row loads on 2 warps as the default) and the bf16 inverse, and the fused WY kernel's
+    doubling inverse. Each within sm_90's shared memory."""
     out = compile_for_sm90(LAM_SCRIPT)
-    # 4 (dtype, d) cases x 7 kernels, plus bf16's 3 (workspace, dots) x (4 state + 2 output) - 2,
-    # plus bf16's two more solve forms, its WY kernel with doubling and its apply kernel on a
-    # bf16 inverse
-    assert out.stdout.count(" ok") == 4 * 7 + 3 * 6 - 2 + 4, out.stdout[-2000:]
+    # 4 (dtype, d) cases x 8 kernels, plus bf16's 3 (workspace, dots) x (4 state + 2 output) - 2,
+    # plus bf16's two more solve forms, its WY kernel with doubling, its apply kernel on a
+    # bf16 inverse and its two more solve-apply forms
+    assert out.stdout.count(" ok") == 4 * 8 + 3 * 6 - 2 + 4 + 2, out.stdout[-2000:]
+    assert out.stdout.count("_solve_apply_kernel") == 4 + 2, out.stdout[-2000:]

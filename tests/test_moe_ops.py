@@ -4,6 +4,7 @@ ONNX Runtime). Triton runs through its interpreter on CPU-only machines.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -209,7 +210,7 @@ def test_experts_forms_match_naive(B, T, d, f, E, route, dropped, dtype):
         assert (flat[:dropped] == 0).all(), f"{name}: dropped tokens must be exactly 0"
 
 
-@pytest.mark.parametrize("design", ["padded", "buckets", "auto"])
+@pytest.mark.parametrize("design", ["padded", "padded-tma", "buckets", "auto"])
 @pytest.mark.parametrize("block_m", [16, 32])
 def test_triton_experts_many_tiles_per_group(block_m, design):
     """Groups spanning several row tiles and ending mid-tile (padding rows), in bf16; the
@@ -217,6 +218,19 @@ def test_triton_experts_many_tiles_per_group(block_m, design):
     args = make_experts(2, 45, 32, 64, 3, torch.bfloat16, seed=4)
     y = triton_poisoned(*args, block_m=block_m, plan=design)
     assert rel_l2(y, naive_moe_experts(*args)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_experts_tma_with_column_tails(dtype):
+    """The tensor-descriptor form where a weight tile runs past N (f = 72 in 128-column tiles:
+    the descriptor reads zeros there) and where K = 72 is no multiple of the K tile (that
+    layer takes the pointer kernel), with an empty expert and dropped tokens."""
+    t = GemmTiles(128, 64, 4, 2)
+    plan = ExpertsPlan("padded", 16, t, t, tma=True)
+    args = make_experts(2, 37, 32, 72, 4, dtype, seed=6, dropped=3)
+    y = triton_poisoned(*args, plan=plan)
+    assert rel_l2(y, naive_moe_experts(*args)) < TOL[dtype]
+    assert (y.reshape(-1, 32)[:3].cpu() == 0).all()
 
 
 def bucket_plans():
@@ -257,6 +271,7 @@ def test_experts_plans_are_checked():
     t = GemmTiles(32, 16, 4, 2)
     for plan, match in ((ExpertsPlan("buckets", 32, t, t, tail=2), "must be >= 16"),
                         (ExpertsPlan("padded", 32, t, t, order="n"), "padded design"),
+                        (ExpertsPlan("buckets", 32, t, t, tma=True), "padded design only"),
                         (ExpertsPlan("rows", 32, t, t), "unknown experts plan")):
         with pytest.raises(ValueError, match=match):
             triton_moe_experts(x, expert, gate, w1, b1, w2, b2, plan=plan)
@@ -473,7 +488,7 @@ def test_router_logits_kernel_against_float64(N, d, E, dtype, split):
     power of two, against the float64 product of the same rounded inputs: each entry within
     2^-18 of the sum of |products| (fp32 accumulation of tf32x3 products), and the same
     argmax as the float64 logits wherever the top two are apart by more than that."""
-    from seqdeploy_moe.kernels import triton_router_logits
+    from seqdeploy_moe.kernels import projection_tiles, triton_router_logits
 
     g = torch.Generator().manual_seed(N + E)
     u = torch.randn(N, d, generator=g).to(dtype)
@@ -481,12 +496,39 @@ def test_router_logits_kernel_against_float64(N, d, E, dtype, split):
     exact = u.double() @ w.double().T
     scale = u.double().abs() @ w.double().abs().T
     out = torch.full((N, E), math.nan, device=DEVICE)
-    got = triton_router_logits(u.to(DEVICE), w.to(DEVICE), out=out, split=split).double().cpu()
+    tiles = dataclasses.replace(projection_tiles(E), split=split)
+    got = triton_router_logits(u.to(DEVICE), w.to(DEVICE), out=out, tiles=tiles).double().cpu()
     assert torch.isfinite(got).all(), "an entry was left unwritten"
     assert ((got - exact).abs() <= 2.0 ** -18 * scale).all()
     top2 = exact.topk(min(2, E), dim=-1).values
     clear = (top2[:, 0] - top2[:, -1]) > 2.0 ** -16 * scale.max(-1).values
     assert torch.equal(got.argmax(-1)[clear], exact.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("E", [4, 64, 130])
+def test_projection_kernel_routes_as_the_router_does(E):
+    """``route=True``: expert equals the router kernel's on the logits the same launch returns
+    and gate agrees to rounding, with exact ties (lowest index wins), a NaN row and rows past
+    a whole tile; the logits equal those of the launch without routing."""
+    from seqdeploy_moe.kernels import triton_router_logits, triton_top1_router
+
+    g = torch.Generator().manual_seed(E)
+    u = torch.randn(2, 45, 48, generator=g).to(torch.bfloat16)
+    u[0, 3] = 0.0                                    # every logit 0: a tie across all experts
+    u[1, 7, 5] = math.nan                            # a NaN row
+    w = torch.randn(E, 48, generator=g) * 48 ** -0.5
+    w[1] = w[0]                                      # experts 0 and 1 tie on every token
+    u, w = u.to(DEVICE), w.to(DEVICE)
+    out = torch.full((90, E), math.nan, device=DEVICE)
+    logits, expert, gate = triton_router_logits(u, w, out=out, route=True)
+    want_e, want_g = triton_top1_router(logits, 0.0)
+    torch.testing.assert_close(logits, triton_router_logits(u, w), rtol=0, atol=0,
+                               equal_nan=True)
+    assert torch.equal(expert, want_e)
+    # the same sum of exponentials, added in the order of another tile layout
+    torch.testing.assert_close(gate, want_g, rtol=4e-7, atol=0, equal_nan=True)
+    assert gate[1, 7].isnan() and not gate[1, 6].isnan()
+    assert int(expert[0, 3]) == 0 and (expert != 1).all()
 
 
 def test_router_logits_keeps_the_fp32_form_off_eager_cuda():

@@ -11,8 +11,8 @@ its row's T blocks in order, grid (row,); the torch engine splits a longer row o
 tiles (``_capacity_kernel``, see :func:`triton_top1_router`).
 
 **Experts** (``triton_moe_experts``): two designs, chosen by an :class:`ExpertsPlan`
-(:func:`experts_plan` names them; the default ``"auto"`` is ``"padded"``, the faster on an
-H100).
+(:func:`experts_plan` names them; the default ``"auto"`` is ``"padded"`` with tensor-descriptor
+loads for fp16 / bf16, the fastest on an H100).
 Neither waits on the host, and both gather the token rows of ``x`` in the first GEMM's A
 load and apply the gate and the scatter back to each token's row in the second GEMM's
 epilogue.
@@ -91,6 +91,19 @@ def _first_come(one_hot, before):
 
 
 @triton.jit
+def _route_rows(lg, offs_e, E, BLOCK_E: tl.constexpr):
+    """Each row's top-1 route from an fp32 tile of logits ``[rows, BLOCK_E]`` (columns from
+    E on are ignored): the lowest index attaining the row max, and its softmax probability
+    ``1 / sum exp(l - max)``. A NaN row matches nothing and keeps a valid id (E - 1)."""
+    lg = tl.where(offs_e[None, :] < E, lg, float("-inf"))
+    m = tl.max(lg, axis=1)
+    choice = tl.min(tl.where(lg == m[:, None], offs_e[None, :], BLOCK_E), axis=1)
+    choice = tl.minimum(choice, E - 1)
+    gate = 1.0 / tl.sum(tl.exp(lg - m[:, None]), axis=1)
+    return choice, gate
+
+
+@triton.jit
 def _top1_router_kernel(logits_ptr, expert_ptr, gate_ptr, T, E, cap, s_b, s_t,
                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, CAPACITY: tl.constexpr):
     b = tl.program_id(0)
@@ -108,11 +121,7 @@ def _top1_router_kernel(logits_ptr, expert_ptr, gate_ptr, T, E, cap, s_b, s_t,
         mask_t = offs_t < T
         ptr = logits_ptr + b.to(tl.int64) * s_b + offs_t[:, None].to(tl.int64) * s_t + offs_e[None, :]
         lg = tl.load(ptr, mask=mask_t[:, None] & mask_e[None, :], other=0.0)
-        lg = tl.where(mask_e[None, :], lg, float("-inf"))
-        m = tl.max(lg, axis=1)
-        choice = tl.min(tl.where(lg == m[:, None], offs_e[None, :], BLOCK_E), axis=1)
-        choice = tl.minimum(choice, E - 1)    # a NaN row matches nothing: keep the id valid
-        gate = 1.0 / tl.sum(tl.exp(lg - m[:, None]), axis=1)
+        choice, gate = _route_rows(lg, offs_e, E, BLOCK_E)
         if CAPACITY:
             one_hot = _one_hot(choice, offs_e, mask_t)
             position = _first_come(one_hot, taken)              # 1-based, within the row
@@ -220,14 +229,16 @@ def triton_top1_router(logits: torch.Tensor, capacity_factor: float, out=None):
 
 # -- router projection -----------------------------------------------------------------------
 @triton.jit
-def _router_logits_kernel(u_ptr, w_ptr, out_ptr, N, K, E, s_u, s_wk, s_we,
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                          SPLIT: tl.constexpr):
+def _router_logits_kernel(u_ptr, w_ptr, out_ptr, expert_ptr, gate_ptr, N, K, E, s_u, s_wk,
+                          s_we, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_E: tl.constexpr, SPLIT: tl.constexpr, ROUTE: tl.constexpr):
     """One ``[BLOCK_M, BLOCK_E]`` tile of fp32 logits: half-precision rows of ``u``, widened
     to fp32 as they load, times the fp32 router weight, through ``tf32x3`` dots, or (SPLIT)
     two tf32 dots: the weight cut into its tf32 head (the low 13 mantissa bits cleared) and
     the remainder, the rows being exact in tf32 (``tf32x3``'s third product, the rows'
-    remainder times the weight's head, is zero here)."""
+    remainder times the weight's head, is zero here). ROUTE: also each row's top-1 route
+    (``_route_rows``, as the router kernel takes it from the stored logits) to ``expert``
+    (int64) and ``gate`` (fp32)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     mask_m = rows < N
@@ -248,25 +259,53 @@ def _router_logits_kernel(u_ptr, w_ptr, out_ptr, N, K, E, s_u, s_wk, s_we,
             acc = tl.dot(a, b, acc, input_precision="tf32x3")
     tl.store(out_ptr + rows[:, None].to(tl.int64) * E + offs_e[None, :], acc,
              mask=mask_m[:, None] & mask_e[None, :])
+    if ROUTE:
+        choice, gate = _route_rows(acc, offs_e, E, BLOCK_E)
+        tl.store(expert_ptr + rows, choice.to(tl.int64), mask=mask_m)
+        tl.store(gate_ptr + rows, gate, mask=mask_m)
 
 
-_logits_launcher = Launcher(_router_logits_kernel, tensors=3)
+_logits_launcher = Launcher(_router_logits_kernel, tensors=5)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionTiles:
+    """Tiles of the router projection kernel: ``block_m`` rows a program, the contraction
+    ``block_k`` at a time through ``num_stages`` buffers, ``split``: two tf32 products (the
+    rows are exact in tf32) instead of ``tf32x3``'s three."""
+    block_m: int
+    block_k: int
+    num_warps: int
+    num_stages: int = 3
+    split: bool = True
+
+
+def projection_tiles(E: int) -> ProjectionTiles:
+    """The default tiles for E experts (the weight's columns are one tile, up to 256).
+    ptxas for sm_90 (triton 3.6, bf16, split) compiles them without spills."""
+    if E <= 64:
+        return ProjectionTiles(64, 64, 4)
+    return ProjectionTiles(16, 32, 8)
 
 
 def triton_router_logits(u: torch.Tensor, weight: torch.Tensor, out=None,
-                         tiles: tuple[int, int, int] | None = None, split: bool = False
-                         ) -> torch.Tensor:
+                         tiles: ProjectionTiles | None = None, route: bool = False):
     """fp32 router logits ``[..., E]`` of ``u [..., d]`` (fp16 or bf16, CUDA) and the router
-    weight ``weight [E, d]`` (fp32), without materialising ``u`` in fp32.
+    weight ``weight [E, d]`` (fp32), without materialising ``u`` in fp32; with ``route``,
+    ``(logits, expert [...] int64, gate [...] fp32)``: the top-1 route of each row taken
+    from the same fp32 tile, as ``triton_top1_router(logits, 0.0)`` takes it (the same
+    expert; the gate's sum of exponentials may be added in another order), in one launch
+    and without re-reading the logits.
 
     Why: ``F.linear(u.float(), weight)`` writes and rereads an fp32 copy of ``u`` and runs an
     fp32 GEMM with E output columns, the slowest shape for the tensor cores; it took a quarter
     of the dense FFN's time at N=8192, d=768, E=64. Here each program widens a tile of ``u``
-    in registers and accumulates in fp32 through ``tf32x3`` dots: a half-precision value is
-    exact in tf32 (bf16 and fp16 have at most tf32's 10 stored mantissa bits), and the weight
-    is split into two tf32 terms, so each product carries a relative error of about 2^-21
-    (fp32's is 2^-24) before the same fp32 accumulation. Grid: ``cdiv(rows, BLOCK_M)``.
-    ``out``: optional preallocated fp32 ``[rows, E]``, contiguous."""
+    in registers and accumulates in fp32 through tf32 dots: a half-precision value is exact
+    in tf32 (bf16 and fp16 have at most tf32's 10 stored mantissa bits), and the weight is
+    split into two tf32 terms, so each product carries a relative error of about 2^-21
+    (fp32's is 2^-24) before the same fp32 accumulation. Grid: ``cdiv(rows, block_m)``.
+    ``out``: optional preallocated fp32 ``[rows, E]``, contiguous; ``tiles``: see
+    :func:`projection_tiles`."""
     d = u.shape[-1]
     E = weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != d or E > LOGITS_MAX_E:
@@ -279,17 +318,19 @@ def triton_router_logits(u: torch.Tensor, weight: torch.Tensor, out=None,
     n = rows.shape[0]
     if out is None:
         out = torch.empty(n, E, dtype=torch.float32, device=u.device)
-    # tiles without spills (ptxas for sm_90, triton 3.6, bf16: 122 registers at E <= 16,
-    # 192 at E = 64 on 4 warps, 207 at E = 256 on 8; 64-deep K steps spilled at E = 64)
+    expert = torch.empty(n if route else 0, dtype=torch.int64, device=u.device)
+    gate = torch.empty(n if route else 0, dtype=torch.float32, device=u.device)
+    t = tiles or projection_tiles(E)
     block_e = max(16, triton.next_power_of_2(E))
-    block_m, warps = (32, 4) if block_e <= 64 else (16, 8)
-    block_k = 32
-    if tiles:
-        block_m, block_k, warps = tiles
-    _logits_launcher((triton.cdiv(n, block_m), 1, 1),
-                     (rows, w, out, n, d, E, rows.stride(0), w.stride(1), w.stride(0)),
-                     (block_m, block_k, block_e, split), num_warps=warps)
-    return out.view(*u.shape[:-1], E)
+    _logits_launcher((triton.cdiv(n, t.block_m), 1, 1),
+                     (rows, w, out, expert, gate, n, d, E, rows.stride(0), w.stride(1),
+                      w.stride(0)),
+                     (t.block_m, t.block_k, block_e, t.split, route), num_warps=t.num_warps,
+                     num_stages=t.num_stages)
+    logits = out.view(*u.shape[:-1], E)
+    if route:
+        return logits, expert.view(u.shape[:-1]), gate.view(u.shape[:-1])
+    return logits
 
 
 # -- experts ---------------------------------------------------------------------------------
@@ -386,6 +427,16 @@ def _rows_times_w(a_ptr, a_rows, valid, w_base, offs_n, mask_n, K, s_a, s_wk,
 
 
 @triton.jit
+def _padded_work(tile_expert_ptr, N, BLOCK_N: tl.constexpr):
+    """The padded design's work item of this program: (row tile, N block), the N blocks of a
+    row tile adjacent, and the row tile's expert (E for an unused tile)."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // n_blocks
+    return pid_m, pid % n_blocks, tl.load(tile_expert_ptr + pid_m)
+
+
+@triton.jit
 def _grouped_ffn_kernel(a_ptr, row_token_ptr, tile_expert_ptr, w_ptr, bias_ptr, gate_ptr,
                         out_ptr, K, N, E, s_a, s_we, s_wk, s_be, s_o,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -394,11 +445,7 @@ def _grouped_ffn_kernel(a_ptr, row_token_ptr, tile_expert_ptr, w_ptr, bias_ptr, 
     """FIRST: ``out[row] = GELU(a[token(row)] @ w[e] + b[e])``;
     else: ``out[token(row)] = gate[token] * (a[row] @ w[e] + b[e])`` (0 where the gate is 0).
     EVEN_K: ``K % BLOCK_K == 0``, so the loads of the K loop need no K mask."""
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // n_blocks
-    pid_n = pid % n_blocks
-    e = tl.load(tile_expert_ptr + pid_m)
+    pid_m, pid_n, e = _padded_work(tile_expert_ptr, N, BLOCK_N)
     if e < E:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         token = tl.load(row_token_ptr + rows)
@@ -412,17 +459,64 @@ def _grouped_ffn_kernel(a_ptr, row_token_ptr, tile_expert_ptr, w_ptr, bias_ptr, 
         w_base = w_ptr + e.to(tl.int64) * s_we
         acc = _rows_times_w(a_ptr, a_rows, valid, w_base, offs_n, mask_n, K, s_a, s_wk,
                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, WIDEN, EVEN_K)
-        bias = tl.load(bias_ptr + e * s_be + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-        if FIRST:
-            acc = _gelu(acc)
-            dst = rows.to(tl.int64)
-        else:
-            g = tl.load(gate_ptr + token, mask=valid, other=0.0)
-            acc = tl.where(g[:, None] != 0.0, acc * g[:, None], 0.0)
-            dst = token.to(tl.int64)
-        tl.store(out_ptr + dst[:, None] * s_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=valid[:, None] & mask_n[None, :])
+        _ffn_epilogue(acc, e, rows, token, valid, offs_n, mask_n, bias_ptr, gate_ptr, out_ptr,
+                      s_be, s_o, FIRST)
+
+
+@triton.jit
+def _ffn_epilogue(acc, e, rows, token, valid, offs_n, mask_n, bias_ptr, gate_ptr, out_ptr,
+                  s_be, s_o, FIRST: tl.constexpr):
+    """Both grouped-GEMM kernels' epilogue on the fp32 tile ``acc [rows, offs_n]`` of expert
+    ``e``: + bias, then FIRST: GELU, stored at the padded rows; else: times the gate (0 stays
+    exactly 0), scattered to the tokens' rows. Padding rows (not ``valid``) are not stored."""
+    bias = tl.load(bias_ptr + e * s_be + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc += bias[None, :]
+    if FIRST:
+        acc = _gelu(acc)
+        dst = rows.to(tl.int64)
+    else:
+        g = tl.load(gate_ptr + token, mask=valid, other=0.0)
+        acc = tl.where(g[:, None] != 0.0, acc * g[:, None], 0.0)
+        dst = token.to(tl.int64)
+    tl.store(out_ptr + dst[:, None] * s_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _grouped_ffn_tma_kernel(a_ptr, a_desc, row_token_ptr, tile_expert_ptr, w_desc, bias_ptr,
+                            gate_ptr, out_ptr, K, N, E, s_a, s_be, s_o,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, FIRST: tl.constexpr, WIDEN: tl.constexpr):
+    """``_grouped_ffn_kernel`` (half dtypes, ``K % BLOCK_K == 0``) with the weight tiles, and
+    in the second layer the rows of ``h`` too, loaded by the tensor-memory accelerator:
+    ``w_desc`` views the weights as ``[E * K, N]`` (expert e's rows start at ``e * K``; with K
+    a multiple of BLOCK_K a tile never crosses experts, and columns past N read as zeros),
+    ``a_desc`` views ``h`` as ``[rows, K]``. The first layer's rows are gathered by token, so
+    they stay pointer loads (``a_ptr``). Padding rows of ``h`` hold whatever the first layer
+    left there: each output row depends on its own input row only, and padding rows are
+    never stored."""
+    pid_m, pid_n, e = _padded_work(tile_expert_ptr, N, BLOCK_N)
+    if e < E:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        token = tl.load(row_token_ptr + rows)
+        valid = token >= 0
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        w_row = e * K
+        for k0 in tl.range(0, K, BLOCK_K):
+            if FIRST:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(a_ptr + token.to(tl.int64)[:, None] * s_a + offs_k[None, :],
+                            mask=valid[:, None], other=0.0)
+            else:
+                a = a_desc.load([pid_m * BLOCK_M, k0])
+            w = w_desc.load([w_row + k0, pid_n * BLOCK_N])
+            if WIDEN:  # the interpreter's bf16 dot (see seqdeploy.launch.interpreter_widens_bf16)
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+        _ffn_epilogue(acc, e, rows, token, valid, offs_n, offs_n < N, bias_ptr, gate_ptr,
+                      out_ptr, s_be, s_o, FIRST)
 
 
 @triton.jit
@@ -461,17 +555,9 @@ def _bucket_tile(a_ptr, slot_ptr, w_base, bias_ptr, gate_ptr, out_ptr, row0, n_r
     mask_n = offs_n < N
     acc = _rows_times_w(a_ptr, a_rows, valid, w_base, offs_n, mask_n, K, s_a, s_wk,
                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, WIDEN, EVEN_K)
-    bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    acc += bias[None, :]
-    if FIRST:
-        acc = _gelu(acc)
-        dst = padded
-    else:
-        g = tl.load(gate_ptr + token, mask=valid, other=0.0)
-        acc = tl.where(g[:, None] != 0.0, acc * g[:, None], 0.0)
-        dst = token.to(tl.int64)
-    tl.store(out_ptr + dst[:, None] * s_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=valid[:, None] & mask_n[None, :])
+    # bias_ptr is the expert's own row already: expert 0 of a bias with no expert stride
+    _ffn_epilogue(acc, 0, padded, token, valid, offs_n, mask_n, bias_ptr, gate_ptr, out_ptr,
+                  0, s_o, FIRST)
 
 
 @triton.jit
@@ -636,6 +722,7 @@ class ExpertsPlan:
     order: str = "m"
     tail: int = 0
     persistent: int = 0
+    tma: bool = False
 
     def name(self) -> str:
         """A short label: design, tiles of each layer, options."""
@@ -643,6 +730,8 @@ class ExpertsPlan:
         label = f"{self.design} m{self.block_m} {t(self.first)}"
         if self.second != self.first:
             label += f"|{t(self.second)}"
+        if self.tma:
+            label += " tma"
         if self.design != "padded":
             label += f" {self.order}"
             label += f" tail{self.tail}" if self.tail else ""
@@ -657,12 +746,14 @@ def _check_plan(plan: ExpertsPlan) -> None:
         raise ValueError(f"block_m {plan.block_m} / 2**tail {plan.tail} must be >= 16 (tl.dot)")
     if plan.design == "padded" and (plan.tail or plan.persistent or plan.order != "m"):
         raise ValueError("the padded design has no tail, persistent grid or order 'n'")
+    if plan.tma and plan.design != "padded":
+        raise ValueError("tensor-memory loads (tma) are a form of the padded design only")
 
 
 #: named plans :func:`experts_plan` builds, for tests and the benchmark (each must be
 #: correct everywhere; which is fastest is for the benchmark to say)
-EXPERTS_VARIANTS = ("auto", "padded", "buckets", "buckets-n", "buckets-tail", "buckets-wide",
-                    "buckets-persistent")
+EXPERTS_VARIANTS = ("auto", "padded", "padded-tma", "buckets", "buckets-n", "buckets-tail",
+                    "buckets-wide", "buckets-persistent")
 
 
 def experts_plan(N: int, E: int, d: int, f: int, dtype: torch.dtype,
@@ -671,12 +762,17 @@ def experts_plan(N: int, E: int, d: int, f: int, dtype: torch.dtype,
     in ``dtype`` (see :class:`ExpertsPlan`). The row tile follows the mean group size, as
     :func:`experts_config`; on top of it:
 
-    - ``auto`` (the default): ``padded``. On one H100 (bf16, N=8192, d=768, f=3072, one
-      run of ``benchmarks/moe_layer.py``) every ``buckets`` variant's GEMMs were slower than
-      ``padded``'s (E=8: 253-299 against 252 us; E=64: 370-421 against 369 us) although its
-      grouping was faster (8.5 against 12.9 us; 10.2 against 25.3 us), so the first design
-      stays the default and the others stay selectable for that benchmark;
-    - ``padded``: the first design at :func:`experts_config`'s tiles;
+    - ``auto`` (the default): ``padded-tma`` for fp16 / bf16 at row tiles of 64 and more,
+      else ``padded``. The padded design's GEMMs were faster than every ``buckets``
+      variant's on an H100 (bf16, N=8192, d=768, f=3072), and there its tensor-descriptor
+      form at these tiles beat the best pointer tiles at E=8 and E=64
+      (``benchmarks/moe_layer.py`` times each named plan);
+    - ``padded``: the first design at :func:`experts_config`'s tiles (the ONNX Runtime
+      library's);
+    - ``padded-tma``: the first design with the weight tiles (and the second layer's rows of
+      h) loaded through tensor descriptors (:func:`_grouped_ffn_tma_kernel`) where the dtype
+      and alignment allow, 256-column tiles on 8 warps at 128-row tiles, 128-column tiles on
+      4 warps at 64;
     - ``buckets``: the one-pass grouping with the same tiles (one kernel instead of the
       rank and layout kernels);
     - ``buckets-n``: row tiles of one (expert, N block) adjacent;
@@ -693,8 +789,16 @@ def experts_plan(N: int, E: int, d: int, f: int, dtype: torch.dtype,
     cfg = experts_config(N, E, d, f, dtype)
     bm = cfg["block_m"]
     tiles = GemmTiles(cfg["block_n"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"])
-    if variant in ("padded", "auto"):
+    half = dtype != torch.float32
+    if variant == "padded" or (variant == "auto" and not (half and bm >= 64)):
         return ExpertsPlan("padded", bm, tiles, tiles)
+    if variant in ("padded-tma", "auto"):
+        if bm >= 128:    # both layers 256 columns wide on two warpgroups, 3 stages
+            first = second = GemmTiles(256, cfg["block_k"], 8, 3)
+        else:            # 3 stages in the first layer: three programs fit an SM, not two
+            first = GemmTiles(128, cfg["block_k"], 4, 3)
+            second = GemmTiles(128, cfg["block_k"], 4, 4)
+        return ExpertsPlan("padded", bm, first, second, tma=True)
     if variant == "buckets":
         return ExpertsPlan("buckets", bm, tiles, tiles)
     if variant == "buckets-n":
@@ -730,11 +834,39 @@ def _run_padded(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
     layers = ((xf, w1, b1, h, d, f, True, plan.first), (h, w2, b2, yf, f, d, False, plan.second))
     for a, w, bias, dst, K, Nn, first, t in layers:
         bn, bk = _fit(t.block_n, Nn), _fit(t.block_k, K)
+        if plan.tma and _tma_fits(a, w, K, bk, f32):
+            _launch_tma(a, row_token, tile_expert, w, bias, gf, dst, K, Nn, E, bm, bn, bk,
+                        first, widen, t, max_tiles)
+            continue
         _ffn_launcher((max_tiles * triton.cdiv(Nn, bn),),
                       (a, row_token, tile_expert, w, bias, gf, dst, K, Nn, E, a.stride(0),
                        w.stride(0), w.stride(1), bias.stride(0), dst.stride(0)),
                       (bm, bn, bk, first, f32, widen, K % bk == 0), num_warps=t.num_warps,
                       num_stages=t.num_stages)
+
+
+def _tma_fits(a, w, K, block_k, f32) -> bool:
+    """Whether a layer can take :func:`_grouped_ffn_tma_kernel`: half dtypes, K a multiple of
+    the K tile (a weight tile never crosses experts) and the 16-byte alignment tensor
+    descriptors need (bases, and row strides of the weights and of h)."""
+    size = a.element_size()
+    return (not f32 and K % block_k == 0 and w.is_contiguous() and a.stride(1) == 1
+            and all(t.data_ptr() % 16 == 0 for t in (a, w))
+            and (w.shape[-1] * size) % 16 == 0 and (a.stride(0) * size) % 16 == 0)
+
+
+def _launch_tma(a, row_token, tile_expert, w, bias, gf, dst, K, N, E, bm, bn, bk, first,
+                widen, t, max_tiles) -> None:
+    """One layer of the padded design through :func:`_grouped_ffn_tma_kernel` (a plain Triton
+    launch: tensor descriptors are not raw pointers, which :class:`Launcher` passes)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    w_desc = TensorDescriptor(w, [w.shape[0] * K, N], [N, 1], [bk, bn])
+    a_desc = None if first else TensorDescriptor(a, [a.shape[0], K], [a.stride(0), 1], [bm, bk])
+    _grouped_ffn_tma_kernel[(max_tiles * triton.cdiv(N, bn),)](
+        a, a_desc, row_token, tile_expert, w_desc, bias, gf, dst, K, N, E, a.stride(0),
+        bias.stride(0), dst.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FIRST=first,
+        WIDEN=widen, num_warps=t.num_warps, num_stages=t.num_stages)
 
 
 def _bucket_block_e(E: int) -> int:
@@ -769,6 +901,10 @@ def _run_buckets(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
     layers = ((xf, w1, b1, h, d, f, True, plan.first), (h, w2, b2, yf, f, d, False, plan.second))
     for a, w, bias, dst, K, Nn, first, t in layers:
         bn, bk = _fit(t.block_n, Nn), _fit(t.block_k, K)
+        if plan.tma and _tma_fits(a, w, K, bk, f32):
+            _launch_tma(a, row_token, tile_expert, w, bias, gf, dst, K, Nn, E, bm, bn, bk,
+                        first, widen, t, max_tiles)
+            continue
         grid = max_tiles * triton.cdiv(Nn, bn)
         if plan.persistent:
             grid = min(grid, plan.persistent * _sm_count(xf.device))

@@ -28,7 +28,7 @@ from torch import nn
 
 from seqdeploy.architecture import BATCH, INDEX, SEQ, ParityLimits, TensorSpec
 from seqdeploy_moe.experts import MOE_EXPERTS, reference_moe_experts
-from seqdeploy_moe.router import TOP1_ROUTER, router_logits
+from seqdeploy_moe.router import TOP1_ROUTER, route_top1, router_logits
 
 # A near-tie between two experts' logits may flip wherever the arithmetic differs (fp16 most
 # of all); a flipped token routes through another expert, which is a legitimate result. So
@@ -98,13 +98,17 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None):
         u = self.norm(x)
-        logits = self.router_logits(u, c)
-        if mask is None:
-            expert, gate = TOP1_ROUTER(logits, self.capacity_factor)
+        if (self.router_complexity is None and not self.training
+                and (mask is not None or self.capacity_factor <= 0)):
+            # routed without capacity (a padded batch applies it over its real tokens below):
+            # projection and router in one step where a kernel can take both
+            logits, expert, gate = route_top1(u, self.router.weight)
         else:
-            # the op's capacity counts every token of the row, padding included: route with
-            # no dropping and apply the capacity over the real tokens only
-            expert, gate = TOP1_ROUTER(logits, 0.0)
+            logits = self.router_logits(u, c)
+            # the op's capacity counts every token of the row, padding included: route a
+            # padded batch with no dropping and apply the capacity over the real tokens only
+            expert, gate = TOP1_ROUTER(logits, self.capacity_factor if mask is None else 0.0)
+        if mask is not None:
             keep = keep_real_within_capacity(expert, mask, self.capacity_factor, self.n_experts)
             gate = torch.where(keep, gate, torch.zeros_like(gate))
         if self.training and torch.is_grad_enabled():

@@ -55,6 +55,20 @@ def router_logits(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(u.float(), weight.float())
 
 
+def route_top1(u: torch.Tensor, weight: torch.Tensor):
+    """``(logits, expert, gate)`` of the router without capacity: ``router_logits(u, weight)``
+    then ``TOP1_ROUTER(logits, 0.0)``. In plain eager inference on CUDA with fp16 / bf16
+    ``u`` (where :func:`router_logits` takes its kernel) one launch computes all three from
+    the same fp32 tile (``kernels.triton_router_logits(..., route=True)``): the same logits
+    and experts as the two steps, the gate to rounding, without a second launch and the
+    re-read of the logits."""
+    if (u.dtype in (torch.float16, torch.bfloat16) and weight.shape[0] <= LOGITS_MAX_E
+            and eager_device(u, weight) == "cuda"):
+        return _triton_router_logits(u, weight, route=True)
+    logits = router_logits(u, weight)
+    return (logits, *TOP1_ROUTER(logits, 0.0))
+
+
 def capacity(capacity_factor: float, T: int, E: int) -> int:
     """Tokens each expert accepts per row; ``T`` (no dropping) when ``capacity_factor <= 0``."""
     cf = np.float32(capacity_factor)
