@@ -74,6 +74,15 @@ VARIANTS = {
     "split tinv-input": dict(design="split", inverse="extract", tinv="input"),
     "split tinv-input doubling": dict(design="split", inverse="doubling", tinv="input"),
     "split kk-fp32": dict(design="split", kk_dots="fp32"),
+    # the inverse and W, U in one program a chunk and memory (wy="solve-apply": no stored
+    # inverse, one launch fewer), at the default's row loads and with extract, on 2 and 4
+    # warps (ptxas sm_90, triton 3.6, bf16: 8 bytes of spills for rows on 2 warps, none for
+    # the other three; doubling spills at every warp count and is left out)
+    "split solve-apply": dict(design="split", wy="solve-apply"),
+    "split solve-apply w4": dict(design="split", wy="solve-apply", wy_warps=4),
+    "split solve-apply extract": dict(design="split", wy="solve-apply", inverse="extract"),
+    "split solve-apply extract w4": dict(design="split", wy="solve-apply", inverse="extract",
+                                         wy_warps=4),
     "split inv-tf32": dict(design="split", INV_PREC="tf32"),
     "fused": dict(design="fused"),
     "fused bv16": dict(design="fused", BV=16),

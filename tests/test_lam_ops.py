@@ -158,10 +158,15 @@ def test_triton_chunked_matches_naive(T, dtype, design):
                                     dict(wy="fused", inverse="extract", wy_warps=4),
                                     dict(wy="fused", inverse="doubling"), dict(inverse="extract"),
                                     dict(inverse="doubling", tinv="input"),
-                                    dict(inverse="extract", tinv="input", kk_dots="fp32")],
+                                    dict(inverse="extract", tinv="input", kk_dots="fp32"),
+                                    dict(wy="solve-apply", inverse="rows"),
+                                    dict(wy="solve-apply", inverse="extract", wy_warps=4),
+                                    dict(wy="solve-apply", inverse="doubling", kk_dots="fp32")],
                          ids=["default", "both-memories-bv16", "bv64-out64-fp32-workspace", "half-dots",
                               "wy-fused", "wy-fused-doubling", "wy-solve-extract",
-                              "wy-solve-doubling-tinv-input", "wy-solve-tinv-input-kk-fp32"])
+                              "wy-solve-doubling-tinv-input", "wy-solve-tinv-input-kk-fp32",
+                              "wy-solve-apply-rows", "wy-solve-apply-extract-w4",
+                              "wy-solve-apply-doubling-kk-fp32"])
 def test_triton_split_several_chunks_with_tail(tiling, dtype):
     """The split design over 4 chunks and a 37-row tail (T = 293), two batch rows and three
     heads, dv = 40 (two or three value blocks, the last one masked), at each tiling the
@@ -195,7 +200,8 @@ def test_default_plan_is_recurrent_then_split():
     assert (default.wy, default.inverse, default.wy_warps) == ("solve", "rows", 2)
     for bad in (dict(wy="fused", inverse="rows"), dict(inverse="stored"), dict(wy_warps=3),
                 dict(tinv="input"), dict(wy="fused", inverse="extract", tinv="input"),
-                dict(kk_dots="tf32")):
+                dict(kk_dots="tf32"), dict(wy="solve_apply"),
+                dict(wy="solve-apply", inverse="extract", tinv="input")):   # (no stored inverse)
         with pytest.raises(ValueError, match="bad plan"):      # e.g. row loads need wy="solve"
             launch_plan(100, 64, 64, torch.float32, **bad)
 
@@ -344,6 +350,9 @@ def test_cuda_dispatch_both_paths_at_base_shapes(dtype):
             ("split", dict(wy="fused", inverse="extract", wy_warps=4)),
             ("split", dict(wy_warps=1)), ("split", dict(inverse="extract", tinv="input")),
             ("split", dict(inverse="doubling", kk_dots="fp32")),
+            ("split", dict(wy="solve-apply")), ("split", dict(wy="solve-apply", wy_warps=4)),
+            ("split", dict(wy="solve-apply", inverse="extract")),
+            ("fused", dict(wy="solve-apply", inverse="doubling")),
             ("fused", dict(wy="fused", inverse="doubling"))]:
         o, S = triton_dual_delta_rule(*args, out=poisoned(args), plan=plan(args, design, **extra))
         assert rel(o, ref_o) < TOL[dtype] and rel(S, ref_S) < TOL[dtype], (design, extra)

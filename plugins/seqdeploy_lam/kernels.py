@@ -322,22 +322,18 @@ def _store_block(ptr, X, row0: tl.constexpr, col0: tl.constexpr):
 
 
 @triton.jit
-def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
-                  T, n, d, sk_b, sk_t, sk_h, Tp, NT,
-                  BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                  INV_PREC: tl.constexpr, INVERSE: tl.constexpr, KK_INPUT: tl.constexpr):
-    """The ``"solve"`` WY form, first half: grid (chunk, batch*head, memory). One memory's
-    ``(I + A)^-1`` (:func:`_inverse_blocks`): its ten lower 16 x 16 blocks to
-    ``tinv [B*n, 2, NT, 64, 64]`` (fp32, or the input dtype, rounded once; the six upper
-    blocks are never written: ``_apply_kernel`` masks them to zero), and its ``gamma`` to
-    the workspace. It holds k but neither v nor the W and U products (ptxas for sm_90,
-    4 warps: 249 registers and no spills, where ``_wy_kernel``, holding all of them for both
-    memories, takes 255 and spills). ``INVERSE``: the diagonal blocks as
-    :func:`_inverse_blocks` makes them, or (``"rows"``, fp32 ``tinv`` only) by
-    :func:`_inv_unit_lower_rows`, through this program's own diagonal blocks of ``tinv``.
-    ``KK_INPUT``: the ``K K^T`` products take the fp16 / bf16 keys as they are (each product
-    of two half values is exact in fp32, as it is in tf32 after widening: the same sums at
-    twice tf32's tensor-core rate)."""
+def _chunk_inverse(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, T, n, d, sk_b, sk_t, sk_h, NT,
+                   BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                   INV_PREC: tl.constexpr, INVERSE: tl.constexpr, KK_INPUT: tl.constexpr):
+    """The program's chunk ``c``, (batch*head) ``bh`` and memory ``mem`` (grid (chunk,
+    batch*head, memory)) and that chunk's ``((T00, T10, T11, T20, T21, T22, T30, T31, T32,
+    T33), (gamma0, gamma1, gamma2, gamma3), tile)``: the lower 16 x 16 blocks of
+    ``(I + A)^-1`` (fp32, :func:`_inverse_blocks`), the four row blocks' ``gamma`` [16]
+    (fp32) and ``tile``, this program's 64 x 64 block of ``tinv_ptr [B*n, 2, NT, 64, 64]``,
+    which ``INVERSE="rows"`` uses (:func:`_inverse_blocks`) and no other form touches. It
+    loads k and beta, but no v. ``KK_INPUT``: the ``K K^T`` products take the fp16 / bf16
+    keys as they are (each product of two half values is exact in fp32, as it is in tf32
+    after widening: the same sums at twice tf32's tensor-core rate)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     mem = tl.program_id(2)
@@ -358,8 +354,29 @@ def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
         kk = _kk_blocks(k0, k1, k2, k3, PREC)
     ws = bh * 2 + mem
     out = tinv_ptr + (ws.to(tl.int64) * NT + c) * BT * BT
-    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _inverse_blocks(
-        b0, b1, b2, b3, kk, e0, e1, e2, e3, out, INV_PREC, INVERSE)
+    return c, bh, mem, _inverse_blocks(b0, b1, b2, b3, kk, e0, e1, e2, e3, out, INV_PREC,
+                                       INVERSE), (e0, e1, e2, e3), out
+
+
+@triton.jit
+def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
+                  T, n, d, sk_b, sk_t, sk_h, Tp, NT,
+                  BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                  INV_PREC: tl.constexpr, INVERSE: tl.constexpr, KK_INPUT: tl.constexpr):
+    """The ``"solve"`` WY form, first half: grid (chunk, batch*head, memory). One memory's
+    ``(I + A)^-1`` (:func:`_chunk_inverse`): its ten lower 16 x 16 blocks to
+    ``tinv [B*n, 2, NT, 64, 64]`` (fp32, or the input dtype, rounded once; the six upper
+    blocks are never written: ``_apply_kernel`` masks them to zero), and its ``gamma`` to
+    the workspace. It holds k but neither v nor the W and U products (ptxas for sm_90,
+    4 warps: 249 registers and no spills, where ``_wy_kernel``, holding all of them for both
+    memories, takes 255 and spills). ``INVERSE``: the diagonal blocks as
+    :func:`_inverse_blocks` makes them, or (``"rows"``, fp32 ``tinv`` only) by
+    :func:`_inv_unit_lower_rows`, through this program's own diagonal blocks of ``tinv``."""
+    c, bh, mem, inv, gam, out = _chunk_inverse(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, T, n, d,
+                                               sk_b, sk_t, sk_h, NT, BT, BD, PREC, INV_PREC,
+                                               INVERSE, KK_INPUT)
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = inv
+    e0, e1, e2, e3 = gam
     _store_block(out, T00, 0, 0)
     _store_block(out, T10, 16, 0)
     _store_block(out, T11, 16, 16)
@@ -370,11 +387,41 @@ def _solve_kernel(k_ptr, beta_ptr, gf_ptr, gs_ptr, tinv_ptr, gam_ptr,
     _store_block(out, T31, 48, 16)
     _store_block(out, T32, 48, 32)
     _store_block(out, T33, 48, 48)
-    base = ws.to(tl.int64) * Tp + c * BT + r
+    base = (bh * 2 + mem).to(tl.int64) * Tp + c * BT + tl.arange(0, 16)
     tl.store(gam_ptr + base, e0)
     tl.store(gam_ptr + base + 16, e1)
     tl.store(gam_ptr + base + 32, e2)
     tl.store(gam_ptr + base + 48, e3)
+
+
+@triton.jit
+def _chunk_rows(c, bh, n, T, BT: tl.constexpr):
+    """Chunk ``c`` of (batch*head ``bh``) as 64 rows: the batch row (int64), the head,
+    ``rows = arange(64)``, the token indices ``t64 [64]`` (int64) and their mask."""
+    b = (bh // n).to(tl.int64)
+    h = bh % n
+    rows = tl.arange(0, BT)
+    t = c * BT + rows
+    mt = t < T
+    return b, h, rows, t.to(tl.int64), mt
+
+
+@triton.jit
+def _load_rows(x_ptr, s_t, t64, mt, width, BX: tl.constexpr):
+    """Rows ``t64`` of the head at ``x_ptr`` (row stride ``s_t``, ``width`` columns):
+    ``[64, BX]`` fp32, zeros past T and past ``width``."""
+    ox = tl.arange(0, BX)
+    return tl.load(x_ptr + t64[:, None] * s_t + ox[None, :],
+                   mask=mt[:, None] & (ox < width)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_wy(ptr, base, X, width, BX: tl.constexpr):
+    """``X [64, BX]`` to the workspace rows ``base`` (row stride ``width``, rounded to its
+    dtype)."""
+    ox = tl.arange(0, BX)
+    tl.store(ptr + base[:, None] * width + ox[None, :], X.to(ptr.dtype.element_ty),
+             mask=(ox < width)[None, :])
 
 
 @triton.jit
@@ -388,31 +435,82 @@ def _apply_kernel(k_ptr, v_ptr, beta_ptr, tinv_ptr, gam_ptr, w_ptr, u_ptr,
     c = tl.program_id(0)
     bh = tl.program_id(1)
     mem = tl.program_id(2)
-    b = (bh // n).to(tl.int64)
-    h = bh % n
-    rows = tl.arange(0, BT)
-    t = c * BT + rows
-    mt = t < T
-    t64 = t.to(tl.int64)
-    od = tl.arange(0, BD)
-    ov = tl.arange(0, BDV)
+    b, h, rows, t64, mt = _chunk_rows(c, bh, n, T, BT)
     ws = (bh * 2 + mem).to(tl.int64)
     lower = (rows[:, None] // 16) >= (rows[None, :] // 16)     # the blocks _solve_kernel wrote
     tinv = tl.load(tinv_ptr + (ws * NT + c) * BT * BT + rows[:, None] * BT + rows[None, :],
                    mask=lower, other=0.0).to(tl.float32)
     gam = tl.load(gam_ptr + ws * Tp + c * BT + rows)
     beta = tl.load(beta_ptr + (b * T + t64) * n + h, mask=mt, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + t64[:, None] * sk_t + od[None, :],
-                mask=mt[:, None] & (od < d)[None, :], other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + b * sv_b + h * sv_h + t64[:, None] * sv_t + ov[None, :],
-                mask=mt[:, None] & (ov < dv)[None, :], other=0.0).to(tl.float32)
+    k = _load_rows(k_ptr + b * sk_b + h * sk_h, sk_t, t64, mt, d, BD)
+    v = _load_rows(v_ptr + b * sv_b + h * sv_h, sv_t, t64, mt, dv, BDV)
     W = tl.dot(tinv, (beta * tl.exp(gam))[:, None] * k, input_precision=PREC)
     U = tl.dot(tinv, beta[:, None] * v, input_precision=PREC)
     base = ws * Tp + c * BT + rows
-    tl.store(w_ptr + base[:, None] * d + od[None, :], W.to(w_ptr.dtype.element_ty),
-             mask=(od < d)[None, :])
-    tl.store(u_ptr + base[:, None] * dv + ov[None, :], U.to(u_ptr.dtype.element_ty),
-             mask=(ov < dv)[None, :])
+    _store_wy(w_ptr, base, W, d, BD)
+    _store_wy(u_ptr, base, U, dv, BDV)
+
+
+@triton.jit
+def _join4(x0, x1, x2, x3):
+    """``[..., 2 (q), 2 (p)]``: ``x_{2p+q}`` at ``[..., q, p]``."""
+    return tl.join(tl.join(x0, x1), tl.join(x2, x3))
+
+
+@triton.jit
+def _cat_cols(x0, x1, x2, x3):
+    """Four ``[R, C]`` tiles side by side: ``[R, 4C]``."""
+    return tl.reshape(tl.permute(_join4(x0, x1, x2, x3), (0, 3, 2, 1)),
+                      (x0.shape[0], 4 * x0.shape[1]))
+
+
+@triton.jit
+def _cat_rows(x0, x1, x2, x3):
+    """Four ``[R, C]`` tiles stacked: ``[4R, C]``."""
+    return tl.reshape(tl.permute(_join4(x0, x1, x2, x3), (3, 2, 0, 1)),
+                      (4 * x0.shape[0], x0.shape[1]))
+
+
+@triton.jit
+def _cat_vec(x0, x1, x2, x3):
+    """Four ``[R]`` vectors in a row: ``[4R]``."""
+    return tl.reshape(tl.permute(_join4(x0, x1, x2, x3), (2, 1, 0)), (4 * x0.shape[0],))
+
+
+@triton.jit
+def _solve_apply_kernel(k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, scratch_ptr, w_ptr, u_ptr,
+                        gam_ptr, T, n, d, dv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, Tp, NT,
+                        BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                        PREC: tl.constexpr, INV_PREC: tl.constexpr, INVERSE: tl.constexpr,
+                        KK_INPUT: tl.constexpr):
+    """The ``"solve-apply"`` WY form, grid (chunk, batch*head, memory): ``_solve_kernel`` and
+    ``_apply_kernel`` in one program. The ten blocks of ``(I + A)^-1``
+    (:func:`_chunk_inverse`) are joined, with zeros above them, into one ``[64, 64]`` fp32
+    tile in registers (Triton moves them through shared memory), from which W and U are
+    made as ``_apply_kernel`` makes them: the inverse never goes to HBM and is never
+    rounded, and there is one launch fewer. ``scratch [B*n, 2, NT, 64, 64]`` fp32 serves
+    ``INVERSE="rows"`` only (the diagonal blocks' rows, as ``_solve_kernel`` uses its own
+    ``tinv``); the other forms never touch it. k is loaded twice (16-row blocks for
+    ``K K^T``, then 64 rows for W), so the keys are not held through the inverse."""
+    c, bh, mem, inv, gam4, _ = _chunk_inverse(k_ptr, beta_ptr, gf_ptr, gs_ptr, scratch_ptr, T, n,
+                                              d, sk_b, sk_t, sk_h, NT, BT, BD, PREC, INV_PREC,
+                                              INVERSE, KK_INPUT)
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = inv
+    z = tl.zeros_like(T00)
+    tinv = _cat_rows(_cat_cols(T00, z, z, z), _cat_cols(T10, T11, z, z),
+                     _cat_cols(T20, T21, T22, z), _cat_cols(T30, T31, T32, T33))
+    gam = _cat_vec(gam4[0], gam4[1], gam4[2], gam4[3])
+    b, h, rows, t64, mt = _chunk_rows(c, bh, n, T, BT)
+    beta = tl.load(beta_ptr + (b * T + t64) * n + h, mask=mt, other=0.0).to(tl.float32)
+    base = (bh * 2 + mem).to(tl.int64) * Tp + c * BT + rows
+    tl.store(gam_ptr + base, gam)
+    # W stored before v loads (a load does not move above a store that may alias it): with
+    # k, v, W and U all live at once, as in _apply_kernel, 2 warps spill
+    k = _load_rows(k_ptr + b * sk_b + h * sk_h, sk_t, t64, mt, d, BD)
+    _store_wy(w_ptr, base, tl.dot(tinv, (beta * tl.exp(gam))[:, None] * k, input_precision=PREC),
+              d, BD)
+    v = _load_rows(v_ptr + b * sv_b + h * sv_h, sv_t, t64, mt, dv, BDV)
+    _store_wy(u_ptr, base, tl.dot(tinv, beta[:, None] * v, input_precision=PREC), dv, BDV)
 
 
 @triton.jit
@@ -652,12 +750,14 @@ def _dual_delta_rule_aot_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gf_ptr, gs_ptr, m
 _wy = Launcher(_wy_kernel, tensors=8)
 _solve = Launcher(_solve_kernel, tensors=6)
 _apply = Launcher(_apply_kernel, tensors=7)
+_solve_apply = Launcher(_solve_apply_kernel, tensors=9)
 _chunk = Launcher(_chunk_kernel, tensors=9)
 _state = Launcher(_state_kernel, tensors=7)
 _output = Launcher(_output_kernel, tensors=7)
 _recurrent = Launcher(_recurrent_kernel, tensors=10)
 
 DESIGNS = ("recurrent", "fused", "split")
+WY_FORMS = ("fused", "solve", "solve-apply")
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -696,21 +796,26 @@ class LaunchPlan:
       ``"solve"`` (``_solve_kernel`` stores each memory's ``(I + A)^-1``, its lower blocks,
       to a workspace, then ``_apply_kernel`` makes W and U as 64-row products: two
       launches, a program a chunk and memory, each holding fewer values; the default, see
-      :func:`launch_plan`);
-    - ``wy_warps``: warps of the kernel that inverts ``I + A`` (``_wy_kernel`` or
-      ``_solve_kernel``). Its forward substitution reduces a 16 x 16 tile across its rows
-      twice per row, 120 times per inverse: within one warp that is register shuffles, across
-      warps a round trip through shared memory and a barrier each (fla's 16 x 16 solve is
-      tuned over 1-8 warps). ``_apply_kernel`` always runs 4;
+      :func:`launch_plan`) or ``"solve-apply"`` (``_solve_apply_kernel``: the same two
+      steps in one program a chunk and memory, the inverse kept in registers: no stored
+      inverse, one launch);
+    - ``wy_warps``: warps of the kernel that inverts ``I + A`` (``_wy_kernel``,
+      ``_solve_kernel`` or ``_solve_apply_kernel``, which then also makes W and U on them).
+      Its forward substitution reduces a 16 x 16 tile across its rows twice per row, 120
+      times per inverse: within one warp that is register shuffles, across warps a round
+      trip through shared memory and a barrier each (fla's 16 x 16 solve is tuned over 1-8
+      warps). ``_apply_kernel`` always runs 4;
     - ``inverse``: how the four 16 x 16 diagonal blocks of ``(I + A)^-1`` are made.
       ``"extract"``: forward substitution taking row i of the tile out of the registers (a
-      second reduction per row); ``"rows"`` (``wy="solve"`` only): substitution that writes
-      the tile to the program's own output block and loads its rows back
-      (:func:`_inv_unit_lower_rows`); ``"doubling"``: six 16 x 16 products, no row steps
-      (:func:`_inv_unit_lower_doubling`);
-    - ``kk_dots`` (``wy="solve"``): ``"input"`` runs the ``K K^T`` products on the fp16 / bf16
-      keys as they are (exact products, fp32 sums: the same values as tf32 on the widened
-      keys, at twice the rate), ``"fp32"`` widens them first; fp32 inputs always use fp32;
+      second reduction per row); ``"rows"`` (``wy="solve"`` or ``"solve-apply"``):
+      substitution that writes the tile to a 64 x 64 fp32 block of its own (``"solve"``:
+      the program's output block; ``"solve-apply"``: a scratch of the same size) and loads
+      its rows back (:func:`_inv_unit_lower_rows`); ``"doubling"``: six 16 x 16 products,
+      no row steps (:func:`_inv_unit_lower_doubling`);
+    - ``kk_dots`` (``wy="solve"`` or ``"solve-apply"``): ``"input"`` runs the ``K K^T``
+      products on the fp16 / bf16 keys as they are (exact products, fp32 sums: the same
+      values as tf32 on the widened keys, at twice the rate), ``"fp32"`` widens them first;
+      fp32 inputs always use fp32;
     - ``tinv`` (``wy="solve"``, not with ``inverse="rows"``, whose substitution reads its
       rows back from there): dtype of the stored inverse, ``"fp32"`` or ``"input"`` (fp16 /
       bf16: rounded once, half the bytes between the two launches, as fla stores its
@@ -739,10 +844,10 @@ class LaunchPlan:
         if self.design not in DESIGNS:
             raise ValueError(f"dual_delta_rule: design must be one of {DESIGNS}, got {self.design!r}")
         if self.mems_per_program not in (1, 2) or self.workspace not in ("input", "fp32") or \
-                self.dot_operands not in ("input", "fp32") or self.wy not in ("fused", "solve") or \
+                self.dot_operands not in ("input", "fp32") or self.wy not in WY_FORMS or \
                 self.wy_warps not in (1, 2, 4, 8) or \
                 self.inverse not in ("extract", "rows", "doubling") or \
-                (self.inverse == "rows" and self.wy != "solve") or \
+                (self.inverse == "rows" and self.wy == "fused") or \
                 self.kk_dots not in ("input", "fp32") or self.tinv not in ("input", "fp32") or \
                 (self.tinv == "input" and (self.wy != "solve" or self.inverse == "rows")):
             raise ValueError(f"dual_delta_rule: bad plan {self}")
@@ -827,7 +932,16 @@ def triton_dual_delta_rule(q, k, v, beta, g_fast, g_slow, mix, state0, out=None,
     w = torch.empty(B, n, 2, Tp, d, dtype=ws, device=q.device)
     u = torch.empty(B, n, 2, Tp, dv, dtype=ws, device=q.device)
     gam = torch.empty(B, n, 2, Tp, dtype=torch.float32, device=q.device)
-    if plan.wy == "solve":
+    if plan.wy == "solve-apply":
+        # (scratch only for the "rows" substitution: the other forms never touch it)
+        scratch = torch.empty(B * n * 2 * n_chunks * BT * BT if plan.inverse == "rows" else 1,
+                              dtype=torch.float32, device=q.device)
+        _solve_apply((n_chunks, B * n, 2),
+                     (k, v, beta, g_fast, g_slow, scratch, w, u, gam, T, n, d, dv, *strides(k),
+                      *strides(v), Tp, n_chunks),
+                     (BT, plan.BD, plan.BDV, plan.PREC, plan.INV_PREC, plan.inverse,
+                      plan.kk_input(q.dtype)), num_warps=plan.wy_warps)
+    elif plan.wy == "solve":
         tinv = torch.empty(B * n * 2 * n_chunks * BT * BT, dtype=plan.tinv_dtype(q.dtype),
                            device=q.device)
         _solve((n_chunks, B * n, 2),
