@@ -263,8 +263,10 @@ def main(argv=None) -> int:
               f"{'MET' if router_ok else 'MISSED'} ({times[router_key] * 1e3:.1f} us)")
         point["targets_met"] = {"layer_1.5x_floor": layer_ok, "router_20us": router_ok}
         point["default_plan"] = experts_plan(N, E, d, f, dtype).name()
+        point["default_plan_eager"] = experts_plan(N, E, d, f, dtype, "padded").name()
         print(f"  experts op and moe layer above ran the default plan (variant 'auto'): "
-              f"{point['default_plan']}; 'padded' below is the first design (the old default)")
+              f"{point['default_plan']} in the CUDA-graph rows, {point['default_plan_eager']} "
+              f"in eager calls; the plan rows below are eager calls of each")
         point["plans"] = time_plans(sweep_plans(N, d, f, E, dtype, names), floor, deadline,
                                     bench, layer_on, xb, expert, gate, (w1, b1, w2, b2),
                                     reference_moe_experts)

@@ -11,8 +11,8 @@ its row's T blocks in order, grid (row,); the torch engine splits a longer row o
 tiles (``_capacity_kernel``, see :func:`triton_top1_router`).
 
 **Experts** (``triton_moe_experts``): two designs, chosen by an :class:`ExpertsPlan`
-(:func:`experts_plan` names them; the default ``"auto"`` is ``"padded"`` with tensor-descriptor
-loads for fp16 / bf16, the fastest on an H100).
+(:func:`experts_plan` names them; the default ``"auto"`` is ``"padded"``, with tensor-descriptor
+loads for fp16 / bf16 where a CUDA graph records the launches: the fastest on an H100).
 Neither waits on the host, and both gather the token rows of ``x`` in the first GEMM's A
 load and apply the gate and the scatter back to each token's row in the second GEMM's
 epilogue.
@@ -763,7 +763,9 @@ def experts_plan(N: int, E: int, d: int, f: int, dtype: torch.dtype,
     :func:`experts_config`; on top of it:
 
     - ``auto`` (the default): ``padded-tma`` for fp16 / bf16 at row tiles of 64 and more,
-      else ``padded``. The padded design's GEMMs were faster than every ``buckets``
+      else ``padded``; :func:`triton_moe_experts` asks for it only while a CUDA graph is
+      being captured (as the torch engine runs the model) and runs ``padded`` in eager
+      calls (see :func:`_capturing`). The padded design's GEMMs were faster than every ``buckets``
       variant's on an H100 (bf16, N=8192, d=768, f=3072), and there its tensor-descriptor
       form at these tiles beat the best pointer tiles at E=8 and E=64
       (``benchmarks/moe_layer.py`` times each named plan);
@@ -843,6 +845,14 @@ def _run_padded(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
                        w.stride(0), w.stride(1), bias.stride(0), dst.stride(0)),
                       (bm, bn, bk, first, f32, widen, K % bk == 0), num_warps=t.num_warps,
                       num_stages=t.num_stages)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether launches on ``device`` are being recorded into a CUDA graph. ``"auto"`` takes
+    the tensor-descriptor form only then: its launches go through Triton's own launch path
+    (building the descriptors each call), whose host time, paid once at capture, bounded
+    eager calls on an H100 at E=8, where the pointer kernels' direct launches do not."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _tma_fits(a, w, K, block_k, f32) -> bool:
@@ -937,8 +947,10 @@ def triton_moe_experts(x, expert, gate, w1, b1, w2, b2, out=None, block_m=None, 
     if gf.dtype != torch.float32:
         gf = gf.float()
     ef, gf = ef.contiguous(), gf.contiguous()
-    if plan is None or isinstance(plan, str):
-        plan = experts_plan(N, E, d, f, x.dtype, plan or "auto")
+    if plan is None or plan == "auto":
+        plan = "auto" if _capturing(x.device) else "padded"
+    if isinstance(plan, str):
+        plan = experts_plan(N, E, d, f, x.dtype, plan)
     over = {k: v for k, v in (("block_n", block_n), ("block_k", block_k),
                               ("num_warps", num_warps), ("num_stages", num_stages)) if v}
     if over:
