@@ -235,7 +235,7 @@ def _router_logits_kernel(u_ptr, w_ptr, out_ptr, expert_ptr, gate_ptr, N, K, E, 
     """One ``[BLOCK_M, BLOCK_E]`` tile of fp32 logits: half-precision rows of ``u``, widened
     to fp32 as they load, times the fp32 router weight, through ``tf32x3`` dots, or (SPLIT)
     two tf32 dots: the weight cut into its tf32 head (the low 13 mantissa bits cleared) and
-    the remainder, the rows being exact in tf32 (``tf32x3``'s third product, the rows'
+    the remainder rounded to tf32, the rows being exact in tf32 (``tf32x3``'s third product, the rows'
     remainder times the weight's head, is zero here). ROUTE: also each row's top-1 route
     (``_route_rows``, as the router kernel takes it from the stored logits) to ``expert``
     (int64) and ``gate`` (fp32)."""
@@ -253,7 +253,9 @@ def _router_logits_kernel(u_ptr, w_ptr, out_ptr, expert_ptr, gate_ptr, N, K, E, 
                     mask=mask_k[:, None] & mask_e[None, :], other=0.0)
         if SPLIT:
             head = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-            acc = tl.dot(a, b - head, acc, input_precision="tf32")
+            # the remainder rounded to tf32 here (the tensor cores would truncate it)
+            rest = ((b - head).to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000
+            acc = tl.dot(a, rest.to(tl.float32, bitcast=True), acc, input_precision="tf32")
             acc = tl.dot(a, head, acc, input_precision="tf32")
         else:
             acc = tl.dot(a, b, acc, input_precision="tf32x3")
