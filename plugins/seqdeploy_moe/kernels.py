@@ -235,8 +235,8 @@ def _router_logits_kernel(u_ptr, w_ptr, out_ptr, expert_ptr, gate_ptr, N, K, E, 
     """One ``[BLOCK_M, BLOCK_E]`` tile of fp32 logits: half-precision rows of ``u``, widened
     to fp32 as they load, times the fp32 router weight, through ``tf32x3`` dots, or (SPLIT)
     two tf32 dots: the weight cut into its tf32 head (the low 13 mantissa bits cleared) and
-    the remainder rounded to tf32, the rows being exact in tf32 (``tf32x3``'s third product, the rows'
-    remainder times the weight's head, is zero here). ROUTE: also each row's top-1 route
+    the remainder rounded to tf32, the rows being exact in tf32 (``tf32x3``'s third
+    product, the rows' remainder times the weight's head, is zero here). ROUTE: also each row's top-1 route
     (``_route_rows``, as the router kernel takes it from the stored logits) to ``expert``
     (int64) and ``gate`` (fp32)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
