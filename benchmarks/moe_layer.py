@@ -8,7 +8,8 @@ At N tokens, d, f and each E, times (``triton.testing.do_bench``, median ms):
 - ``moe layer``: router projection and ``top1_router`` as the model runs them
   (``router.route_top1``: one launch on CUDA) + ``moe_experts`` (grouping, both grouped
   GEMMs, gate, scatter): what one Switch FFN costs; eager, and replayed from a CUDA graph
-  (as the torch engine runs it);
+  (the GPU's time without the host's launch gaps; the torch engine replays graphs for
+  streaming steps, a caller may capture the whole model);
 - ``mask loop``: the seed's ``for e in range(E): m = expert == e; y[m] = FFN_e(x[m])``;
 - ``grouped_mm``: ``torch._grouped_mm`` over expert-sorted tokens (argsort, gather, two grouped
   GEMMs with bias + GELU in torch, scatter), where torch has it for this device and dtype;
@@ -251,8 +252,8 @@ def main(argv=None) -> int:
                   + (f"   {tf:6.1f} TFLOP/s" if tf else ""))
         if reason:
             print(f"  grouped_mm: skipped ({reason})")
-        # the targets on the GPU's time (CUDA-graph replays, as the torch engine runs the
-        # model) where the capture worked, else on the eager calls
+        # the targets on the GPU's time (CUDA-graph replays: no host launch gaps) where the
+        # capture worked, else on the eager calls
         layer_key = "moe layer (CUDA graph)" if "moe layer (CUDA graph)" in times else "moe layer"
         router_key = "router (CUDA graph)" if "router (CUDA graph)" in times else "router"
         layer_ok = times[layer_key] <= 1.5 * floor
@@ -307,8 +308,7 @@ def projection_breakdown(x, w_r, w_router, fp32, bench, times) -> dict:
 
 def graph_ms(fn, bench) -> float | str:
     """``fn`` captured in a CUDA graph and timed by replaying it: the GPU's time without the
-    host's launch gaps, which is what the torch engine (CUDA graphs on) runs. A failure comes
-    back as its one-line message."""
+    host's launch gaps. A failure comes back as its one-line message."""
     try:
         g = torch.cuda.CUDAGraph()
         s = torch.cuda.Stream()

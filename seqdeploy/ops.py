@@ -74,6 +74,13 @@ def reference_ops(enabled: bool = True) -> Iterator[None]:
         _reference_mode.reset(token)
 
 
+def in_reference_mode() -> bool:
+    """Whether :func:`reference_ops` is on: model code that fuses ops on a fast path (a
+    kernel doing two ops' work in one launch) takes the separate ops instead, so each
+    runs its reference."""
+    return _reference_mode.get()
+
+
 def call(op: CustomOp, *args, **kwargs):
     """Run ``op``: its reference under :func:`reference_ops`; else, in plain eager inference,
     the device's ``eager`` function directly; else the registered torch op.

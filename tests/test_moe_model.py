@@ -249,3 +249,39 @@ def test_capacity_factor_passes_through_export(registry):
     out_logits, out_routes = session.run(None, {k: v.numpy() for k, v in inputs.items()})
     assert torch.equal(torch.from_numpy(out_routes), routes)
     assert float((torch.from_numpy(out_logits) - logits).norm() / logits.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("capacity_factor, masked", [(0.0, False), (0.0, True), (1.0, True)])
+def test_fused_projection_and_route_match_the_two_steps(monkeypatch, capacity_factor, masked):
+    """Where eager CUDA inference would take the one-launch projection and route (simulated
+    here: the router module sees "cuda", the kernel runs in the interpreter), the block gives
+    the experts and outputs of the two-step path; under ``reference_ops`` it takes the
+    separate ops (the router's reference), not the fused launch."""
+    import seqdeploy_moe.router as router
+
+    torch.manual_seed(0)
+    block = MoEFeedForward(32, 64, 4, capacity_factor=capacity_factor).eval().to(torch.bfloat16)
+    block.router.float()
+    x = torch.randn(2, 9, 32).to(torch.bfloat16)
+    mask = torch.ones(2, 9)
+    mask[1, 6:] = 0
+    mask = mask if masked else None
+    fused = []
+    kernel = router._triton_router_logits
+
+    def spy(*args, **kwargs):
+        fused.append(bool(kwargs.get("route")))
+        return kernel(*args, **kwargs)
+
+    with torch.no_grad():
+        want_y, want_e = block(x, mask=mask)
+        monkeypatch.setattr(router, "eager_device", lambda *tensors: "cuda")
+        monkeypatch.setattr(router, "_triton_router_logits", spy)
+        got_y, got_e = block(x, mask=mask)
+        assert fused == [True]
+        assert torch.equal(got_e, want_e)
+        assert float((got_y.float() - want_y.float()).norm() / want_y.float().norm()) < 1e-2
+        fused.clear()
+        with reference_ops():
+            block(x, mask=mask)
+        assert True not in fused

@@ -222,16 +222,31 @@ def test_triton_experts_many_tiles_per_group(block_m, design):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_triton_experts_tma_with_column_tails(dtype):
-    """The tensor-descriptor form where a weight tile runs past N (f = 72 in 128-column tiles:
-    the descriptor reads zeros there) and where K = 72 is no multiple of the K tile (that
-    layer takes the pointer kernel), with an empty expert and dropped tokens."""
-    t = GemmTiles(128, 64, 4, 2)
-    plan = ExpertsPlan("padded", 16, t, t, tma=True)
-    args = make_experts(2, 37, 32, 72, 4, dtype, seed=6, dropped=3)
+@pytest.mark.parametrize("d, f, bn, bk, bm", [(32, 72, 128, 64, 16), (128, 192, 64, 32, 16),
+                                             (256, 64, 32, 64, 64)])
+def test_triton_experts_tma_form(dtype, d, f, bn, bk, bm):
+    """The tensor-descriptor form against float64, with an empty expert and dropped tokens:
+    (32, 72) a weight tile running past N (72 columns in 128-wide tiles: the descriptor reads
+    zeros there) and K = 72 no multiple of the K tile (that layer takes the pointer kernel);
+    (128, 192) and (256, 64) several K steps and several column blocks in both layers, so a
+    tile read at the wrong K offset, column block or expert shows."""
+    t = GemmTiles(bn, bk, 4, 2)
+    plan = ExpertsPlan("padded", bm, t, t, tma=True)
+    args = make_experts(2, 37, d, f, 4, dtype, seed=6, dropped=3)
     y = triton_poisoned(*args, plan=plan)
     assert rel_l2(y, naive_moe_experts(*args)) < TOL[dtype]
-    assert (y.reshape(-1, 32)[:3].cpu() == 0).all()
+    assert (y.reshape(-1, d)[:3].cpu() == 0).all()
+
+
+def test_triton_experts_auto_twice():
+    """The default plan where it has a descriptor form (bf16, 64-row tiles): the first eager
+    call of a signature runs that form, later ones the pointer form; both agree with
+    float64."""
+    args = make_experts(2, 64, 64, 96, 2, torch.bfloat16, seed=8, dropped=2)
+    assert experts_plan(128, 2, 64, 96, torch.bfloat16).tma
+    ref = naive_moe_experts(*args)
+    for _ in range(2):
+        assert rel_l2(triton_poisoned(*args), ref) < TOL[torch.bfloat16]
 
 
 def bucket_plans():

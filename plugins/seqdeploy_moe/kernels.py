@@ -253,8 +253,10 @@ def _router_logits_kernel(u_ptr, w_ptr, out_ptr, expert_ptr, gate_ptr, N, K, E, 
                     mask=mask_k[:, None] & mask_e[None, :], other=0.0)
         if SPLIT:
             head = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-            # the remainder rounded to tf32 here (the tensor cores would truncate it)
-            rest = ((b - head).to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000
+            # the remainder rounded to tf32 here, to nearest even (the tensor cores would
+            # truncate it: a bias that adds up over d)
+            bits = (b - head).to(tl.uint32, bitcast=True)
+            rest = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
             acc = tl.dot(a, rest.to(tl.float32, bitcast=True), acc, input_precision="tf32")
             acc = tl.dot(a, head, acc, input_precision="tf32")
         else:
@@ -494,9 +496,9 @@ def _grouped_ffn_tma_kernel(a_ptr, a_desc, row_token_ptr, tile_expert_ptr, w_des
     ``w_desc`` views the weights as ``[E * K, N]`` (expert e's rows start at ``e * K``; with K
     a multiple of BLOCK_K a tile never crosses experts, and columns past N read as zeros),
     ``a_desc`` views ``h`` as ``[rows, K]``. The first layer's rows are gathered by token, so
-    they stay pointer loads (``a_ptr``). Padding rows of ``h`` hold whatever the first layer
-    left there: each output row depends on its own input row only, and padding rows are
-    never stored."""
+    they stay pointer loads (``a_ptr``). Padding rows of ``h`` are never written (they hold
+    whatever the buffer held, NaN included): each output row depends on its own input row
+    only, and padding rows are never stored."""
     pid_m, pid_n, e = _padded_work(tile_expert_ptr, N, BLOCK_N)
     if e < E:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -765,9 +767,9 @@ def experts_plan(N: int, E: int, d: int, f: int, dtype: torch.dtype,
     :func:`experts_config`; on top of it:
 
     - ``auto`` (the default): ``padded-tma`` for fp16 / bf16 at row tiles of 64 and more,
-      else ``padded``; :func:`triton_moe_experts` asks for it only while a CUDA graph is
-      being captured (as the torch engine runs the model) and runs ``padded`` in eager
-      calls (see :func:`_capturing`). The padded design's GEMMs were faster than every ``buckets``
+      else ``padded``; :func:`triton_moe_experts` runs it under CUDA-graph capture (after
+      one eager call of the same signature has compiled it) and ``padded`` in other eager
+      calls (see :func:`_tma_warm`). The padded design's GEMMs were faster than every ``buckets``
       variant's on an H100 (bf16, N=8192, d=768, f=3072), and there its tensor-descriptor
       form at these tiles beat the best pointer tiles at E=8 and E=64
       (``benchmarks/moe_layer.py`` times each named plan);
@@ -838,7 +840,7 @@ def _run_padded(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
     layers = ((xf, w1, b1, h, d, f, True, plan.first), (h, w2, b2, yf, f, d, False, plan.second))
     for a, w, bias, dst, K, Nn, first, t in layers:
         bn, bk = _fit(t.block_n, Nn), _fit(t.block_k, K)
-        if plan.tma and _tma_fits(a, w, K, bk, f32):
+        if plan.tma and _tma_fits(a, w, K, bk, f32, first):
             _launch_tma(a, row_token, tile_expert, w, bias, gf, dst, K, Nn, E, bm, bn, bk,
                         first, widen, t, max_tiles)
             continue
@@ -849,22 +851,43 @@ def _run_padded(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
                       num_stages=t.num_stages)
 
 
-def _capturing(device: torch.device) -> bool:
-    """Whether launches on ``device`` are being recorded into a CUDA graph. ``"auto"`` takes
-    the tensor-descriptor form only then: its launches go through Triton's own launch path
-    (building the descriptors each call), whose host time, paid once at capture, bounded
-    eager calls on an H100 at E=8, where the pointer kernels' direct launches do not."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+#: the call signatures (:func:`_tma_warm`) whose descriptor-form kernels have run eagerly
+_TMA_WARM: set[tuple] = set()
 
 
-def _tma_fits(a, w, K, block_k, f32) -> bool:
+def _tma_warm(plan, xf, gf, y, w1, b1, w2, b2) -> bool:
+    """Whether an ``"auto"`` call takes its descriptor form (``plan``) rather than the
+    pointer form. The descriptor form's launches go through Triton's own launch path,
+    which builds the descriptors each call: an eager H100 call at E=8 was bound by that
+    host time, where the pointer kernels' direct launches were not. So the descriptor form
+    runs where the launches are recorded once, in a CUDA graph; but its kernels must be
+    compiled and loaded before a capture (a module cannot load while a stream captures), so
+    the first eager call of each signature runs it (and compiles it), later eager calls run
+    the pointer form, and a capture takes it only for a signature already run. The
+    signature is what Triton specializes a binary on: the plan, dtypes, E, d, f, strides
+    and 16-byte alignment of the tensors the kernels receive."""
+    E, d, f = w1.shape
+    key = (plan, xf.device, xf.dtype, E, d, f,
+           *((t.dtype, t.data_ptr() % 16 == 0, t.stride()) for t in (xf, gf, y, w1, b1, w2, b2)))
+    if xf.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return key in _TMA_WARM
+    if key in _TMA_WARM:
+        return False
+    if len(_TMA_WARM) >= 1024:
+        _TMA_WARM.clear()
+    _TMA_WARM.add(key)
+    return True
+
+
+def _tma_fits(a, w, K, block_k, f32, first) -> bool:
     """Whether a layer can take :func:`_grouped_ffn_tma_kernel`: half dtypes, K a multiple of
     the K tile (a weight tile never crosses experts) and the 16-byte alignment tensor
-    descriptors need (bases, and row strides of the weights and of h)."""
+    descriptors need (bases and row strides of the weights, and of h in the second layer;
+    the first layer's rows are pointer loads)."""
     size = a.element_size()
     return (not f32 and K % block_k == 0 and w.is_contiguous() and a.stride(1) == 1
-            and all(t.data_ptr() % 16 == 0 for t in (a, w))
-            and (w.shape[-1] * size) % 16 == 0 and (a.stride(0) * size) % 16 == 0)
+            and w.data_ptr() % 16 == 0 and (w.shape[-1] * size) % 16 == 0
+            and (first or (a.data_ptr() % 16 == 0 and (a.stride(0) * size) % 16 == 0)))
 
 
 def _launch_tma(a, row_token, tile_expert, w, bias, gf, dst, K, N, E, bm, bn, bk, first,
@@ -913,10 +936,6 @@ def _run_buckets(plan, xf, ef, gf, w1, b1, w2, b2, h_dtype, yf, widen):
     layers = ((xf, w1, b1, h, d, f, True, plan.first), (h, w2, b2, yf, f, d, False, plan.second))
     for a, w, bias, dst, K, Nn, first, t in layers:
         bn, bk = _fit(t.block_n, Nn), _fit(t.block_k, K)
-        if plan.tma and _tma_fits(a, w, K, bk, f32):
-            _launch_tma(a, row_token, tile_expert, w, bias, gf, dst, K, Nn, E, bm, bn, bk,
-                        first, widen, t, max_tiles)
-            continue
         grid = max_tiles * triton.cdiv(Nn, bn)
         if plan.persistent:
             grid = min(grid, plan.persistent * _sm_count(xf.device))
@@ -949,20 +968,26 @@ def triton_moe_experts(x, expert, gate, w1, b1, w2, b2, out=None, block_m=None, 
     if gf.dtype != torch.float32:
         gf = gf.float()
     ef, gf = ef.contiguous(), gf.contiguous()
-    if plan is None or plan == "auto":
-        plan = "auto" if _capturing(x.device) else "padded"
-    if isinstance(plan, str):
-        plan = experts_plan(N, E, d, f, x.dtype, plan)
+    auto = plan is None or plan == "auto"
+    if auto or isinstance(plan, str):
+        plan = experts_plan(N, E, d, f, x.dtype, plan or "auto")
     over = {k: v for k, v in (("block_n", block_n), ("block_k", block_k),
                               ("num_warps", num_warps), ("num_stages", num_stages)) if v}
-    if over:
-        plan = dataclasses.replace(plan, first=dataclasses.replace(plan.first, **over),
-                                   second=dataclasses.replace(plan.second, **over))
-    if block_m:     # the plan's tail tiles, as deep as they stay >= 16 rows
-        tail = min(plan.tail, max(0, (block_m // 16).bit_length() - 1))
-        plan = dataclasses.replace(plan, block_m=block_m, tail=tail)
+
+    def overridden(plan):
+        if over:
+            plan = dataclasses.replace(plan, first=dataclasses.replace(plan.first, **over),
+                                       second=dataclasses.replace(plan.second, **over))
+        if block_m:     # the plan's tail tiles, as deep as they stay >= 16 rows
+            tail = min(plan.tail, max(0, (block_m // 16).bit_length() - 1))
+            plan = dataclasses.replace(plan, block_m=block_m, tail=tail)
+        return plan
+
+    plan = overridden(plan)
     _check_plan(plan)
     y = out if out is not None else torch.empty(B, T, d, dtype=x.dtype, device=x.device)
+    if auto and plan.tma and not _tma_warm(plan, xf, gf, y, w1, b1, w2, b2):
+        plan = overridden(experts_plan(N, E, d, f, x.dtype, "padded"))
     run = _run_padded if plan.design == "padded" else _run_buckets
     run(plan, xf, ef, gf, w1, b1, w2, b2, x.dtype, y.view(N, d), interpreter_widens_bf16(x.dtype))
     return y

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from seqdeploy.errors import InputError
-from seqdeploy.ops import CustomOp, define_op, eager_device, lazy_kernel
+from seqdeploy.ops import CustomOp, define_op, eager_device, in_reference_mode, lazy_kernel
 
 
 _triton_router_logits = lazy_kernel("seqdeploy_moe.kernels", "triton_router_logits")
@@ -59,11 +59,12 @@ def route_top1(u: torch.Tensor, weight: torch.Tensor):
     """``(logits, expert, gate)`` of the router without capacity: ``router_logits(u, weight)``
     then ``TOP1_ROUTER(logits, 0.0)``. In plain eager inference on CUDA with fp16 / bf16
     ``u`` (where :func:`router_logits` takes its kernel) one launch computes all three from
-    the same fp32 tile (``kernels.triton_router_logits(..., route=True)``): the same logits
+    the same fp32 tile (``kernels.triton_router_logits(..., route=True)``; not under
+    ``seqdeploy.ops.reference_ops``, where the router runs its reference): the same logits
     and experts as the two steps, the gate to rounding, without a second launch and the
     re-read of the logits."""
     if (u.dtype in (torch.float16, torch.bfloat16) and weight.shape[0] <= LOGITS_MAX_E
-            and eager_device(u, weight) == "cuda"):
+            and not in_reference_mode() and eager_device(u, weight) == "cuda"):
         return _triton_router_logits(u, weight, route=True)
     logits = router_logits(u, weight)
     return (logits, *TOP1_ROUTER(logits, 0.0))
