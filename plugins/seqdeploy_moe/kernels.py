@@ -421,13 +421,21 @@ def _rows_times_w(a_ptr, a_rows, valid, w_base, offs_n, mask_n, K, s_a, s_wk,
             mask_k = offs_k < K
             a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if WIDEN:      # the interpreter's bf16 dot (see seqdeploy.launch.interpreter_widens_bf16)
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        elif DOT_F32:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = _mma(a, w, acc, DOT_F32, WIDEN)
     return acc
+
+
+@triton.jit
+def _mma(a, w, acc, DOT_F32: tl.constexpr, WIDEN: tl.constexpr):
+    """``acc + a @ w``, the grouped GEMMs' product: fp32 operands at full precision
+    (DOT_F32), half operands as they are, or widened (WIDEN: the interpreter's bf16 dot, see
+    ``seqdeploy.launch.interpreter_widens_bf16``)."""
+    if WIDEN:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    elif DOT_F32:
+        return tl.dot(a, w, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, w, acc)
 
 
 @triton.jit
@@ -515,10 +523,7 @@ def _grouped_ffn_tma_kernel(a_ptr, a_desc, row_token_ptr, tile_expert_ptr, w_des
             else:
                 a = a_desc.load([pid_m * BLOCK_M, k0])
             w = w_desc.load([w_row + k0, pid_n * BLOCK_N])
-            if WIDEN:  # the interpreter's bf16 dot (see seqdeploy.launch.interpreter_widens_bf16)
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
+            acc = _mma(a, w, acc, False, WIDEN)
         _ffn_epilogue(acc, e, rows, token, valid, offs_n, offs_n < N, bias_ptr, gate_ptr,
                       out_ptr, s_be, s_o, FIRST)
 
@@ -706,9 +711,8 @@ class ExpertsPlan:
     """How :func:`triton_moe_experts` runs. ``design``:
 
     - ``"padded"`` (the first design): rank + layout kernels build a padded row table and a
-      tile -> expert table, then the
-      two grouped GEMMs over a grid of ``cdiv(N, block_m) + E`` row tiles, the N blocks of a
-      row tile adjacent.
+      tile -> expert table, then the two grouped GEMMs over a grid of ``cdiv(N, block_m) + E``
+      row tiles, the N blocks of a row tile adjacent.
     - ``"buckets"``: one kernel groups (``slot_token[e, rank] = token``, atomic counts),
       and each GEMM derives its tiles from the E counts (no tile table).
       ``order``: ``"m"`` the N blocks of a row tile are adjacent, ``"n"`` the row tiles of

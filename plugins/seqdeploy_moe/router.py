@@ -49,10 +49,16 @@ def router_logits(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     writing an fp32 copy (``kernels.triton_router_logits``: products to about 2^-21
     relative instead of fp32's 2^-24, summed in fp32), so a near-tie may route differently
     from the fp32 GEMM, as it may between any two fp32 GEMMs that sum in another order."""
-    if (u.dtype in (torch.float16, torch.bfloat16) and weight.shape[0] <= LOGITS_MAX_E
-            and eager_device(u, weight) == "cuda"):
+    if _kernel_applies(u, weight):
         return _triton_router_logits(u, weight)
     return torch.nn.functional.linear(u.float(), weight.float())
+
+
+def _kernel_applies(u: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the projection kernel takes ``u`` and ``weight``: fp16 / bf16 ``u``, at most
+    ``LOGITS_MAX_E`` experts, plain eager inference on CUDA."""
+    return (u.dtype in (torch.float16, torch.bfloat16) and weight.shape[0] <= LOGITS_MAX_E
+            and eager_device(u, weight) == "cuda")
 
 
 def route_top1(u: torch.Tensor, weight: torch.Tensor):
@@ -63,8 +69,7 @@ def route_top1(u: torch.Tensor, weight: torch.Tensor):
     ``seqdeploy.ops.reference_ops``, where the router runs its reference): the same logits
     and experts as the two steps, the gate to rounding, without a second launch and the
     re-read of the logits."""
-    if (u.dtype in (torch.float16, torch.bfloat16) and weight.shape[0] <= LOGITS_MAX_E
-            and not in_reference_mode() and eager_device(u, weight) == "cuda"):
+    if not in_reference_mode() and _kernel_applies(u, weight):
         return _triton_router_logits(u, weight, route=True)
     logits = router_logits(u, weight)
     return (logits, *TOP1_ROUTER(logits, 0.0))
