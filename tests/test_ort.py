@@ -72,12 +72,19 @@ def _eigen_naive(inputs, attrs):
     return [y.real.numpy(), y.imag.numpy()]
 
 
-def _cfc_inputs(B, T, dtype, rng):
-    H = 48   # not a power of two: the CUDA tile (64) masks its padding
+def _cfc_inputs(B, T, dtype, rng, H=48):
+    """H = 48 is not a power of two: the CUDA tile (64) masks its padding."""
     return {"xw": rng.standard_normal((B, T, H)).astype(NP[dtype]),
             "h0": (0.5 * rng.standard_normal((B, H))).astype(NP[dtype]),
             "w_rec": (rng.standard_normal((H, H)) * 0.5 / np.sqrt(H)).astype(NP[dtype]),
             "tau": (np.exp(rng.uniform(np.log(0.5), np.log(20.0), H)) + 0.01).astype(np.float32)}
+
+
+def _cfc_cluster_inputs(B, T, dtype, rng):
+    """H = 200, where an sm_90 runs the cluster split kernel in fp16 for T > 1 (BLOCK_H 256,
+    clusters of 7 programs of 32 columns, the last one part padding); the rows kernel for
+    T = 1, in fp32 and below sm_90."""
+    return _cfc_inputs(B, T, dtype, rng, H=200)
 
 
 def _cfc_naive(inputs, attrs):
@@ -188,6 +195,7 @@ def _experts_naive(inputs, attrs):
 OP_CASES = {
     "eigen_scan": (_eigen_inputs, _eigen_naive, {}),
     "cfc_scan": (_cfc_inputs, _cfc_naive, {"dt": 0.7}),
+    "cfc_scan[clusters]": (_cfc_cluster_inputs, _cfc_naive, {"dt": 0.7}),
     "linoss_scan": (_linoss_inputs, _linoss_naive, {}),
     "dual_delta_rule": (_lam_inputs, _lam_naive, {}),
     "top1_router": (_router_inputs(6), _router_naive, {"capacity_factor": 0.0}),
@@ -223,6 +231,72 @@ def test_moe_cases_cover_what_they_claim():
     x = OP_CASES["moe_experts"][0](2, 63, "fp32", rng)
     assert set(np.unique(x["expert"])) == {0, 1, 2, 4} and (x["gate"] == 0).any()
     assert set(np.unique(OP_CASES["moe_experts[one expert]"][0](2, 63, "fp32", rng)["expert"])) == {2}
+
+
+def test_cfc_cluster_case_takes_the_cluster_kernel_on_sm90():
+    """In fp16 the case's width plans the cluster split on an sm_90 without the wgmma design,
+    with the tiling the library compiled (ops.py) and the C++ form derives (ort_cfc_scan.cc:
+    BLOCK_N = BLOCK_H / 8); the library compiles it for sm_90 and fp16 only."""
+    from seqdeploy_cfc.kernels import Gpu, choose
+    from seqdeploy_cfc.ops import ORT_CLUSTER_GPU
+
+    rows, split = ort_ops(load_registry())["CfCScan"].triton
+    assert rows.archs is None and (split.archs, split.dtypes) == ((90,), ("fp16",))
+    H = _cfc_cluster_inputs(2, 5, "fp16", np.random.default_rng(0))["xw"].shape[-1]
+    plan = choose(3, 5, H, torch.float16, Gpu(132, ORT_CLUSTER_GPU, clusters=True, wgmma=False))
+    assert plan.design == "split" and plan.cluster and plan.block_h == 256
+    assert plan.block_n == 256 // 8 and 1 < plan.column_blocks(H) < 8   # a partial cluster
+    assert list(split.variants("fp16")) == [f"h256_n{plan.block_n}"]
+
+
+def test_ort_cluster_kernel_compiles_without_spills(tmp_path):
+    """The cluster kernel as the library compiles it (no specialisation hints), through ptxas
+    for sm_90a: no spills (the tilings left out spill; ops.py)."""
+    split = ort_ops(load_registry())["CfCScan"].triton[1]
+    signature = {k: v.replace("*T", "*fp16") for k, v in split.signature.items()}
+    jobs = [{"name": f"cfc_split_{variant}", "kernel": split.kernel, "signature": signature,
+             "constexprs": constexprs, "num_warps": warps, "arch": 90}
+            for variant, (constexprs, warps) in split.variants("fp16").items()]
+    for fact in aot_compile(jobs, tmp_path):
+        out = ptxas(fact, tmp_path)
+        assert "0 bytes spill stores, 0 bytes spill loads" in out, out[-1000:]
+
+
+def test_cluster_launch_structs_match_cuda_h(tmp_path):
+    """The library's declarations of cuLaunchKernelEx's structs and constants (it builds
+    without a CUDA toolkit) against the toolkit's cuda.h, where one is installed."""
+    from seqdeploy.ort_native.build import HERE, compiler
+
+    cuda_h = [Path(p) for p in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda")
+              if p and (Path(p) / "include" / "cuda.h").is_file()]
+    if not cuda_h:
+        pytest.skip("no CUDA toolkit's cuda.h here")
+    src = tmp_path / "abi.cc"
+    src.write_text("""
+#include <cstddef>
+#include <cuda.h>
+#include "cuda_launch_abi.h"
+namespace a = seqdeploy::abi;
+static_assert(sizeof(a::LaunchAttribute) == sizeof(CUlaunchAttribute), "attribute size");
+static_assert(alignof(a::LaunchAttribute) == alignof(CUlaunchAttribute), "attribute align");
+static_assert(offsetof(a::LaunchAttribute, value) == offsetof(CUlaunchAttribute, value), "value");
+static_assert(offsetof(a::LaunchAttribute, value.cluster_dim.z) ==
+              offsetof(CUlaunchAttribute, value.clusterDim.z), "cluster dim");
+static_assert(offsetof(a::LaunchAttribute, value.scheduling_policy) ==
+              offsetof(CUlaunchAttribute, value.clusterSchedulingPolicyPreference), "policy");
+static_assert(sizeof(a::LaunchConfig) == sizeof(CUlaunchConfig), "config size");
+static_assert(offsetof(a::LaunchConfig, shared_bytes) == offsetof(CUlaunchConfig, sharedMemBytes), "");
+static_assert(offsetof(a::LaunchConfig, stream) == offsetof(CUlaunchConfig, hStream), "stream");
+static_assert(offsetof(a::LaunchConfig, attrs) == offsetof(CUlaunchConfig, attrs), "attrs");
+static_assert(offsetof(a::LaunchConfig, n_attrs) == offsetof(CUlaunchConfig, numAttrs), "n");
+static_assert(a::kLaunchAttributeClusterDimension == CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, "");
+static_assert(a::kLaunchAttributeClusterScheduling ==
+              CU_LAUNCH_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE, "");
+static_assert(a::kClusterSchedulingSpread == CU_CLUSTER_SCHEDULING_POLICY_SPREAD, "");
+""")
+    done = subprocess.run([compiler(), "-std=c++17", "-fsyntax-only", f"-I{cuda_h[0] / 'include'}",
+                           f"-I{HERE}", str(src)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # -- the harness: outputs typed and shaped as the op says, compared by kind ----------------
@@ -342,6 +416,32 @@ def test_missing_compiler_or_headers_is_one_line(env, message, monkeypatch, caps
     OrtOnnxEngine().check("cpu")   # plain ORT needs no library
 
 
+def aot_compile(jobs: list[dict], tmp_path: Path) -> list[dict]:
+    """The library's AOT step (``python -m seqdeploy.ort_native.aot``, out of the
+    interpreter) on ``jobs``; the launch facts of each, with its PTX's path."""
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "seqdeploy.ort_native.aot", str(tmp_path / "jobs.json"),
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((tmp_path / "kernels.json").read_text())
+
+
+def ptxas(fact: dict, tmp_path: Path) -> str:
+    """ptxas -v on an AOT kernel's PTX for its architecture (sm_90a for 90); its report.
+    Skips where this triton ships no ptxas."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        path = get_ptxas(90).path
+    except Exception:
+        pytest.skip("this triton ships no ptxas")
+    arch = "sm_90a" if fact["arch"] == 90 else f"sm_{fact['arch']}"
+    out = subprocess.run([path, "-v", f"--gpu-name={arch}", fact["ptx"], "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-1000:]
+    return out.stderr
+
+
 def test_ptx_keeps_every_argument_and_assembles(tmp_path):
     """The AOT ABI: the PTX entry takes the kernel's runtime arguments in order (nothing
     specialised away, an i32 that could be 1 included) plus Triton's two scratch pointers,
@@ -354,28 +454,15 @@ def test_ptx_keeps_every_argument_and_assembles(tmp_path):
     signature = {k: v.replace("*T", "*fp16") for k, v in aot.signature.items()}
     jobs = [{"name": "cfc_h16", "kernel": aot.kernel, "signature": signature,
              "constexprs": constexprs, "num_warps": warps, "arch": arch} for arch in (80, 90)]
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "seqdeploy.ort_native.aot", str(tmp_path / "jobs.json"),
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    facts = json.loads((tmp_path / "kernels.json").read_text())
+    facts = aot_compile(jobs, tmp_path)
     for fact in facts:
         ptx = Path(fact["ptx"]).read_text()
         assert ".version 8.0" in ptx
         assert entry_params(ptx) == ("_cfc_scan_kernel", len(signature) + 2)
         assert (fact["n_args"], fact["n_params"]) == (len(signature), len(signature) + 2)
         assert fact["num_warps"] == warps
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        ptxas = get_ptxas(90).path
-    except Exception:
-        pytest.skip("this triton ships no ptxas")
     for fact in facts:
-        arch = "sm_90a" if fact["arch"] == 90 else "sm_80"
-        out = subprocess.run([ptxas, f"--gpu-name={arch}", fact["ptx"], "-o", str(tmp_path / "k.cubin")],
-                             capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-1000:]
+        ptxas(fact, tmp_path)
 
 
 # -- CPU kernels against the float64 loop and against ort-onnx -----------------------------

@@ -115,17 +115,46 @@ def _ort_rows_variants(dtype: str) -> dict:
     return variants
 
 
+#: the GPU the ORT library's cluster kernels are planned for: compute capability 9.0 with
+#: cluster launches and no Gluon (the wgmma design is not compiled ahead of time)
+ORT_CLUSTER_GPU = (9, 0)
+
+
+def _ort_split_variants(dtype: str) -> dict:
+    """The cluster ``split`` kernel's tiling in fp16 at ``BLOCK_H`` 256 (H of 129 to 256), as
+    the dispatch plans it for several steps on an sm_90 without the wgmma design: 8 programs
+    of 32 columns per 16 batch rows. The variant name carries ``BLOCK_N``, which sets the
+    cluster size (``ort_cfc_scan.cc`` derives both from H with the same rule). Only this tiling
+    is compiled: without the torch launcher's divisibility specialisation (an AOT kernel keeps
+    every stride a plain parameter) ptxas spills the fp32 tile at 256 and the fp16 tile at 512
+    (sm_90, Triton 3.6 and 3.9), so those widths keep the rows kernel."""
+    from seqdeploy.precision import TORCH_DTYPES
+    from seqdeploy_cfc.kernels import Gpu, choose
+
+    gpu = Gpu(sms=132, capability=ORT_CLUSTER_GPU, clusters=True, wgmma=False)
+    names = ("BLOCK_B", "BLOCK_H", "BLOCK_N", "BLOCK_K", "W_RESIDENT", "DOT_F32", "SERIES_BELOW",
+             "FAST_TANH", "CLUSTER")
+    plan = choose(16, 2, 256, TORCH_DTYPES[dtype], gpu)
+    assert plan.design == "split" and plan.cluster, plan
+    return {f"h256_n{plan.block_n}": (dict(zip(names, plan.constexprs(256))), plan.num_warps)}
+
+
 def ort_kernel():
     """The ONNX Runtime kernels (``ort_cfc_scan.cc``): a CPU loop, and on CUDA this plugin's
-    rows Triton kernel compiled ahead of time (a plain grid launch: no clusters)."""
+    Triton kernels compiled ahead of time: the rows kernel (a plain grid launch, sm_80 on), and
+    on sm_90 for several steps in fp16 at H of 129 to 256 the cluster split kernel (cluster
+    launches through the driver)."""
     from seqdeploy.ort_native import OrtKernel, TritonAOT
 
     p, i = "*T", "i32"
     signature = dict(xw_ptr=p, h0_ptr=p, w_ptr=p, tau_ptr="*fp32", y_ptr=p, dt="fp32", B=i, T=i,
                      H=i, sx_b=i, sx_t=i, sh_b=i, sw_k=i, sy_b=i, sy_t=i)
-    aot = TritonAOT("cfc_scan", "seqdeploy_cfc.kernels:_cfc_scan_kernel", signature,
-                    _ort_rows_variants)
-    return OrtKernel("seqdeploy_cfc", ("ort_cfc_scan.cc",), "CfcScanKernel", (aot,))
+    rows = TritonAOT("cfc_scan", "seqdeploy_cfc.kernels:_cfc_scan_kernel", signature,
+                     _ort_rows_variants)
+    split = TritonAOT("cfc_split", "seqdeploy_cfc.split:_cfc_split_kernel", signature,
+                      _ort_split_variants, dtypes=("fp16",),
+                      archs=(ORT_CLUSTER_GPU[0] * 10 + ORT_CLUSTER_GPU[1],))
+    return OrtKernel("seqdeploy_cfc", ("ort_cfc_scan.cc",), "CfcScanKernel", (rows, split))
 
 
 def trt_aot():

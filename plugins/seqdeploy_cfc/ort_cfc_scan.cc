@@ -2,11 +2,15 @@
 //   xw [B, T, H] (T), h0 [B, H] (T), w_rec [H, H] (T), tau [H] (fp32), attribute dt (float)
 //   -> y [B, T, H] (T);  h_t = a h_{t-1} + (1 - a) tanh(xw_t + h_{t-1} w_rec),  a = exp(-dt/tau)
 // State and arithmetic are fp32 whatever T is (fp32 or fp16).
-// CPU: a step loop. CUDA: the plugin's "rows" Triton kernel (kernels.py, _cfc_scan_kernel),
-// compiled ahead of time as "cfc_scan_<dtype>_h<BLOCK_H>" for BLOCK_H = 16 ... 512 (fp32: 256) with the
-// tiling kernels._rows_config picks: one plain grid launch, one program per 16 batch rows, no
-// thread-block clusters or wgmma, so the same PTX is correct on sm_80 and sm_90. (The torch
-// engine's Hopper cluster/wgmma forms are faster at H = 512; they need cluster launches.)
+// CPU: a step loop. CUDA: the plugin's Triton kernels compiled ahead of time (ops.py), chosen
+// as kernels.choose chooses on a GPU without the wgmma design:
+// - on compute capability 9.0, for T > 1 in fp16 at H of 129 to 256, the cluster "split"
+//   kernel (split.py), "cfc_split_fp16_h256_n32": the columns of h over a thread-block cluster
+//   of cdiv(H, 32) programs per 16 batch rows, launched as clusters (the only tiling compiled:
+//   ops.py says why);
+// - otherwise the "rows" kernel (rows.py), "cfc_scan_<dtype>_h<BLOCK_H>" for BLOCK_H = 16 ...
+//   512 (fp32: 256): one plain grid launch, one program per 16 batch rows, sm_80 on.
+// (The torch engine's wgmma form, faster still on Hopper, is Gluon and not compiled here.)
 #include <cmath>
 
 #include "seqdeploy_ort.h"
@@ -91,8 +95,14 @@ struct CfcScanKernel : seqdeploy::Computes<CfcScanKernel> {
                   dtype + ", got " + std::to_string(H));
     if (B * T * H > 0x7fffffff) throw Error("shape too large for the CUDA kernel's 32-bit sizes");
     int64_t block_h = std::max<int64_t>(16, seqdeploy::NextPow2(H));
-    const auto& kernel = seqdeploy::FindTritonKernel(std::string("cfc_scan_") + dtype + "_h" +
-                                                     std::to_string(block_h));
+    // the split kernel's columns per program: BLOCK_H / 8 (kernels.choose, ops.py)
+    int64_t block_n = block_h / 8;
+    bool cluster = T > 1 && block_h == 256 && type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 &&
+                   seqdeploy::ComputeCapability() == 90;
+    const auto& kernel = seqdeploy::FindTritonKernel(
+        cluster ? std::string("cfc_split_") + dtype + "_h" + std::to_string(block_h) + "_n" +
+                      std::to_string(block_n)
+                : std::string("cfc_scan_") + dtype + "_h" + std::to_string(block_h));
     if (kernel.n_args != 15) throw Error("cfc_scan kernel has an unexpected signature");
     auto stream = static_cast<seqdeploy::CUstream>(ctx.GetGPUComputeStream());
     seqdeploy::CUdeviceptr ptrs[5] = {
@@ -106,7 +116,14 @@ struct CfcScanKernel : seqdeploy::Computes<CfcScanKernel> {
     for (int i = 0; i < 5; ++i) args[i] = &ptrs[i];
     args[5] = &dt;
     for (int i = 0; i < 9; ++i) args[6 + i] = &ints[i];
-    seqdeploy::LaunchTriton(kernel, stream, unsigned(seqdeploy::CeilDiv(B, kBlockB)), args);
+    auto batch_blocks = unsigned(seqdeploy::CeilDiv(B, kBlockB));
+    if (cluster) {
+      auto column_blocks = unsigned(seqdeploy::CeilDiv(H, block_n));
+      seqdeploy::LaunchTritonClusters(kernel, stream, batch_blocks * column_blocks, column_blocks,
+                                      args);
+    } else {
+      seqdeploy::LaunchTriton(kernel, stream, batch_blocks, args);
+    }
   }
 
  private:

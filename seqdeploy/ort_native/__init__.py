@@ -26,7 +26,10 @@ class TritonAOT:
     - ``signature``: its runtime (non-constexpr) parameters in order, Triton types, with
       ``"*T"`` for a pointer to the dtype being compiled (e.g. ``"*fp32"``, ``"i32"``);
     - ``variants``: ``dtype -> {variant: (constexprs, num_warps)}``, every constexpr named;
-    - ``dtypes``: Triton dtype names compiled (``fp32``, ``fp16``).
+    - ``dtypes``: Triton dtype names compiled (``fp32``, ``fp16``);
+    - ``archs``: the architectures compiled, where the kernel needs a newer one than the
+      library's oldest (a kernel using thread-block clusters: ``(90,)``); None for all. The
+      op's C++ form checks ``ComputeCapability()`` before it looks such a kernel up.
     """
 
     name: str
@@ -34,6 +37,7 @@ class TritonAOT:
     signature: dict[str, str]
     variants: Callable[[str], dict[str, tuple[dict, int]]]
     dtypes: tuple[str, ...] = ("fp32", "fp16")
+    archs: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ def _jobs(kernels: dict[str, OrtKernel]) -> list[dict]:
             for dtype in aot.dtypes:
                 signature = {k: v.replace("*T", "*" + dtype) for k, v in aot.signature.items()}
                 for variant, (constexprs, num_warps) in aot.variants(dtype).items():
-                    for arch in ARCHS:
+                    for arch in (ARCHS if aot.archs is None else aot.archs):
                         jobs.append({"name": f"{aot.name}_{dtype}_{variant}", "kernel": aot.kernel,
                                      "signature": signature, "constexprs": constexprs,
                                      "num_warps": num_warps, "arch": arch})
@@ -186,8 +186,8 @@ def _key(kernels, jobs, sources, include, cxx) -> str:
     import triton
 
     h = hashlib.sha256()
-    for path in [HERE / "seqdeploy_ort.h", HERE / "library.cc", HERE / "build.py", HERE / "aot.py",
-                 *sources]:
+    for path in [HERE / "seqdeploy_ort.h", HERE / "cuda_launch_abi.h", HERE / "library.cc",
+                 HERE / "build.py", HERE / "aot.py", *sources]:
         h.update(path.name.encode() + path.read_bytes())
     for module in sorted({j["kernel"].split(":")[0] for j in jobs}):
         h.update(Path(importlib.import_module(module).__file__).read_bytes())

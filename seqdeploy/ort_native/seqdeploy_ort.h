@@ -68,8 +68,17 @@ void LaunchTriton(const TritonKernel& kernel, CUstream stream, unsigned grid_x, 
 void LaunchTriton(const TritonKernel& kernel, CUstream stream, unsigned grid_x, unsigned grid_y,
                   void** args);
 
+// The same as thread-block clusters of `cluster_x` consecutive programs (compute capability 9.0
+// on; cuLaunchKernelEx): `grid_x` must be a multiple of `cluster_x`. For kernels whose programs
+// synchronise through the cluster barrier; the programs of a cluster are scheduled together.
+void LaunchTritonClusters(const TritonKernel& kernel, CUstream stream, unsigned grid_x,
+                          unsigned cluster_x, void** args);
+
 // The number of multiprocessors of the current CUDA context's device (for grid heuristics).
 int MultiprocessorCount();
+
+// The current CUDA context's device's compute capability * 10 (90 on an H100).
+int ComputeCapability();
 
 // Zeroes `count` 32-bit words at `ptr` on `stream`.
 void MemsetD32Async(CUdeviceptr ptr, unsigned value, size_t count, CUstream stream);
