@@ -28,7 +28,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 # and the CPU kernels again, in onnxruntime-gpu 1.31 (the float64 loops of the moe and lam
 # cases take about two minutes of host time) ...
 timeout 300 python3 -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_ort.py \
-  -k "cuda or cpu_kernel or runs_not or version" 2>&1 | tail -15 | tee "$O/ort_pytest_gpu.txt"
+  -k "cuda or cpu_kernel or runs_not or version or ort_graph" 2>&1 | tail -15 | tee "$O/ort_pytest_gpu.txt"
 # ... and the library loading into the device's CPU-only onnxruntime 1.30
 PYTHONPATH=$CPU_PYTHONPATH timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ort.py \
   -k "runs_not or version" 2>&1 | tail -4 | tee "$O/ort_pytest_cpu_ort.txt"
@@ -38,16 +38,16 @@ timeout 150 bash -c "$S export ten --preset base >/dev/null && $S optimize ten -
   2>&1 | tail -3
 timeout 60 bash -c "$S export cfc --preset seed >/dev/null && $S optimize cfc --preset seed >/dev/null" \
   2>&1 | tail -3
-timeout 200 $S bench ten --preset base --engine torch,ort,ort-onnx --batch 16 --seq-len 2048 \
+timeout 200 $S bench ten --preset base --engine torch,ort,ort-graph,ort-onnx --batch 16 --seq-len 2048 \
   --precision fp16 2>&1 | grep -v "^  \[" | tee "$O/ort_bench_ten.txt"
 cp $EX/ten/base/bench.json "$O/ort_bench_ten.json" 2>/dev/null
-timeout 120 $S bench cfc --preset seed --engine torch,ort,ort-onnx --precision fp16 2>&1 \
+timeout 120 $S bench cfc --preset seed --engine torch,ort,ort-graph,ort-onnx --precision fp16 2>&1 \
   | grep -v "^  \[" | tee "$O/ort_bench_cfc.txt"
 cp $EX/cfc/seed/bench.json "$O/ort_bench_cfc.json" 2>/dev/null
-timeout 150 $S validate cfc --preset seed --engine ort --precision fp32 --precision fp16 2>&1 \
+timeout 150 $S validate cfc --preset seed --engine ort --engine ort-graph --precision fp32 --precision fp16 2>&1 \
   | tail -6 | tee "$O/ort_validate_cfc.txt"
 cp $EX/cfc/seed/parity.json "$O/ort_parity_cfc.json" 2>/dev/null
-timeout 200 $S validate ten --preset base --engine ort --precision fp32 --precision fp16 \
+timeout 200 $S validate ten --preset base --engine ort --engine ort-graph --precision fp32 --precision fp16 \
   --long-seq 2048 2>&1 | tail -6 | tee "$O/ort_validate_ten.txt"
 cp $EX/ten/base/parity.json "$O/ort_parity_ten.json" 2>/dev/null
 # ORT's own per-call floor on the CUDA EP (a one-node Identity graph, the engine's IO-binding
@@ -59,12 +59,14 @@ timeout 100 bash -c "$S export lam --preset tiny >/dev/null && $S optimize lam -
   2>&1 | tail -6 | tee "$O/ort_validate_lam.txt"
 cp $EX/lam/tiny/parity.json "$O/ort_parity_lam.json" 2>/dev/null
 
-# the table: ort against torch (target <= 1.3x its time) and ort-onnx (target >= 20x faster)
+# the table: ort (and ort-graph, its CUDA-graph replays) against torch (target <= 1.3x its
+# time) and ort-onnx (target >= 20x faster)
 python3 - "$O" <<'PY' | tee "$O/ort_summary.txt"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-print(f"{'arch':5} {'BxT':>9} {'torch ms':>9} {'ort ms':>9} {'ort-onnx ms':>11} {'ort/torch':>9} {'onnx/ort':>9}")
+print(f"{'arch':5} {'BxT':>9} {'torch ms':>9} {'ort ms':>9} {'graph ms':>9} {'ort-onnx ms':>11} "
+      f"{'ort/torch':>9} {'graph/torch':>11} {'onnx/ort':>9} {'onnx/graph':>10}")
 for arch in ("ten", "cfc"):
     p = out / f"ort_bench_{arch}.json"
     if not p.exists():
@@ -74,8 +76,8 @@ for arch in ("ten", "cfc"):
     for r in b["engines"]:
         rows.setdefault((r["batch"], r["seq_len"]), {})[r["engine"]] = r["median_ms"]
     for (bb, t), e in rows.items():
-        to, o, f = e.get("torch"), e.get("ort"), e.get("ort-onnx")
+        to, o, g, f = (e.get(k) for k in ("torch", "ort", "ort-graph", "ort-onnx"))
         ratio = lambda a, c: f"{a / c:.2f}" if a and c else "-"
-        print(f"{arch:5} {f'{bb}x{t}':>9} {to or 0:9.3f} {o or 0:9.3f} {f or 0:11.3f} "
-              f"{ratio(o, to):>9} {ratio(f, o):>9}   ({b.get('gpu')})")
+        print(f"{arch:5} {f'{bb}x{t}':>9} {to or 0:9.3f} {o or 0:9.3f} {g or 0:9.3f} {f or 0:11.3f} "
+              f"{ratio(o, to):>9} {ratio(g, to):>11} {ratio(f, o):>9} {ratio(f, g):>10}   ({b.get('gpu')})")
 PY

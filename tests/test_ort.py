@@ -596,6 +596,13 @@ def test_onnxruntime_version_is_supported(library):
     options.register_custom_ops_library(str(library))   # raises if it cannot load
 
 
+def test_ort_graph_needs_a_gpu_and_says_so_in_one_line(ten_artifact, capsys):
+    code, out, err = run_cli(["--out", ten_artifact, "--device", "cpu", "bench", "ten", "--preset",
+                              "tiny", "--engine", "ort-graph"], capsys)
+    assert code != 0 and err.count("\n") == 1
+    assert "ort-graph replays CUDA graphs: it needs a CUDA device" in err
+
+
 # -- GPU: the CUDA kernels on ORT's CUDA provider --------------------------------------------
 def _cuda_provider():
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -651,3 +658,34 @@ def test_cuda_cfc_refuses_what_it_has_no_tile_for(library):
     s = session(single_node_model(op, inputs, {"dt": 1.0}, "fp32"), library, _cuda_provider())
     with pytest.raises(Exception, match="supports H <= 256 in fp32, got 300"):
         s.run(None, inputs)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_ort_graph_replays_match_ort(ten_artifact, precision):
+    """``ort-graph`` against ``ort`` on a real export (ten/tiny): shapes interleaved and fresh
+    inputs every call, so ORT's first (plain), second (captured) and later (replayed) runs of
+    each shape all count, and a replay that read stale inputs or the wrong shape's buffers
+    fails; more shapes than the session keeps graphs for, so one is evicted and captured anew."""
+    from seqdeploy import pipeline
+    from seqdeploy.artifacts import Artifact
+    from seqdeploy.parity import compare
+    from seqdeploy.precision import cast_inputs
+
+    _cuda_provider()
+    registry = load_registry()
+    artifact = Artifact.load(ten_artifact / "ten" / "tiny")
+    arch = registry.architecture("ten")
+    plain = pipeline.open_session(registry, artifact, "ort", precision, "cuda")
+    graphs = pipeline.open_session(registry, artifact, "ort-graph", precision, "cuda")
+    assert "CUDA graphs" in graphs.describe()
+    graphs.MAX_GRAPHS = 2
+    shapes = [(2, 63), (1, 300), (2, 63), (3, 17), (2, 63), (1, 300), (1, 300), (2, 63)]
+    for seed, (B, T) in enumerate(shapes * 2):
+        inputs = cast_inputs(arch.make_inputs(artifact.manifest["config"], B, T, seed=seed),
+                             plain.input_specs, precision)
+        want, got = plain.run(inputs), graphs.run(inputs)
+        for name, ref in want.items():
+            assert got[name].shape == ref.shape
+            assert compare(ref, got[name]).rel_l2 <= LIMITS[precision], (seed, B, T, name)

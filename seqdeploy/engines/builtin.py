@@ -8,8 +8,8 @@ from seqdeploy.hookspecs import hookimpl
 
 @hookimpl
 def register_engines(register):
-    for engine in (TorchEngine(), TorchReferenceEngine(), ort.OrtEngine(), ort.OrtOnnxEngine(),
-                   trt.TrtEngine()):
+    for engine in (TorchEngine(), TorchReferenceEngine(), ort.OrtEngine(), ort.OrtGraphEngine(),
+                   ort.OrtOnnxEngine(), trt.TrtEngine()):
         register(engine)
 
 

@@ -6,6 +6,9 @@ is there, else the CPU provider.
   plugin's Triton kernel (compiled ahead of time) on CUDA. It never falls back to the fallback
   functions: if the library cannot be built or loaded, or the model uses an op the library has
   no kernel for, the engine is unavailable and says why in one line.
+- ``ort-graph``: ``ort`` on the CUDA EP replaying CUDA graphs (ORT's ``enable_cuda_graph``):
+  one graph per input shape, captured by ORT on the shape's second run and replayed after, so
+  a run costs one graph launch instead of a host dispatch per node. CUDA only.
 - ``ort-onnx``: plain ONNX Runtime; custom nodes run their model-local fallback functions
   (standard ops, a Scan): the proof that any ONNX runtime runs the file.
 
@@ -14,7 +17,9 @@ data through the host, as the torch engine's does not.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +42,9 @@ def _ort():
     return onnxruntime
 
 
-def providers_for(device: str) -> list:
+def providers_for(device: str, cuda_graph: bool = False) -> list:
+    """ORT's providers for ``device``; with ``cuda_graph``, the CUDA EP captures and replays
+    graphs (every compute node must then be on it: ORT refuses the session otherwise)."""
     ort = _ort()
     available = ort.get_available_providers()
     if device == "cuda":
@@ -45,7 +52,8 @@ def providers_for(device: str) -> list:
             raise EngineUnavailable("onnxruntime has no CUDAExecutionProvider here "
                                     "(install onnxruntime-gpu, or use --device cpu)")
         # TF32 matmuls would cost fp32 models their 1e-5 parity (measured: 8e-4 rel-L2)
-        return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+        options = {"use_tf32": "0", **({"enable_cuda_graph": "1"} if cuda_graph else {})}
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -84,9 +92,10 @@ def check_native_ops(path, registry) -> None:
 
 
 def open_inference_session(path, device: str, library: Path | None = None,
-                           profile_prefix: str | None = None):
+                           profile_prefix: str | None = None, cuda_graph: bool = False):
     """An ``InferenceSession`` on ``path`` (already checksum-verified) for ``device``, with the
-    op ``library`` registered if given; returns it with the device ORT really runs on."""
+    op ``library`` registered if given (and CUDA graphs enabled with ``cuda_graph``); returns
+    it with the device ORT really runs on."""
     ort = _ort()
     device = ort_device(device)
     options = ort.SessionOptions()
@@ -102,21 +111,28 @@ def open_inference_session(path, device: str, library: Path | None = None,
             raise EngineUnavailable(f"onnxruntime {ort.__version__} cannot load {library} "
                                     f"({first})") from None
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+        session = ort.InferenceSession(str(path), options,
+                                       providers=providers_for(device, cuda_graph))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if cuda_graph:   # the file is fine; this graph cannot be captured (a CPU node, a Loop)
+            raise EngineUnavailable(f"ORT cannot capture {path.name} as a CUDA graph "
+                                    f"({first})") from None
         raise ArtifactError(f"{path}: onnxruntime cannot load it ({first})") from None
     return session, device
 
 
 def engine_session(engine: str, registry, path, device: str, profile_prefix: str | None = None):
-    """``open_inference_session`` as engine ``ort`` (op library registered, every seqdeploy
-    node checked to have a kernel) or ``ort-onnx`` (fallback functions)."""
+    """``open_inference_session`` as engine ``engine``: with the op library registered and
+    every seqdeploy node checked to have a kernel (``ort``, ``ort-graph``, any engine whose
+    class is ``native``), or on the fallback functions (``ort-onnx``)."""
+    spec = _ENGINES[engine]
     library = None
-    if engine == "ort":
+    if spec.native:
         library = native_library(registry)
         check_native_ops(path, registry)
-    return open_inference_session(path, device, library, profile_prefix)
+    return open_inference_session(Path(path), device, library, profile_prefix,
+                                  cuda_graph=spec.cuda_graph)
 
 
 class OrtSession(Session):
@@ -176,6 +192,74 @@ class OrtSession(Session):
         return f"{self.engine}[{self.provider}] ({self.precision}, {self.device})"
 
 
+@dataclass
+class _GraphSlot:
+    """The buffers ORT's CUDA graph for one input signature reads and writes: a captured graph
+    replays on the addresses it was captured with, so every run of the signature copies its
+    inputs into ``inputs`` and its outputs out of ``outputs`` (bound once in ``binding``).
+    ``run_options`` carry the graph's id (ORT's ``gpu_graph_id``)."""
+
+    graph_id: int
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    binding: Any
+    run_options: Any
+
+
+class OrtGraphSession(OrtSession):
+    """:class:`OrtSession` whose runs ORT captures as CUDA graphs, one per input signature
+    (shapes and dtypes): ORT runs a signature's first call normally (its memory settles), and
+    captures the second and replays it from then on. At most :attr:`MAX_GRAPHS` signatures
+    keep their buffers; an older one's id is never used again (its graph would replay on
+    freed buffers), so a signature that returns is captured anew."""
+
+    MAX_GRAPHS = 16
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._slots: dict[tuple, _GraphSlot] = {}
+        self._next_id = 0
+
+    def _run(self, inputs) -> dict[str, torch.Tensor]:
+        names = [s.name for s in self.output_specs]
+        inputs = self.prepare(inputs)
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items()))
+        slot = self._slots.get(key) or self._open_slot(key, inputs)
+        for name, t in inputs.items():
+            slot.inputs[name].copy_(t)
+        torch.cuda.current_stream().synchronize()   # the copies are done before ORT's stream runs
+        self.session.run_with_iobinding(slot.binding, slot.run_options)
+        torch.cuda.synchronize()   # a replay returns once launched: ORT's stream finishes first
+        return {n: slot.outputs[n].clone() for n in names}
+
+    def _open_slot(self, key: tuple, inputs: dict[str, torch.Tensor]) -> _GraphSlot:
+        if len(self._slots) >= self.MAX_GRAPHS:
+            self._slots.pop(next(iter(self._slots)))
+        static = {k: torch.empty_like(v) for k, v in inputs.items()}
+        binding = self.session.io_binding()
+        device_id = torch.cuda.current_device()
+        for name, t in static.items():
+            binding.bind_input(name, "cuda", device_id, _numpy_dtype(t.dtype), list(t.shape),
+                               t.data_ptr())
+        axes = self._axes(inputs)
+        outputs = {}
+        for spec in self.output_specs:
+            shape = [axes[d] if isinstance(d, str) else d for d in spec.shape]
+            out = torch.empty(shape, dtype=self._out_types[spec.name], device="cuda")
+            binding.bind_output(spec.name, "cuda", device_id, _numpy_dtype(out.dtype), shape,
+                                out.data_ptr())
+            outputs[spec.name] = out
+        run_options = _ort().RunOptions()
+        run_options.add_run_config_entry("gpu_graph_id", str(self._next_id))
+        slot = _GraphSlot(self._next_id, static, outputs, binding, run_options)
+        self._next_id += 1
+        self._slots[key] = slot
+        return slot
+
+    def describe(self) -> str:
+        return f"{self.engine}[{self.provider}, CUDA graphs] ({self.precision}, {self.device})"
+
+
 def _numpy_dtype(dtype: torch.dtype):
     return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
             torch.int32: np.int32, torch.bool: np.bool_}[dtype]
@@ -187,7 +271,8 @@ class OrtEngine(Engine):
                    "onnxruntime-gpu, else CPU)")
     needs_onnx = True
     streams = True
-    native = True
+    native = True        # registers seqdeploy's op library
+    cuda_graph = False   # ORT captures and replays CUDA graphs
 
     def check(self, device: str) -> None:
         _ort()
@@ -247,6 +332,36 @@ class OrtOnnxEngine(OrtEngine):
     name = "ort-onnx"
     description = "plain ONNX Runtime; custom nodes run their fallback functions (portability)"
     native = False
+
+
+class OrtGraphEngine(OrtEngine):
+    name = "ort-graph"
+    description = ("`ort` on the CUDA EP replaying a CUDA graph per input shape (ORT's "
+                   "enable_cuda_graph): one launch a run instead of one per node")
+    streams = False   # streaming steps run through `ort`
+    cuda_graph = True
+
+    def check(self, device: str) -> None:
+        if device != "cuda":
+            raise EngineUnavailable("ort-graph replays CUDA graphs: it needs a CUDA device and "
+                                    "onnxruntime-gpu (here --engine ort runs)")
+        providers_for(device)   # onnxruntime-gpu's CUDA EP, or the reason there is none
+        super().check(device)
+
+    def doctor(self, device: str) -> list[tuple[str, str]]:
+        return []   # the op library's rows are `ort`'s
+
+    def load(self, artifact, registry, precision: str, device: str) -> Session:
+        self.check(device)
+        path = artifact.path(ONNX_FILES[precision])
+        session, device = engine_session(self.name, registry, path, device)
+        arch = registry.architecture(artifact.manifest["arch"])
+        return OrtGraphSession(self.name, arch, artifact.manifest["config"], precision, device,
+                               session)
+
+
+#: the ORT engines by name (engine_session reads what each one registers and enables)
+_ENGINES = {e.name: e for e in (OrtEngine, OrtOnnxEngine, OrtGraphEngine)}
 
 
 def register_commands(cli) -> None:

@@ -249,6 +249,7 @@ void MemsetD32Async(CUdeviceptr ptr, unsigned value, size_t count, CUstream stre
 DeviceScratch::~DeviceScratch() {
   for (auto& kv : buffers_)
     if (kv.second.ptr) Cuda().MemFree(kv.second.ptr);   // best effort at teardown
+  for (CUdeviceptr ptr : retired_) Cuda().MemFree(ptr);
 }
 
 CUdeviceptr DeviceScratch::Get(CUstream stream, size_t bytes) {
@@ -256,11 +257,12 @@ CUdeviceptr DeviceScratch::Get(CUstream stream, size_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   Buffer& b = buffers_[{ctx, stream}];
   if (b.bytes < bytes) {
-    if (b.ptr) Check(Cuda().MemFree(b.ptr), "cuMemFree");   // frees after prior work on it
-    b.ptr = 0;
-    b.bytes = 0;
-    Check(Cuda().MemAlloc(&b.ptr, bytes), "cuMemAlloc");
-    b.bytes = bytes;
+    size_t grown = std::max(bytes, 2 * b.bytes);
+    CUdeviceptr ptr = 0;
+    Check(Cuda().MemAlloc(&ptr, grown), "cuMemAlloc");
+    if (b.ptr) retired_.push_back(b.ptr);   // a captured graph may still use it (above)
+    b.ptr = ptr;
+    b.bytes = grown;
   }
   return b.ptr;
 }

@@ -15,6 +15,7 @@
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -85,6 +86,9 @@ void MemsetD32Async(CUdeviceptr ptr, unsigned value, size_t count, CUstream stre
 
 // Device memory kept by one kernel instance and reused across runs: one buffer per (CUDA
 // context, stream), so runs on one stream (ordered) share it and concurrent streams never do.
+// A buffer that grows is replaced, never freed before the instance is: a CUDA graph ORT
+// captured (enable_cuda_graph) keeps the address it was captured with and is replayed later,
+// after runs of larger shapes. Sizes at least double, so few buffers are ever retired.
 class DeviceScratch {
  public:
   ~DeviceScratch();
@@ -97,6 +101,7 @@ class DeviceScratch {
   };
   std::mutex mutex_;
   std::map<std::pair<void*, CUstream>, Buffer> buffers_;
+  std::vector<CUdeviceptr> retired_;
 };
 
 // ---- helpers for kernels ---------------------------------------------------------------------
