@@ -13,6 +13,11 @@
 #      encoder's GPU latency is step 2's last lines)
 #   4. (LAM_SWEEP=1) every design and tiling of kernels.LaunchPlan in one table
 set -uo pipefail
+# the prebuilt ORT op library, when carried (.ort-lib): the device cannot build it (no ORT
+# headers, no network), and without it `run` and the end-to-end test leave out `ort`
+if [ -f .ort-lib/libseqdeploy_ort.so ]; then
+  export SEQDEPLOY_ORT_LIBRARY=$PWD/.ort-lib/libseqdeploy_ort.so
+fi
 O=${OUT:-/tmp/seqdeploy-out}
 mkdir -p "$O"
 if ls .whl/fla_core-*.whl >/dev/null 2>&1; then

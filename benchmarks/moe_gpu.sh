@@ -6,6 +6,11 @@
 # the experts op, the first design 'padded' among them, alone and in the layer), and
 # `seqdeploy run moe` end to end on the tiny preset. Results under $OUT. About 5 minutes.
 set -uo pipefail
+# the prebuilt ORT op library, when carried (.ort-lib): the device cannot build it (no ORT
+# headers, no network), and without it `run` and the end-to-end test leave out `ort`
+if [ -f .ort-lib/libseqdeploy_ort.so ]; then
+  export SEQDEPLOY_ORT_LIBRARY=$PWD/.ort-lib/libseqdeploy_ort.so
+fi
 O=${OUT:-/tmp/seqdeploy-out}
 mkdir -p "$O"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$O/moe_card.txt"

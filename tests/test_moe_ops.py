@@ -119,7 +119,8 @@ def test_router_rejects_bad_logits():
 def test_router_matches_transformers_switch_router():
     """Decisions equal transformers' SwitchTransformersTop1Router with capacity off (its
     expert_capacity = T drops nothing). Its return value changed across versions, so the
-    choice is read from whichever output holds it: an index tensor or a one-hot mask."""
+    choice is read from whichever output holds it: an index tensor or a one-hot mask (with a
+    kept unit axis in transformers 5.17)."""
     st = pytest.importorskip("transformers.models.switch_transformers.modeling_switch_transformers",
                              reason="transformers is not installed")
     from transformers import SwitchTransformersConfig
@@ -140,9 +141,9 @@ def test_router_matches_transformers_switch_router():
             continue
         if not t.is_floating_point() and t.numel() == 2 * T:
             choice = t.reshape(2, T).long()
-        elif t.dim() == 3 and t.shape[-1] == E and bool(((t == 0) | (t == 1)).all()) and \
-                bool((t.sum(-1) == 1).all()):
-            choice = t.argmax(-1)
+        elif t.shape[-1] == E and t.numel() == 2 * T * E and bool(((t == 0) | (t == 1)).all()) \
+                and bool((t.sum(-1) == 1).all()):   # one-hot: [B, T, E] or (5.x) [B, T, 1, E]
+            choice = t.reshape(2, T, E).argmax(-1)
     assert choice is not None, f"no expert choice among the router's outputs {[type(o) for o in outs]}"
     expert, gate = top1_router(logits, 0.0)
     assert torch.equal(expert, choice)
