@@ -34,9 +34,8 @@ SEQDEPLOY_LAM_E2E=0 timeout 330 python3 -m pytest -q -p no:cacheprovider -rf --t
 timeout 90 python3 benchmarks/lam_dual_delta.py --budget-s 75 --json "$O/lam_dual_delta.json" 2>&1 | grep -v Warning \
   | tee "$O/lam_dual_delta.txt"
 # `run` leaves out (and says why) an engine that cannot serve lam here: the native `ort` engine
-# needs its op library, which the device cannot build (no ORT headers): benchmarks/ort_gpu.sh
-# runs the library's DualDeltaRule CUDA kernel (carried as .ort-lib); plain ONNX Runtime
-# (ort-onnx) runs the fallback function.
+# runs only with the carried library (.ort-lib, above); plain ONNX Runtime (ort-onnx) runs the
+# fallback function.
 timeout 150 seqdeploy run lam --preset tiny --out /tmp/seqdeploy-lam --long-seq 1024 --no-plot 2>&1 \
   | grep -v "^  \[" | tee "$O/run_lam.txt"
 cp /tmp/seqdeploy-lam/lam/tiny/parity.json /tmp/seqdeploy-lam/lam/tiny/bench.json "$O/" 2>/dev/null
