@@ -84,6 +84,7 @@ VARIANTS = {
     "split solve-apply extract w4": dict(design="split", wy="solve-apply", inverse="extract",
                                          wy_warps=4),
     "split inv-tf32": dict(design="split", INV_PREC="tf32"),
+    "split solve-apply inv-tf32": dict(design="split", wy="solve-apply", INV_PREC="tf32"),
     "fused": dict(design="fused"),
     "fused bv16": dict(design="fused", BV=16),
     "fused bv64 w8": dict(design="fused", BV=64, num_warps=8),
