@@ -189,8 +189,12 @@ def _key(kernels, jobs, sources, include, cxx) -> str:
     for path in [HERE / "seqdeploy_ort.h", HERE / "cuda_launch_abi.h", HERE / "library.cc",
                  HERE / "build.py", HERE / "aot.py", *sources]:
         h.update(path.name.encode() + path.read_bytes())
-    for module in sorted({j["kernel"].split(":")[0] for j in jobs}):
-        h.update(Path(importlib.import_module(module).__file__).read_bytes())
+    # every Python file of each kernel's package: a kernel's jit helpers (and the kernel
+    # itself, re-exported) may live in sibling modules
+    folders = {Path(importlib.import_module(j["kernel"].split(":")[0]).__file__).parent
+               for j in jobs}
+    for path in sorted(f for folder in folders for f in folder.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
     h.update(json.dumps(jobs, sort_keys=True).encode())
     h.update(json.dumps({k: v.kernel_class for k, v in kernels.items()}, sort_keys=True).encode())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
