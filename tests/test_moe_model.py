@@ -75,7 +75,7 @@ def test_cli_run_end_to_end_on_cpu(tmp_path, capsys):
     assert "routes" in out and "ort-onnx" in out and "FAIL" not in out
     # the routing agreement is in the table, per engine and case (100.00% agree in fp32)
     assert "% agree" in out and "100.00% agree" in out
-    assert "│ ort " in out and "skipping engine ort" not in err
+    assert "│ ort " in out and "skipping engine ort:" not in err
     assert "Top1Router': 2" in out and "MoEExperts': 2" in out
 
 
