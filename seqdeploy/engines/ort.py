@@ -167,7 +167,9 @@ class OrtSession(Session):
                     sizes[axis] = dim
         return sizes
 
-    def _run_bound(self, inputs: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    def _bind(self, inputs: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """An IO binding of the CUDA tensors ``inputs`` and of new output tensors (shaped by
+        the inputs' named axes); returns it with the outputs by name."""
         binding = self.session.io_binding()
         device_id = torch.cuda.current_device()
         for name, t in inputs.items():
@@ -181,6 +183,10 @@ class OrtSession(Session):
             binding.bind_output(spec.name, "cuda", device_id, _numpy_dtype(out.dtype), shape,
                                 out.data_ptr())
             outputs[spec.name] = out
+        return binding, outputs
+
+    def _run_bound(self, inputs: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        binding, outputs = self._bind(inputs)
         torch.cuda.current_stream().synchronize()   # inputs copied before ORT's stream reads them
         self.session.run_with_iobinding(binding)
         return {n: outputs[n] for n in names}
@@ -236,19 +242,7 @@ class OrtGraphSession(OrtSession):
         if len(self._slots) >= self.MAX_GRAPHS:
             self._slots.pop(next(iter(self._slots)))
         static = {k: torch.empty_like(v) for k, v in inputs.items()}
-        binding = self.session.io_binding()
-        device_id = torch.cuda.current_device()
-        for name, t in static.items():
-            binding.bind_input(name, "cuda", device_id, _numpy_dtype(t.dtype), list(t.shape),
-                               t.data_ptr())
-        axes = self._axes(inputs)
-        outputs = {}
-        for spec in self.output_specs:
-            shape = [axes[d] if isinstance(d, str) else d for d in spec.shape]
-            out = torch.empty(shape, dtype=self._out_types[spec.name], device="cuda")
-            binding.bind_output(spec.name, "cuda", device_id, _numpy_dtype(out.dtype), shape,
-                                out.data_ptr())
-            outputs[spec.name] = out
+        binding, outputs = self._bind(static)
         run_options = _ort().RunOptions()
         run_options.add_run_config_entry("gpu_graph_id", str(self._next_id))
         slot = _GraphSlot(self._next_id, static, outputs, binding, run_options)
