@@ -660,14 +660,27 @@ def test_cuda_cfc_refuses_what_it_has_no_tile_for(library):
         s.run(None, inputs)
 
 
+@pytest.fixture(scope="module")
+def cfc_seed_artifact(tmp_path_factory):
+    """``cfc/seed`` (H = 256: the cluster kernel on an sm_90 in fp16), exported and FP16."""
+    from seqdeploy import pipeline
+
+    root = tmp_path_factory.mktemp("cfc-seed")
+    registry = load_registry()
+    pipeline.optimize_fp16(registry, pipeline.export(registry, "cfc", "seed", root))
+    return root / "cfc" / "seed"
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_ort_graph_replays_match_ort(ten_artifact, precision):
-    """``ort-graph`` against ``ort`` on a real export (ten/tiny): shapes interleaved and fresh
-    inputs every call, so ORT's first (plain), second (captured) and later (replayed) runs of
-    each shape all count, and a replay that read stale inputs or the wrong shape's buffers
-    fails; more shapes than the session keeps graphs for, so one is evicted and captured anew."""
+@pytest.mark.parametrize("model", ["ten", "cfc"])
+def test_ort_graph_replays_match_ort(ten_artifact, cfc_seed_artifact, model, precision):
+    """``ort-graph`` against ``ort`` on real exports (ten/tiny; cfc/seed, whose fp16 CfCScan
+    runs the cluster kernel on an sm_90): shapes interleaved and fresh inputs every call, so
+    each shape's first (captured) and later (replayed) runs count, and a replay that read
+    stale inputs or another shape's buffers fails; more shapes than the session keeps graphs
+    for, so graphs are released and captured anew."""
     from seqdeploy import pipeline
     from seqdeploy.artifacts import Artifact
     from seqdeploy.parity import compare
@@ -675,11 +688,13 @@ def test_ort_graph_replays_match_ort(ten_artifact, precision):
 
     _cuda_provider()
     registry = load_registry()
-    artifact = Artifact.load(ten_artifact / "ten" / "tiny")
-    arch = registry.architecture("ten")
+    artifact = Artifact.load(ten_artifact / "ten" / "tiny" if model == "ten" else cfc_seed_artifact)
+    arch = registry.architecture(model)
     plain = pipeline.open_session(registry, artifact, "ort", precision, "cuda")
     graphs = pipeline.open_session(registry, artifact, "ort-graph", precision, "cuda")
-    assert "CUDA graphs" in graphs.describe()
+    cuda_graphs = lambda e: e.session.get_provider_options()["CUDAExecutionProvider"].get(  # noqa: E731
+        "enable_cuda_graph")
+    assert (cuda_graphs(graphs), cuda_graphs(plain)) == ("1", "0")
     graphs.MAX_GRAPHS = 2
     shapes = [(2, 63), (1, 300), (2, 63), (3, 17), (2, 63), (1, 300), (1, 300), (2, 63)]
     for seed, (B, T) in enumerate(shapes * 2):
@@ -689,3 +704,25 @@ def test_ort_graph_replays_match_ort(ten_artifact, precision):
         for name, ref in want.items():
             assert got[name].shape == ref.shape
             assert compare(ref, got[name]).rel_l2 <= LIMITS[precision], (seed, B, T, name)
+
+
+@gpu
+@needs_cuda
+def test_cuda_cfc_runs_the_cluster_kernel_on_sm90(library):
+    """On an sm_90 the library's CfCScan launches the cluster split kernel for several fp16
+    steps at H 129-256 and the rows kernel for one step (the kernels CUPTI saw, by name)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the cluster kernel is compiled for compute capability 9.0")
+    op = load_registry().ops["cfc_scan"]
+    names = {}
+    for T in (63, 1):
+        inputs = _cfc_cluster_inputs(20, T, "fp16", np.random.default_rng(T))
+        s = session(single_node_model(op, inputs, {"dt": 0.7}, "fp16"), library, _cuda_provider())
+        s.run(None, inputs)   # loads the module
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            s.run(None, inputs)
+            torch.cuda.synchronize()
+        names[T] = {e.name for e in prof.events()}
+    assert any("_cfc_split_kernel" in n for n in names[63]), names[63]
+    assert any("_cfc_scan_kernel" in n for n in names[1]) and \
+        not any("_cfc_split_kernel" in n for n in names[1]), names[1]

@@ -97,12 +97,16 @@ struct CfcScanKernel : seqdeploy::Computes<CfcScanKernel> {
     int64_t block_h = std::max<int64_t>(16, seqdeploy::NextPow2(H));
     // the split kernel's columns per program: BLOCK_H / 8 (kernels.choose, ops.py)
     int64_t block_n = block_h / 8;
-    bool cluster = T > 1 && block_h == 256 && type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 &&
-                   seqdeploy::ComputeCapability() == 90;
-    const auto& kernel = seqdeploy::FindTritonKernel(
-        cluster ? std::string("cfc_split_") + dtype + "_h" + std::to_string(block_h) + "_n" +
-                      std::to_string(block_n)
-                : std::string("cfc_scan_") + dtype + "_h" + std::to_string(block_h));
+    const seqdeploy::TritonKernel* split = nullptr;   // absent from a library built before it
+    if (T > 1 && block_h == 256 && type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 &&
+        seqdeploy::ComputeCapability() == 90)
+      split = seqdeploy::FindTritonKernelOrNull(std::string("cfc_split_") + dtype + "_h" +
+                                                std::to_string(block_h) + "_n" +
+                                                std::to_string(block_n));
+    bool cluster = split != nullptr;
+    const auto& kernel = cluster ? *split
+                                 : seqdeploy::FindTritonKernel(std::string("cfc_scan_") + dtype +
+                                                               "_h" + std::to_string(block_h));
     if (kernel.n_args != 15) throw Error("cfc_scan kernel has an unexpected signature");
     auto stream = static_cast<seqdeploy::CUstream>(ctx.GetGPUComputeStream());
     seqdeploy::CUdeviceptr ptrs[5] = {

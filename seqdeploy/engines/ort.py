@@ -7,8 +7,8 @@ is there, else the CPU provider.
   functions: if the library cannot be built or loaded, or the model uses an op the library has
   no kernel for, the engine is unavailable and says why in one line.
 - ``ort-graph``: ``ort`` on the CUDA EP replaying CUDA graphs (ORT's ``enable_cuda_graph``):
-  one graph per input shape, captured by ORT on the shape's second run and replayed after, so
-  a run costs one graph launch instead of a host dispatch per node. CUDA only.
+  one graph per input shape, captured by ORT in the shape's first call and replayed after,
+  so a run costs one graph launch instead of a host dispatch per node. CUDA only.
 - ``ort-onnx``: plain ONNX Runtime; custom nodes run their model-local fallback functions
   (standard ops, a Scan): the proof that any ONNX runtime runs the file.
 
@@ -115,7 +115,8 @@ def open_inference_session(path, device: str, library: Path | None = None,
                                        providers=providers_for(device, cuda_graph))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if cuda_graph:   # the file is fine; this graph cannot be captured (a CPU node, a Loop)
+        if cuda_graph and "graph capture" in str(exc).lower():
+            # the file is fine; ORT cannot capture this graph (a CPU compute node, a Loop)
             raise EngineUnavailable(f"ORT cannot capture {path.name} as a CUDA graph "
                                     f"({first})") from None
         raise ArtifactError(f"{path}: onnxruntime cannot load it ({first})") from None
@@ -126,7 +127,7 @@ def engine_session(engine: str, registry, path, device: str, profile_prefix: str
     """``open_inference_session`` as engine ``engine``: with the op library registered and
     every seqdeploy node checked to have a kernel (``ort``, ``ort-graph``, any engine whose
     class is ``native``), or on the fallback functions (``ort-onnx``)."""
-    spec = _ENGINES[engine]
+    spec = _ENGINES.get(engine, OrtOnnxEngine)   # another name: plain ORT, as ort-onnx
     library = None
     if spec.native:
         library = native_library(registry)
@@ -214,10 +215,13 @@ class _GraphSlot:
 
 class OrtGraphSession(OrtSession):
     """:class:`OrtSession` whose runs ORT captures as CUDA graphs, one per input signature
-    (shapes and dtypes): ORT runs a signature's first call normally (its memory settles), and
-    captures the second and replays it from then on. At most :attr:`MAX_GRAPHS` signatures
-    keep their buffers; an older one's id is never used again (its graph would replay on
-    freed buffers), so a signature that returns is captured anew."""
+    (shapes and dtypes): ORT runs a signature's graph normally first (its memory settles),
+    then captures and replays it (recent versions do both within the first call); later
+    calls replay. The
+    :attr:`MAX_GRAPHS` signatures used last keep their buffers and graphs; the one used least
+    recently is released, and its id is never used again, so a signature that returns is
+    captured anew. A run that ORT fails (a capture it cannot make) ends the session's use in
+    one line: the stream may be left mid-capture."""
 
     MAX_GRAPHS = 16
 
@@ -225,29 +229,41 @@ class OrtGraphSession(OrtSession):
         super().__init__(*args)
         self._slots: dict[tuple, _GraphSlot] = {}
         self._next_id = 0
+        self._broken: str | None = None
 
     def _run(self, inputs) -> dict[str, torch.Tensor]:
+        if self._broken:
+            raise SeqdeployError(self._broken)
         names = [s.name for s in self.output_specs]
         inputs = self.prepare(inputs)
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items()))
-        slot = self._slots.get(key) or self._open_slot(key, inputs)
+        slot = self._slots.pop(key, None) or self._open_slot(inputs)
+        self._slots[key] = slot                      # the most recently used last
         for name, t in inputs.items():
             slot.inputs[name].copy_(t)
         torch.cuda.current_stream().synchronize()   # the copies are done before ORT's stream runs
-        self.session.run_with_iobinding(slot.binding, slot.run_options)
-        torch.cuda.synchronize()   # a replay returns once launched: ORT's stream finishes first
+        try:
+            self.session.run_with_iobinding(slot.binding, slot.run_options)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            self._broken = (f"{self.engine}: ONNX Runtime failed to run or capture the CUDA "
+                            f"graph for inputs {dict((k, s) for k, s, _ in key)} ({first})")
+            raise SeqdeployError(self._broken) from None
+        torch.cuda.synchronize()   # ORT's stream is done before torch's reads the outputs
         return {n: slot.outputs[n].clone() for n in names}
 
-    def _open_slot(self, key: tuple, inputs: dict[str, torch.Tensor]) -> _GraphSlot:
+    def _open_slot(self, inputs: dict[str, torch.Tensor]) -> _GraphSlot:
         if len(self._slots) >= self.MAX_GRAPHS:
-            self._slots.pop(next(iter(self._slots)))
+            evicted = self._slots.pop(next(iter(self._slots)))
+            release = getattr(self.session, "release_captured_graph", None)   # ORT >= 1.32
+            if release is not None:
+                release(evicted.graph_id)
         static = {k: torch.empty_like(v) for k, v in inputs.items()}
         binding, outputs = self._bind(static)
         run_options = _ort().RunOptions()
         run_options.add_run_config_entry("gpu_graph_id", str(self._next_id))
         slot = _GraphSlot(self._next_id, static, outputs, binding, run_options)
         self._next_id += 1
-        self._slots[key] = slot
         return slot
 
     def describe(self) -> str:
@@ -349,6 +365,10 @@ class OrtGraphEngine(OrtEngine):
         self.check(device)
         path = artifact.path(ONNX_FILES[precision])
         session, device = engine_session(self.name, registry, path, device)
+        if session.get_providers()[0] != "CUDAExecutionProvider":   # ORT fell back to its CPU
+            raise EngineUnavailable("onnxruntime could not start its CUDA execution provider "
+                                    f"(it offers {', '.join(session.get_providers())}), and "
+                                    "ort-graph needs it")
         arch = registry.architecture(artifact.manifest["arch"])
         return OrtGraphSession(self.name, arch, artifact.manifest["config"], precision, device,
                                session)

@@ -12,9 +12,14 @@
 
 namespace seqdeploy {
 
-const TritonKernel& FindTritonKernel(const std::string& name) {
+const TritonKernel* FindTritonKernelOrNull(const std::string& name) {
   for (const TritonKernel& k : kKernels)
-    if (name == k.name) return k;
+    if (name == k.name) return &k;
+  return nullptr;
+}
+
+const TritonKernel& FindTritonKernel(const std::string& name) {
+  if (const TritonKernel* k = FindTritonKernelOrNull(name)) return *k;
   throw Error("no compiled Triton kernel " + name + " in this library (rebuild it with "
               "`seqdeploy build-ort-ops`)");
 }
@@ -212,7 +217,7 @@ void LaunchTriton(const TritonKernel& k, CUstream stream, unsigned grid_x, unsig
 
 void LaunchTritonClusters(const TritonKernel& k, CUstream stream, unsigned grid_x,
                           unsigned cluster_x, void** args) {
-  if (cluster_x == 0 || grid_x % cluster_x != 0)
+  if (cluster_x == 0 || cluster_x > 8 || grid_x % cluster_x != 0)   // 8: CUDA's portable limit
     throw Error(std::string(k.name) + ": grid " + std::to_string(grid_x) +
                 " is not a whole number of clusters of " + std::to_string(cluster_x));
   const Driver& d = Cuda();
@@ -240,7 +245,17 @@ void LaunchTritonClusters(const TritonKernel& k, CUstream stream, unsigned grid_
 
 int MultiprocessorCount() { return DeviceAttribute(kAttrMultiprocessors); }
 
-int ComputeCapability() { return DeviceAttribute(kAttrCcMajor) * 10 + DeviceAttribute(kAttrCcMinor); }
+int ComputeCapability() {
+  static std::mutex mutex;
+  static std::map<CUcontext, int> known;
+  CUcontext ctx = CurrentContext();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find(ctx);
+  if (it != known.end()) return it->second;
+  int cc = DeviceAttribute(kAttrCcMajor) * 10 + DeviceAttribute(kAttrCcMinor);
+  known[ctx] = cc;
+  return cc;
+}
 
 void MemsetD32Async(CUdeviceptr ptr, unsigned value, size_t count, CUstream stream) {
   Check(Cuda().MemsetD32Async(ptr, value, count, stream), "cuMemsetD32Async");

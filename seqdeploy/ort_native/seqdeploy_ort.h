@@ -55,6 +55,8 @@ struct TritonKernel {
 
 // The kernel of that name; throws Error naming it if this build has none.
 const TritonKernel& FindTritonKernel(const std::string& name);
+// The same, or null if this build has none (an optional faster variant).
+const TritonKernel* FindTritonKernelOrNull(const std::string& name);
 
 // ---- the CUDA driver, reached through dlopen("libcuda.so.1") ---------------------------------
 
@@ -78,7 +80,8 @@ void LaunchTritonClusters(const TritonKernel& kernel, CUstream stream, unsigned 
 // The number of multiprocessors of the current CUDA context's device (for grid heuristics).
 int MultiprocessorCount();
 
-// The current CUDA context's device's compute capability * 10 (90 on an H100).
+// The current CUDA context's device's compute capability * 10 (90 on an H100); read once per
+// context.
 int ComputeCapability();
 
 // Zeroes `count` 32-bit words at `ptr` on `stream`.
