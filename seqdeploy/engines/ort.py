@@ -361,6 +361,8 @@ class OrtGraphEngine(OrtEngine):
     def doctor(self, device: str) -> list[tuple[str, str]]:
         return []   # the op library's rows are `ort`'s
 
+    open_step = Engine.open_step   # it does not stream (`ort` does): the base class says so
+
     def load(self, artifact, registry, precision: str, device: str) -> Session:
         self.check(device)
         path = artifact.path(ONNX_FILES[precision])
