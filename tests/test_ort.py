@@ -554,7 +554,7 @@ def test_ort_engine_on_an_exported_model(ten_artifact, tmp_path):
     kernel for every node (no Scan in ORT's profile) and agrees with ``ort-onnx`` and torch."""
     from seqdeploy import pipeline
     from seqdeploy.artifacts import Artifact
-    from seqdeploy.engines.ort import engine_session
+    from seqdeploy.engines.ort import OrtEngine
     from seqdeploy.parity import compare
     from seqdeploy.precision import ONNX_FILES, cast_inputs
 
@@ -570,8 +570,8 @@ def test_ort_engine_on_an_exported_model(ten_artifact, tmp_path):
         for name, ref in outs["torch"].items():
             for e in ("ort", "ort-onnx"):
                 assert compare(ref, outs[e][name]).rel_l2 < LIMITS[precision], (e, name)
-        s, _ = engine_session("ort", registry, artifact.path(ONNX_FILES[precision]), "cpu",
-                              profile_prefix=str(tmp_path / precision))
+        s, _ = OrtEngine().inference_session(registry, artifact.path(ONNX_FILES[precision]), "cpu",
+                                             profile_prefix=str(tmp_path / precision))
         s.run(None, {k: v.numpy() for k, v in inputs.items()})
         events = json.loads(Path(s.end_profiling()).read_text())
         ran = [e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "args" in e]

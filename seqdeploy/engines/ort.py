@@ -123,19 +123,6 @@ def open_inference_session(path, device: str, library: Path | None = None,
     return session, device
 
 
-def engine_session(engine: str, registry, path, device: str, profile_prefix: str | None = None):
-    """``open_inference_session`` as engine ``engine``: with the op library registered and
-    every seqdeploy node checked to have a kernel (``ort``, ``ort-graph``, any engine whose
-    class is ``native``), or on the fallback functions (``ort-onnx``)."""
-    spec = _ENGINES.get(engine, OrtOnnxEngine)   # another name: plain ORT, as ort-onnx
-    library = None
-    if spec.native:
-        library = native_library(registry)
-        check_native_ops(path, registry)
-    return open_inference_session(Path(path), device, library, profile_prefix,
-                                  cuda_graph=spec.cuda_graph)
-
-
 class OrtSession(Session):
     def __init__(self, engine, arch, config, precision, device, session):
         super().__init__(engine, arch, config, precision, device)
@@ -312,6 +299,19 @@ class OrtEngine(Engine):
                 rows.append(("ORT C API headers", "not here yet (build-ort-ops fetches them)"))
         return rows
 
+    def inference_session(self, registry, path, device: str,
+                          profile_prefix: str | None = None):
+        """``open_inference_session`` on ``path`` as this engine runs it: with the op library
+        registered and every seqdeploy node checked to have a kernel where the engine is
+        ``native``, on the fallback functions otherwise, and with CUDA graphs where it
+        replays them (``cuda_graph``)."""
+        library = None
+        if self.native:
+            library = native_library(registry)
+            check_native_ops(path, registry)
+        return open_inference_session(Path(path), device, library, profile_prefix,
+                                      cuda_graph=self.cuda_graph)
+
     def open_step(self, artifact, registry, precision: str, device: str) -> StepRunner:
         """The one-step graph (``model.step*.onnx``) in an ORT session; state on the host."""
         from seqdeploy.streaming import STEP_FILES, step_specs
@@ -321,8 +321,8 @@ class OrtEngine(Engine):
             raise ArtifactError(f"{artifact.dir}: no {STEP_FILES[precision]}; export with "
                                 f"`seqdeploy export {arch.name} --streaming`"
                                 + (" and run `optimize --fp16`" if precision == "fp16" else ""))
-        session, _ = engine_session(self.name, registry, artifact.path(STEP_FILES[precision]),
-                                    device)
+        session, _ = self.inference_session(registry, artifact.path(STEP_FILES[precision]),
+                                            device)
         names = [s.name for s in step_specs(arch.output_specs(artifact.manifest["config"]))]
 
         def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -333,7 +333,7 @@ class OrtEngine(Engine):
 
     def load(self, artifact, registry, precision: str, device: str) -> Session:
         path = artifact.path(ONNX_FILES[precision])
-        session, device = engine_session(self.name, registry, path, device)
+        session, device = self.inference_session(registry, path, device)
         arch = registry.architecture(artifact.manifest["arch"])
         return OrtSession(self.name, arch, artifact.manifest["config"], precision, device, session)
 
@@ -364,9 +364,8 @@ class OrtGraphEngine(OrtEngine):
     open_step = Engine.open_step   # it does not stream (`ort` does): the base class says so
 
     def load(self, artifact, registry, precision: str, device: str) -> Session:
-        self.check(device)
         path = artifact.path(ONNX_FILES[precision])
-        session, device = engine_session(self.name, registry, path, device)
+        session, device = self.inference_session(registry, path, device)
         if session.get_providers()[0] != "CUDAExecutionProvider":   # ORT fell back to its CPU
             raise EngineUnavailable("onnxruntime could not start its CUDA execution provider "
                                     f"(it offers {', '.join(session.get_providers())}), and "
@@ -375,9 +374,6 @@ class OrtGraphEngine(OrtEngine):
         return OrtGraphSession(self.name, arch, artifact.manifest["config"], precision, device,
                                session)
 
-
-#: the ORT engines by name (engine_session reads what each one registers and enables)
-_ENGINES = {e.name: e for e in (OrtEngine, OrtOnnxEngine, OrtGraphEngine)}
 
 
 def register_commands(cli) -> None:
