@@ -144,12 +144,7 @@ CUfunction FunctionFor(const TritonKernel& k) {
   auto it = loaded.find({&k, ctx});
   if (it != loaded.end()) return it->second;
   const Driver& d = Cuda();
-  CUdevice dev = 0;
-  Check(d.CtxGetDevice(&dev), "cuCtxGetDevice");
-  int major = 0, minor = 0;
-  Check(d.DeviceGetAttribute(&major, kAttrCcMajor, dev), "cuDeviceGetAttribute");
-  Check(d.DeviceGetAttribute(&minor, kAttrCcMinor, dev), "cuDeviceGetAttribute");
-  int cc = major * 10 + minor;
+  int cc = ComputeCapability();
   // sm_90 PTX uses sm_90a features (exactly 9.0); anything else >= 8.0 JITs the sm_80 PTX
   const TritonImage* image = nullptr;
   for (int i = 0; i < k.n_images; ++i) {
@@ -159,7 +154,7 @@ CUfunction FunctionFor(const TritonKernel& k) {
   }
   if (!image)
     throw Error(std::string("kernel ") + k.name + " has no PTX for compute capability " +
-                std::to_string(major) + "." + std::to_string(minor) + " (needs 8.0 or later)");
+                std::to_string(cc / 10) + "." + std::to_string(cc % 10) + " (needs 8.0 or later)");
   char log[4096] = {0};
   int options[] = {kJitErrorLog, kJitErrorLogSize};
   void* values[] = {log, reinterpret_cast<void*>(static_cast<uintptr_t>(sizeof(log)))};
